@@ -1,0 +1,200 @@
+"""LAVA's objective (paper Section 2, Eqs. 1-5) as pure functions of embeddings and boolean presence masks.
+
+    from losses import lava_loss
+    emb = model(video, audio, tokens)                                   # {space: {modality: (B, d) unit rows}}
+    present = {"a": has_audio, "v": torch.ones_like(has_audio), "t": has_text}   # (B,) bool each
+    total, terms = lava_loss(emb, present)                              # terms = {"av": ., "vt": ., "avt": .}
+
+    L_LAVA = L_AV + L_VT + L_AVT                                                     (Eq. 5)
+    L_AV   = NCE(g_av(z_a), g_av(z_v))          over samples with audio and video    (Eq. 2)
+    L_VT   = NCE(g_vt(z_v), g_vt(z_t))          over samples with video and text     (Eq. 3)
+    L_AVT  = sum_m NCE(g_avt(z_m), c),  c_i = mean of the present g_avt(z_m,i)       (Eq. 4)
+
+Missing modalities (paper, Section 3: "masked out during loss calculation"): a sample whose modality is missing
+takes no part in a term: not as an anchor, a positive, a negative, nor in any denominator, and whatever its
+missing slot holds (zeros, garbage, NaN, inf) changes neither the loss nor any gradient. A masked loss equals
+the same loss on the sub-batch of valid samples. A term with fewer than 2 valid samples is 0 with zero gradient
+(one sample has no negative; the term stays attached to the graph so backward() and DDP still work).
+
+Distributed: `lava_loss` all-gathers embeddings and masks when torch.distributed is initialised with more than
+one rank, so that N processes with B samples each give exactly the loss value and, after DDP's gradient
+averaging, exactly the parameter gradients of one process with batch N*B (see `gather`).
+`nce` and `centroid_loss` never communicate.
+"""
+import torch
+import torch.distributed as dist
+
+
+def _loss_dtype(x):
+    # bf16/fp16 embeddings from autocast are compared in float32: logits up to 1/tau = 14.3 need the mantissa.
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def nce(x, y, mask=None, temperature=0.07, form="symmetric"):
+    r"""Contrastive NCE loss between rows of x and y (row i of both = sample i).
+
+    x, y: (B, D) embeddings (LAVA's are L2-normalised, so x_i . y_j is a cosine); mask: (B,) bool, True where
+    BOTH x_i and y_i exist (None = all). Let V = {i : mask_i}, n = |V|, s_ij = x_i . y_j / tau.
+
+    form="symmetric" (default; what the authors' released research code computes, and CLIP's loss):
+        the mean over valid samples of the two InfoNCE directions, x_i against all valid y_j and y_i against all
+        valid x_j:
+
+            L = 1/(2n) sum_{i in V} [ -log( e^{s_ii} / sum_{j in V} e^{s_ij} ) - log( e^{s_ii} / sum_{j in V} e^{s_ji} ) ]
+
+    form="paper_eq1": Eq. (1) exactly as printed, one log-ratio over the whole batch of the summed positives
+        against the summed positives plus all cross pairs:
+
+            L = -log( sum_{i in V} e^{s_ii} / ( sum_{i in V} e^{s_ii} + sum_{i in V} sum_{j in V, j != i} e^{s_ij} ) )
+              = logsumexp_{i,j in V} s_ij - logsumexp_{i in V} s_ii
+
+        (symmetric in x and y: swapping them transposes s, and the sums run over all of s or its diagonal).
+
+    Both forms have the same minimum over unit vectors, log(1 + (n-1) e^{-(1 + 1/(n-1))/tau}) for n <= D+1
+    (positives at cosine 1, negatives on a regular simplex at cosine -1/(n-1)); about 5.7e-7 for n = 8, tau 0.07.
+    Returns a 0-dim tensor; 0 with zero gradient when n < 2.
+    """
+    if form not in ("symmetric", "paper_eq1"):
+        raise ValueError(f"form must be 'symmetric' or 'paper_eq1', got {form!r}")
+    B = x.shape[0]
+    dtype = _loss_dtype(x)
+    valid = torch.ones(B, dtype=torch.bool, device=x.device) if mask is None else mask.to(x.device, torch.bool)
+    # Scrub missing slots before any arithmetic: masking logits later is not enough, because 0 * NaN = NaN would
+    # leak a NaN/inf held in a missing row into the loss or, through the matmul's backward, into the gradients.
+    zero = torch.zeros((), dtype=dtype, device=x.device)
+    x = torch.where(valid[:, None], x.to(dtype), zero)                     # (B, D)
+    y = torch.where(valid[:, None], y.to(dtype), zero)                     # (B, D)
+    pair = valid[:, None] & valid[None, :]                                  # (B, B) both samples valid
+    n = valid.sum()
+
+    # autocast would run the matmul in bf16 again; the loss is tiny next to the encoders, so keep it exact.
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        logits = (x @ y.T) / temperature                                    # (B, B) s_ij = x_i . y_j / tau
+    # An invalid column is -inf: exp(-inf) = 0 exactly, so it is neither a negative nor in any denominator,
+    # and its softmax weight (hence its gradient) is exactly 0.
+    logits = logits.masked_fill(~pair, float("-inf"))
+    diag = torch.diagonal(logits)                                           # (B,) s_ii (-inf where invalid)
+
+    if form == "symmetric":
+        # An invalid ROW is all -inf; replace it by zeros so its logsumexp is finite (log B) rather than NaN,
+        # then give it weight 0. Rows of logits = anchors x_i; rows of logits.T = anchors y_i.
+        rows = valid[:, None]
+        lx = torch.where(rows, logits, zero).logsumexp(dim=1) - torch.where(valid, diag, zero)     # (B,) x -> y
+        ly = torch.where(rows, logits.T, zero).logsumexp(dim=1) - torch.where(valid, diag, zero)   # (B,) y -> x
+        per_sample = torch.where(valid, lx + ly, zero)                      # (B,) invalid rows contribute 0
+        loss = per_sample.sum() / (2 * n.clamp(min=1))
+    else:
+        # With no valid sample every entry is -inf and the difference would be NaN: use zeros then (finite,
+        # weighted by 0 below). Otherwise the -inf entries drop out of both sums exactly.
+        some = n > 0
+        loss = (torch.where(some, logits, zero).flatten().logsumexp(0)
+                - torch.where(some, diag, zero).logsumexp(0))
+    # < 2 valid samples: no negative exists. A multiplication keeps the graph (zero gradient, no python branch).
+    return loss * (n >= 2).to(dtype)
+
+
+def centroid_loss(z, present, temperature=0.07, normalize_centroid=False, detach_centroid=False, form="symmetric"):
+    r"""Centroid contrastive loss, Eq. (4): L_AVT = sum_{m in {a,v,t}} NCE(g_avt(z_m), c).
+
+    z: {"a","v","t"} -> (B, D) g_avt embeddings; present: same keys -> (B,) bool.
+    c_i = sum_m present_m,i z_m,i / sum_m present_m,i: the mean of the modalities sample i has (the paper's
+    (z_a + z_v + z_t) / 3 when all are present). Term m is NCE(z_m, c, mask=present_m): anchors, positives and
+    negatives are the samples that have modality m. A sample with only one modality m has c_i = z_m,i (a trivial
+    positive); it still serves as an anchor and a negative, as the paper's definition implies.
+
+    normalize_centroid=False (paper): c is the plain average, not re-normalised, so |c_i| <= 1 and s(z, c) is the
+        dot product that Eq. (1)'s s() uses. True: c / |c|, a cosine like the other terms.
+    detach_centroid=False (paper: nothing says stop-gradient): gradients flow into every z_m through c as well.
+        True: c is a constant target for each NCE term.
+    """
+    mods = [m for m in ("a", "v", "t") if m in z]
+    ref = z[mods[0]]
+    dtype = _loss_dtype(ref)
+    zero = torch.zeros((), dtype=dtype, device=ref.device)
+    masks = {m: present[m].to(ref.device, torch.bool) for m in mods}
+    # Scrub missing slots first (see nce): a NaN in a missing slot must not reach c through 0 * NaN.
+    clean = {m: torch.where(masks[m][:, None], z[m].to(dtype), zero) for m in mods}
+    count = sum(masks[m].to(dtype) for m in mods)                          # (B,) present modalities per sample
+    c = sum(clean.values()) / count.clamp(min=1)[:, None]                   # (B, D); 0 where nothing is present
+    if normalize_centroid:
+        c = torch.nn.functional.normalize(c, dim=-1)
+    if detach_centroid:
+        c = c.detach()
+    return sum(nce(clean[m], c, masks[m], temperature, form) for m in mods)
+
+
+def lava_loss(emb, present, losses=("av", "vt", "avt"), temperature=0.07, form="symmetric",
+              normalize_centroid=False, detach_centroid=False):
+    """L_LAVA, Eq. (5): the sum of the requested terms. Returns (total, {term: value}) with 0-dim tensors.
+
+    emb: LAVA.forward's output {space: {modality: (B, d)}} holding at least the spaces in `losses`.
+    present: {"a","v","t"} -> (B,) bool, True where the sample has that modality.
+    losses: subset of ("av", "vt", "avt") (Table 2's ablation: ("av",), ("av", "vt"), all three).
+    Under torch.distributed with world size > 1 the embeddings and masks of all ranks are gathered first (`gather`):
+    the returned value is the loss of the global batch on every rank.
+    """
+    unknown = set(losses) - {"av", "vt", "avt"}
+    if unknown:
+        raise ValueError(f"unknown losses {sorted(unknown)}; choose from av, vt, avt")
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        emb, present = gather(emb, present, losses)
+    terms = {}
+    if "av" in losses:
+        terms["av"] = nce(emb["av"]["a"], emb["av"]["v"], present["a"] & present["v"], temperature, form)
+    if "vt" in losses:
+        terms["vt"] = nce(emb["vt"]["v"], emb["vt"]["t"], present["v"] & present["t"], temperature, form)
+    if "avt" in losses:
+        terms["avt"] = centroid_loss(emb["avt"], present, temperature, normalize_centroid, detach_centroid, form)
+    total = sum(terms.values())
+    return total, terms
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# distributed
+
+
+class _AllGather(torch.autograd.Function):
+    """all_gather along dim 0 whose backward is its true adjoint: sum the gradients of all ranks, keep own slice.
+
+    Every rank computes the SAME global loss L on the gathered batch, and sends back dL/d(all rows). Row block r's
+    total gradient is therefore the same on every rank; summing over ranks gives world_size * dL/d(block r) on
+    rank r. DDP then averages parameter gradients over ranks (divides by world_size), which leaves exactly
+    sum_r dL/d(block r) * d(block r)/d(theta) = dL/d(theta) of one process with the whole batch.
+    (open_clip's variant, all_gather then put the local tensor back into its own slice, gives 1/world_size of it.)
+    """
+
+    @staticmethod
+    def forward(ctx, x):
+        world, rank = dist.get_world_size(), dist.get_rank()
+        parts = [torch.empty_like(x) for _ in range(world)]
+        dist.all_gather(parts, x.contiguous())
+        ctx.rank, ctx.rows = rank, x.shape[0]
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows]
+
+
+def gather(emb, present, losses=("av", "vt", "avt")):
+    """All-gather the embeddings the `losses` need (with gradient, see `_AllGather`) and all presence masks.
+
+    Needs the same batch size on every rank (DistributedSampler gives every rank the same number of samples).
+    Global row r * B + i is rank r's sample i, identically for every modality, so positives stay aligned.
+    One collective for all embeddings (concatenated along the feature axis) and one for the masks.
+    """
+    keys = [(s, m) for s in ("av", "vt", "avt") if s in losses for m in emb[s]]
+    flat = torch.cat([emb[s][m] for s, m in keys], dim=1)                   # (B, K*d)
+    flat = _AllGather.apply(flat)                                           # (N*B, K*d)
+    sizes = [emb[s][m].shape[1] for s, m in keys]
+    out = {}
+    for (s, m), part in zip(keys, flat.split(sizes, dim=1)):
+        out.setdefault(s, {})[m] = part
+    mods = sorted(present)
+    masks = torch.stack([present[m].to(flat.device, torch.uint8) for m in mods], dim=1)  # (B, M); uint8: gloo lacks bool
+    parts = [torch.empty_like(masks) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, masks.contiguous())
+    masks = torch.cat(parts, dim=0).bool()                                  # (N*B, M)
+    return out, {m: masks[:, k] for k, m in enumerate(mods)}

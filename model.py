@@ -1,0 +1,294 @@
+"""LAVA's three transformer encoders and the projection heads into its shared latent spaces.
+
+    from model import LAVA, LAVAConfig
+    model = LAVA(LAVAConfig())                                   # the paper's sizes (Section 3)
+    emb = model(video, audio, tokens)                            # {"av": {"a","v"}, "vt": {"v","t"}, "avt": {"a","v","t"}}
+    z_v = model.encode_video(video)                              # (B, width): what the linear probe reads
+
+Paper, Section 2: encoders f_a, f_v, f_t produce embeddings z_a, z_v, z_t; projection functions g_{m,m'} map both
+modalities of a pair into a shared space (g_av applies to z_a AND z_v, g_vt to z_v and z_t, g_avt to all three),
+where the contrastive losses of losses.py compare dot products of the (here L2-normalised) projections.
+Section 3: video = frozen ResNet-18 patch features per frame, audio = 80 x 256 log-mel "encoded by an MLP",
+text = BPE tokens "mapped to embeddings"; each f_m is a transformer "with 4 layers and a hidden size of 1024".
+
+Choices the paper leaves open (each justified where it is made below):
+- heads 16 (64-dim heads), MLP ratio 4, dropout 0, GELU, pre-norm blocks: the standard ViT/BERT recipe at width
+  1024; nothing in the paper says otherwise.
+- pooling: masked mean over the final tokens (not a CLS token), see `Encoder.forward`.
+- positions: learned; video factorised into time + row + column tables, audio over time, text over positions.
+- one projection head per latent space, a bias-free linear map width -> embed_dim, shared by the modalities of
+  that space; this needs the three encoders to have the same width (checked in `LAVA.__init__`).
+"""
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ----------------------------------------------------------------------------------------------------------------
+# configs (defaults = the paper, Section 3, unless a comment says the paper is silent)
+
+
+@dataclass
+class VideoConfig:
+    feature_dim: int = 512     # ResNet-18 layer4 channels (Section 3: frozen ImageNet ResNet-18 patch features)
+    frames: int = 16           # Section 3: clips of 16 frames at 10 fps
+    grid: int = 7              # 224 / 32: layer4 patch grid of a 224 x 224 frame
+    width: int = 1024          # Section 3: "hidden size of 1024"
+    depth: int = 4             # Section 3: "4 layers"
+    heads: int = 16            # paper silent: 64-dim heads, the BERT-large / ViT-L choice at width 1024
+    mlp_ratio: float = 4.0     # paper silent: the standard transformer ratio
+    dropout: float = 0.0       # paper silent: features are frozen and the data is 480k clips; no dropout
+    center_tokens: bool = False  # kit option (not in the paper): subtract each clip's mean patch token, see notes
+
+
+@dataclass
+class AudioConfig:
+    n_mels: int = 80           # Section 3: [80, 256] log-mel spectrograms
+    frames: int = 256          # Section 3: 256 mel frames (10 ms hop -> 2.56 s)
+    width: int = 1024          # Section 3
+    depth: int = 4             # Section 3
+    heads: int = 16            # as VideoConfig
+    mlp_ratio: float = 4.0     # as VideoConfig
+    dropout: float = 0.0       # as VideoConfig
+    frames_per_token: int = 1  # kit option: 1 = the paper's MLP per mel frame; k > 1: k frames per token (CPU demo)
+
+
+@dataclass
+class TextConfig:
+    vocab_size: int = 48000    # Section 3: "48k vocab size using BPE"; set to the tokenizer's actual size
+    max_len: int = 128         # Section 3: "maximum length of 128"
+    pad_id: int = 47999        # prepare.py's BPETokenizer: pad_id = vocab_size - 1
+    width: int = 1024          # Section 3
+    depth: int = 4             # Section 3
+    heads: int = 16            # as VideoConfig
+    mlp_ratio: float = 4.0     # as VideoConfig
+    dropout: float = 0.0       # as VideoConfig
+
+
+@dataclass
+class LAVAConfig:
+    video: VideoConfig = field(default_factory=VideoConfig)
+    audio: AudioConfig = field(default_factory=AudioConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    embed_dim: int = 512       # d of the latent spaces; paper silent ("in some R^d"), 512 as in CLIP / VATT
+
+    def to_dict(self):
+        """Plain nested dict (JSON-able) for checkpoints: {"video": {...}, "audio": {...}, "text": {...}, "embed_dim"}."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d):
+        """Inverse of `to_dict`. Missing keys take their defaults; unknown keys raise TypeError (a typo is a bug)."""
+        d = dict(d)
+        sub = dict(video=VideoConfig, audio=AudioConfig, text=TextConfig)
+        for key, sub_cls in sub.items():
+            if key in d:
+                d[key] = sub_cls(**d[key])
+        return cls(**d)
+
+
+# The three latent spaces (Section 2, Eqs. 2-4) and the modalities projected into each.
+SPACES = {"av": ("a", "v"), "vt": ("v", "t"), "avt": ("a", "v", "t")}
+
+# ----------------------------------------------------------------------------------------------------------------
+# transformer
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with one fused qkv projection, on F.scaled_dot_product_attention."""
+
+    def __init__(self, width, heads, dropout):
+        super().__init__()
+        if width % heads:
+            raise ValueError(f"width {width} is not divisible by heads {heads}")
+        self.heads = heads
+        self.dropout = dropout
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, x, attn_mask=None):
+        # x: (B, L, D); attn_mask: None or bool (B, 1, 1, L), True = this key may be attended to
+        B, L, D = x.shape
+        qkv = self.qkv(x).view(B, L, 3, self.heads, D // self.heads)     # (B, L, 3, H, hd)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)                 # 3 x (B, H, L, hd)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
+                                           dropout_p=self.dropout if self.training else 0.0)  # (B, H, L, hd)
+        return self.proj(y.transpose(1, 2).reshape(B, L, D))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + Attn(LN(x)), then x + MLP(LN(x)). Pre-norm trains stably without warm-up tricks."""
+
+    def __init__(self, width, heads, mlp_ratio, dropout):
+        super().__init__()
+        hidden = int(width * mlp_ratio)
+        self.ln1 = nn.LayerNorm(width)
+        self.attn = Attention(width, heads, dropout)
+        self.ln2 = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x, attn_mask=None):
+        x = x + self.drop(self.attn(self.ln1(x), attn_mask))
+        return x + self.drop(self.mlp(self.ln2(x)))
+
+
+class Encoder(nn.Module):
+    """A stack of blocks, a final LayerNorm and masked mean pooling: tokens (B, L, D) -> embedding z (B, D).
+
+    Pooling is the mean of the final tokens over the valid (non-padding) positions rather than a CLS token:
+    it has no extra parameters, every token gets a direct gradient, it respects the text padding mask by
+    construction, and at random initialisation it is a plain average of the input features, so a random-init
+    baseline in the linear probe is not handicapped by an untrained CLS query (the prototype in the notes
+    used mean pooling too). The paper does not say which it used.
+    """
+
+    def __init__(self, width, depth, heads, mlp_ratio, dropout):
+        super().__init__()
+        self.blocks = nn.ModuleList([Block(width, heads, mlp_ratio, dropout) for _ in range(depth)])
+        self.ln_f = nn.LayerNorm(width)
+
+    def forward(self, x, valid=None):
+        # x: (B, L, D) tokens with positions added; valid: None (all tokens real) or bool (B, L)
+        attn_mask = None
+        if valid is not None:
+            # A row with no valid token at all (an all-padding title) would give every query only masked keys,
+            # and SDPA returns NaN for such rows; let those rows attend everywhere instead (their pooled output
+            # is zeroed below, so what they compute is irrelevant but finite). Tensor ops only: compile-friendly.
+            keys = valid | ~valid.any(dim=1, keepdim=True)          # (B, L)
+            attn_mask = keys[:, None, None, :]                      # (B, 1, 1, L), broadcast over heads and queries
+        for block in self.blocks:
+            x = block(x, attn_mask)
+        x = self.ln_f(x)                                            # (B, L, D)
+        if valid is None:
+            return x.mean(dim=1)                                    # (B, D)
+        w = valid.to(x.dtype).unsqueeze(-1)                         # (B, L, 1)
+        return (x * w).sum(dim=1) / w.sum(dim=1).clamp(min=1.0)     # (B, D); an all-padding row gives 0, not NaN
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# LAVA
+
+
+class LAVA(nn.Module):
+    """The three encoders f_v, f_a, f_t (Section 3) and the projection heads g_av, g_vt, g_avt (Section 2)."""
+
+    def __init__(self, config: LAVAConfig):
+        super().__init__()
+        self.config = config
+        cv, ca, ct = config.video, config.audio, config.text
+        widths = {"video": cv.width, "audio": ca.width, "text": ct.width}
+        if len(set(widths.values())) != 1:
+            # g_av is ONE function applied to z_a and z_v (Eq. 2), so both must live in the same R^width.
+            raise ValueError(f"the shared projection heads need one encoder width, got {widths}")
+        width = cv.width
+
+        # video: (B, T, G, G, F) patch features -> linear F -> width; learned factorised positions
+        # (time + row + column, 16 + 7 + 7 vectors instead of 784 joint ones: each table is trained by every token
+        # that shares its coordinate, which matters at the small data scale of the paper and of the demo).
+        self.video_in = nn.Linear(cv.feature_dim, width)
+        self.video_pos_t = nn.Parameter(torch.zeros(cv.frames, width))
+        self.video_pos_h = nn.Parameter(torch.zeros(cv.grid, width))
+        self.video_pos_w = nn.Parameter(torch.zeros(cv.grid, width))
+        self.video_encoder = Encoder(width, cv.depth, cv.heads, cv.mlp_ratio, cv.dropout)
+
+        # audio: (B, 80, A) log-mel -> one token per mel frame (or per k frames) through a 2-layer MLP
+        # ("audio features are encoded by an MLP", Section 3); learned positions over time.
+        if ca.frames % ca.frames_per_token:
+            raise ValueError(f"audio frames {ca.frames} not divisible by frames_per_token {ca.frames_per_token}")
+        self.audio_in = nn.Sequential(nn.Linear(ca.n_mels * ca.frames_per_token, width), nn.GELU(),
+                                      nn.Linear(width, width))
+        self.audio_pos = nn.Parameter(torch.zeros(ca.frames // ca.frames_per_token, width))
+        self.audio_encoder = Encoder(width, ca.depth, ca.heads, ca.mlp_ratio, ca.dropout)
+
+        # text: token embeddings + learned positions; padding (pad_id) is masked out of attention and pooling.
+        self.token_embedding = nn.Embedding(ct.vocab_size, width)
+        self.text_pos = nn.Parameter(torch.zeros(ct.max_len, width))
+        self.text_encoder = Encoder(width, ct.depth, ct.heads, ct.mlp_ratio, ct.dropout)
+
+        # projection heads, one per latent space and shared by its modalities (g_av(z_a), g_av(z_v), ...).
+        # Bias-free: the outputs are L2-normalised and compared by dot products, and a bias would only add the same
+        # vector to every sample of both modalities.
+        self.heads = nn.ModuleDict({space: nn.Linear(width, config.embed_dim, bias=False) for space in SPACES})
+
+        self.apply(self.init_weights)
+        for p in (self.video_pos_t, self.video_pos_h, self.video_pos_w, self.audio_pos, self.text_pos):
+            nn.init.trunc_normal_(p, std=0.02, a=-0.04, b=0.04)
+
+    @staticmethod
+    def init_weights(module):
+        """Initialise one module (used with `self.apply`); positions are initialised the same way in `__init__`.
+
+        - nn.Linear weights, nn.Embedding weights, learned positions: truncated normal, std 0.02, cut at +-2 std
+          (the BERT / ViT / GPT-2 scale: small enough that the residual stream starts near the input features).
+        - nn.Linear biases: zeros.
+        - nn.LayerNorm: weight ones, bias zeros (identity after normalisation).
+        """
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.trunc_normal_(module.weight, std=0.02, a=-0.04, b=0.04)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+    # -- encoders ----------------------------------------------------------------------------------------------
+
+    def encode_video(self, video):
+        """video: (B, T, G, G, F) float patch features (T <= cfg.frames, G <= cfg.grid) -> z_v (B, width)."""
+        B, T, G, G2, Fd = video.shape
+        x = video.reshape(B, T * G * G2, Fd).to(self.video_in.weight.dtype)       # (B, N, F), N = T*G*G
+        if self.config.video.center_tokens:
+            # Subtract each clip's mean patch token (over time and space): removes the clip's static appearance,
+            # which contrastive learning otherwise memorises on frozen random-init features (notes). Label-free.
+            x = x - x.mean(dim=1, keepdim=True)
+        x = self.video_in(x)                                                       # (B, N, D)
+        pos = (self.video_pos_t[:T, None, None] + self.video_pos_h[None, :G, None]
+               + self.video_pos_w[None, None, :G2])                                # (T, G, G, D)
+        x = x + pos.reshape(T * G * G2, -1)
+        return self.video_encoder(x)
+
+    def encode_audio(self, mel):
+        """mel: (B, n_mels, A) log-mel (A <= cfg.frames, divisible by frames_per_token) -> z_a (B, width)."""
+        B, M, A = mel.shape
+        k = self.config.audio.frames_per_token
+        x = mel.transpose(1, 2).reshape(B, A // k, k * M).to(self.audio_pos.dtype)  # (B, A/k, k*80): frame-major
+        x = self.audio_in(x) + self.audio_pos[: A // k]                            # (B, A/k, D)
+        return self.audio_encoder(x)
+
+    def encode_text(self, tokens):
+        """tokens: (B, L) int ids (L <= cfg.max_len), padded with cfg.text.pad_id -> z_t (B, width).
+
+        An all-padding row (a missing title) gives z_t = 0, never NaN.
+        """
+        L = tokens.shape[1]
+        valid = tokens != self.config.text.pad_id                                  # (B, L)
+        x = self.token_embedding(tokens.long()) + self.text_pos[:L]                # (B, L, D)
+        return self.text_encoder(x, valid)
+
+    # -- forward -----------------------------------------------------------------------------------------------
+
+    def forward(self, video=None, audio=None, tokens=None, spaces=("av", "vt", "avt")):
+        """Project into the requested latent spaces: {space: {modality: (B, embed_dim) L2-normalised}}.
+
+        spaces: subset of ("av", "vt", "avt"); av -> {"a", "v"}, vt -> {"v", "t"}, avt -> {"a", "v", "t"}.
+        Only the encoders those spaces need are run; inputs they do not need may be None. A zero embedding
+        (all-padding text) stays zero after normalisation instead of becoming NaN.
+        """
+        unknown = set(spaces) - set(SPACES)
+        if unknown:
+            raise ValueError(f"unknown spaces {sorted(unknown)}; choose from {list(SPACES)}")
+        needed = {m for space in spaces for m in SPACES[space]}
+        inputs = {"v": video, "a": audio, "t": tokens}
+        encode = {"v": self.encode_video, "a": self.encode_audio, "t": self.encode_text}
+        z = {}
+        for m in ("v", "a", "t"):                     # fixed order: a structural loop, not data-dependent
+            if m in needed:
+                if inputs[m] is None:
+                    raise ValueError(f"spaces {tuple(spaces)} need modality {m!r} but its input is None")
+                z[m] = encode[m](inputs[m])           # (B, width)
+        return {space: {m: F.normalize(self.heads[space](z[m]), dim=-1) for m in SPACES[space]}
+                for space in spaces}
