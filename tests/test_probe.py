@@ -1,0 +1,437 @@
+"""probe.py: official split parsing on the real lists, the LinearProbe estimator (clip averaging, sklearn
+conformance, Adam update, separable data), leakage-free hyper-parameter choice, the CLI end to end on a small cache,
+bad input, and retrieval metrics against brute force."""
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from sklearn.base import clone
+from sklearn.utils import check_random_state
+from sklearn.utils.estimator_checks import parametrize_with_checks
+
+from conftest import write_feature_cache
+import probe
+from probe import LinearProbe, ProbeError
+
+DATA = Path(__file__).resolve().parent / "data"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# official splits (the real lists, copied from ../shared/data into tests/data)
+
+@pytest.mark.parametrize("split, n_train, n_test", [(1, 9537, 3783), (2, 9586, 3734), (3, 9624, 3696)])
+def test_ucf101_official_split_counts(split, n_train, n_test):
+    s = probe.read_ucf101_split(DATA / "ucf101", split)
+    assert len(s["classes"]) == 101 and s["classes"][0] == "ApplyEyeMakeup" and s["classes"][100] == "YoYo"
+    assert (len(s["train"]), len(s["test"])) == (n_train, n_test)
+    assert len({v for v, _ in s["train"]} | {v for v, _ in s["test"]}) == 13320  # every video in each split
+    # the folder/file spelling quirk: ids verbatim, label from the folder (classInd: 37 HandstandPushups)
+    hs = [(v, label) for v, label in s["train"] + s["test"] if "v_HandStandPushups_" in v]
+    assert hs and all(v.startswith("HandstandPushups/") and label == 36 for v, label in hs)
+    # UCF holds out whole gXX groups: no group is on both sides
+    groups = lambda part: {probe.ucf_group(v) for v, _ in s[part]}
+    assert not groups("train") & groups("test")
+
+
+@pytest.mark.parametrize("split", [1, 2, 3])
+def test_hmdb51_official_split_counts(split):
+    s = probe.read_hmdb51_split(DATA / "hmdb51", split)
+    assert len(s["classes"]) == 51 and s["classes"][0] == "brush_hair"
+    assert (len(s["train"]), len(s["test"]), len(s["unused"])) == (3570, 1530, 1666)
+    for part, per_class in (("train", 70), ("test", 30)):
+        assert np.all(np.bincount([label for _, label in s[part]], minlength=51) == per_class)
+    if split == 1:  # the first line of brush_hair_test_split1.txt, code 1
+        assert s["train"][0] == ("brush_hair/April_09_brush_hair_u_nm_np1_ba_goo_0.avi", 0)
+
+
+def test_missing_split_files_are_clear_errors(tmp_path):
+    with pytest.raises(ProbeError, match="ucfTrainTestlist"):
+        probe.read_ucf101_split(tmp_path, 1)
+    with pytest.raises(ProbeError, match="testTrainMulti_7030_splits"):
+        probe.read_hmdb51_split(tmp_path, 2)
+    folder = tmp_path / "ucfTrainTestlist"
+    folder.mkdir()
+    shutil.copy(DATA / "ucf101/ucfTrainTestlist/classInd.txt", folder)
+    shutil.copy(DATA / "ucf101/ucfTrainTestlist/trainlist01.txt", folder)
+    with pytest.raises(ProbeError, match="testlist01.txt"):
+        probe.read_ucf101_split(tmp_path, 1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the estimator
+
+def hand_probe(coef, intercept=None):
+    """A fitted LinearProbe whose layer is set by hand (identity standardisation)."""
+    k, d = coef.shape
+    p = LinearProbe(epochs=1).fit(np.eye(k, d), np.arange(k))
+    p.mean_, p.scale_ = np.zeros(d), np.ones(d)
+    p.coef_, p.intercept_ = np.asarray(coef, float), np.zeros(k) if intercept is None else np.asarray(intercept, float)
+    return p
+
+
+def test_multi_clip_averaging_matches_hand_computation():
+    p = hand_probe(np.eye(3))
+    # video "v1": clips vote 0, 1, 1 (majority 1) but the averaged logits [5, 2, 0] / 3 pick class 0
+    # video "v0": one clip, class 2; the rows of the videos are interleaved, "v1" appears first
+    X = np.array([[5, 0, 0], [0, 0, 4], [0, 1, 0], [0, 1, 0]], float)
+    groups = np.array(["v1", "v0", "v1", "v1"])
+    assert list(p.predict(X)) == [0, 2, 1, 1]                            # per clip
+    logits = p.decision_function(X, groups)
+    np.testing.assert_allclose(logits, [[5 / 3, 2 / 3, 0], [0, 0, 4]])   # first-appearance order: v1, v0
+    assert list(p.predict(X, groups)) == [0, 2]
+    e = np.exp([5 / 3, 2 / 3, 0])
+    np.testing.assert_allclose(p.predict_proba(X, groups)[0], e / e.sum())
+    assert p.score(X, [0, 2, 0, 0], groups) == 1.0                      # per video: both right
+    assert p.score(X, [0, 2, 0, 0]) == 0.5                              # per clip: 2 of 4
+    with pytest.raises(ValueError, match="different labels"):
+        p.score(X, [0, 2, 1, 0], groups)
+    # with standardisation and a bias: the same average, computed row by row in plain numpy
+    rng = np.random.default_rng(0)
+    Xr, yr = rng.normal(size=(12, 5)), np.arange(12) % 3
+    g = np.array([3, 3, 1, 2, 1, 2, 0, 0, 3, 1, 2, 0])
+    q = LinearProbe(epochs=3).fit(Xr, yr, groups=np.arange(12))
+    rows = [((x - q.mean_) / q.scale_) @ q.coef_.T + q.intercept_ for x in Xr]
+    want = [np.mean([rows[i] for i in range(12) if g[i] == v], axis=0) for v in (3, 1, 2, 0)]
+    np.testing.assert_allclose(q.decision_function(Xr, g), want, rtol=1e-10)
+    assert list(probe.first_appearance(g)[0]) == [3, 1, 2, 0]
+
+
+def test_binary_decision_function_is_the_margin():
+    p = hand_probe(np.array([[1.0, 0.0], [0.0, 1.0]]))
+    X = np.array([[2.0, 1.0], [0.0, 3.0]])
+    np.testing.assert_allclose(p.decision_function(X), [-1.0, 3.0])
+    np.testing.assert_allclose(p.decision_function(X, [7, 7]), [1.0])
+
+
+def test_clone_keeps_params_and_drops_fit():
+    p = LinearProbe(epochs=7, weight_decay=0.1, standardize=False, random_state=3)
+    p.fit(np.random.default_rng(0).normal(size=(20, 4)), np.arange(20) % 2)
+    c = clone(p)
+    assert c.get_params() == p.get_params() and not hasattr(c, "coef_")
+    assert c.set_params(epochs=2).epochs == 2 and p.epochs == 7
+
+
+def test_same_seed_same_probe_and_zero_init_needs_no_other_randomness():
+    rng = np.random.default_rng(1)
+    X, y = rng.normal(size=(50, 6)), rng.integers(0, 3, 50)
+    a, b = LinearProbe(epochs=4, random_state=5).fit(X, y), LinearProbe(epochs=4, random_state=5).fit(X, y)
+    np.testing.assert_array_equal(a.coef_, b.coef_)
+    c = LinearProbe(epochs=4, random_state=6).fit(X, y)
+    assert not np.array_equal(a.coef_, c.coef_)  # the seed is the batch order
+
+
+@parametrize_with_checks([LinearProbe(epochs=5)])
+def test_sklearn_estimator_checks(estimator, check):
+    # every applicable check passes without expected failures: `groups` is optional, and without it the estimator
+    # is a plain per-row classifier (the checks never pass groups)
+    check(estimator)
+
+
+def test_hand_written_adam_matches_torch_optim():
+    """The probe's hand-written gradient + Adam step (L2 on the weights, not the bias) against autograd and
+    torch.optim.Adam with the same batch order."""
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(70, 5)), rng.integers(0, 4, 70)
+    p = LinearProbe(epochs=3, lr=1e-2, batch_size=16, weight_decay=0.05, random_state=2).fit(X, y)
+    Z = torch.tensor((X - X.mean(0)) / X.std(0), dtype=torch.float32)
+    W = torch.zeros(4, 5, requires_grad=True)
+    b = torch.zeros(4, requires_grad=True)
+    opt = torch.optim.Adam([{"params": [W], "weight_decay": 0.05}, {"params": [b], "weight_decay": 0.0}], lr=1e-2)
+    gen = torch.Generator().manual_seed(int(check_random_state(2).randint(2**31 - 1)))
+    yt = torch.tensor(y)
+    for _ in range(3):
+        order = torch.randperm(70, generator=gen)
+        for start in range(0, 70, 16):
+            idx = order[start:start + 16]
+            loss = torch.nn.functional.cross_entropy(Z[idx] @ W.T + b, yt[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    np.testing.assert_allclose(p.coef_, W.detach().numpy(), atol=2e-5)
+    np.testing.assert_allclose(p.intercept_, b.detach().numpy(), atol=2e-5)
+
+
+def separable(n_videos, clips, centers, rng, spread=0.3):
+    k, d = centers.shape
+    labels = np.arange(n_videos) % k
+    X = centers[labels][:, None, :] + spread * rng.normal(size=(n_videos, clips, d))
+    return X.reshape(-1, d), np.repeat(labels, clips), np.repeat(np.arange(n_videos), clips)
+
+
+def test_probe_on_separable_features_reaches_100_percent():
+    rng = np.random.default_rng(0)
+    centers = rng.normal(size=(5, 16)) * 3                  # 5 classes, 16-d features, clips spread 0.3 around them
+    X, y, g = separable(150, 3, centers, rng)
+    Xt, yt, gt = separable(50, 3, centers, rng)
+    best, table = probe.select_hyperparameters(X, y, g, epochs_grid=(2, 5), weight_decay_grid=(0.0, 1e-3))
+    assert len(table) == 4 and best["epochs"] in (2, 5)
+    p = LinearProbe(epochs=best["epochs"], weight_decay=best["weight_decay"]).fit(X, y, g)
+    assert p.score(Xt, yt, gt) == 1.0
+
+
+def test_validation_split_keeps_groups_whole():
+    ids = [f"C{c}/v_C{c}_g{gr:02d}_c{k:02d}.avi" for c in range(3) for gr in range(1, 9) for k in range(1, 4)]
+    y = np.array([int(v[1]) for v in ids])
+    for groups in (np.array([probe.ucf_group(v) for v in ids]), np.array(ids)):
+        tr, va = probe.validation_split(y, groups, 0.25, random_state=0)
+        assert len(tr) + len(va) == len(ids) and not set(groups[tr]) & set(groups[va])
+        assert set(y[va]) == {0, 1, 2}  # stratified: every class is validated
+    assert probe.ucf_group("HandstandPushups/v_HandStandPushups_g08_c01.avi") == "HandstandPushups/g08"
+
+
+def test_hyperparameter_choice_never_sees_test_rows(monkeypatch):
+    rng = np.random.default_rng(0)
+    N, C, D, k = 40, 2, 8, 4
+    labels = np.arange(N) % k
+    z_v = (rng.normal(size=(k, D)) * 2)[labels][:, None] + rng.normal(size=(N, C, D))
+    emb = dict(z_v=z_v.astype(np.float32), z_a=np.zeros((N, C, 3), np.float32), has_audio=np.ones(N, bool))
+    train, test = np.arange(0, 28), np.arange(28, 40)
+    resolved = {"train": (train, labels[train]), "test": (test, labels[test])}
+    ids = np.array([f"v{i}" for i in range(N)])
+    seen = []
+    real = probe.select_hyperparameters
+
+    def spy(X, y, groups, *a, **kw):
+        seen.append(np.asarray(groups).copy())
+        return real(X, y, groups, *a, **kw)
+
+    monkeypatch.setattr(probe, "select_hyperparameters", spy)
+    grid = dict(epochs=(1, 3, 8), weight_decay=(0.0, 0.1))
+    first = probe.evaluate_probe(emb, resolved, "video", ids, grid)
+    assert set(seen[0]) == set(train)                       # the choice got exactly the training videos' rows
+    # scramble the test videos' features and labels: the choice and the validation table must not move
+    emb2 = dict(emb, z_v=emb["z_v"].copy())
+    emb2["z_v"][test] = rng.normal(size=(len(test), C, D)) * 50
+    resolved2 = {"train": resolved["train"], "test": (test, (labels[test] + 1) % k)}
+    second = probe.evaluate_probe(emb2, resolved2, "video", ids, grid)
+    assert first["hyperparameters"] == second["hyperparameters"] and first["validation"] == second["validation"]
+    assert first["top1"] != second["top1"]
+
+
+def test_missing_audio_becomes_the_training_mean():
+    rng = np.random.default_rng(0)
+    N, C = 10, 2
+    emb = dict(z_v=rng.normal(size=(N, C, 3)), z_a=rng.normal(size=(N, C, 4)), has_audio=np.ones(N, bool))
+    emb["has_audio"][[1, 7]] = False                      # 1 is a training video, 7 a test video
+    emb["z_a"][[1, 7]] = 0.0
+    train = np.arange(6)
+    feats, n_missing = probe.modality_features(emb, "audio+video", train)
+    fill = emb["z_a"][[0, 2, 3, 4, 5]].mean(axis=(0, 1))  # training videos with audio only
+    assert n_missing == 2 and feats.shape == (N, C, 7)
+    np.testing.assert_allclose(feats[[1, 7], :, 3:], np.broadcast_to(fill, (2, C, 4)))
+    np.testing.assert_allclose(feats[:, :, :3], emb["z_v"])
+    # after the probe's standardisation the imputed audio is 0 exactly when it equals the standardisation mean;
+    # with every training row at the same constant it must be 0, not -mean/std
+    p = LinearProbe(epochs=1).fit(np.c_[rng.normal(size=(8, 1)), np.full((8, 1), 2.5)], np.arange(8) % 2)
+    assert p.scale_[1] == 1.0 and p.mean_[1] == 2.5
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# CLI end to end on a write_feature_cache cache with hand-made split folders
+
+def make_checkpoint(path, cache_dir, grid=2, seed=1, epoch=3, width=32):
+    from model import AudioConfig, LAVA, LAVAConfig, TextConfig, VideoConfig
+    from prepare import BPETokenizer
+
+    tok = BPETokenizer.load(Path(cache_dir) / "tokenizer.bpe")
+    size = dict(width=width, depth=1, heads=2)
+    cfg = LAVAConfig(video=VideoConfig(feature_dim=512, frames=16, grid=grid, center_tokens=True, **size),
+                     audio=AudioConfig(frames=256, frames_per_token=16, **size),
+                     text=TextConfig(vocab_size=tok.pad_id + 1, max_len=128, pad_id=tok.pad_id, **size), embed_dim=16)
+    torch.manual_seed(seed)
+    model = LAVA(cfg)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": model.state_dict(), "step": 10, "epoch": epoch,
+                "sampler": {"epoch": epoch, "step_in_epoch": 0, "steps_per_epoch": 5},
+                "config": {"model": cfg.to_dict(), "args": {"losses": "av,vt,avt", "model": "tiny"}},
+                "cache_manifest": {"backbone": "random"}}, path)
+    shutil.copy(Path(cache_dir) / "tokenizer.bpe", path.parent / "tokenizer.bpe")  # as pretrain.py does
+    return path
+
+
+N_VIDEOS, N_CLASSES = 24, 4
+
+
+def video_id(i):
+    return f"class_{i % N_CLASSES}/video_{i:04d}.avi"  # write_feature_cache's ids
+
+
+def make_ucf_root(root, extra_test=()):
+    """ucf101-like root: cache with 2 clips x 16 frames, missing audio for 3 videos, official-format lists (CRLF)."""
+    write_feature_cache(root / "lava_cache", n_videos=N_VIDEOS, dataset="ucf101", clips=2, frames=16, grid=2,
+                        num_classes=N_CLASSES, missing_audio=(1, 5, 20), seed=3)
+    lists = root / "ucfTrainTestlist"
+    lists.mkdir()
+    (lists / "classInd.txt").write_text("".join(f"{c + 1} class_{c}\r\n" for c in range(N_CLASSES)))
+    for k in (1, 2, 3):
+        test = [i for i in range(N_VIDEOS) if (i // N_CLASSES) % 3 == k - 1]
+        train = [i for i in range(N_VIDEOS) if i not in test]
+        (lists / f"trainlist0{k}.txt").write_text("".join(f"{video_id(i)} {i % N_CLASSES + 1}\r\n" for i in train))
+        (lists / f"testlist0{k}.txt").write_text("".join(f"{video_id(i)}\r\n" for i in test) +
+                                                 "".join(f"{v}\r\n" for v in extra_test))
+    return root
+
+
+def make_hmdb_root(root):
+    write_feature_cache(root / "lava_cache", n_videos=N_VIDEOS, dataset="hmdb51", clips=2, frames=16, grid=2,
+                        num_classes=N_CLASSES, seed=4)
+    lists = root / "testTrainMulti_7030_splits"
+    lists.mkdir()
+    for k in (1, 2, 3):
+        for c in range(N_CLASSES):
+            lines = [f"video_{i:04d}.avi {2 if (i // N_CLASSES) % 3 == k - 1 else 1} "
+                     for i in range(c, N_VIDEOS, N_CLASSES)] + ["not_in_cache.avi 0 "]  # unused: never looked up
+            (lists / f"class_{c}_test_split{k}.txt").write_text("\n".join(lines) + "\n")
+    return root
+
+
+FAST = ["--epochs-grid", "2,6", "--weight-decay-grid", "0,0.01", "--device", "cpu"]
+
+
+def test_cli_end_to_end_random_and_pretrained(tmp_path, capsys):
+    root = make_ucf_root(tmp_path / "ucf101")
+    ckpt = make_checkpoint(tmp_path / "runs/x/ckpt_last.pt", root / "lava_cache")
+    out_r, out_p = tmp_path / "r.json", tmp_path / "p.json"
+    base = ["--dataset", "ucf101", "--root", str(root)] + FAST
+    assert probe.main(base + ["--all-splits", "--checkpoint", "random", "--config-from", str(ckpt), "--out",
+                              str(out_r)]) == 0
+    assert probe.main(base + ["--checkpoint", str(ckpt), "--out", str(out_p), "--zero-shot"]) == 0  # default: 3 splits
+    r, p = json.loads(out_r.read_text()), json.loads(out_p.read_text())
+    for res in (r, p):
+        for key in ("dataset", "checkpoint", "checkpoint_sha256", "args", "model_config", "splits", "mean", "std"):
+            assert key in res
+        assert res["dataset"] == "ucf101" and set(res["mean"]) >= {"video", "audio+video"}
+        for row in res["splits"]:
+            assert {"split", "modalities", "top1", "n_train", "n_test"} <= set(row)
+            assert (row["n_test"], row["n_train"] if row["modalities"] != "zero-shot" else 16) == (8, 16)  # videos
+            assert 0 <= row["top1"] <= 100
+        video = [row["top1"] for row in res["splits"] if row["modalities"] == "video"]
+        assert len(video) == 3 and res["mean"]["video"] == pytest.approx(np.mean(video))
+        assert res["std"]["video"] == pytest.approx(np.std(video, ddof=1))
+        assert res["missing_audio"]["videos_without_audio"] == 3
+    assert r["checkpoint"] == "random" and r["checkpoint_sha256"] is None and r["model_config"] == p["model_config"]
+    assert p["checkpoint_sha256"] == hashlib.sha256(ckpt.read_bytes()).hexdigest() and p["epoch"] == 3
+    assert "zero-shot" in p["mean"] and p["splits"][0]["missing_audio"]["test"] + p["splits"][0]["missing_audio"][
+        "train"] == 3
+    md = out_p.with_suffix(".md").read_text()
+    assert "81.3" in md and "84.3" in md and "AV+VT+AVT" in md and f"{p['mean']['video']:.1f}" in md
+    # embeddings: one file per (checkpoint, cache), reused by the next run
+    files = sorted((root / "lava_cache/embeddings").glob("*.npz"))
+    assert len(files) == 2 and any(f.name.startswith(p["checkpoint_sha256"][:16]) for f in files)
+    capsys.readouterr()
+    assert probe.main(base + ["--checkpoint", str(ckpt), "--split", "1", "--out", str(tmp_path / "q.json")]) == 0
+    assert "(cached)" in capsys.readouterr().err
+    q = json.loads((tmp_path / "q.json").read_text())
+    assert [s["top1"] for s in q["splits"]] == [s["top1"] for s in p["splits"] if s["split"] == 1
+                                                 and s["modalities"] != "zero-shot"]
+    # the summary table of several results files
+    assert probe.main(["--summary", str(out_p), str(out_r)]) == 0
+    text = capsys.readouterr().out
+    assert "| ucf101 | random | video |" in text and f"{p['mean']['audio+video']:.1f} +- " in text
+
+
+def test_cli_hmdb51_video_only_and_checkpoint_series(tmp_path):
+    root = make_hmdb_root(tmp_path / "hmdb51")
+    for e in (1, 2):
+        make_checkpoint(tmp_path / f"runs/x/epoch_{e:03d}.pt", root / "lava_cache", seed=e, epoch=e)
+    out = tmp_path / "h.json"
+    assert probe.main(["--dataset", "hmdb51", "--root", str(root), "--split", "2", "--checkpoints",
+                       str(tmp_path / "runs/x/epoch_*.pt"), "--out", str(out)] + FAST) == 0
+    res = json.loads(out.read_text())
+    assert [s["epoch"] for s in res["series"]] == [1, 2] and all(set(s["mean"]) == {"video"} for s in res["series"])
+    assert res["series"][0]["splits"][0]["n_train"] == 16 and out.with_suffix(".png").stat().st_size > 1000
+
+
+def test_videos_missing_from_the_cache_error_or_loud_warning(tmp_path, capsys):
+    root = make_ucf_root(tmp_path / "ucf101", extra_test=["class_0/video_9999.avi", "class_1/video_9998.avi"])
+    ckpt = make_checkpoint(tmp_path / "runs/x/ckpt_last.pt", root / "lava_cache")
+    args = ["--dataset", "ucf101", "--root", str(root), "--split", "1", "--checkpoint", str(ckpt),
+            "--modalities", "video", "--out", str(tmp_path / "o.json")] + FAST
+    assert probe.main(args) == 2
+    err = capsys.readouterr().err
+    assert "0 of 16 training and 2 of 10 test videos" in err and "video_9999" in err and "--allow-partial" in err
+    assert not (tmp_path / "o.json").exists()
+    with pytest.warns(UserWarning, match="2 of 10 test videos"):
+        assert probe.main(args + ["--allow-partial"]) == 0
+    res = json.loads((tmp_path / "o.json").read_text())
+    assert res["partial"] and res["splits"][0]["missing_videos"] == {"train": 0, "test": 2}
+    assert res["splits"][0]["n_test"] == 8
+
+
+def test_checkpoint_of_another_config_is_a_clear_error(tmp_path, capsys):
+    root = make_ucf_root(tmp_path / "ucf101")
+    wrong_grid = make_checkpoint(tmp_path / "runs/a/ckpt_last.pt", root / "lava_cache", grid=7)
+    other = make_checkpoint(tmp_path / "runs/b/ckpt_last.pt", root / "lava_cache", width=16)
+    base = ["--dataset", "ucf101", "--root", str(root), "--split", "1"] + FAST
+    assert probe.main(base + ["--checkpoint", str(wrong_grid)]) == 2
+    assert "does not fit the cache" in capsys.readouterr().err
+    ok = make_checkpoint(tmp_path / "runs/c/ckpt_last.pt", root / "lava_cache")
+    assert probe.main(base + ["--checkpoint", str(ok), "--config-from", str(other)]) == 2
+    assert "another model config" in capsys.readouterr().err
+    # weights that do not fit the config they carry
+    bad = torch.load(ok, weights_only=True)
+    bad["config"]["model"]["video"]["width"] = bad["config"]["model"]["audio"]["width"] = 16
+    bad["config"]["model"]["text"]["width"] = 16
+    torch.save(bad, tmp_path / "bad.pt")
+    assert probe.main(base + ["--checkpoint", str(tmp_path / "bad.pt")]) == 2
+    assert "do not fit its own config" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# retrieval
+
+def brute_force_ranks(sim):
+    ranks = []
+    for i in range(len(sim)):
+        order = sorted(range(len(sim)), key=lambda j: -sim[i][j])
+        ranks.append(order.index(i) + 1)
+    return np.array(ranks)
+
+
+def test_retrieval_metrics_against_brute_force():
+    rng = np.random.default_rng(0)
+    sim = rng.normal(size=(37, 37)) + 2.0 * np.eye(37) * rng.random(37)  # continuous: no ties
+    ranks = brute_force_ranks(sim)
+    np.testing.assert_array_equal(probe.retrieval_ranks(sim), ranks)
+    m = probe.retrieval_metrics(sim)
+    for k in (1, 5, 10):
+        assert m[f"R@{k}"] == pytest.approx(100 * sum(r <= k for r in ranks) / 37)
+    assert m["MedR"] == sorted(ranks)[18] and m["n"] == 37
+    assert probe.retrieval_ranks(np.zeros((4, 4))).tolist() == [4, 4, 4, 4]  # ties count against the query
+
+
+def test_cli_retrieval_masks_missing_modalities(tmp_path):
+    cache = write_feature_cache(tmp_path / "k700/lava_cache", n_videos=36, frames=20, grid=2,
+                                missing_audio=(0, 6), missing_text=(12,))
+    ckpt = make_checkpoint(tmp_path / "runs/x/ckpt_last.pt", cache)
+    out = tmp_path / "ret.json"
+    assert probe.main(["--retrieval", "--root", str(tmp_path / "k700"), "--checkpoint", str(ckpt), "--out", str(out),
+                       "--device", "cpu"]) == 0
+    res = json.loads(out.read_text())
+    val = [i for i in range(36) if i % 6 == 0]                  # write_feature_cache: every 6th video is val
+    assert res["n_val"] == len(val) == 6
+    assert res["retrieval"]["video->text"]["n"] == 5 and res["retrieval"]["text->video"]["n"] == 5   # 12 has no title
+    assert res["retrieval"]["video->audio"]["n"] == 4                                                 # 0, 6 no audio
+    for m in res["retrieval"].values():
+        assert 0 <= m["R@1"] <= m["R@5"] <= m["R@10"] <= 100 and 1 <= m["MedR"] <= m["n"]
+
+
+def test_random_init_is_fixed_by_the_seed_and_shares_the_config(tmp_path):
+    from argparse import Namespace
+
+    cache = write_feature_cache(tmp_path / "c", n_videos=4, dataset="ucf101", clips=1, frames=16, grid=2)
+    ckpt = make_checkpoint(tmp_path / "runs/x/ckpt_last.pt", cache)
+    manifest = json.loads((cache / "manifest.json").read_text())
+    args = lambda seed: Namespace(checkpoint="random", config_from=str(ckpt), model=None, seed=seed)
+    (m1, i1), (m2, i2), (m3, i3) = (probe.build_model(args(s), manifest) for s in (0, 0, 1))
+    assert i1["embedding_key"] == i2["embedding_key"] != i3["embedding_key"]
+    assert all(torch.equal(a, b) for a, b in zip(m1.state_dict().values(), m2.state_dict().values()))
+    _, ip = probe.build_model(Namespace(checkpoint=str(ckpt), config_from=None, model=None, seed=0), manifest)
+    assert ip["model_config"] == i1["model_config"] and ip["embedding_key"] != i1["embedding_key"]
+    # a pretrain.py preset: input sizes from the evaluation cache
+    m4, i4 = probe.build_model(Namespace(checkpoint="random", config_from=None, model="tiny", seed=0), manifest)
+    assert m4.config.video.grid == 2 and m4.config.video.feature_dim == 512 and i4["config_source"] == "--model tiny"
