@@ -1,0 +1,289 @@
+"""pretrain.py: augmentation, sampler, overfitting, the CLI run folder, exact resume after SIGKILL, torchrun, NaN stop.
+
+CLI runs are subprocesses on a conftest cache (24 videos, 20 of them "train", 20 frames, 2x2 grid) with the tiny
+preset and one intra-op thread (2 shared cores: more threads only spin against other processes).
+"""
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT, write_feature_cache
+import pretrain
+from model import LAVA, LAVAConfig
+from prepare import FeatureCache
+
+ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+# every run, in-process or not, on one intra-op thread: equal thread counts keep float sums in the same order
+LINE = re.compile(r"^epoch \d+ step \d+ \| loss -?\d+\.\d{4} \((av|vt|avt) .*\) \| lr \d\.\de[-+]\d\d \| \d+ clips/s$")
+
+
+@pytest.fixture
+def one_thread():
+    """In-process runs on one thread too (pretrain.main sets the count; this puts pytest's back)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def run(*args, check=True, timeout=120):
+    """Run pretrain.py in a subprocess; returns the CompletedProcess."""
+    proc = subprocess.run([sys.executable, str(ROOT / "pretrain.py"), *map(str, args), "--threads", "1"], env=ENV, cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"pretrain.py failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def read_log(run_dir):
+    return [json.loads(line) for line in (Path(run_dir) / "log.jsonl").read_text().splitlines()]
+
+
+def load_model(path):
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    model = LAVA(LAVAConfig.from_dict(ckpt["config"]["model"]))
+    model.load_state_dict(ckpt["model"], strict=True)
+    return ckpt, model
+
+
+def assert_same_state(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs"
+
+# ----------------------------------------------------------------------------------------------------------
+# data
+
+
+def test_augmentation_window_flip_and_aligned_audio(tmp_path):
+    """Video frame t holds value t (+0.25 * column), mel column j holds j: the crop must satisfy audio = 10 * s."""
+    cache_dir = write_feature_cache(tmp_path / "cache", n_videos=12, frames=20, missing_audio=(4,))
+    for shard in sorted(cache_dir.glob("shard_*")):
+        video = np.load(shard / "video.npy", mmap_mode="r+")             # (n, 1, 20, 2, 2, 512)
+        t = np.arange(20)[:, None, None, None] + 0.25 * np.arange(2)[None, None, :, None]  # frame + column / 4
+        video[:] = np.broadcast_to(t, video.shape[2:])
+        audio = np.load(shard / "audio.npy", mmap_mode="r+")             # (n, 1, 80, 296)
+        audio[:] = np.where(np.abs(audio) > 0, np.arange(296, dtype=np.float16), 0)  # missing audio stays 0
+        video.flush(), audio.flush()
+    frames = np.load(cache_dir / "shard_00000" / "frames.npy", mmap_mode="r+")
+    frames[1, 0] = 16                                                   # video 1: only 16 real frames -> s = 0
+    frames.flush()
+    cache = FeatureCache(cache_dir)
+    indices = list(range(len(cache)))
+    ds = pretrain.PretrainClips(cache_dir, indices, seed=3, audio_noise=0.0)
+    starts, flips = set(), []
+    for epoch in range(6):
+        for i in indices:
+            item = ds[(i, epoch)]
+            v, a = item["video"].float(), item["audio"]
+            assert v.shape == (16, 2, 2, 512) and a.shape == (80, 256) and item["tokens"].dtype == torch.int64
+            s = int(v[0, 0, 0, 0])
+            assert torch.equal(v[:, 0, 0, 0], torch.arange(s, s + 16).float() + v[0, 0, 0, 0] - s)  # 16 consecutive
+            flip = int(v[0, 0, 0, 0] - s == 0.25)                      # column 1 first = the W axis reversed
+            assert torch.equal(v[:, :, 1 - flip, 0] - v[:, :, flip, 0], torch.full((16, 2), 0.25))
+            assert 0 <= s <= 4 and (i != 1 or s == 0)
+            if item["has_audio"]:
+                assert torch.equal(a[0], torch.arange(10 * s, 10 * s + 256).float())  # aligned with the window
+            else:
+                assert i == 4 and not a.any()
+            starts.add(s)
+            flips.append(flip)
+    assert starts == {0, 1, 2, 3, 4}
+    assert 0.3 < np.mean(flips) < 0.7
+    # randomness is a function of (seed, epoch, index): same in a fresh (pickled) copy, different next epoch
+    import pickle
+    copy = pickle.loads(pickle.dumps(ds))
+    assert torch.equal(copy[(5, 2)]["video"], ds[(5, 2)]["video"])
+    assert any(not torch.equal(ds[(i, 0)]["video"], ds[(i, 1)]["video"]) for i in indices)
+    # Gaussian noise on the log-mel, with the requested std, on present audio only
+    noisy = pretrain.PretrainClips(cache_dir, indices, seed=3, audio_noise=0.5, flip=False)
+    d = noisy[(2, 0)]["audio"] - ds[(2, 0)]["audio"]
+    assert abs(float(d.std()) - 0.5) < 0.02 and abs(float(d.mean())) < 0.02
+    assert not noisy[(4, 0)]["audio"].any()
+
+
+def test_sampler_ranks_tile_the_global_batch_and_resume_mid_epoch():
+    one = pretrain.ResumableSampler(23, 6, seed=1)
+    two = [pretrain.ResumableSampler(23, 6, rank=r, world_size=2, seed=1) for r in range(2)]
+    for epoch in range(3):
+        for s in [one] + two:
+            s.set_epoch(epoch)
+        full = list(one)
+        assert len(full) == 18 and len({i for i, _ in full}) == 18 and {e for _, e in full} == {epoch}
+        parts = [list(s) for s in two]
+        # rank r's k-th local batch of 3 is the r-th half of the k-th global batch of 6
+        rebuilt = [x for k in range(3) for p in parts for x in p[3 * k:3 * k + 3]]
+        assert rebuilt == full
+        one.set_epoch(epoch, start_step=2)
+        assert list(one) == full[12:] and len(one) == 6
+    one.set_epoch(0)
+    first = [i for i, _ in one]
+    one.set_epoch(1)
+    assert first != [i for i, _ in one]
+
+# ----------------------------------------------------------------------------------------------------------
+# training
+
+
+def test_tiny_model_overfits_one_batch(feature_cache, one_thread):
+    torch.manual_seed(0)
+    args = pretrain.resolve_args(pretrain.get_parser().parse_args(["--cache", str(feature_cache), "--model", "tiny"]))
+    cache = FeatureCache(feature_cache)
+    model = LAVA(pretrain.build_config(args, cache.manifest, cache.tokenizer))
+    ds = pretrain.PretrainClips(feature_cache, pretrain.train_indices(cache))
+    batch = torch.utils.data.default_collate([ds[(i, 0)] for i in range(8)])  # has a missing audio and title
+    video, audio, tokens, present = pretrain.to_device(batch, torch.device("cpu"))
+    assert not present["a"].all() and not present["t"].all()
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(60):
+        loss, terms = pretrain.loss_fn(model, video, audio, tokens, present, ("av", "vt", "avt"), 0.07,
+                                       "symmetric", pretrain.nullcontext())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert set(terms) == {"av", "vt", "avt"}
+    assert losses[-1] < 0.1 * losses[0], losses[::10]
+
+
+def test_cli_run_folder_and_loss_decreases(feature_cache, tmp_path):
+    out = tmp_path / "run"
+    # no token centring: the conftest cache's class signal is a per-clip offset, which centring would remove
+    proc = run("--cache", feature_cache, "--model", "tiny", "--out", out, "--batch-size", 4, "--epochs", 6,
+               "--lr", 3e-3, "--log-every", 1, "--workers", 1, "--keep-epochs", "--no-progress", "--no-center-tokens")
+    for name in ("config.json", "log.jsonl", "ckpt_last.pt", "loss.png", "tokenizer.bpe", "epoch_001.pt", "epoch_006.pt"):
+        assert (out / name).is_file(), name
+    assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("epoch ")]
+    assert len(lines) == 30 and all(LINE.match(l) for l in lines), lines[:2]
+    log = read_log(out)
+    assert [r["step"] for r in log] == list(range(1, 31))
+    for key in ("epoch", "loss", "av", "vt", "avt", "lr", "clips_per_s", "mem_gb"):
+        assert all(np.isfinite(r[key]) for r in log), key
+    first, last = np.mean([r["loss"] for r in log[:5]]), np.mean([r["loss"] for r in log[-5:]])  # epochs 1, 6
+    assert last < 0.85 * first, (first, last)
+    config = json.loads((out / "config.json").read_text())
+    assert config["args"]["model"] == "tiny" and config["args"]["width"] == 32 and config["steps_per_epoch"] == 5
+    ckpt, model = load_model(out / "ckpt_last.pt")                        # weights_only=True, strict=True
+    assert ckpt["step"] == 30 and ckpt["epoch"] == 6 and ckpt["sampler"]["step_in_epoch"] == 0
+    assert ckpt["cache_manifest"]["dataset"] == "k700" and ckpt["config"]["args"]["losses"] == "av,vt,avt"
+    assert ckpt["config"]["model"]["video"]["center_tokens"] is False
+    first_epoch, _ = load_model(out / "epoch_001.pt")
+    assert first_epoch["step"] == 5 and first_epoch["epoch"] == 1
+
+
+def test_sigkill_mid_epoch_then_resume_is_bitwise_identical(feature_cache, tmp_path, one_thread):
+    # 10 steps per epoch; dropout makes the RNG state part of what a resume must restore
+    common = ["--cache", feature_cache, "--model", "tiny", "--batch-size", 2, "--epochs", 2, "--dropout", 0.1,
+              "--warmup-steps", 4, "--log-every", 1, "--save-every", 3, "--no-progress", "--threads", 1]
+    ref = tmp_path / "ref"
+    pretrain.main([str(a) for a in common] + ["--out", str(ref), "--workers", "0"])  # in-process: one import less
+
+    # SIGKILL: once the run is in its second epoch and its last checkpoint is mid-epoch, kill it (SIGSTOP first,
+    # so the checkpoint cannot change between looking at it and the kill); 2 workers, unlike the reference
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "pretrain.py"), *map(str, common), "--out", killed,
+                             "--workers", "2"], env=ENV, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt_step = None
+    try:
+        deadline = time.time() + 90
+        while time.time() < deadline and proc.poll() is None:
+            time.sleep(0.005)
+            if not (killed / "log.jsonl").exists() or not (killed / "ckpt_last.pt").exists():
+                continue
+            log = [l for l in (killed / "log.jsonl").read_text().splitlines() if l.endswith("}")]
+            if not log or json.loads(log[-1])["step"] < 11:
+                continue
+            proc.send_signal(signal.SIGSTOP)
+            ckpt = torch.load(killed / "ckpt_last.pt", map_location="cpu", weights_only=True)
+            if ckpt["sampler"]["step_in_epoch"] != 0:
+                proc.kill()
+                ckpt_step = ckpt["step"]
+                break
+            proc.send_signal(signal.SIGCONT)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert ckpt_step is not None and 11 <= ckpt_step < 20, "the run was not caught mid-epoch"
+    assert proc.returncode == -signal.SIGKILL
+
+    proc = run(*common, "--out", killed, "--resume", "auto", "--workers", 1)
+    assert f"resumed {killed / 'ckpt_last.pt'}: step {ckpt_step}" in proc.stdout
+    want, got = torch.load(ref / "ckpt_last.pt", weights_only=True), torch.load(killed / "ckpt_last.pt", weights_only=True)
+    assert_same_state(want["model"], got["model"])
+    assert want["optimizer"]["state"].keys() == got["optimizer"]["state"].keys()
+    for k in want["optimizer"]["state"]:
+        assert_same_state(want["optimizer"]["state"][k], got["optimizer"]["state"][k])
+    # the resumed log has every step once, and its losses match the uninterrupted run's bitwise
+    ref_log, log = read_log(ref), read_log(killed)
+    assert [r["step"] for r in log] == list(range(1, 21))
+    assert [r["loss"] for r in log] == [r["loss"] for r in ref_log]
+
+
+def test_torchrun_two_gloo_ranks_match_one_process(feature_cache, tmp_path, one_thread):
+    common = ["--cache", feature_cache, "--model", "tiny", "--batch-size", 8, "--lr", 1e-2, "--max-steps", 3,
+              "--log-every", 1, "--workers", 0, "--no-progress", "--seed", 1, "--threads", 1]
+    one = tmp_path / "one"
+    pretrain.main([str(a) for a in common] + ["--out", str(one)])
+    two = tmp_path / "two"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+                           str(ROOT / "pretrain.py"), *map(str, common), "--out", two],
+                          env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    assert "2 rank(s) x 4" in proc.stdout
+    a, b = read_log(one), read_log(two)
+    assert [r["step"] for r in b] == [1, 2, 3]
+    # Same global batch of 8: step 1's losses match (negatives gathered from the other rank), and so do steps 2
+    # and 3, after updates from the gathered gradients. Weights are not compared elementwise: e.g. the key biases
+    # get a zero true gradient, and Adam's first steps turn float noise there into +-lr moves either way.
+    for ra, rb in zip(a, b):
+        for k in ("loss", "av", "vt", "avt"):
+            assert rb[k] == pytest.approx(ra[k], rel=1e-4, abs=1e-5), (ra["step"], k)
+
+
+def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, one_thread):
+    cache_dir = write_feature_cache(tmp_path / "cache")
+    cache = FeatureCache(cache_dir)
+    train = pretrain.train_indices(cache)
+    sampler = pretrain.ResumableSampler(len(train), 4, seed=0)
+    poisoned = train[[i for i, _ in sampler][2 * 4]]        # first sample of step 3 in epoch 0
+    shard, row = divmod(poisoned, 10)                       # conftest writes shards of 10 videos
+    video = np.load(cache_dir / f"shard_{shard:05d}" / "video.npy", mmap_mode="r+")
+    video[row, 0, 5] = np.inf
+    video.flush()
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as stop:
+        pretrain.main(["--cache", str(cache_dir), "--model", "tiny", "--out", str(out), "--batch-size", "4",
+                       "--epochs", "2", "--log-every", "5", "--save-every", "1", "--workers", "0", "--no-progress",
+                       "--threads", "1"])
+    msg = str(stop.value.code)
+    assert re.search(r"non-finite loss (nan|inf|-inf) at step 3 ", msg) and "(step 2) is untouched" in msg, msg
+    ckpt, model = load_model(out / "ckpt_last.pt")
+    assert ckpt["step"] == 2 and all(torch.isfinite(p).all() for p in model.state_dict().values())
+    assert all(r["step"] <= 2 for r in read_log(out))
+
+
+def test_table2_ablation_trains_only_the_requested_terms(feature_cache, tmp_path, one_thread):
+    out = tmp_path / "av"
+    pretrain.main(["--cache", str(feature_cache), "--model", "tiny", "--out", str(out), "--losses", "vt,av",
+                   "--batch-size", "4", "--max-steps", "2", "--log-every", "1", "--workers", "0", "--no-progress",
+                   "--threads", "1", "--seed", "2"])
+    log = read_log(out)
+    assert [set(r) & {"av", "vt", "avt"} for r in log] == [{"av", "vt"}] * 2
+    ckpt, trained = load_model(out / "ckpt_last.pt")
+    assert ckpt["config"]["args"]["losses"] == "av,vt"
+    torch.manual_seed(2)
+    init = LAVA(LAVAConfig.from_dict(ckpt["config"]["model"]))            # the run's initial weights (same seed)
+    moved = {k for k, v in trained.state_dict().items() if not torch.equal(v, init.state_dict()[k])}
+    assert "heads.avt.weight" not in moved and "heads.av.weight" in moved and "heads.vt.weight" in moved
+    assert any(k.startswith("text_encoder.") for k in moved)
