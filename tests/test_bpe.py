@@ -15,7 +15,7 @@ import regex
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bpe_draft import BPETokenizer, get_stats, merge, render_token
+from prepare import BPETokenizer, get_stats, merge, render_token
 
 DATA = Path(__file__).resolve().parent / "data"
 

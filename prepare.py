@@ -1,0 +1,1637 @@
+"""prepare.py: a video dataset folder -> a feature cache that pretrain.py and probe.py read (DESIGN.md).
+
+    # CPU demo (tests and the Makefile use this: no ImageNet weights needed, small frames)
+    python prepare.py --root demo/k700 --backbone random --size 64 --workers 2
+    # one GPU, ImageNet ResNet-18 (weights from the torch hub cache or --backbone-weights PATH)
+    python prepare.py --root data/k700 --out data/k700/lava_cache --workers 12 --batch-size 512
+    python prepare.py --root data/ucf101 && python prepare.py --root data/hmdb51
+    # a SLURM array of 16 jobs over one dataset: list + tokenizer once, the array, then the merge (it reads
+    # only the shards' small files and writes the manifest; nothing is decoded again)
+    python prepare.py --root data/k700 --list-only
+    sbatch --array=0-15 --wrap 'python prepare.py --root data/k700 --num-shards 16 --shard-index $SLURM_ARRAY_TASK_ID'
+    python prepare.py --root data/k700 --merge
+    # the same settings (--size, --backbone, ...) on every call; a re-run of any of them resumes
+
+What it does, per video (the decode half runs in --workers processes, the CNN in the main process):
+  1. frames: OpenCV decodes the file once; the 10 fps grid (frame i of a clip starting at t0 is the source
+     frame on screen at t0 + i/10 s) is matched against each frame's own timestamp (CAP_PROP_POS_MSEC), so
+     29.97 fps and variable-frame-rate files land on the right frames; grab() for skipped frames,
+     retrieve() only for kept ones; decoding stops once the last needed time is passed. Rotation metadata
+     is applied by OpenCV (CAP_PROP_ORIENTATION_AUTO, set explicitly). Kept frames: centre square, shrunk
+     by an exact k x k box filter then bilinear to --size x --size (= short side to --size, centre crop), RGB.
+       k700 ("pretrain" sampling): C = 1 clip of T = --pretrain-frames (20) central frames, room for jitter.
+       ucf101 / hmdb51 / folder ("eval" sampling): C = --test-clips (10) uniformly spaced 16-frame windows;
+       the union of their frames is decoded and run through the CNN once, then indexed per window.
+     Clips longer than the video repeat the last real frame; frames.npy records how many are real.
+  2. audio: PyAV decodes the container's first audio stream (soundfile for .wav/.flac, and a same-named
+     .wav/.flac next to a video without audio), mono 16 kHz, log-mel (80 bins, n_fft 400, hop 160) cut
+     into A = 256 + 10 (T - 16) frames per clip so that mel[10 s : 10 s + 256] is centred on video frames
+     s .. s+15. No audio stream, silence or undecodable audio -> has_audio False (noted, not an error).
+  3. video features: frozen torchvision ResNet-18 up to layer4 (eval, no_grad, channels_last, bf16
+     autocast on CUDA): (G, G, 512) per frame, G = size // 32, stored float16.
+  4. text: the title (titles.csv, else the file's `title` metadata tag) as BPE ids, 128 max (eot + pad).
+
+Cache layout (DESIGN.md): manifest.json (written last), tokenizer.bpe/.vocab, prepare_errors.jsonl,
+shard_XXXXX/{video,frames,audio,tokens,has_audio,has_text}.npy + videos.jsonl; plus listing.json (the
+video list frozen at the first run, so re-runs and shard-index jobs agree), prepare_config.json and
+shard_XXXXX/errors.jsonl (this shard's skipped/degraded files). Each shard is built in a temp dir and
+renamed, so a run killed at any point (kill -9 included) resumes where it stopped and ends byte-identical
+to a single run; read a finished cache with `FeatureCache(path)`.
+"""
+import argparse
+import bisect
+import codecs
+import csv
+import heapq
+import io
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+import warnings
+from collections import Counter, defaultdict
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import regex
+
+
+CACHE_FORMAT, CACHE_VERSION = "lava-cache", 1
+FPS = 10                                  # the paper's clips: 16 frames at 10 fps
+SAMPLE_RATE, N_FFT, HOP, N_MELS = 16000, 400, 160, 80  # 25 ms windows, 10 ms hop: 10 mel frames per video frame
+MAX_TOKENS, FEATURE_DIM, EVAL_FRAMES = 128, 512, 16
+TIME_TOL = 1e-5                           # s; frame timestamps are exact rationals printed as doubles
+VIDEO_EXTS = {".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".mpeg", ".flv", ".3gp", ".ogv", ".wmv"}
+AUDIO_EXTS = {".wav", ".flac"}
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+LAYOUTS = {  # what each reader expects under --root; printed when the root matches none of them
+    "k700": "k700/{train,val}/<label>/<youtube_id>_<start:06d>_<end:06d>.mp4 (+ annotations/, titles.csv)",
+    "ucf101": "ucf101/UCF-101/<Class>/v_<Class>_gXX_cYY.avi (+ ucfTrainTestlist/)",
+    "hmdb51": "hmdb51/videos/<class>/<name>.avi (+ testTrainMulti_7030_splits/)",
+    "folder": "any folder holding video files (" + " ".join(sorted(VIDEO_EXTS)) + "), searched recursively; "
+              "titles optional (titles.csv with path,title or youtube_id,title, or each file's title tag)",
+}
+# the per-shard arrays: name -> (dtype, shape after the leading n; names index manifest["shapes"])
+SHARD_ARRAYS = {
+    "video": (np.float16, ("clips", "frames", "grid", "grid", "feature_dim")),
+    "frames": (np.int16, ("clips",)),
+    "audio": (np.float16, ("clips", "n_mels", "audio_frames")),
+    "tokens": (np.int32, ("max_tokens",)),
+    "has_audio": (np.bool_, ()),
+    "has_text": (np.bool_, ()),
+}
+
+
+def _write_atomic(path, text):
+    """Write a small text file so that readers (and a re-run after kill -9) see all of it or none."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8", newline="\n")
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------------
+# BPE tokenizer (titles -> token ids)
+#
+# Byte-level BPE in the GPT-2/GPT-4 manner, written out so that it can be read in one sitting:
+#   1. pre-split: text -> "words" with GPT4_SPLIT_PATTERN (merges never cross a word boundary);
+#   2. each word -> its UTF-8 bytes (ids 0..255), lone surrogates included (see "round-trip" below);
+#   3. training repeatedly merges the most frequent adjacent pair into a new id (256, 257, ...);
+#   4. encoding applies the learned merges to each word in the order they were learned (by rank).
+# Ids: 0..255 bytes, 256..256+M-1 merges, then eot = M+256 and pad = M+257 (the top two ids), so
+# vocab_size = 256 + M + 2 is the ACTUAL size, smaller than asked when the corpus runs out of pairs.
+#
+# Round-trip: decode(encode(s)) == s for every Python str. A str may hold lone surrogates
+# (U+D800..U+DFFF, e.g. from os.fsdecode or a broken JSON "\ud83d"), which strict UTF-8 cannot encode.
+# We encode with "surrogatepass" (a surrogate becomes the 3 bytes ED A0..BF 80..BF, as in CESU-8) and
+# decode with "lava_bpe_surrogatepass_replace": surrogatepass for those 3-byte forms, U+FFFD for any
+# other invalid byte sequence (which only arbitrary id lists, e.g. sampled ones, can produce).
+# "surrogateescape" would not do: it only encodes U+DC80..U+DCFF and maps them onto single bytes that
+# collide with the bytes of real invalid input.
+
+# GPT-4's split pattern (cl100k_base): contractions ('s 't 're 've 'm 'll 'd, any case); a letter run
+# with at most one leading non-letter/non-digit (" the", "(Official"); digit runs of at most 3
+# ("2018" -> "201" "8"); a punctuation run with an optional leading space (" --", "!!"); newlines;
+# other whitespace, leaving one space to lead the next word. Every character matches one branch
+# (letters, digits, whitespace, or the "anything else" branch, which takes marks, controls and
+# surrogates), so "".join(findall(s)) == s and nothing is ever dropped.
+GPT4_SPLIT_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*"""
+                      r"""|\s*[\r\n]|\s+(?!\S)|\s+""")
+BPE_FORMAT = "lava-bpe v1"  # first line of a saved tokenizer; bump when the format changes
+BPE_SPECIALS = ("<|endoftext|>", "<|pad|>")  # eot, pad: the two ids above the last merge
+_BPE_ERRORS = "lava_bpe_surrogatepass_replace"
+_bpe_log = logging.getLogger("prepare.bpe")
+
+
+def _surrogatepass_or_replace(exc):
+    """Codec error handler: decode a CESU-style surrogate (ED A0 80 -> U+D800), else U+FFFD."""
+    try:
+        return codecs.lookup_error("surrogatepass")(exc)
+    except UnicodeError:
+        return "\ufffd", exc.end
+
+
+codecs.register_error(_BPE_ERRORS, _surrogatepass_or_replace)
+
+
+def get_stats(ids, counts=None, weight=1):
+    """Count adjacent pairs (overlapping) in `ids`, adding `weight` per occurrence into `counts`.
+
+    get_stats([1, 2, 3, 1, 2]) -> {(1, 2): 2, (2, 3): 1, (3, 1): 1}
+    get_stats([7, 7, 7], {(7, 7): 1}, weight=10) -> {(7, 7): 21}      # "aaa" holds "aa" twice
+    """
+    counts = {} if counts is None else counts
+    for pair in zip(ids, ids[1:]):
+        counts[pair] = counts.get(pair, 0) + weight
+    return counts
+
+
+def merge(ids, pair, idx):
+    """Replace every occurrence of `pair` in `ids` by `idx`, scanning left to right without overlap.
+
+    merge([1, 2, 3, 1, 2], (1, 2), 4) -> [4, 3, 4]
+    merge([7, 7, 7], (7, 7), 9) -> [9, 7]                             # leftmost occurrence wins
+    """
+    out, i, n = [], 0, len(ids)
+    while i < n:
+        if i + 1 < n and ids[i] == pair[0] and ids[i + 1] == pair[1]:
+            out.append(idx)
+            i += 2
+        else:
+            out.append(ids[i])
+            i += 1
+    return out
+
+
+def render_token(token: bytes) -> str:
+    r"""Printable form of a token's bytes for the .vocab file: UTF-8 text where it decodes, escapes
+    elsewhere, so that each token stays on one line and invisible characters show. Inputs are Python
+    literals, outputs the text as written to the file:
+
+    render_token(b" the")             -> " the"
+    render_token(b"\xe2\x80")         -> "\xe2\x80"   (half of a 3-byte character: the raw bytes)
+    render_token("\n\u00e9".encode()) -> "\x0aé"       (a control character is escaped, é is shown)
+    render_token(b"a\\b")             -> "a\\b"        (a real backslash is doubled, so escapes are unambiguous)
+    """
+    out = []
+    # surrogateescape turns each undecodable byte into U+DC80..U+DCFF so it can be told apart below
+    for ch in token.decode("utf-8", "surrogateescape"):
+        cp = ord(ch)
+        if 0xDC80 <= cp <= 0xDCFF:
+            out.append(f"\\x{cp - 0xDC00:02x}")
+        elif ch == "\\":
+            out.append("\\\\")
+        elif ch == " " or ch.isprintable():
+            out.append(ch)
+        else:  # control, format, line/paragraph separators, unassigned, ...
+            out.append(f"\\x{cp:02x}" if cp < 0x100 else f"\\u{cp:04x}" if cp < 0x10000 else f"\\U{cp:08x}")
+    return "".join(out)
+
+
+class BPETokenizer:
+    """Byte-level BPE: `train`, `encode`, `decode`, `save`, `BPETokenizer.load`, `encode_title`.
+
+    tok = BPETokenizer().train(titles, vocab_size=48000)
+    ids = tok.encode("hello world")          # e.g. 2 ids: "hello", " world" (a pre-split word each)
+    tok.decode(ids) -> "hello world"
+    tok.encode_title("hello world", max_len=128) -> (ids (128,) int32 = encode + [eot] + pads, 3)
+    An untrained tokenizer is plain bytes (vocab_size 258). encode never produces eot/pad, even for
+    the text "<|endoftext|>"; decode renders them by name (or drops them with skip_special=True).
+    """
+
+    _CACHE_MAX = 1 << 20  # distinct words cached (~150 MB worst case); 27,907 titles hold ~47k
+
+    def __init__(self, pattern=GPT4_SPLIT_PATTERN):
+        self.pattern = pattern
+        self._split = regex.compile(pattern).findall
+        self._set_merges([])
+
+    def _set_merges(self, merges):
+        """Install merges [(a, b), ...] (merge i creates id 256 + i) and rebuild the derived tables."""
+        self.merges = [tuple(m) for m in merges]
+        self._ranks = {pair: 256 + i for i, pair in enumerate(self.merges)}  # pair -> new id (= rank)
+        self._vocab = [bytes([i]) for i in range(256)]                         # id -> bytes
+        for a, b in self.merges:
+            self._vocab.append(self._vocab[a] + self._vocab[b])
+        self._cache = {}  # word (str) -> list of ids; cleared when it grows past _CACHE_MAX
+
+    # pickling (e.g. for worker processes) keeps the pattern and merges and rebuilds the rest
+    def __getstate__(self):
+        return {"pattern": self.pattern, "merges": self.merges}
+
+    def __setstate__(self, state):
+        self.__init__(state["pattern"])
+        self._set_merges(state["merges"])
+
+    @property
+    def vocab_size(self):
+        return 256 + len(self.merges) + len(BPE_SPECIALS)
+
+    @property
+    def eot_id(self):
+        return self.vocab_size - 2
+
+    @property
+    def pad_id(self):
+        return self.vocab_size - 1
+
+    # ---- training ----------------------------------------------------------------------------------
+    def train(self, texts, vocab_size, verbose=False):
+        """Learn vocab_size - 258 merges from `texts` (an iterable of str); returns self.
+
+        Tie-break: the pair with the highest count wins; among equal counts, the smallest pair (a, b)
+        in id order (compare a, then b). Counts are over overlapping pairs, as get_stats counts them.
+        So the result does not depend on the order of `texts`. Stops early, with a logged warning,
+        when no pair occurs twice (a merge that would be used once only memorises the corpus).
+
+        Worked example (Wikipedia's): "aaabdaaabac" -> merge (a, a) -> Z: "ZabdZabac"; (Z, a) and
+        (a, b) both count 2, (a, b) = (97, 98) is smaller than (256, 97) -> Y: "ZYdZYac"; (Z, Y) -> X:
+        "XdXac"; no pair repeats, stop: merges [(97, 97), (97, 98), (256, 257)], vocab_size 261.
+
+        Cost: the corpus is reduced to its distinct words with counts; pair counts are kept up to date
+        incrementally: merging (a, b) visits only the words that contained it (`where`) and adjusts the
+        counts of the neighbouring pairs; the best pair comes from a max-heap whose stale entries
+        (count since decreased) are re-pushed with the current count when they surface.
+        """
+        if vocab_size < 256 + len(BPE_SPECIALS):
+            raise ValueError(f"vocab_size must be >= {256 + len(BPE_SPECIALS)} (bytes + specials), got {vocab_size}")
+        if isinstance(texts, str):
+            raise TypeError("train() takes an iterable of texts, not one str")
+        num_merges = vocab_size - 256 - len(BPE_SPECIALS)
+
+        # distinct words and their counts; a 1-byte word has no pair and can be dropped
+        word_counts = Counter()
+        for text in texts:
+            word_counts.update(self._split(text))
+        words, freqs = [], []
+        for word, n in word_counts.items():
+            b = word.encode("utf-8", "surrogatepass")
+            if len(b) > 1:
+                words.append(list(b))
+                freqs.append(n)
+
+        # counts[pair] = weighted occurrences; where[pair] = indices of words that hold it (a superset:
+        # entries are not removed when a word loses the pair, the scan below simply finds nothing)
+        counts, where = {}, defaultdict(set)
+        for wi, (word, n) in enumerate(zip(words, freqs)):
+            for pair, c in get_stats(word).items():
+                counts[pair] = counts.get(pair, 0) + c * n
+                where[pair].add(wi)
+        heap = [(-c, pair) for pair, c in counts.items()]  # (-count, pair): heapq is a min-heap
+        heapq.heapify(heap)
+
+        merges = []
+        bar = None
+        if verbose:
+            from tqdm import tqdm
+            bar = tqdm(total=num_merges, desc="bpe merges", unit="merge", mininterval=1.0)
+        while len(merges) < num_merges:
+            # surface the true best pair: an entry is current when its count equals counts[pair]
+            while heap:
+                neg, pair = heap[0]
+                c = counts.get(pair, 0)
+                if c == -neg:
+                    break
+                if c > 0:
+                    heapq.heapreplace(heap, (-c, pair))
+                else:
+                    heapq.heappop(heap)
+            if not heap or -heap[0][0] < 2:
+                _bpe_log.warning("bpe: no pair occurs twice after %d merges; stopping at vocab_size %d "
+                                 "(asked %d)", len(merges), 256 + len(merges) + len(BPE_SPECIALS), vocab_size)
+                break
+            neg, pair = heapq.heappop(heap)
+            a, b = pair
+            new = 256 + len(merges)
+            merges.append(pair)
+            born = set()  # pairs that contain `new`: pushed once their counts are final
+            for wi in where.pop(pair):
+                w, n = words[wi], freqs[wi]
+                i = 0
+                while i < len(w) - 1:
+                    if w[i] == a and w[i + 1] == b:
+                        # ... p [a b] q ...  ->  ... p new q ...: (p,a) and (b,q) go, (p,new) and (new,q) come.
+                        # Exact for overlaps too: in "aaaa" with (a, a), the second match's p is the `new`
+                        # just made, and the (new, a) it takes back is the one the first match added.
+                        if i > 0:
+                            p = w[i - 1]
+                            counts[p, a] -= n
+                            pn = (p, new)
+                            counts[pn] = counts.get(pn, 0) + n
+                            where[pn].add(wi)
+                            born.add(pn)
+                        if i + 2 < len(w):
+                            q = w[i + 2]
+                            counts[b, q] -= n
+                            nq = (new, q)
+                            counts[nq] = counts.get(nq, 0) + n
+                            where[nq].add(wi)
+                            born.add(nq)
+                        w[i] = new
+                        del w[i + 1]
+                    i += 1
+            del counts[pair]  # every occurrence is gone; (a, b) can never become adjacent again
+            for p in born:
+                c = counts[p]
+                if c > 0:
+                    heapq.heappush(heap, (-c, p))
+            if bar is not None and len(merges) % 100 == 0:
+                bar.update(len(merges) - bar.n)
+        if bar is not None:
+            bar.update(len(merges) - bar.n)
+            bar.close()
+        self._set_merges(merges)
+        return self
+
+    # ---- encoding / decoding -------------------------------------------------------------------------
+    def _encode_word(self, word_bytes):
+        """Apply merges to one word by rank: repeatedly merge the adjacent pair learned earliest."""
+        ids = list(word_bytes)
+        ranks = self._ranks
+        while len(ids) > 1:
+            best, best_rank = None, None
+            for pair in zip(ids, ids[1:]):
+                r = ranks.get(pair)
+                if r is not None and (best_rank is None or r < best_rank):
+                    best, best_rank = pair, r
+            if best is None:
+                break
+            ids = merge(ids, best, best_rank)
+        return ids
+
+    def encode(self, text):
+        """str -> list of ids (never eot/pad). Each pre-split word is looked up in a per-word cache."""
+        cache = self._cache
+        if len(cache) > self._CACHE_MAX:
+            cache.clear()
+        out = []
+        for word in self._split(text):
+            ids = cache.get(word)
+            if ids is None:
+                ids = cache[word] = self._encode_word(word.encode("utf-8", "surrogatepass"))
+            out.extend(ids)
+        return out
+
+    def decode(self, ids, skip_special=False):
+        """ids -> str. Exact inverse of encode; for other id lists, invalid UTF-8 becomes U+FFFD."""
+        vocab, n = self._vocab, len(self._vocab)
+        parts = []
+        for i in ids:
+            i = int(i)
+            if 0 <= i < n:
+                parts.append(vocab[i])
+            elif n <= i < self.vocab_size:
+                if not skip_special:
+                    parts.append(BPE_SPECIALS[i - n].encode())
+            else:
+                raise ValueError(f"token id {i} outside the vocabulary [0, {self.vocab_size})")
+        return b"".join(parts).decode("utf-8", _BPE_ERRORS)
+
+    def encode_title(self, title, max_len=128):
+        """Title -> (ids (max_len,) int32, n_tokens): encode(title)[:max_len - 1] + [eot], then pad.
+
+        n_tokens counts the eot, so ids[:n_tokens] is the text part and ids[n_tokens:] == pad_id; the
+        attention mask is `arange(max_len) < n_tokens`. E.g. with max_len 4 and encode(t) == [5, 6]:
+        ([5, 6, eot, pad], 3); with encode(t) == [5, 6, 7, 8]: ([5, 6, 7, eot], 4).
+        """
+        if max_len < 1:
+            raise ValueError(f"max_len must be >= 1, got {max_len}")
+        ids = self.encode(title)[:max_len - 1]
+        ids.append(self.eot_id)
+        out = np.full(max_len, self.pad_id, dtype=np.int32)
+        out[:len(ids)] = ids
+        return out, len(ids)
+
+    # ---- save / load ---------------------------------------------------------------------------------
+    def save(self, path):
+        """Write `path` (the model, e.g. tokenizer.bpe) and `path` with suffix .vocab (for people).
+
+        Model file, UTF-8 text, one item per line:
+            lava-bpe v1
+            pattern <the split regex, verbatim>
+            special <|endoftext|> <eot id>
+            special <|pad|> <pad id>
+            merges <M>
+            <a> <b>            M lines: merge i makes id 256 + i from ids a and b
+        Both files are written to a temp name and renamed, so a reader never sees half a file.
+        """
+        path = Path(path)
+        if "\n" in self.pattern or "\r" in self.pattern:
+            raise ValueError("the split pattern must not hold a literal newline (write it as \\n in the regex)")
+        lines = [BPE_FORMAT, f"pattern {self.pattern}"]
+        lines += [f"special {name} {256 + len(self.merges) + k}" for k, name in enumerate(BPE_SPECIALS)]
+        lines.append(f"merges {len(self.merges)}")
+        lines += [f"{a} {b}" for a, b in self.merges]
+        _write_atomic(path, "\n".join(lines) + "\n")
+
+        # vocab file: "id [token]" for bytes, "id [token] <- [a] + [b]" for merges, then the specials
+        vlines = [f"# {BPE_FORMAT} vocabulary of {path.name}: {self.vocab_size} ids; tokens in [...], "
+                  "non-printable bytes as \\xNN"]
+        vlines += [f"{i} [{render_token(self._vocab[i])}]" for i in range(256)]
+        vlines += [f"{256 + k} [{render_token(self._vocab[256 + k])}] <- [{render_token(self._vocab[a])}] + "
+                   f"[{render_token(self._vocab[b])}]" for k, (a, b) in enumerate(self.merges)]
+        vlines += [f"{self.eot_id} {BPE_SPECIALS[0]} (special: end of text)",
+                   f"{self.pad_id} {BPE_SPECIALS[1]} (special: padding)"]
+        _write_atomic(path.with_suffix(".vocab"), "\n".join(vlines) + "\n")
+
+    @classmethod
+    def load(cls, path):
+        """Read a file written by save(); raises ValueError naming the file and line when it is not one."""
+        path = Path(path)
+        lines = path.read_text(encoding="utf-8").split("\n")
+
+        def fail(lineno, why):
+            raise ValueError(f"{path}:{lineno}: {why} (expected a '{BPE_FORMAT}' tokenizer written by save())")
+
+        if lines[0] != BPE_FORMAT:
+            fail(1, f"first line is {lines[0][:40]!r}")
+        if len(lines) < 5:
+            fail(len(lines), "file ends before the 'merges <count>' line")
+        if not lines[1].startswith("pattern "):
+            fail(2, "no 'pattern' line")
+        tok = cls(pattern=lines[1][len("pattern "):])
+        head = lines[4].split()
+        if len(head) != 2 or head[0] != "merges" or not head[1].isdigit():
+            fail(5, "no 'merges <count>' line")
+        num_merges = int(head[1])
+        for k, name in enumerate(BPE_SPECIALS):
+            if lines[2 + k] != f"special {name} {256 + num_merges + k}":
+                fail(3 + k, f"expected 'special {name} {256 + num_merges + k}'")
+        body = [ln for ln in lines[5:] if ln]
+        if len(body) != num_merges:
+            fail(6, f"header says {num_merges} merges, file has {len(body)}")
+        merges = []
+        for k, ln in enumerate(body):
+            parts = ln.split()
+            if len(parts) != 2 or not all(p.isdigit() for p in parts) or max(map(int, parts)) >= 256 + k:
+                fail(6 + k, f"bad merge {ln!r} (two ids below {256 + k})")
+            merges.append((int(parts[0]), int(parts[1])))
+        tok._set_merges(merges)
+        return tok
+
+
+# ----------------------------------------------------------------------------------------------------
+# dataset layouts -> a list of videos {"id", "path", "label", "split", "title"}
+
+def detect_layout(root):
+    """Name of the layout under `root` (see LAYOUTS); ValueError naming every layout when there is none."""
+    root = Path(root)
+    if not root.is_dir():
+        raise ValueError(f"--root {root} is not a directory. Expected one of:\n" + _layouts_text())
+    if (root / "UCF-101").is_dir():
+        return "ucf101"
+    if (root / "videos").is_dir() and (root / "testTrainMulti_7030_splits").is_dir():
+        return "hmdb51"
+    if (root / "train").is_dir() or (root / "val").is_dir():
+        return "k700"
+    if next(_video_files(root), None) is not None:
+        return "folder"
+    raise ValueError(f"--root {root} holds no videos in any layout prepare.py reads. Expected one of:\n"
+                     + _layouts_text())
+
+
+def _layouts_text():
+    return "\n".join(f"  {name:7s} {text}" for name, text in LAYOUTS.items())
+
+
+def _video_files(folder, skip=()):
+    """Video files under `folder`, recursively, in sorted order (deterministic shard contents)."""
+    skip = {Path(s).resolve() for s in skip}
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and (Path(dirpath) / d).resolve() not in skip)
+        for name in sorted(filenames):
+            if Path(name).suffix.lower() in VIDEO_EXTS and not name.startswith("."):
+                yield Path(dirpath) / name
+
+
+def _clean_title(raw, where, errors):
+    """Title text or None; undecodable bytes replaced and whitespace runs (newlines too) folded to a space."""
+    if raw is None:
+        return None
+    if isinstance(raw, bytes):
+        text = raw.decode("utf-8", errors="replace")
+        if "\ufffd" in text and "\ufffd" not in raw.decode("utf-8", errors="ignore"):
+            errors.append(dict(path=where, reason="title is not valid UTF-8", action="undecodable bytes replaced by U+FFFD"))
+    else:
+        text = raw
+    text = " ".join(text.split())
+    return text or None
+
+
+def read_titles_csv(path, errors):
+    """titles.csv -> {key: title}; key column `youtube_id`, `path` or `id`, then `title`; csv-quoted."""
+    raw = Path(path).read_bytes()
+    # decode per field rather than per file so one bad row degrades one title, not the whole csv
+    text = raw.decode("utf-8", errors="surrogateescape")
+    rows = csv.reader(io.StringIO(text, newline=""))
+    header = next(rows, None)
+    if not header or "title" not in [h.strip().lower() for h in header]:
+        errors.append(dict(path=str(path), reason="titles.csv has no `title` column in its header", action="file ignored"))
+        return {}
+    header = [h.strip().lstrip("\ufeff").lower() for h in header]
+    key_col = next((header.index(k) for k in ("youtube_id", "path", "id") if k in header), 0)
+    title_col = header.index("title")
+    titles = {}
+    for lineno, row in enumerate(rows, start=2):
+        if len(row) <= max(key_col, title_col):
+            continue
+        key = row[key_col].strip()
+        field = row[title_col]
+        raw = field.encode("utf-8", errors="surrogateescape") if any("\udc80" <= c <= "\udcff" for c in field) else field
+        title = _clean_title(raw, f"{path}:{lineno}", errors)
+        if key in titles:
+            errors.append(dict(path=f"{path}:{lineno}", reason=f"duplicate title row (key {key!r})", action="first row kept"))
+            continue
+        titles[key] = title
+    return titles
+
+
+def list_k700(root, errors):
+    root = Path(root)
+    videos = []
+    for split in ("train", "val"):
+        for file in _video_files(root / split):
+            rel = file.relative_to(root)
+            label = rel.parts[1] if len(rel.parts) == 3 else None
+            # <youtube_id>_<start>_<end>: youtube ids contain "_" themselves, so split from the right
+            parts = file.stem.rsplit("_", 2)
+            youtube_id = parts[0] if len(parts) == 3 and parts[1].isdigit() and parts[2].isdigit() else file.stem
+            videos.append(dict(id=file.stem, path=rel.as_posix(), label=label, split=split, title=None,
+                               youtube_id=youtube_id))
+    return videos
+
+
+def list_ucf101(root, errors):
+    folder = Path(root) / "UCF-101"
+    return [dict(id=f.relative_to(folder).as_posix(), path=f.relative_to(root).as_posix(),
+                 label=f.relative_to(folder).parts[0], split=None, title=None) for f in _video_files(folder)]
+
+
+def list_hmdb51(root, errors):
+    folder = Path(root) / "videos"
+    return [dict(id=f.relative_to(folder).as_posix(), path=f.relative_to(root).as_posix(),
+                 label=f.relative_to(folder).parts[0], split=None, title=None) for f in _video_files(folder)]
+
+
+def list_folder(root, errors, skip=()):
+    root = Path(root)
+    videos = []
+    for f in _video_files(root, skip=skip):
+        rel = f.relative_to(root).as_posix()
+        label = f.relative_to(root).parts[0] if len(f.relative_to(root).parts) > 1 else None
+        videos.append(dict(id=rel, path=rel, label=label, split=None, title=None))
+    return videos
+
+
+def read_metadata_title(path):
+    """The container's `title` tag (yt-dlp --embed-metadata writes it), or None; never raises."""
+    import av
+    try:
+        with av.open(str(path), metadata_errors="replace") as c:
+            title = c.metadata.get("title") or c.metadata.get("TITLE")
+            if not title and c.streams.video:
+                title = c.streams.video[0].metadata.get("title")
+            return title
+    except Exception:  # unreadable files are reported once, by the decoder
+        return None
+
+
+def list_videos(root, dataset, out, workers=0):
+    """(videos sorted by id with titles filled in, errors). Duplicate ids keep the first path."""
+    root, errors = Path(root), []
+    if dataset == "auto":
+        dataset = detect_layout(root)
+    readers = dict(k700=list_k700, ucf101=list_ucf101, hmdb51=list_hmdb51)
+    if dataset == "folder":
+        videos = list_folder(root, errors, skip=[out])
+    else:
+        need = {"k700": ["train", "val"], "ucf101": ["UCF-101"], "hmdb51": ["videos"]}[dataset]
+        if not any((root / d).is_dir() for d in need):
+            raise ValueError(f"--root {root} is not a {dataset} folder: expected {LAYOUTS[dataset]}")
+        videos = readers[dataset](root, errors)
+    if not videos:
+        raise ValueError(f"--root {root} ({dataset} layout) holds no video files. Expected:\n  {LAYOUTS[dataset]}")
+
+    if dataset in ("k700", "folder"):  # UCF-101 and HMDB-51 ship no titles
+        csv_path = root / "titles.csv"
+        table = read_titles_csv(csv_path, errors) if csv_path.is_file() else {}
+        for v in videos:
+            for key in (v.get("youtube_id"), v["path"], v["id"], Path(v["path"]).stem):
+                if key and key in table:
+                    v["title"] = table[key]
+                    break
+        # clips with no titles.csv entry fall back to their own metadata tag (PyAV opens the container)
+        missing = [v for v in videos if v["title"] is None]
+        paths = [str(root / v["path"]) for v in missing]
+        from tqdm import tqdm
+        ex = _spawn_pool(workers) if workers > 0 and len(paths) >= 200 else None
+        try:
+            found = ex.map(read_metadata_title, paths, chunksize=16) if ex else map(read_metadata_title, paths)
+            found = tqdm(found, total=len(paths), desc="title tags", unit="video", disable=len(paths) < 200)
+            for v, raw in zip(missing, found):
+                v["title"] = _clean_title(raw, v["path"], errors)
+        finally:
+            if ex is not None:
+                ex.shutdown()
+
+    videos.sort(key=lambda v: (v["id"], v["path"]))
+    unique, seen = [], {}
+    for v in videos:
+        v.pop("youtube_id", None)
+        if v["id"] in seen:
+            errors.append(dict(path=v["path"], reason=f"duplicate id {v['id']!r} (also {seen[v['id']]})",
+                               action="skipped"))
+            continue
+        seen[v["id"]] = v["path"]
+        unique.append(v)
+    return dataset, unique, errors
+
+
+# ----------------------------------------------------------------------------------------------------
+# frames: OpenCV decode, 10 fps by timestamps
+
+def clip_plan(num_frames, clips, frames, sampling):
+    """Which 10 fps frames each clip holds.
+
+    num_frames: K, the length of the video on the 10 fps grid. Returns (targets (U,) sorted unique frame
+    indices to decode, index (clips, frames) into targets, starts (clips,) first grid frame of each clip).
+    clip_plan(30, 3, 16, "eval") -> starts [0, 7, 14]: windows overlap, so U = 30 frames serve 48 slots.
+    """
+    K = max(1, int(num_frames))
+    if sampling == "pretrain" or clips == 1:
+        starts = [max(0, (K - frames) // 2)]
+        starts = starts * clips
+    elif K <= frames:
+        starts = [0] * clips
+    else:  # uniformly spaced windows from the first frame to the last
+        starts = [int(round(c * (K - frames) / (clips - 1))) for c in range(clips)]
+    grid = np.asarray(starts)[:, None] + np.arange(frames)[None, :]  # (C, T) 10 fps frame indices
+    targets, index = np.unique(grid, return_inverse=True)
+    return targets, index.reshape(grid.shape), np.asarray(starts)
+
+
+def _square(img, size):
+    """Any decoded picture -> RGB uint8 (size, size, 3): centre square, resized.
+
+    Shrinking: an integer box filter (INTER_AREA's fast path, exact k x k averages) down to between 1x
+    and 2x the target, then bilinear; the same anti-aliasing as a plain INTER_AREA resize at a quarter of
+    its cost (which would be most of prepare's CPU time beyond decoding). Colour conversion comes last,
+    on the small picture.
+    """
+    import cv2
+    h, w = img.shape[:2]
+    m = min(h, w)
+    y, x = (h - m) // 2, (w - m) // 2
+    img = img[y:y + m, x:x + m]
+    k = m // size
+    if k >= 2:
+        n = (m // k) * k                       # trim a few edge pixels so the box filter tiles exactly
+        o = (m - n) // 2
+        img = cv2.resize(img[o:o + n, o:o + n], (n // k, n // k), interpolation=cv2.INTER_AREA)
+    if img.shape[0] != size:
+        img = cv2.resize(img, (size, size), interpolation=cv2.INTER_LINEAR)
+    if img.ndim == 2:  # grayscale from a backend that hands gray through
+        return cv2.cvtColor(img, cv2.COLOR_GRAY2RGB)
+    return cv2.cvtColor(img, cv2.COLOR_BGRA2RGB if img.shape[2] == 4 else cv2.COLOR_BGR2RGB)
+
+
+def sample_frames(path, targets, size, threads=1):
+    """Decode `path` once and return the source frames on screen at times targets / 10 s.
+
+    targets: sorted (U,) 10 fps grid indices. Returns (frames uint8 (U, size, size, 3) RGB, real (U,) bool
+    (False: the time is past the end of the video, so the last frame is repeated), src (U,) int source
+    frame numbers, misses (see below), end: seconds up to which frames were seen (when decoding stopped
+    early because every target was served, the time of the frame after the last target)).
+
+    A frame is kept for time t when its timestamp is <= t and the next one's is > t. OpenCV can only
+    retrieve() the frame just grabbed, before the next timestamp is known, so a frame is retrieved when
+    the next target lies less than one frame interval ahead (the longest seen so far, +1% unless every
+    interval so far was the same): about 1 retrieve per kept frame. A VFR gap longer than all earlier
+    ones can still hide the right frame (grabbed but not retrieved); then a second capture decodes up to
+    that frame again (`misses` counts these; each costs one more decode of the file up to that point, and
+    max_dt grows, so they stay rare). Exact either way: the kept frames never depend on the margins.
+    Rotation: OpenCV >= 4.5 applies the container's display matrix itself (CAP_PROP_ORIENTATION_AUTO,
+    on by default for the FFmpeg backend); we set it explicitly so a phone clip shot upside down
+    (fire2.mp4, 180 degrees) comes out upright.
+    """
+    import cv2
+    cap = _open_cv(path, threads)
+    if not cap.isOpened():
+        raise BadVideo("OpenCV cannot open it (not a video, no video stream, or unreadable)")
+    fps_meta = cap.get(cv2.CAP_PROP_FPS)
+    fps_meta = fps_meta if fps_meta and math.isfinite(fps_meta) and 0 < fps_meta < 1000 else 25.0
+    times = np.asarray(targets, dtype=np.float64) / FPS
+    n = len(times)
+    out = np.empty((n, size, size, 3), np.uint8)
+    real, src = np.zeros(n, bool), np.full(n, -1, np.int64)
+    i, j, misses = 0, -1, 0            # i: next target to serve; j: number of the frame just grabbed
+    prev_pts, max_dt, min_dt = None, 0.0, math.inf   # frame intervals seen so far
+    cand, cand_src = None, -1          # the most recently retrieved frame (processed) and its number
+    try:
+        while i < n:
+            if not cap.grab():
+                break
+            j += 1
+            pts = cap.get(cv2.CAP_PROP_POS_MSEC) / 1000.0
+            if prev_pts is not None:
+                if not pts > prev_pts:  # missing or non-monotonic timestamps: assume the nominal rate
+                    pts = prev_pts + 1.0 / fps_meta
+                max_dt = max(max_dt, pts - prev_pts)
+                min_dt = min(min_dt, pts - prev_pts)
+            prev_pts = pts
+            if times[i] < pts - TIME_TOL and cand_src != j - 1:
+                if j == 0:  # targets before the first timestamp: the first frame is the nearest
+                    ok, img = cap.retrieve()
+                else:       # frame j-1 was on screen but not retrieved (a VFR gap longer than any before)
+                    ok, img = _nth_frame(path, j - 1, threads)
+                    misses += 1
+                if ok and img is not None:
+                    cand, cand_src = _square(img, size), (j if j == 0 else j - 1)
+            while i < n and times[i] < pts - TIME_TOL and cand is not None:
+                out[i], real[i], src[i] = cand, True, cand_src
+                i += 1
+            # constant rate so far: the next frame lands at pts + dt exactly, so a frame dt before the
+            # target is not needed (25 fps: 1 retrieve per kept frame instead of 1.5); else a 1% margin
+            margin = max_dt - TIME_TOL if max_dt - min_dt < TIME_TOL else 1.01 * max_dt + TIME_TOL
+            if i < n and (max_dt == 0.0 or times[i] - pts < margin) and cand_src != j:
+                ok, img = cap.retrieve()
+                if ok and img is not None:
+                    cand, cand_src = _square(img, size), j
+    finally:
+        cap.release()
+    if cand is None:
+        raise BadVideo("no decodable video frame")
+    # the stream ended (or the last target lies past it): the last frame stays on screen for one more
+    # interval, and times after that are padding that repeats the last kept frame
+    end = prev_pts + (max_dt if max_dt > 0 else 1.0 / fps_meta)
+    for k in range(i, n):
+        out[k], src[k] = cand, cand_src
+        real[k] = cand_src == j and times[k] < end - TIME_TOL
+    return out, real, src, misses, end
+
+
+def _open_cv(path, threads):
+    """cv2.VideoCapture on the FFmpeg backend: fast probe (FAST_PROBE, via OpenCV's documented
+    OPENCV_FFMPEG_CAPTURE_OPTIONS variable, read at open time), `threads` decode threads, rotation applied."""
+    import cv2
+    key = "OPENCV_FFMPEG_CAPTURE_OPTIONS"
+    saved = os.environ.get(key)
+    os.environ[key] = "|".join(f"{k};{v}" for k, v in FAST_PROBE.items())
+    try:
+        cap = cv2.VideoCapture(str(path), cv2.CAP_FFMPEG, [cv2.CAP_PROP_N_THREADS, int(threads)])
+    finally:
+        if saved is None:
+            del os.environ[key]
+        else:
+            os.environ[key] = saved
+    if not cap.isOpened() or cap.get(cv2.CAP_PROP_FRAME_WIDTH) <= 0:
+        cap.release()
+        cap = cv2.VideoCapture(str(path), cv2.CAP_FFMPEG, [cv2.CAP_PROP_N_THREADS, int(threads)])
+    cap.set(cv2.CAP_PROP_ORIENTATION_AUTO, 1)
+    return cap
+
+
+def _nth_frame(path, n, threads):
+    """(ok, BGR picture) of frame number n (0-based, decode order of grab()) from a fresh capture."""
+    cap = _open_cv(path, threads)
+    try:
+        for _ in range(n + 1):
+            if not cap.grab():
+                return False, None
+        return cap.retrieve()
+    finally:
+        cap.release()
+
+
+# ----------------------------------------------------------------------------------------------------
+# audio: PyAV / soundfile -> 16 kHz mono -> log-mel windows
+
+# Opening a file makes FFmpeg probe it by decoding ahead (avformat_find_stream_info); on some phone clips
+# that costs a third of decoding the whole video. The containers we read (mp4/mov/avi/mkv) state their
+# streams in the header, so we open with a 32-byte probe and fall back to a full probe when that finds
+# no video stream (or OpenCV cannot open the file).
+FAST_PROBE = {"probesize": "32"}
+
+
+def _open_av(path):
+    import av
+    try:
+        c = av.open(str(path), metadata_errors="replace", options=FAST_PROBE)
+        if c.streams.video and all(s.codec_context is not None for s in c.streams):
+            return c
+        c.close()
+    except Exception:
+        pass
+    return av.open(str(path), metadata_errors="replace")
+
+
+def load_audio(path, until=None):
+    """(wave float32 (n,) 16 kHz mono with t = 0 at the first video frame, or None, reason or None).
+
+    The offset between the audio and video stream start times is applied (zeros in front or samples
+    dropped) so that mel frames line up with video timestamps, which OpenCV counts from the video stream's
+    start. Decoding errors midway keep what was decoded (reason set); none at all -> None. `until`: stop
+    decoding once this many seconds are in hand (pre-training needs only the central clip's audio).
+    """
+    path = Path(path)
+    if path.suffix.lower() in AUDIO_EXTS:
+        return _load_audio_soundfile(path)
+    try:
+        container = _open_av(path)
+    except Exception as e:
+        return None, f"cannot open for audio: {type(e).__name__}: {e}"
+    with container:
+        return _decode_audio(container, path, until)
+
+
+# decoded sample formats -> (numpy dtype, scale to [-1, 1], offset); planar variants end in "p"
+_SAMPLE_FORMATS = {"flt": (np.float32, 1.0, 0), "dbl": (np.float64, 1.0, 0), "s16": (np.int16, 1 / 32768, 0),
+                   "s32": (np.int32, 1 / 2 ** 31, 0), "u8": (np.uint8, 1 / 128, 128)}
+
+
+def _frame_mono(frame):
+    """One decoded PyAV AudioFrame -> (n,) float32, the mean of its channels, read straight from its planes.
+
+    (to_ndarray + AudioResampler per frame cost more than decoding the MP3 itself.) None: a format we do
+    not read this way. The channel mean matches soundfile's reading of the same track; swresample's
+    stereo->mono downmix would scale by 1/sqrt(2) instead and put every mel 0.35 nats off."""
+    name = frame.format.name
+    planar = name.endswith("p") and name[:-1] in _SAMPLE_FORMATS
+    spec = _SAMPLE_FORMATS.get(name[:-1] if planar else name)
+    if spec is None:
+        return None
+    dtype, scale, offset = spec
+    n, ch = frame.samples, len(frame.layout.channels)
+    if planar:
+        x = sum(np.frombuffer(p, dtype, count=n).astype(np.float32) for p in frame.planes[:ch]) / ch
+    else:
+        x = np.frombuffer(frame.planes[0], dtype, count=n * ch).reshape(n, ch).mean(axis=1, dtype=np.float32)
+    return ((x - offset) * scale).astype(np.float32) if (scale != 1.0 or offset) else x.astype(np.float32)
+
+
+def _decode_audio(container, path, until=None):
+    """load_audio on an open PyAV container (so a video is opened by PyAV once, not twice)."""
+    import torch
+    import torchaudio.functional as AF
+    if not container.streams.audio:
+        for ext in (".wav", ".flac", ".WAV", ".FLAC"):  # a sidecar track next to a silent video
+            if path.with_suffix(ext).is_file():
+                return _load_audio_soundfile(path.with_suffix(ext))
+        return None, "no audio stream"
+    stream = container.streams.audio[0]
+    v0 = 0.0
+    if container.streams.video and container.streams.video[0].start_time is not None:
+        vs = container.streams.video[0]
+        v0 = float(vs.start_time * vs.time_base)
+    tb = float(stream.time_base) if stream.time_base else None  # float once: Fractions per frame are slow
+    runs, first, reason = [], None, None   # runs: [rate, [mono chunks]] of consecutive same-rate frames
+    try:
+        for frame in container.decode(stream):
+            t = frame.pts * tb if frame.pts is not None and tb else None
+            if first is None and t is not None:
+                first = t
+            if until is not None and t is not None and t - v0 > until:
+                break
+            x = _frame_mono(frame)
+            if x is None:
+                x = frame.to_ndarray().reshape(len(frame.layout.channels), -1).mean(axis=0, dtype=np.float32)
+            if not runs or runs[-1][0] != frame.sample_rate:
+                runs.append([frame.sample_rate, []])
+            runs[-1][1].append(x)
+    except Exception as e:  # broken packets: keep what decoded
+        reason = f"audio decoding stopped early: {type(e).__name__}: {e}"
+    # one resampling call per run (torchaudio's windowed sinc; a per-frame resampler costs 4x more)
+    parts = []
+    for rate, chunks in runs:
+        x = torch.from_numpy(np.concatenate(chunks))
+        parts.append((AF.resample(x, rate, SAMPLE_RATE) if rate != SAMPLE_RATE else x).numpy())
+    if not parts or not sum(len(p) for p in parts):
+        return None, reason or "audio stream decodes to nothing"
+    wave = np.concatenate(parts).astype(np.float32)
+    shift = int(round(((first if first is not None else v0) - v0) * SAMPLE_RATE))
+    if shift > 0:
+        wave = np.concatenate([np.zeros(shift, np.float32), wave])
+    elif shift < 0:
+        wave = wave[-shift:]
+    return wave, reason
+
+
+def _load_audio_soundfile(path):
+    import soundfile as sf
+    try:
+        data, rate = sf.read(str(path), dtype="float32", always_2d=True)  # (n, channels)
+    except Exception as e:
+        return None, f"soundfile cannot read {path.name}: {type(e).__name__}: {e}"
+    wave = data.mean(axis=1)
+    if rate != SAMPLE_RATE:
+        import torch
+        import torchaudio.functional as AF
+        wave = AF.resample(torch.from_numpy(wave), rate, SAMPLE_RATE).numpy()
+    return np.ascontiguousarray(wave, dtype=np.float32), None
+
+
+_MEL = None
+
+
+def log_mel_windows(wave, starts, audio_frames):
+    """Log-mel crops aligned with video clips: (C, 80, A) float32 for clip starts (C,) on the 10 fps grid.
+
+    Mel frame m of the file is centred at m * 10 ms - 5 ms; a clip starting at 10 fps frame k0 takes
+    frames m0 = 10 k0 - 47 .. m0 + A - 1, so its crop [10 s, 10 s + 256) is centred at k0/10 + s/10 + 0.8 s,
+    the middle of video frames s .. s+15 (each on screen for 100 ms). Samples outside the file are zeros
+    (constant padding), so the mel there is log(1e-6), the value of silence.
+    """
+    global _MEL
+    import torch
+    import torchaudio
+    if _MEL is None:
+        if _IN_WORKER:
+            torch.set_num_threads(1)
+        _MEL = torchaudio.transforms.MelSpectrogram(sample_rate=SAMPLE_RATE, n_fft=N_FFT, win_length=N_FFT,
+                                                    hop_length=HOP, n_mels=N_MELS, center=True, pad_mode="constant")
+    m0 = FPS * np.asarray(starts, dtype=np.int64) - 47
+    lo, hi = int(m0.min()), int(m0.max()) + audio_frames  # mel frames [lo, hi) cover every clip
+    # x[f * HOP] is the centre of mel frame lo + f, i.e. sample (lo + f) * HOP - HOP // 2 of the wave
+    x = np.zeros((hi - lo - 1) * HOP + 1, np.float32)
+    a = lo * HOP - HOP // 2
+    s0, s1 = max(a, 0), min(a + len(x), len(wave))
+    if s1 > s0:
+        x[s0 - a:s1 - a] = wave[s0:s1]
+    with torch.no_grad():
+        mel = _MEL(torch.from_numpy(x))          # (80, hi - lo)
+        mel = torch.log(mel + 1e-6).numpy()
+    return np.stack([mel[:, m - lo:m - lo + audio_frames] for m in m0])
+
+
+# ----------------------------------------------------------------------------------------------------
+# one video, in a worker process: frames + audio (no CNN)
+
+class BadVideo(Exception):
+    """A file that cannot give frames; its message is the reason written to prepare_errors.jsonl."""
+
+
+def decode_video(job):
+    """job: {"path", "size", "clips", "frames", "sampling", "audio_frames", "threads"} -> result dict.
+
+    result: ok, frames uint8 (U, S, S, 3), index (C, T) into frames, nreal (C,) int16,
+    mel float16 (C, 80, A) or None, notes [(reason, action)], or ok False and reason.
+    """
+    try:
+        return _decode_video(job)
+    except BadVideo as e:
+        return dict(ok=False, reason=str(e))
+    except Exception as e:  # anything else a broken file can make a library raise
+        return dict(ok=False, reason=f"{type(e).__name__}: {e}")
+
+
+def _decode_video(job):
+    path = Path(job["path"])
+    if not path.is_file():
+        return dict(ok=False, reason="file not found")
+    if path.stat().st_size == 0:
+        return dict(ok=False, reason="zero-byte file")
+    notes = []
+    # PyAV opens the file once: the stated duration plans the clips, then the audio they need is decoded
+    try:
+        container = _open_av(path)
+    except Exception as e:
+        raise BadVideo(f"PyAV cannot open it: {type(e).__name__}: {e}") from None
+    with container:
+        if not container.streams.video:
+            raise BadVideo("no video stream")
+        duration = _duration(container)
+        if duration is None:
+            notes.append(("duration unknown from the container", "clips planned on 1 s"))
+            duration = 1.0
+        K = max(1, math.ceil(duration * FPS - 1e-6))  # grid frames k with k/10 s < duration
+        targets, index, starts = clip_plan(K, job["clips"], job["frames"], job["sampling"])
+        # audio up to the end of the last mel crop (+ one FFT window): see log_mel_windows
+        until = ((FPS * int(starts.max()) - 47 + job["audio_frames"]) * HOP + N_FFT) / SAMPLE_RATE
+        wave, reason = _decode_audio(container, path, until)
+
+    frames, real, src, misses, end = sample_frames(path, targets, job["size"], job.get("threads", 1))
+    if not real.all() and end < duration - 0.5:
+        # the stream stops well before the duration its header states (a truncated download): plan the
+        # clips again on what is really there, so they hold frames rather than repeats of the last one
+        notes.append((f"video decodes to {end:.2f} s of the {duration:.2f} s its container states "
+                      "(truncated?)", "clips planned on the decodable part"))
+        K = max(1, math.ceil(end * FPS - 1e-6))
+        targets, index, starts = clip_plan(K, job["clips"], job["frames"], job["sampling"])
+        frames, real, src, misses, end = sample_frames(path, targets, job["size"], job.get("threads", 1))
+    nreal = real[index].sum(axis=1).astype(np.int16)  # (C,) real frames per clip (a prefix of each clip)
+    if int(real.sum()) <= 1 and len(real) > 1:
+        notes.append(("a single decodable frame", "repeated over the clip"))
+
+    mel = None
+    if wave is not None and float(np.abs(wave).max(initial=0.0)) < 1e-4:
+        wave, reason = None, "silent audio track"
+    if wave is not None:
+        mel = log_mel_windows(wave, starts, job["audio_frames"]).astype(np.float16)
+        if reason:
+            notes.append((reason, "audio kept up to the error"))
+    elif reason:
+        notes.append((reason, "has_audio False"))
+    return dict(ok=True, frames=frames, index=index.astype(np.int32), nreal=nreal, mel=mel, notes=notes)
+
+
+def _duration(container):
+    """Seconds from an open PyAV container (video stream duration, else the container's), or None."""
+    vs = container.streams.video[0]
+    if vs.duration and vs.time_base:
+        return float(vs.duration * vs.time_base)
+    if container.duration:
+        return float(container.duration / 1e6)  # AV_TIME_BASE units
+    return None
+
+
+_IN_WORKER = False
+
+
+def _worker_init():
+    """Each decode process does one thing at a time: no nested thread pools fighting over the cores
+    (torch's is capped where the mel transform is built, so a fresh worker starts without importing torch)."""
+    global _IN_WORKER
+    import cv2
+    cv2.setNumThreads(1)
+    _IN_WORKER = True
+    warnings.filterwarnings("ignore")
+
+
+# ----------------------------------------------------------------------------------------------------
+# the frozen backbone: ResNet-18 up to layer4
+
+def build_backbone(kind, weights_path, device):
+    """torchvision resnet18 children up to layer4 (drops avgpool and fc), eval, frozen, channels_last."""
+    import torch
+    import torchvision
+    if kind == "random":
+        # seed 0 so every dataset prepared with --backbone random sees the same (untrained) backbone
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            net = torchvision.models.resnet18(weights=None)
+    else:
+        net = torchvision.models.resnet18(weights=None)
+        url = torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url
+        path = Path(weights_path) if weights_path else Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name
+        if not path.is_file():
+            raise SystemExit(
+                f"ImageNet ResNet-18 weights not found at {path}.\n  Get them (needs internet once): "
+                f"python -c \"import torchvision; torchvision.models.resnet18(weights='IMAGENET1K_V1')\"\n"
+                f"  (downloads {url} into {Path(torch.hub.get_dir()) / 'checkpoints'}), or copy that file and pass "
+                f"--backbone-weights PATH,\n  or pass --backbone random for a demo (recorded in the manifest; "
+                f"results are then not ImageNet ones).")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            net.load_state_dict(state)
+        except Exception as e:
+            raise SystemExit(f"cannot load ResNet-18 weights from {path}: {type(e).__name__}: {e}\n"
+                             f"  Pass --backbone-weights with torchvision's resnet18-f37072fd.pth, or --backbone random.")
+    body = torch.nn.Sequential(*list(net.children())[:-2])  # conv1 .. layer4: (B,3,S,S) -> (B,512,S/32,S/32)
+    body.eval().requires_grad_(False)
+    return body.to(device=device, memory_format=torch.channels_last)
+
+
+class FrameEncoder:
+    """uint8 RGB frames (N, S, S, 3) -> float16 patch features (N, G, G, 512), in fixed-size batches."""
+
+    def __init__(self, kind, weights_path, device):
+        import torch
+        self.torch = torch
+        self.device = torch.device(device)
+        self.net = build_backbone(kind, weights_path, self.device)
+        self.mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(IMAGENET_STD, device=self.device).view(1, 3, 1, 1) * 255
+        cuda = self.device.type == "cuda"
+        # bf16 on CUDA (tensor cores; features are stored as float16 anyway); exact float32 on the CPU
+        self.autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else nullcontext
+        self.pin = cuda
+
+    def __call__(self, frames):
+        torch = self.torch
+        x = torch.from_numpy(frames)                                # (N, S, S, 3) uint8
+        if self.pin:
+            x = x.pin_memory()
+        x = x.to(self.device, non_blocking=True).permute(0, 3, 1, 2)  # (N, 3, S, S), NHWC in memory
+        x = ((x.float() - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
+        with torch.no_grad(), self.autocast():
+            y = self.net(x)                                         # (N, 512, G, G), post-ReLU
+        return y.permute(0, 2, 3, 1).to(torch.float16).cpu().numpy()  # (N, G, G, 512)
+
+
+# ----------------------------------------------------------------------------------------------------
+# shards
+
+def shard_name(k):
+    return f"shard_{k:05d}"
+
+
+def _content_config(args, dataset):
+    """The settings that decide the bytes of the cache (a re-run or shard job must agree on all of them)."""
+    return dict(dataset=dataset, sampling=args.sampling, size=args.size, pretrain_frames=args.pretrain_frames,
+                test_clips=args.test_clips, backbone=args.backbone,
+                backbone_weights=str(args.backbone_weights) if args.backbone_weights else None,
+                vocab_size=args.vocab_size, shard_size=args.shard_size)
+
+
+def _shapes(args, clips, frames):
+    return dict(clips=clips, frames=frames, grid=args.size // 32, feature_dim=FEATURE_DIM, n_mels=N_MELS,
+                audio_frames=256 + 10 * (frames - 16), max_tokens=MAX_TOKENS)
+
+
+class ShardWriter:
+    """Fills one shard's arrays (memory-mapped .npy in a temp dir) as videos arrive, then renames it.
+
+    The CNN sees this shard's frames in a fixed stream of --batch-size batches that never crosses a shard
+    boundary, so a resumed run batches exactly like a single run and produces the same bytes.
+    """
+
+    def __init__(self, out, name, videos, shapes, encoder, batch_size):
+        self.final = Path(out) / name
+        self.tmp = Path(out) / f".{name}.tmp-{os.getpid()}"
+        if self.tmp.exists():
+            shutil.rmtree(self.tmp)
+        self.tmp.mkdir(parents=True)
+        self.videos, self.shapes, self.encoder, self.batch_size = videos, shapes, encoder, batch_size
+        n, S = len(videos), shapes
+        self.arrays = {}
+        for key, (dtype, dims) in SHARD_ARRAYS.items():
+            shape = (n,) + tuple(S[d] for d in dims)
+            self.arrays[key] = np.lib.format.open_memmap(self.tmp / f"{key}.npy", mode="w+", dtype=dtype, shape=shape)
+        self.rows, self.errors = [], []
+        self.queue = []      # [(slot, frames uint8 (u, S, S, 3))] waiting for the CNN, in arrival order
+        self.pending = {}    # slot -> [row, index (C,T), features (U,G,G,F) being filled, n filled]
+        self.queued = 0
+
+    def add(self, video, tokens, has_text, result):
+        """Place one decoded video (result of decode_video) in the next row; its features follow later."""
+        if not result["ok"]:
+            self.errors.append(dict(path=video["path"], reason=result["reason"], action="skipped"))
+            return
+        for reason, action in result["notes"]:
+            self.errors.append(dict(path=video["path"], reason=reason, action=action))
+        row = len(self.rows)
+        self.rows.append(video)
+        a = self.arrays
+        a["frames"][row] = result["nreal"]
+        a["tokens"][row] = tokens
+        a["has_text"][row] = has_text
+        a["has_audio"][row] = result["mel"] is not None
+        a["audio"][row] = result["mel"] if result["mel"] is not None else 0
+        U = len(result["frames"])
+        G = self.shapes["grid"]
+        self.pending[row] = [row, result["index"], np.empty((U, G, G, FEATURE_DIM), np.float16), 0]
+        self.queue.append((row, result["frames"]))
+        self.queued += U
+        while self.queued >= self.batch_size:
+            self._run(self.batch_size)
+
+    def _run(self, limit):
+        """Run the CNN on the first `limit` queued frames (possibly from several videos)."""
+        parts, owners, taken = [], [], 0
+        while self.queue and taken < limit:
+            slot, frames = self.queue[0]
+            take = min(len(frames), limit - taken)
+            parts.append(frames[:take])
+            owners.append((slot, take))
+            if take == len(frames):
+                self.queue.pop(0)
+            else:
+                self.queue[0] = (slot, frames[take:])
+            taken += take
+        self.queued -= taken
+        feats = self.encoder(np.concatenate(parts))  # (taken, G, G, 512)
+        at = 0
+        for slot, take in owners:
+            p = self.pending[slot]
+            p[2][p[3]:p[3] + take] = feats[at:at + take]
+            p[3] += take
+            at += take
+            if p[3] == len(p[2]):  # every unique frame done: index the windows (C, T) -> (C, T, G, G, F)
+                self.arrays["video"][p[0]] = p[2][p[1]]
+                del self.pending[slot]
+
+    def finish(self):
+        """Flush the CNN queue, trim skipped rows, write videos.jsonl + errors.jsonl, rename into place."""
+        while self.queued:
+            self._run(self.batch_size)
+        n = len(self.rows)
+        for key, arr in list(self.arrays.items()):
+            arr.flush()
+            if len(arr) != n:  # some videos were skipped: copy the kept rows to a shorter file, in chunks
+                short = np.lib.format.open_memmap(self.tmp / f"{key}.short.npy", mode="w+", dtype=arr.dtype,
+                                                  shape=(n,) + arr.shape[1:])
+                for i in range(0, n, 16):
+                    short[i:i + 16] = arr[i:min(i + 16, n)]
+                short.flush()
+                del short
+                os.replace(self.tmp / f"{key}.short.npy", self.tmp / f"{key}.npy")
+            del arr
+        self.arrays = {}
+        with open(self.tmp / "videos.jsonl", "w", encoding="utf-8") as f:
+            for v in self.rows:
+                f.write(json.dumps(dict(id=v["id"], path=v["path"], label=v["label"], split=v["split"],
+                                        title=v["title"]), ensure_ascii=False) + "\n")
+        with open(self.tmp / "errors.jsonl", "w", encoding="utf-8") as f:
+            for e in self.errors:
+                f.write(json.dumps(e, ensure_ascii=False) + "\n")
+        _fsync_dir(self.tmp)
+        try:
+            os.replace(self.tmp, self.final)  # atomic: the shard exists complete or not at all
+        except OSError:
+            if not self.final.is_dir():
+                raise
+            # another job (same --shard-index twice) finished this shard first: same bytes, keep theirs
+            shutil.rmtree(self.tmp, ignore_errors=True)
+        return n
+
+
+def _fsync_dir(folder):
+    for f in Path(folder).iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+
+
+def merge_shards(out, listing, args_dict, shapes, dataset, backbone, tokenizer_name):
+    """All shards present -> prepare_errors.jsonl + manifest.json (written last). Reads no video."""
+    out = Path(out)
+    n_shards = listing["num_shards"]
+    names = [shard_name(k) for k in range(n_shards)]
+    missing = [nm for nm in names if not (out / nm).is_dir()]
+    if missing:
+        return missing
+    errors = list(listing["errors"])
+    kept, num_videos, miss_a, miss_t, nbytes = [], 0, 0, 0, 0
+    for nm in names:
+        with open(out / nm / "errors.jsonl", encoding="utf-8") as f:
+            errors += [json.loads(line) for line in f if line.strip()]
+        has_audio = np.load(out / nm / "has_audio.npy")
+        has_text = np.load(out / nm / "has_text.npy")
+        if len(has_audio) == 0:
+            continue
+        kept.append(nm)
+        num_videos += len(has_audio)
+        miss_a += int((~has_audio).sum())
+        miss_t += int((~has_text).sum())
+        nbytes += sum((out / nm / f"{key}.npy").stat().st_size for key in SHARD_ARRAYS)
+    _write_atomic(out / "prepare_errors.jsonl", "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in errors))
+    manifest = dict(format=CACHE_FORMAT, version=CACHE_VERSION, dataset=dataset, config=args_dict,
+                    backbone=backbone, backbone_seed=0 if backbone == "random" else None, shards=kept,
+                    shapes=shapes, num_videos=num_videos, missing=dict(audio=miss_a, text=miss_t),
+                    bytes_per_video=int(round(nbytes / max(num_videos, 1))),
+                    tokenizer=tokenizer_name, listed_videos=len(listing["videos"]), errors=len(errors),
+                    error_reasons=dict(Counter(_reason_kind(e["reason"]) for e in errors).most_common()))
+    _write_atomic(out / "manifest.json", json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+    return []
+
+
+def _reason_kind(reason):
+    """Group similar reasons for the summary ("duplicate id 'x' (also y)" -> "duplicate id")."""
+    for sep in (" '", ' "', ": ", " ("):
+        reason = reason.split(sep)[0]
+    return reason
+
+
+# ----------------------------------------------------------------------------------------------------
+# main
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--root", required=True, type=Path, help="dataset folder (k700/, ucf101/, hmdb51/ layout, or any folder of videos)")
+    p.add_argument("--out", type=Path, default=None, help="cache folder (default: ROOT/lava_cache)")
+    p.add_argument("--dataset", default="auto", choices=["auto", "k700", "ucf101", "hmdb51", "folder"],
+                   help="layout of --root (default: detected from the folder)")
+    p.add_argument("--sampling", default="auto", choices=["auto", "pretrain", "eval"],
+                   help="pretrain: 1 central clip of --pretrain-frames; eval: --test-clips windows of 16 frames "
+                        "(default: pretrain for k700, eval otherwise)")
+    p.add_argument("--pretrain-frames", type=int, default=20,
+                   help="frames (10 fps) kept per pre-training video, >= 16 so pretrain can jitter a 16-frame window")
+    p.add_argument("--test-clips", type=int, default=10, help="uniformly spaced 16-frame clips per evaluation video")
+    p.add_argument("--size", type=int, default=224, help="frame side in pixels after resize + centre crop (multiple of 32)")
+    p.add_argument("--backbone", default="imagenet", choices=["imagenet", "random"],
+                   help="frozen ResNet-18 weights: ImageNet (paper) or random init under seed 0 (demo/tests)")
+    p.add_argument("--backbone-weights", type=Path, default=None,
+                   help="path of torchvision's resnet18-f37072fd.pth (default: the torch hub cache)")
+    p.add_argument("--device", default="auto", help="torch device for the CNN: auto (cuda if available), cpu, cuda, cuda:1")
+    p.add_argument("--batch-size", type=int, default=256, help="frames per CNN batch")
+    p.add_argument("--workers", type=int, default=max(0, min(16, (os.cpu_count() or 1) - 1)),
+                   help="decode processes (0: decode in the main process)")
+    p.add_argument("--video-timeout", type=float, default=600,
+                   help="seconds one video may take to decode before it is skipped (with --workers > 0)")
+    p.add_argument("--shard-size", type=int, default=256, help="videos per shard")
+    p.add_argument("--num-shards", type=int, default=1, help="split the shards over this many jobs (a SLURM array)")
+    p.add_argument("--shard-index", type=int, default=0, help="this job's index: it builds the shards k with k %% num-shards == index")
+    p.add_argument("--merge", action="store_true", help="only write the manifest from finished shards (after all shard jobs)")
+    p.add_argument("--list-only", action="store_true",
+                   help="only list the videos (listing.json) and train the tokenizer, so shard jobs need not each scan")
+    p.add_argument("--vocab-size", type=int, default=48000, help="BPE vocabulary size (trained on train-split titles)")
+    args = p.parse_args(argv)
+    if args.size % 32 or args.size < 32:
+        p.error(f"--size {args.size}: must be a positive multiple of 32 (ResNet-18 downsamples by 32)")
+    if args.pretrain_frames < 16:
+        p.error("--pretrain-frames must be >= 16 (the model's clip length)")
+    if args.test_clips < 1 or args.shard_size < 1 or args.batch_size < 1:
+        p.error("--test-clips, --shard-size and --batch-size must be >= 1")
+    if not 0 <= args.shard_index < args.num_shards:
+        p.error(f"--shard-index {args.shard_index} must be in [0, --num-shards {args.num_shards})")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    root = args.root
+    out = args.out or root / "lava_cache"
+    try:
+        dataset = args.dataset if args.dataset != "auto" else detect_layout(root)
+    except ValueError as e:
+        raise SystemExit(f"prepare.py: {e}")
+    sampling = args.sampling if args.sampling != "auto" else ("pretrain" if dataset == "k700" else "eval")
+    clips, frames = (1, args.pretrain_frames) if sampling == "pretrain" else (args.test_clips, EVAL_FRAMES)
+    shapes = _shapes(args, clips, frames)
+    args_dict = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    args_dict.update(dataset=dataset, sampling=sampling, out=str(out))
+    out.mkdir(parents=True, exist_ok=True)
+
+    # the settings that decide the bytes must match any earlier run into the same --out
+    content = _content_config(args, dataset)
+    content["sampling"] = sampling
+    cfg_path = out / "prepare_config.json"
+    if cfg_path.is_file():
+        old = json.loads(cfg_path.read_text())
+        diff = {k: (old.get(k), v) for k, v in content.items() if old.get(k) != v}
+        if diff:
+            raise SystemExit(f"prepare.py: {out} was made with other settings {diff} (old, new); "
+                             f"use another --out or delete it")
+    else:
+        _write_atomic(cfg_path, json.dumps(content, indent=2) + "\n")
+
+    return _run(args, root, out, dataset, sampling, clips, frames, shapes, args_dict)
+
+
+def _spawn_pool(workers):
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+    # spawn: forking a process that already holds torch/OpenMP thread pools can deadlock the child
+    return ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_worker_init)
+
+
+def _kill_pool(ex):
+    """Stop a pool now, running tasks included (shutdown() alone waits for a hung decoder forever)."""
+    for p in list(getattr(ex, "_processes", {}).values()):
+        p.kill()
+    ex.shutdown(wait=False, cancel_futures=True)
+
+
+def decode_stream(jobs, workers, timeout=None, fn=None):
+    """fn(job) (default decode_video) for each job, yielded in job order (so shards and CNN batches never depend on
+    which process finished first).
+
+    workers > 0: spawn processes with at most 2 x workers videos in flight (decoded frames wait in memory
+    only that long). A worker that dies (a decoder crash) or runs past `timeout` seconds breaks the pool:
+    it is killed, and the videos that were in flight run again one at a time, so the failure is pinned on
+    its own file (skipped, reason in prepare_errors.jsonl) and the others come out as in any run.
+    """
+    from collections import deque
+    from concurrent.futures import TimeoutError as FutureTimeout
+    from concurrent.futures.process import BrokenProcessPool
+    fn = fn or decode_video
+    if workers <= 0:
+        yield from map(fn, jobs)
+        return
+    jobs = list(jobs)
+    ex, pending, nxt, solo_until = _spawn_pool(workers), deque(), 0, 0
+    try:
+        while nxt < len(jobs) or pending:
+            while nxt < len(jobs) and len(pending) < (1 if nxt < solo_until else 2 * workers):
+                pending.append((nxt, ex.submit(fn, jobs[nxt])))
+                nxt += 1
+            i, fut = pending[0]
+            try:
+                result = fut.result(timeout=timeout)
+            except (BrokenProcessPool, FutureTimeout) as e:
+                _kill_pool(ex)
+                ex = _spawn_pool(workers)
+                if len(pending) == 1:  # it ran alone: it is the culprit
+                    pending.clear()
+                    why = (f"decoding took longer than --video-timeout {timeout} s" if isinstance(e, FutureTimeout)
+                           else "the decoder crashed (worker process died)")
+                    yield dict(ok=False, reason=why)
+                else:                  # rerun everything that was in flight, one at a time
+                    nxt, solo_until = i, pending[-1][0] + 1
+                    pending.clear()
+                continue
+            pending.popleft()
+            yield result
+    finally:
+        _kill_pool(ex)
+
+
+def _run(args, root, out, dataset, sampling, clips, frames, shapes, args_dict):
+    # 1. the listing, frozen at the first run so every re-run and every shard job sees the same shards
+    listing_path = out / "listing.json"
+    if listing_path.is_file():
+        listing = json.loads(listing_path.read_text(encoding="utf-8"))
+        print(f"prepare: {len(listing['videos'])} videos from {listing_path} (delete it to re-scan {root})")
+    else:
+        try:
+            _, videos, errors = list_videos(root, dataset, out, args.workers)
+        except ValueError as e:
+            raise SystemExit(f"prepare.py: {e}")
+        listing = dict(dataset=dataset, videos=videos, errors=errors,
+                       num_shards=math.ceil(len(videos) / args.shard_size))
+        _write_atomic(listing_path, json.dumps(listing, ensure_ascii=False) + "\n")
+        print(f"prepare: {len(videos)} {dataset} videos under {root} ({len(errors)} listing notes)")
+    videos = listing["videos"]
+
+    # 2. the tokenizer, before any shard (shards store token ids); deterministic, so concurrent shard
+    #    jobs that each train it write the same file
+    tokenizer, tok_name = None, None
+    titled = [v for v in videos if v["title"]]
+    if titled:
+        tok_name = "tokenizer.bpe"
+        if (out / tok_name).is_file():
+            tokenizer = BPETokenizer.load(out / tok_name)
+        else:
+            train_titles = [v["title"] for v in titled if v["split"] in ("train", None)]
+            t0 = time.time()
+            tokenizer = BPETokenizer()
+            tokenizer.train(train_titles or [v["title"] for v in titled], args.vocab_size)
+            tmp = out / f".tokenizer.tmp-{os.getpid()}"
+            tmp.mkdir(exist_ok=True)
+            tokenizer.save(tmp / tok_name)
+            for f in sorted(tmp.iterdir()):
+                os.replace(f, out / f.name)
+            tmp.rmdir()
+            print(f"prepare: BPE tokenizer, vocab {tokenizer.vocab_size}, trained on {len(train_titles)} "
+                  f"titles in {time.time() - t0:.1f} s")
+    if args.list_only:
+        print(f"prepare: listing and tokenizer in {out}; now run the shard jobs")
+        return 0
+    if args.merge:  # exit status 1 while shards are missing, so a SLURM dependency chain notices
+        return _merge_and_report(out, listing, args_dict, shapes, dataset, args.backbone, tok_name, strict=True)
+
+    # 3. this job's shards that are not finished yet; stale temp dirs of earlier (killed) runs go
+    todo = [k for k in range(listing["num_shards"]) if k % args.num_shards == args.shard_index]
+    for k in todo:
+        for stale in out.glob(f".{shard_name(k)}.tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+    done = [k for k in todo if (out / shard_name(k)).is_dir()]
+    todo = [k for k in todo if k not in done]
+    if done:
+        print(f"prepare: {len(done)} finished shard(s) kept, {len(todo)} to go")
+
+    if todo:
+        import torch
+        device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        encoder = FrameEncoder(args.backbone, args.backbone_weights, device)
+        _worker_init_main()
+        job = dict(size=args.size, clips=clips, frames=frames, sampling=sampling,
+                   audio_frames=shapes["audio_frames"], threads=1)
+        batches = [(k, videos[k * args.shard_size:(k + 1) * args.shard_size]) for k in todo]
+        jobs = [dict(job, path=str(root / v["path"])) for _, vs in batches for v in vs]
+        results = decode_stream(jobs, args.workers, args.video_timeout)
+        from tqdm import tqdm
+        bar = tqdm(total=len(jobs), unit="video", desc=f"prepare {dataset}", dynamic_ncols=True, smoothing=0.05)
+        n_err = 0
+        for k, vs in batches:
+            writer = ShardWriter(out, shard_name(k), vs, shapes, encoder, args.batch_size)
+            for v in vs:
+                result = next(results)
+                tokens, has_text = _tokens(tokenizer, v["title"], args.vocab_size)
+                writer.add(v, tokens, has_text, result)
+                n_err += not result["ok"]
+                bar.update(1)
+                bar.set_postfix(skipped=n_err, shard=k, refresh=False)
+            writer.finish()
+        bar.close()
+        results.close()  # stops the decode processes
+    return _merge_and_report(out, listing, args_dict, shapes, dataset, args.backbone, tok_name)
+
+
+def _worker_init_main():
+    import cv2
+    cv2.setNumThreads(1)
+
+
+def _tokens(tokenizer, title, vocab_size):
+    """(128,) int32 ids and whether there is a title; an empty or missing title is all padding.
+
+    Without a tokenizer (UCF-101, HMDB-51) the pad id is vocab_size - 1, the text encoder's default."""
+    if tokenizer is None or not title:
+        pad = tokenizer.pad_id if tokenizer is not None else vocab_size - 1
+        return np.full(MAX_TOKENS, pad, np.int32), False
+    ids, _ = tokenizer.encode_title(title, max_len=MAX_TOKENS)
+    return ids, True
+
+
+def _merge_and_report(out, listing, args_dict, shapes, dataset, backbone, tok_name, strict=False):
+    missing = merge_shards(out, listing, args_dict, shapes, dataset, backbone, tok_name)
+    if missing:
+        print(f"prepare: {len(missing)} of {listing['num_shards']} shards not finished yet ({missing[0]} ...): "
+              f"the manifest is written once they all exist (run the other shard indices, then --merge)")
+        return 1 if strict else 0  # a shard job that did its part succeeded
+    m = json.loads((out / "manifest.json").read_text())
+    print(f"prepare: cache {out}: {m['num_videos']} videos in {len(m['shards'])} shards, "
+          f"{m['bytes_per_video'] / 2**20:.2f} MiB per video, missing audio {m['missing']['audio']}, "
+          f"missing text {m['missing']['text']}")
+    if m["errors"]:
+        reasons = ", ".join(f"{n} x {r}" for r, n in m["error_reasons"].items())
+        print(f"prepare: {m['errors']} skipped/degraded files ({reasons}); details in {out / 'prepare_errors.jsonl'}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------
+# the reader: FeatureCache (pretrain.py and probe.py import it)
+
+class FeatureCache:
+    """Read-only view of a finished cache: every shard array memory-mapped, nothing copied.
+
+        cache = FeatureCache("data/k700/lava_cache")
+        cache[i] -> dict(video=(C,T,G,G,F) float16, frames=(C,) int16, audio=(C,80,A) float16,
+                         tokens=(128,) int32, has_audio=bool, has_text=bool)
+        cache.videos[i] -> {"id", "path", "label", "split", "title"};  cache.index(video_id) -> i
+
+    The manifest is written last by prepare.py, so its presence means every shard it lists is complete;
+    the shapes and dtypes of each shard are still checked against it so that a hand-edited or mixed-up
+    cache fails here, with the file named, rather than as a shape error deep inside a training step.
+    """
+
+    def __init__(self, path):
+        self.path = Path(path)
+        manifest_path = self.path / "manifest.json"
+        if not manifest_path.is_file():
+            hint = ""
+            if any(self.path.glob("shard_*")):
+                hint = (" Shards exist but the run did not finish: re-run the same prepare.py command "
+                        "(finished shards are kept), or `python prepare.py --root ... --merge` once all "
+                        "shard-index jobs are done.")
+            raise FileNotFoundError(f"{manifest_path} not found: not a finished LAVA feature cache.{hint} "
+                                    "Make one with `python prepare.py --root DATASET_DIR --out CACHE_DIR`.")
+        self.manifest = json.loads(manifest_path.read_text())
+        if self.manifest.get("format") != CACHE_FORMAT or self.manifest.get("version") != CACHE_VERSION:
+            raise ValueError(f"{manifest_path}: format {self.manifest.get('format')!r} version "
+                             f"{self.manifest.get('version')!r}, expected {CACHE_FORMAT!r} version {CACHE_VERSION}")
+        shapes = self.manifest["shapes"]
+        self.shards, self.videos, starts = [], [], []
+        for name in self.manifest["shards"]:
+            shard_dir = self.path / name
+            arrays = {}
+            for key, (dtype, dims) in SHARD_ARRAYS.items():
+                file = shard_dir / f"{key}.npy"
+                if not file.is_file():
+                    raise FileNotFoundError(f"{file} missing (listed in {manifest_path})")
+                arr = np.load(file, mmap_mode="r")  # (n, *dims), paged in on access
+                want = tuple(shapes[d] for d in dims)
+                if arr.dtype != dtype or arr.shape[1:] != want:
+                    raise ValueError(f"{file}: {arr.dtype} {arr.shape}, manifest says {np.dtype(dtype)} (n, {want})")
+                arrays[key] = arr
+            with open(shard_dir / "videos.jsonl", encoding="utf-8") as f:
+                rows = [json.loads(line) for line in f if line.strip()]
+            counts = {len(rows)} | {len(a) for a in arrays.values()}
+            if len(counts) != 1:
+                raise ValueError(f"{shard_dir}: arrays and videos.jsonl disagree on the number of videos {counts}")
+            starts.append(len(self.videos))
+            self.videos.extend(rows)
+            self.shards.append(arrays)
+        self._starts = starts  # global index of each shard's first video, for bisect
+        if self.manifest.get("num_videos") not in (None, len(self.videos)):
+            raise ValueError(f"{manifest_path}: num_videos {self.manifest['num_videos']} but the shards hold "
+                             f"{len(self.videos)}")
+        self._index = {}
+        for i, row in enumerate(self.videos):
+            self._index.setdefault(row["id"], i)  # prepare.py drops duplicate ids; first wins regardless
+        tok = self.manifest.get("tokenizer")
+        self.tokenizer = BPETokenizer.load(self.path / tok) if tok else None
+
+    def __len__(self):
+        return len(self.videos)
+
+    def __getitem__(self, i):
+        n = len(self.videos)
+        i = int(i)
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError(f"index {i} out of range for a cache of {n} videos")
+        s = bisect.bisect_right(self._starts, i) - 1
+        a, j = self.shards[s], i - self._starts[s]
+        return dict(video=a["video"][j], frames=a["frames"][j], audio=a["audio"][j], tokens=a["tokens"][j],
+                    has_audio=bool(a["has_audio"][j]), has_text=bool(a["has_text"][j]))
+
+    def index(self, video_id):
+        try:
+            return self._index[video_id]
+        except KeyError:
+            raise KeyError(f"video id {video_id!r} is not in the cache {self.path}") from None
+
+    def __repr__(self):
+        m = self.manifest
+        return (f"FeatureCache({str(self.path)!r}, dataset={m.get('dataset')!r}, videos={len(self)}, "
+                f"backbone={m.get('backbone')!r}, shapes={m.get('shapes')})")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

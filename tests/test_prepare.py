@@ -1,0 +1,515 @@
+"""prepare.py: 10 fps sampling by timestamps, audio alignment, layouts, bad input, resume, shards, FeatureCache.
+
+Media are written here with PyAV (each frame draws its own index as 8 black/white blocks, so the test can
+read back which source frame was kept) or copied real files from tests/data (fire2.mp4: variable frame
+rate + 180 degree rotation; tests_data_test.avi/.wav: a matched video/audio pair).
+"""
+import fractions
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import prepare
+from prepare import FeatureCache, clip_plan, decode_video, load_audio, log_mel_windows, sample_frames
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = Path(__file__).resolve().parent / "data"
+PY = sys.executable
+SR_ = prepare.SAMPLE_RATE
+
+
+# ----------------------------------------------------------------------------------------------------
+# media writers
+
+def _index_image(i, side=64):
+    """(side, side, 3) uint8: bit b of i -> block b (4 columns x 2 rows) white, else black."""
+    img = np.zeros((side, side, 3), np.uint8)
+    q = side // 4
+    for b in range(8):
+        if (i >> b) & 1:
+            r, c = divmod(b, 4)
+            img[r * (side // 2):(r + 1) * (side // 2), c * q:(c + 1) * q] = 255
+    return img
+
+
+def _read_index(img):
+    """Inverse of _index_image on a decoded (lossy) frame of any square size."""
+    side = img.shape[0]
+    q, h = side // 4, side // 2
+    bits = [img[r * h + 2:(r + 1) * h - 2, c * q + 2:(c + 1) * q - 2].mean() > 127
+            for r in range(2) for c in range(4)]
+    return sum(int(b) << k for k, b in enumerate(bits))
+
+
+def write_video(path, n, rate=25, pts=None, size=(64, 64), codec="libx264", pix_fmt="yuv420p", audio=None,
+                title=None, content=None, options=None):
+    """Write an mp4/avi with PyAV. pts: explicit frame times in ms (variable frame rate).
+
+    audio: (wave float32 (m,), rate) mono, muxed as AAC (mp4) or MP3 (avi). content(i) -> RGB frame.
+    """
+    import av
+    w, h = size
+    c = av.open(str(path), "w", options=options or {})
+    if title is not None:
+        c.metadata["title"] = title
+    s = c.add_stream(codec, rate=rate if pts is None else 1000)
+    s.width, s.height, s.pix_fmt = w, h, pix_fmt
+    if pts is not None:
+        s.time_base = fractions.Fraction(1, 1000)
+    a = None
+    if audio is not None:
+        wave, sr = audio
+        a = c.add_stream("aac" if str(path).endswith(".mp4") else "libmp3lame", rate=sr)
+        a.layout = "mono"
+    for i in range(n):
+        img = content(i) if content else np.resize(_index_image(i, min(w, h)), (h, w, 3)) if w != h else _index_image(i, w)
+        f = av.VideoFrame.from_ndarray(img, format="rgb24")
+        if pts is not None:
+            f.pts, f.time_base = pts[i], fractions.Fraction(1, 1000)
+        for p in s.encode(f):
+            c.mux(p)
+    for p in s.encode():
+        c.mux(p)
+    if a is not None:
+        wave, sr = audio
+        step = 1024
+        for k in range(0, len(wave), step):
+            chunk = wave[k:k + step].astype(np.float32)[None, :]
+            af = av.AudioFrame.from_ndarray(chunk, format="flt", layout="mono")
+            af.sample_rate, af.pts = sr, k
+            for p in a.encode(af):
+                c.mux(p)
+        for p in a.encode():
+            c.mux(p)
+    c.close()
+    return path
+
+
+def _expected(times_s, targets):
+    """Brute force: index of the last frame whose time <= k/10 (the frame on screen), per target."""
+    return [max([i for i, t in enumerate(times_s) if t <= k / 10 + 1e-9] or [0]) for k in targets]
+
+
+# ----------------------------------------------------------------------------------------------------
+# frames
+
+@pytest.mark.parametrize("rate", [25, fractions.Fraction(30000, 1001), 30, 60])
+def test_frame_timestamps_constant_rate(tmp_path, rate):
+    n = int(round(2.05 * float(rate)))  # 2.05 s of video: 10 fps grid frames 0..20
+    path = write_video(tmp_path / "v.mp4", n, rate=rate)
+    targets = np.arange(24)  # the last three lie past the end of the video
+    frames, real, src, misses, _ = sample_frames(path, targets, 64)
+    times = [i / rate for i in range(n)]
+    want = _expected([float(t) for t in times], targets)
+    # exact rational check for the boundary cases (29.97: frame 3 is at 0.1001 s, after the 0.1 s target)
+    assert list(src[:21]) == want[:21]
+    assert [_read_index(f) for f in frames[:21]] == want[:21]
+    end = n / float(rate)
+    assert list(real) == [k / 10 < end - 1e-9 for k in targets]
+    assert (frames[21:] == frames[20]).all()  # padding repeats the last real frame
+    assert misses == 0
+
+
+def test_frame_timestamps_variable_rate(tmp_path):
+    # gaps of 30..400 ms, some longer than every earlier one (the sampler must re-decode those frames)
+    pts = [0, 30, 60, 100, 110, 250, 300, 420, 430, 440, 600, 900, 905, 1300, 1310, 1320, 1700]
+    path = write_video(tmp_path / "vfr.mp4", len(pts), pts=pts)
+    targets = np.arange(17)
+    frames, real, src, misses, _ = sample_frames(path, targets, 64)
+    want = _expected([p / 1000 for p in pts], targets)
+    assert list(src) == want
+    assert [_read_index(f) for f in frames] == want
+    assert real.all() and misses >= 1
+
+
+def test_frame_sampling_real_vfr_rotated_phone_clip():
+    import av
+    import cv2
+    path = DATA / "fire2.mp4"  # ~10.5 fps VFR, 180 degree display matrix, 1280x720
+    with av.open(str(path)) as c:
+        raw = [(float(f.time), f.to_ndarray(format="rgb24")) for f in c.decode(video=0)]
+    times = [t for t, _ in raw]
+    targets = np.arange(24)
+    frames, real, src, misses, _ = sample_frames(path, targets, 64)
+    assert list(src) == _expected(times, targets)
+    # PyAV hands out the stored (upside-down) pictures; OpenCV applies the rotation: compare both ways
+    first = raw[src[5]][1]
+    m = min(first.shape[:2])
+    y, x = (first.shape[0] - m) // 2, (first.shape[1] - m) // 2
+    square = cv2.resize(first[y:y + m, x:x + m], (64, 64), interpolation=cv2.INTER_AREA).astype(float)
+    upright = np.abs(frames[5] - square[::-1, ::-1]).mean()
+    stored = np.abs(frames[5] - square).mean()
+    assert upright < 6 and stored > 3 * upright, (upright, stored)
+
+
+def test_odd_size_grayscale_single_frame(tmp_path):
+    odd = write_video(tmp_path / "odd.mp4", 12, rate=12, size=(35, 19), pix_fmt="yuv444p",
+                      content=lambda i: np.full((19, 35, 3), 20 * i, np.uint8))
+    frames, real, _, _, _ = sample_frames(odd, np.arange(5), 64)
+    assert frames.shape == (5, 64, 64, 3) and real.all()
+    gray = write_video(tmp_path / "gray.mp4", 10, rate=10, pix_fmt="gray",
+                       content=lambda i: np.full((64, 64, 3), 25 * i, np.uint8))
+    frames, _, src, _, _ = sample_frames(gray, np.arange(10), 32)
+    assert frames.shape == (10, 32, 32, 3) and list(src) == list(range(10))
+    # grey in, grey out on 3 equal channels; levels may be range-expanded (the file does not tag its range)
+    assert (frames[..., 0] == frames[..., 1]).all() and (frames[..., 1] == frames[..., 2]).all()
+    assert (np.diff(frames.mean(axis=(1, 2, 3))) > 5).all()  # each source frame kept, in order
+    single = write_video(tmp_path / "one.mp4", 1, rate=25)
+    result = decode_video(dict(path=str(single), size=32, clips=3, frames=16, sampling="eval", audio_frames=256))
+    assert result["ok"] and result["nreal"].tolist() == [1, 1, 1]
+    assert result["frames"].shape[0] == 16 and (result["frames"] == result["frames"][0]).all()
+
+
+def test_clip_plan_worked_examples():
+    targets, index, starts = clip_plan(30, 3, 16, "eval")
+    assert starts.tolist() == [0, 7, 14] and len(targets) == 30 and index.shape == (3, 16)
+    assert (targets[index] == starts[:, None] + np.arange(16)).all()
+    targets, index, starts = clip_plan(100, 1, 20, "pretrain")  # K700: the central 2 s of a 10 s clip
+    assert starts.tolist() == [40] and targets.tolist() == list(range(40, 60))
+    targets, index, starts = clip_plan(5, 10, 16, "eval")  # shorter than a clip: all windows at 0
+    assert starts.tolist() == [0] * 10 and targets.tolist() == list(range(16))
+
+
+# ----------------------------------------------------------------------------------------------------
+# audio
+
+def test_mel_from_avi_mp3_matches_wav_and_is_aligned():
+    wave_avi, why = load_audio(DATA / "tests_data_test.avi")   # MP3 44.1 kHz stereo in the AVI
+    wave_wav, _ = load_audio(DATA / "tests_data_test.wav")     # the same track as 16 kHz PCM
+    assert why is None
+    n = min(len(wave_avi), len(wave_wav))
+    assert abs(len(wave_avi) - len(wave_wav)) < 0.02 * SR_
+    assert np.corrcoef(wave_avi[:n], wave_wav[:n])[0, 1] > 0.999
+    starts = np.array([0, 12, 49])
+    mel_avi = log_mel_windows(wave_avi, starts, 256)
+    mel_wav = log_mel_windows(wave_wav, starts, 256)
+    assert mel_avi.shape == (3, 80, 256)
+    loud = mel_wav > -5  # compare where there is signal (silence is log(1e-6) in both)
+    assert np.abs(mel_avi - mel_wav)[loud].mean() < 0.3
+    # the whole pipeline gives the same crops as computing them from the wav by hand
+    result = decode_video(dict(path=str(DATA / "tests_data_test.avi"), size=32, clips=4, frames=16,
+                               sampling="eval", audio_frames=256))
+    K = 66  # 6.56 s at 10 fps
+    _, _, st = clip_plan(K, 4, 16, "eval")
+    ref = log_mel_windows(wave_wav, st, 256)
+    assert np.abs(result["mel"].astype(np.float32) - ref)[ref > -5].mean() < 0.3
+
+
+def test_mel_window_alignment_with_a_click():
+    # a 20 ms burst centred at 3.0 s: in the clip starting at grid frame k0, crop [10 s, 10 s + 256) is
+    # centred on video frames s..s+15, i.e. on time k0/10 + s/10 + 0.8 s
+    wave = np.zeros(6 * SR_, np.float32)
+    c = 3 * SR_
+    wave[c - 160:c + 160] = np.sin(np.arange(320) * 0.9)
+    for k0, s in [(10, 12), (0, 22), (5, 17)]:  # k0/10 + s/10 + 0.8 == 3.0
+        mel = log_mel_windows(wave, np.array([k0]), 256 + 10 * 20)[0]  # T = 36 -> A = 456
+        crop = mel[:, 10 * s:10 * s + 256]
+        energy = crop.max(axis=0)
+        peak = np.flatnonzero(energy > energy.max() - 1)
+        assert abs(peak.mean() - 127.5) <= 1.0, (k0, s, peak)
+    mel = log_mel_windows(wave, np.array([0, 100]), 256)  # past the end: zeros -> log(1e-6)
+    assert np.allclose(mel[1][:, -50:], np.log(1e-6), atol=1e-3)
+
+
+def test_missing_silent_and_present_audio(tmp_path):
+    none = write_video(tmp_path / "none.mp4", 20, rate=10)
+    silent = write_video(tmp_path / "silent.mp4", 20, rate=10, audio=(np.zeros(32000, np.float32), 16000))
+    t = np.arange(32000) / 16000
+    tone = write_video(tmp_path / "tone.mp4", 20, rate=10, audio=(0.3 * np.sin(2 * np.pi * 440 * t).astype(np.float32), 16000))
+    job = dict(size=32, clips=1, frames=16, sampling="pretrain", audio_frames=256)
+    r_none, r_silent, r_tone = (decode_video(dict(job, path=str(p))) for p in (none, silent, tone))
+    assert r_none["ok"] and r_none["mel"] is None and "no audio stream" in r_none["notes"][0][0]
+    assert r_silent["ok"] and r_silent["mel"] is None and "silent" in r_silent["notes"][0][0]
+    assert r_tone["mel"].shape == (1, 80, 256) and r_tone["mel"].dtype == np.float16
+    # a sidecar wav next to a silent video is used
+    shutil.copy(DATA / "tests_data_test.wav", tmp_path / "none.wav")
+    wave, _ = load_audio(none)
+    assert wave is not None and len(wave) > 6 * SR_
+
+
+# ----------------------------------------------------------------------------------------------------
+# whole runs
+
+def run_prepare(*args, check=True):
+    """prepare.main in this process (torch and torchvision are imported once for the whole file).
+
+    Returns an object with returncode, stdout and stderr like subprocess.run; SystemExit(message) from
+    bad arguments or layouts becomes returncode 1 with the message in stderr.
+    """
+    import contextlib
+    import io
+    import types
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            rc = prepare.main([str(a) for a in args])
+        except SystemExit as e:
+            rc = e.code if isinstance(e.code, int) else 1
+            if not isinstance(e.code, int):
+                err.write(str(e.code))
+    p = types.SimpleNamespace(returncode=rc, stdout=out.getvalue(), stderr=err.getvalue())
+    if check and rc != 0:
+        raise AssertionError(f"prepare.py {args} -> {rc}\n{p.stdout}\n{p.stderr}")
+    return p
+
+
+FAST = ["--backbone", "random", "--size", "64", "--workers", "0", "--vocab-size", "300"]
+
+
+def make_k700(root, n_train=5, n_val=2):
+    """A tiny K700 layout: 2.5 s clips with tones, a titles.csv, and clips that fall back to a title tag."""
+    rng = np.random.default_rng(0)
+    rows = ["youtube_id,title"]
+    for i in range(n_train + n_val):
+        split = "train" if i < n_train else "val"
+        label = ["abseiling", "playing cello"][i % 2]
+        yid = f"vid_{i:02d}x-Y"  # youtube ids hold "_" and "-"
+        folder = root / split / label
+        folder.mkdir(parents=True, exist_ok=True)
+        t = np.arange(int(2.5 * 16000)) / 16000
+        wave = (0.2 * np.sin(2 * np.pi * (300 + 50 * i) * t) + 0.01 * rng.normal(size=len(t))).astype(np.float32)
+        has_audio = i != 1
+        tag = f"tagged title {i} ü" if i % 3 == 2 else None
+        write_video(folder / f"{yid}_{10 * i:06d}_{10 * i + 10:06d}.mp4", 25 + i, rate=10 + i,
+                    audio=(wave, 16000) if has_audio else None, title=tag)
+        if tag is None:
+            rows.append(f'{yid},"{label} video, number {i} ""quoted"""')
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "titles.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    return root
+
+
+@pytest.fixture(scope="module")
+def k700_single(tmp_path_factory):
+    """One clean single run over a tiny K700 corpus: the reference for resume and shard tests."""
+    root = make_k700(tmp_path_factory.mktemp("k700") / "k700")
+    out = root.parent / "single"
+    run_prepare("--root", root, "--out", out, "--shard-size", "2", *FAST)
+    return root, out
+
+
+def assert_same_cache(a, b):
+    for name in sorted(p.name for p in Path(a).glob("shard_*")):
+        for f in sorted((Path(a) / name).iterdir()):
+            assert f.read_bytes() == (Path(b) / name / f.name).read_bytes(), f"{name}/{f.name} differs"
+    assert sorted(p.name for p in Path(a).glob("shard_*")) == sorted(p.name for p in Path(b).glob("shard_*"))
+    for f in ("prepare_errors.jsonl", "tokenizer.bpe", "listing.json"):
+        assert (Path(a) / f).read_bytes() == (Path(b) / f).read_bytes(), f
+    ma, mb = (json.loads((Path(p) / "manifest.json").read_text()) for p in (a, b))
+    for key in ("shards", "shapes", "num_videos", "missing", "bytes_per_video", "tokenizer", "backbone"):
+        assert ma[key] == mb[key], key
+
+
+def test_k700_cache_contents_and_reader(k700_single):
+    root, out = k700_single
+    cache = FeatureCache(out)
+    m = cache.manifest
+    assert m["dataset"] == "k700" and m["backbone"] == "random" and m["backbone_seed"] == 0
+    assert m["shapes"] == dict(clips=1, frames=20, grid=2, feature_dim=512, n_mels=80, audio_frames=296, max_tokens=128)
+    assert len(cache) == m["num_videos"] == 7 and m["missing"] == dict(audio=1, text=0)
+    assert [v["split"] for v in cache.videos].count("val") == 2
+    for i, v in enumerate(cache.videos):
+        s = cache[i]
+        assert s["video"].shape == (1, 20, 2, 2, 512) and s["video"].dtype == np.float16
+        assert (s["video"] >= 0).all() and np.isfinite(s["video"]).all()  # post-ReLU
+        assert s["audio"].shape == (1, 80, 296) and s["tokens"].shape == (128,)
+        assert cache.index(v["id"]) == i
+        assert s["has_audio"] == (v["id"] != "vid_01x-Y_000010_000020")
+        # titles round-trip through the stored ids (ids[:n-1] is the text, then eot, then pad)
+        ids = s["tokens"].tolist()
+        n = ids.index(cache.tokenizer.eot_id)
+        assert cache.tokenizer.decode(ids[:n]) == v["title"] and set(ids[n + 1:]) <= {cache.tokenizer.pad_id}
+    i = cache.index("vid_04x-Y_000040_000050")  # 2.9 s long, 14 fps: all 20 central frames are real
+    assert cache[i]["frames"].tolist() == [20]
+    assert cache.videos[i]["title"] == 'abseiling video, number 4 "quoted"'
+    assert cache.videos[cache.index("vid_02x-Y_000020_000030")]["title"] == "tagged title 2 ü"  # from the tag
+    with pytest.raises(KeyError, match="nope"):
+        cache.index("nope")
+    # a shard that disagrees with the manifest is refused with the file named
+    bad = out.parent / "bad"
+    shutil.copytree(out, bad)
+    np.save(bad / "shard_00000" / "frames.npy", np.zeros((2, 3), np.int16))
+    with pytest.raises(ValueError, match="frames.npy"):
+        FeatureCache(bad)
+    (bad / "manifest.json").unlink()
+    with pytest.raises(FileNotFoundError, match="did not finish"):
+        FeatureCache(bad)
+
+
+def test_resume_after_kill_equals_single_run(k700_single, tmp_path):
+    root, single = k700_single
+    out = tmp_path / "out"
+    # a real process, killed with SIGKILL as soon as its first shard has been renamed into place
+    cmd = [PY, str(ROOT / "prepare.py"), "--root", str(root), "--out", str(out), "--shard-size", "2", *FAST]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+    deadline = time.time() + 100
+    while not (out / "shard_00000").is_dir() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.002)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert (out / "shard_00000").is_dir() and not (out / "manifest.json").exists(), "not killed mid-run"
+    with pytest.raises(FileNotFoundError, match="did not finish"):
+        FeatureCache(out)
+    p = run_prepare("--root", root, "--out", out, "--shard-size", "2", *FAST)
+    assert "finished shard(s) kept" in p.stdout
+    assert_same_cache(out, single)
+    assert list(out.glob(".*tmp*")) == []  # the killed run's temp shard was cleared
+
+
+def test_sharded_run_and_merge_equals_single_run(k700_single, tmp_path):
+    root, single = k700_single
+    out = tmp_path / "sharded"
+    common = ["--root", root, "--out", out, "--shard-size", "2", "--num-shards", "2", *FAST]
+    p0 = run_prepare(*common, "--shard-index", "0")
+    assert "not finished yet" in p0.stdout and not (out / "manifest.json").exists()
+    run_prepare(*common, "--workers", "2", "--shard-index", "1")  # decode in 2 processes (last flag wins)
+    assert sorted(p.name for p in out.glob("shard_*")) == ["shard_00000", "shard_00001", "shard_00002", "shard_00003"]
+    run_prepare("--root", root, "--out", out, "--shard-size", "2", "--merge", *FAST)
+    assert_same_cache(out, single)
+    # changed settings into the same cache are refused
+    p = run_prepare("--root", root, "--out", out, "--shard-size", "2", *FAST[:3], "32", *FAST[4:], check=False)
+    assert p.returncode != 0 and "other settings" in p.stderr
+
+
+def test_bad_inputs_never_stop_a_run(tmp_path):
+    import av
+    root = tmp_path / "k700"
+    good = root / "train" / "a"
+    good.mkdir(parents=True)
+    t = np.arange(16000 * 2) / 16000
+    write_video(good / "good_000000_000010.mp4", 20, rate=10, audio=(0.2 * np.sin(600 * t).astype(np.float32), 16000))
+    write_video(good / "gray_000000_000010.mp4", 20, rate=10, pix_fmt="gray")
+    write_video(good / "odd_000000_000010.mp4", 20, rate=10, size=(35, 19), pix_fmt="yuv444p")  # odd sides
+    write_video(good / "single_000000_000010.mp4", 1, rate=10)
+    (good / "zero_000000_000010.mp4").write_bytes(b"")
+    (good / "junk_000000_000010.mp4").write_bytes(os.urandom(5000))
+    data = (good / "good_000000_000010.mp4").read_bytes()
+    (good / "trunc_000000_000010.mp4").write_bytes(data[: len(data) // 3])  # index at the end: unreadable
+    noise = np.random.default_rng(0).integers(0, 255, (40, 64, 64, 3), dtype=np.uint8)  # frames dominate the bytes
+    write_video(good / "cut_000000_000010.mp4", 40, rate=10, options={"movflags": "faststart"}, content=noise.__getitem__)
+    data = (good / "cut_000000_000010.mp4").read_bytes()
+    (good / "cut_000000_000010.mp4").write_bytes(data[: len(data) // 2])  # index first: half decodes
+    with av.open(str(good / "audioonly_000000_000010.mp4"), "w") as c:  # no video stream
+        s = c.add_stream("aac", rate=16000)
+        s.layout = "mono"
+        for k in range(0, 16000, 1024):
+            f = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="flt", layout="mono")
+            f.sample_rate, f.pts = 16000, k
+            for p in s.encode(f):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+    dup = root / "train" / "b"
+    dup.mkdir()
+    shutil.copy(good / "good_000000_000010.mp4", dup / "good_000000_000010.mp4")  # same id, another label
+    (root / "titles.csv").write_bytes(b"youtube_id,title\ngood,caf\xe9 \xff title\ngray,\"   \"\nodd,odd one\n"
+                                      b"odd,odd again\nsingle,one frame\n")
+    p = run_prepare("--root", root, "--shard-size", "3", *FAST)
+    cache = FeatureCache(root / "lava_cache")
+    ids = [v["id"] for v in cache.videos]
+    assert ids == ["cut_000000_000010", "good_000000_000010", "gray_000000_000010", "odd_000000_000010",
+                   "single_000000_000010"]
+    errors = [json.loads(line) for line in (root / "lava_cache" / "prepare_errors.jsonl").read_text().splitlines()]
+    by_path = {}
+    for e in errors:
+        by_path.setdefault(e["path"].split("/")[-1].split(":")[0], []).append(e)
+    for name in ("zero", "junk", "trunc", "audioonly"):
+        e = by_path[f"{name}_000000_000010.mp4"]
+        assert any(x["action"] == "skipped" for x in e), (name, e)
+    assert "zero-byte" in by_path["zero_000000_000010.mp4"][0]["reason"]
+    assert any("duplicate id" in e["reason"] and e["path"] == "train/b/good_000000_000010.mp4" for e in errors)
+    assert any("not valid UTF-8" in e["reason"] for e in errors)
+    assert any("duplicate title row" in e["reason"] for e in errors)
+    v = cache.videos
+    assert any("truncated" in e["reason"] for e in by_path["cut_000000_000010.mp4"])
+    assert 5 <= cache[0]["frames"][0] < 20  # the decodable half, clip planned on it
+    assert v[1]["title"] == "caf\ufffd \ufffd title"
+    assert v[2]["title"] is None and not cache[2]["has_text"]  # blank title -> missing text
+    assert v[3]["title"] == "odd one"
+    assert cache[4]["frames"].tolist() == [1]  # the single frame, repeated, 1 real
+    assert "skipped/degraded" in p.stdout and "prepare_errors.jsonl" in p.stdout
+
+
+def _fragile(job):
+    """A stand-in decoder for decode_stream: returns its number, dies like a segfaulting decoder, or hangs."""
+    if job == "crash":
+        os._exit(11)
+    if job == "hang":
+        time.sleep(60)
+    return job
+
+
+def test_decode_stream_survives_a_crashing_and_a_hanging_decoder():
+    jobs = [0, 1, "crash", 3, 4, "hang", 6]
+    out = list(prepare.decode_stream(jobs, workers=1, timeout=3, fn=_fragile))
+    assert out[:2] == [0, 1] and out[3:5] == [3, 4] and out[6] == 6
+    assert out[2]["ok"] is False and "crashed" in out[2]["reason"]
+    assert out[5]["ok"] is False and "longer than" in out[5]["reason"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# layouts
+
+def test_layout_detection_and_errors(tmp_path):
+    (tmp_path / "ucf" / "UCF-101" / "Archery").mkdir(parents=True)
+    write_video(tmp_path / "ucf" / "UCF-101" / "Archery" / "v_Archery_g01_c01.avi", 12, rate=25, codec="mpeg4")
+    (tmp_path / "hmdb" / "videos" / "brush_hair").mkdir(parents=True)
+    (tmp_path / "hmdb" / "testTrainMulti_7030_splits").mkdir()
+    (tmp_path / "k700" / "train").mkdir(parents=True)
+    (tmp_path / "mine" / "deep" / "er").mkdir(parents=True)
+    write_video(tmp_path / "mine" / "deep" / "er" / "clip.mkv", 5, rate=10)
+    (tmp_path / "empty").mkdir()
+    assert prepare.detect_layout(tmp_path / "ucf") == "ucf101"
+    assert prepare.detect_layout(tmp_path / "hmdb") == "hmdb51"
+    assert prepare.detect_layout(tmp_path / "k700") == "k700"
+    assert prepare.detect_layout(tmp_path / "mine") == "folder"
+    for bad in ("empty", "missing"):
+        with pytest.raises(ValueError) as e:
+            prepare.detect_layout(tmp_path / bad)
+        assert all(name in str(e.value) for name in ("k700", "UCF-101", "testTrainMulti_7030_splits", "folder"))
+    with pytest.raises(ValueError, match="UCF-101"):
+        prepare.list_videos(tmp_path / "mine", "ucf101", tmp_path / "out")
+    with pytest.raises(ValueError, match="no video files"):
+        prepare.list_videos(tmp_path / "hmdb", "auto", tmp_path / "out")
+    _, videos, _ = prepare.list_videos(tmp_path / "ucf", "auto", tmp_path / "out")
+    assert videos == [dict(id="Archery/v_Archery_g01_c01.avi", path="UCF-101/Archery/v_Archery_g01_c01.avi",
+                           label="Archery", split=None, title=None)]
+    p = run_prepare("--root", tmp_path / "empty", *FAST, check=False)
+    assert p.returncode != 0 and "ucf101" in p.stderr and "Expected one of" in p.stderr
+    # a user's own folder: recursive, titles from titles.csv (by path) or the file's own tag, else none
+    write_video(tmp_path / "mine" / "tagged.mp4", 8, rate=10, title="my tagged clip")
+    write_video(tmp_path / "mine" / "plain.mp4", 8, rate=10)
+    (tmp_path / "mine" / "titles.csv").write_text("path,title\ndeep/er/clip.mkv,from the csv\n")
+    run_prepare("--root", tmp_path / "mine", "--test-clips", "2", *FAST)
+    cache = FeatureCache(tmp_path / "mine" / "lava_cache")
+    assert cache.manifest["dataset"] == "folder" and cache.manifest["shapes"]["clips"] == 2
+    assert {v["id"]: v["title"] for v in cache.videos} == {
+        "deep/er/clip.mkv": "from the csv", "plain.mp4": None, "tagged.mp4": "my tagged clip"}
+    assert [cache[i]["has_text"] for i in range(3)] == [True, False, True]
+
+
+def test_ucf_eval_run_end_to_end(tmp_path):
+    root = tmp_path / "ucf101"
+    for cls, n in (("Archery", 31), ("HandstandPushups", 9)):  # 3.1 s and 0.9 s at 10 fps source
+        (root / "UCF-101" / cls).mkdir(parents=True)
+        write_video(root / "UCF-101" / cls / f"v_{cls}_g01_c01.avi", n, rate=10, codec="mpeg4")
+    run_prepare("--root", root, "--test-clips", "3", *FAST)
+    cache = FeatureCache(root / "lava_cache")
+    assert cache.manifest["shapes"]["clips"] == 3 and cache.manifest["shapes"]["frames"] == 16
+    assert cache.manifest["tokenizer"] is None and cache.tokenizer is None
+    assert [v["id"] for v in cache.videos] == ["Archery/v_Archery_g01_c01.avi", "HandstandPushups/v_HandstandPushups_g01_c01.avi"]
+    long, short = cache[0], cache[1]
+    assert long["video"].shape == (3, 16, 2, 2, 512) and long["frames"].tolist() == [16, 16, 16]
+    assert short["frames"].tolist() == [9, 9, 9] and not short["has_text"] and not short["has_audio"]
+    assert (short["tokens"] == 299).all()  # all padding: --vocab-size 300 -> pad id 299
+    # overlapping windows share frames: windows start at grid frames 0, 8, 15 of 31
+    assert np.array_equal(long["video"][0, 8:], long["video"][1, :8])
+    assert np.array_equal(short["video"][0, 9:], np.broadcast_to(short["video"][0, 8], (7, 2, 2, 512)))
