@@ -14,7 +14,8 @@ PREP   := --backbone random --size 64 --workers 2
 .PHONY: demo test clean
 $(STAMP): requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	@echo "installing requirements.txt into $(VENV) (about 90 s from a local package mirror)"
+	$(PY) -m pip install --quiet --quiet --disable-pip-version-check -r requirements.txt
 	cp requirements.txt $(STAMP)
 
 demo: $(STAMP)
@@ -28,6 +29,7 @@ demo: $(STAMP)
 	$(PY) probe.py --dataset hmdb51 --root $(DEMO)/hmdb51 --checkpoint $(RUN)/ckpt_last.pt --all-splits --out $(RUN)/probe_hmdb51.json
 	$(PY) probe.py --dataset hmdb51 --root $(DEMO)/hmdb51 --checkpoint random --config-from $(RUN)/ckpt_last.pt --all-splits --out $(RUN)/probe_hmdb51_random.json
 	$(PY) probe.py --summary $(RUN)/probe_ucf101.json $(RUN)/probe_ucf101_random.json $(RUN)/probe_hmdb51.json $(RUN)/probe_hmdb51_random.json
+	@echo "$(RUN)/loss.png (pre-training loss curves), $(RUN)/probe_*.md (paper-style tables)"
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

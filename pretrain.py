@@ -15,7 +15,7 @@
 
 Reads only the cache (memory-mapped, videos with split == "train"), never videos. Per sample (PretrainClips):
 a 16-frame window at a random start s inside the clip's real frames, a horizontal flip of the 7x7 patch grid,
-the log-mel crop [10 s, 10 s + 256) that is centred on the same frames (DESIGN.md: audio alignment) plus
+the log-mel crop [10 s, 10 s + 256) that is centred on the same frames (README: Feature cache) plus
 Gaussian noise, the title's BPE tokens, and presence masks for missing audio / titles that go to the losses.
 All augmentation randomness is a function of (seed, epoch, sample index), never of worker RNG state, so a run
 killed mid-epoch and resumed from its checkpoint ends with bitwise the same weights on the CPU.
@@ -49,7 +49,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 CLIP_FRAMES = 16      # video frames per training clip (paper: 16 x 224 x 224 at 10 fps)
 AUDIO_FRAMES = 256    # log-mel frames per training clip (paper: [80, 256])
-MEL_PER_FRAME = 10    # 10 ms mel hop at 10 fps video: frame s starts at mel column 10 * s (DESIGN.md)
+MEL_PER_FRAME = 10    # 10 ms mel hop at 10 fps video: frame s starts at mel column 10 * s (README: Feature cache)
 
 # ----------------------------------------------------------------------------------------------------------
 # presets: every value is also a flag of its own (--width ... --epochs) that overrides it
@@ -143,7 +143,7 @@ def build_config(args, manifest, tokenizer):
     shapes = manifest["shapes"]
     size = dict(width=args.width, depth=args.depth, heads=args.heads, dropout=args.dropout)
     if tokenizer is not None:
-        # DESIGN.md: pad_id = vocab_size - 1 is the top id, so the embedding table has pad_id + 1 rows
+        # the cache format: pad_id = vocab_size - 1 is the top id, so the embedding table has pad_id + 1 rows
         vocab_size, pad_id = tokenizer.pad_id + 1, tokenizer.pad_id
     else:
         # no titles in this cache: the text encoder is never run (--losses av), a 2-row table keeps it small

@@ -607,7 +607,7 @@ def extract_embeddings(model, cache, batch_clips=64, device="cpu", text=True):
     """Run the frozen encoders over every clip of the cache (see `load_or_extract_embeddings`).
 
     Window: the central cfg.video.frames frames of each stored clip (frames 0..15 of a 16-frame UCF/HMDB clip; the
-    central 16 of K700's 20) and the mel frames aligned with them (DESIGN.md: mel offset = 10 x frame offset).
+    central 16 of K700's 20) and the mel frames aligned with them (README, Feature cache: mel offset = 10 x frame offset).
     """
     from tqdm import tqdm
 

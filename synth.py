@@ -7,7 +7,7 @@
     python synth.py --out /tmp/corpus --only ucf101,hmdb51 --seed 1   # just the probe datasets
     python synth.py --help
 
-Writes (exactly the on-disk layouts of DESIGN.md, so every reader meets what it meets on real data):
+Writes (exactly the official on-disk layouts, so every reader meets what it meets on real data):
     OUT/k700/{train,val}/<label>/<youtube_id>_<start:06d>_<end:06d>.mp4     H.264 + AAC (or no audio)
     OUT/k700/annotations/{train,val}.csv    label,youtube_id,time_start,time_end,split  (split = train|validate)
     OUT/k700/titles.csv                     youtube_id,title   (csv module; some clips have no row)
