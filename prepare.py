@@ -1,4 +1,4 @@
-"""prepare.py: a video dataset folder -> a feature cache that pretrain.py and probe.py read (DESIGN.md).
+"""prepare.py: a video dataset folder -> a feature cache that pretrain.py and probe.py read (README: Feature cache).
 
     # CPU demo (tests and the Makefile use this: no ImageNet weights needed, small frames)
     python prepare.py --root demo/k700 --backbone random --size 64 --workers 2
@@ -31,7 +31,7 @@ What it does, per video (the decode half runs in --workers processes, the CNN in
      autocast on CUDA): (G, G, 512) per frame, G = size // 32, stored float16.
   4. text: the title (titles.csv, else the file's `title` metadata tag) as BPE ids, 128 max (eot + pad).
 
-Cache layout (DESIGN.md): manifest.json (written last), tokenizer.bpe/.vocab, prepare_errors.jsonl,
+Cache layout (README: Feature cache): manifest.json (written last), tokenizer.bpe/.vocab, prepare_errors.jsonl,
 shard_XXXXX/{video,frames,audio,tokens,has_audio,has_text}.npy + videos.jsonl; plus listing.json (the
 video list frozen at the first run, so re-runs and shard-index jobs agree), prepare_config.json and
 shard_XXXXX/errors.jsonl (this shard's skipped/degraded files). Each shard is built in a temp dir and
@@ -865,18 +865,25 @@ def _frame_mono(frame):
     if spec is None:
         return None
     dtype, scale, offset = spec
-    n, ch = frame.samples, len(frame.layout.channels)
-    if planar:
-        x = sum(np.frombuffer(p, dtype, count=n).astype(np.float32) for p in frame.planes[:ch]) / ch
+    layout = frame.layout
+    n, ch = frame.samples, getattr(layout, "nb_channels", None) or len(layout.channels)  # .channels: 2.5 us
+    if planar:  # in place: the same float32 sums as sum(planes) / ch, without the temporaries
+        planes = frame.planes
+        x = np.frombuffer(planes[0], dtype, count=n).astype(np.float32)
+        for p in planes[1:ch]:
+            x += np.frombuffer(p, dtype, count=n)
+        if ch > 1:
+            x /= ch
     else:
         x = np.frombuffer(frame.planes[0], dtype, count=n * ch).reshape(n, ch).mean(axis=1, dtype=np.float32)
-    return ((x - offset) * scale).astype(np.float32) if (scale != 1.0 or offset) else x.astype(np.float32)
+    if scale != 1.0 or offset:
+        return ((x - offset) * scale).astype(np.float32)
+    return x
 
 
 def _decode_audio(container, path, until=None):
     """load_audio on an open PyAV container (so a video is opened by PyAV once, not twice)."""
     import torch
-    import torchaudio.functional as AF
     if not container.streams.audio:
         for ext in (".wav", ".flac", ".WAV", ".FLAC"):  # a sidecar track next to a silent video
             if path.with_suffix(ext).is_file():
@@ -908,7 +915,7 @@ def _decode_audio(container, path, until=None):
     parts = []
     for rate, chunks in runs:
         x = torch.from_numpy(np.concatenate(chunks))
-        parts.append((AF.resample(x, rate, SAMPLE_RATE) if rate != SAMPLE_RATE else x).numpy())
+        parts.append((_resample(x, rate) if rate != SAMPLE_RATE else x).numpy())
     if not parts or not sum(len(p) for p in parts):
         return None, reason or "audio stream decodes to nothing"
     wave = np.concatenate(parts).astype(np.float32)
@@ -920,6 +927,22 @@ def _decode_audio(container, path, until=None):
     return wave, reason
 
 
+_RESAMPLERS = {}
+
+
+def _resample(x, rate):
+    """(n,) float32 tensor at `rate` -> SAMPLE_RATE: torchaudio.functional.resample's windowed sinc, with
+    the kernel built once per rate (building it costs more than resampling a 10 s clip with it). The
+    transform with dtype float32 builds the same float32 kernel and applies it the same way: same output."""
+    import torch
+    import torchaudio
+    rs = _RESAMPLERS.get(rate)
+    if rs is None:
+        rs = _RESAMPLERS[rate] = torchaudio.transforms.Resample(rate, SAMPLE_RATE, dtype=torch.float32)
+    with torch.no_grad():
+        return rs(x)
+
+
 def _load_audio_soundfile(path):
     import soundfile as sf
     try:
@@ -929,8 +952,7 @@ def _load_audio_soundfile(path):
     wave = data.mean(axis=1)
     if rate != SAMPLE_RATE:
         import torch
-        import torchaudio.functional as AF
-        wave = AF.resample(torch.from_numpy(wave), rate, SAMPLE_RATE).numpy()
+        wave = _resample(torch.from_numpy(np.ascontiguousarray(wave, dtype=np.float32)), rate).numpy()
     return np.ascontiguousarray(wave, dtype=np.float32), None
 
 
@@ -1378,11 +1400,40 @@ def _spawn_pool(workers):
     return ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_worker_init)
 
 
-def _kill_pool(ex):
-    """Stop a pool now, running tasks included (shutdown() alone waits for a hung decoder forever)."""
-    for p in list(getattr(ex, "_processes", {}).values()):
-        p.kill()
-    ex.shutdown(wait=False, cancel_futures=True)
+def _kill_pool(ex, graceful=False):
+    """Stop a pool now, running tasks included (shutdown() alone waits for a hung decoder forever), and
+    wait for its manager thread to finish tearing it down. Never raises: a finished run must not fail
+    while its idle decoders are being stopped, and a real error must not be masked by a teardown one.
+
+    graceful: the pool is idle (every submitted video came back), so the workers are asked to exit (no
+    kill, no "terminated abruptly" teardown); if they have not within a few seconds, they are killed.
+
+    Why the join: shutdown(wait=False) returns while the pool's manager thread is still tearing down,
+    and that thread closes its wake-up pipe at the end. CPython 3.11's interpreter-exit hook
+    (concurrent.futures.process._python_exit) writes to that pipe without the pool's lock, checking
+    `_closed` first: when our process exits during the teardown, the write can land on the just-closed
+    descriptor and print `OSError: [Errno 9] Bad file descriptor` (or "handle is closed") after
+    everything was written. Once the manager thread has finished, the pipe is marked closed and the
+    exit hook skips it."""
+    thread = getattr(ex, "_executor_manager_thread", None)
+    try:
+        if graceful:
+            ex.shutdown(wait=False)
+            if thread is not None:
+                thread.join(10)
+            if thread is None or not thread.is_alive():
+                return
+        for p in list((getattr(ex, "_processes", None) or {}).values()):
+            try:
+                p.kill()
+            except Exception:  # already gone
+                pass
+        ex.shutdown(wait=False, cancel_futures=True)
+        if thread is not None:
+            thread.join(30)   # killed workers: the manager notices at once and cleans up
+    except Exception as e:
+        logging.getLogger("prepare").warning("prepare: stopping the decode processes: %s: %s (ignored; "
+                                             "nothing already written is affected)", type(e).__name__, e)
 
 
 def decode_stream(jobs, workers, timeout=None, fn=None):
@@ -1426,7 +1477,7 @@ def decode_stream(jobs, workers, timeout=None, fn=None):
             pending.popleft()
             yield result
     finally:
-        _kill_pool(ex)
+        _kill_pool(ex, graceful=not pending)
 
 
 def _run(args, root, out, dataset, sampling, clips, frames, shapes, args_dict):
@@ -1496,18 +1547,22 @@ def _run(args, root, out, dataset, sampling, clips, frames, shapes, args_dict):
         from tqdm import tqdm
         bar = tqdm(total=len(jobs), unit="video", desc=f"prepare {dataset}", dynamic_ncols=True, smoothing=0.05)
         n_err = 0
-        for k, vs in batches:
-            writer = ShardWriter(out, shard_name(k), vs, shapes, encoder, args.batch_size)
-            for v in vs:
-                result = next(results)
-                tokens, has_text = _tokens(tokenizer, v["title"], args.vocab_size)
-                writer.add(v, tokens, has_text, result)
-                n_err += not result["ok"]
-                bar.update(1)
-                bar.set_postfix(skipped=n_err, shard=k, refresh=False)
-            writer.finish()
-        bar.close()
-        results.close()  # stops the decode processes
+        try:
+            for k, vs in batches:
+                writer = ShardWriter(out, shard_name(k), vs, shapes, encoder, args.batch_size)
+                for v in vs:
+                    result = next(results)
+                    tokens, has_text = _tokens(tokenizer, v["title"], args.vocab_size)
+                    writer.add(v, tokens, has_text, result)
+                    n_err += not result["ok"]
+                    bar.update(1)
+                    bar.set_postfix(skipped=n_err, shard=k, refresh=False)
+                writer.finish()
+        finally:
+            bar.close()
+            # stops the decode processes now, also when a shard failed (not at interpreter exit, where a
+            # teardown racing the exit hooks is what printed a stray EBADF); _kill_pool never raises
+            results.close()
     return _merge_and_report(out, listing, args_dict, shapes, dataset, args.backbone, tok_name)
 
 

@@ -455,6 +455,35 @@ def test_decode_stream_survives_a_crashing_and_a_hanging_decoder():
     assert out[5]["ok"] is False and "longer than" in out[5]["reason"]
 
 
+def test_decode_stream_tears_its_pools_down_before_returning(monkeypatch):
+    # the pool's manager thread must be finished (its wake-up pipe closed) when decode_stream is done, on the
+    # normal path and when the consumer stops early: a teardown still running at interpreter exit races
+    # CPython's exit hook, which wrote to the closing pipe (the stray "OSError: [Errno 9] Bad file descriptor")
+    seen, kill = [], prepare._kill_pool
+
+    def spy(ex, graceful=False):
+        seen.append((ex._executor_manager_thread, ex._executor_manager_thread_wakeup, graceful))
+        return kill(ex, graceful)
+    monkeypatch.setattr(prepare, "_kill_pool", spy)
+    assert list(prepare.decode_stream([0, 1, 2, 3], workers=2, fn=_fragile)) == [0, 1, 2, 3]
+    results = prepare.decode_stream([0, 1, "hang", 3], workers=2, fn=_fragile)
+    assert next(results) == 0
+    results.close()  # videos still in flight, one of them hung: killed, and torn down before close() returns
+    assert [g for _, _, g in seen] == [True, False]
+    assert all(t is not None and not t.is_alive() and w._closed for t, w, _ in seen)
+
+
+def test_kill_pool_never_raises():
+    class Broken:
+        _processes = None
+        _executor_manager_thread = None
+
+        def shutdown(self, *a, **k):
+            raise OSError(9, "Bad file descriptor")
+    prepare._kill_pool(Broken())
+    prepare._kill_pool(Broken(), graceful=True)
+
+
 # ----------------------------------------------------------------------------------------------------
 # layouts
 
