@@ -2,13 +2,14 @@
 
     python benchmark.py bpe        # BPE training time, encode throughput, bytes per token
     python benchmark.py prepare    # prepare without the CNN vs decoding every frame with PyAV
+    python benchmark.py prepare --cnn   # on a GPU: prepare's ResNet-18 frames/s vs a plain bf16 pass
     python benchmark.py loader     # pretrain DataLoader clips/s and CPU training rate
-    python benchmark.py gpu        # on a GPU: ResNet-18 frames/s in prepare, training clips/s, MFU
+    python benchmark.py gpu        # on a GPU: paper-size training clips/s, MFU, ratio to gpu_anchor.py
 """
 import argparse
 
 # ----------------------------------------------------------------------------------------------------
-# bpe (owner: tokenizer)
+# bpe
 # Targets (issue 3): train 8,000 tokens on youtube_trending_titles_ascii.txt in <= 5 s on the 2-core dev
 # machine; a cold single pass over all 27,907 titles of youtube_trending_titles.txt at >= 20,000 titles/s;
 # the compression (UTF-8 bytes per token) of a standard byte-level BPE of the same size. The reference is
@@ -143,7 +144,7 @@ def add_bpe_args(p):
 
 
 # ----------------------------------------------------------------------------------------------------
-# prepare (owner: prepare)
+# prepare
 # Target (issue 3): per-video CPU time of prepare without the CNN (PyAV open + audio + OpenCV decode,
 # 10 fps sampling, crop/resize, log-mel) at most 1.0x the CPU time of decoding every video frame of the
 # same file with PyAV and no conversion. Both sides single-threaded in this process (prepare's decode
@@ -260,7 +261,7 @@ def add_prepare_args(p):
 
 
 # ----------------------------------------------------------------------------------------------------
-# loader and gpu (owner: pretrain)
+# loader and gpu
 # Targets (issue 5): the pretrain DataLoader alone >= 2x the training rate; on a GPU, the paper-size model
 # (width 1024, 4 layers, 16x7x7 video tokens, 256 mel frames, 128 text tokens, bf16, fused Adam) at batch
 # 256 compiled >= 1.1x ../shared/bench/gpu_anchor.py run beside it on the same card. The anchor's own
@@ -524,7 +525,6 @@ def add_gpu_args(p):
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="what", required=True)
-    # each section registers its sub-command here: sub.add_parser("bpe", help=...).set_defaults(run=bench_bpe)
     add_bpe_args(sub.add_parser("bpe", help="BPE training time, encode throughput, bytes per token"))
     add_prepare_args(sub.add_parser("prepare", help="prepare's CPU time without the CNN vs PyAV decoding every frame"))
     add_loader_args(sub.add_parser("loader", help="pretrain DataLoader clips/s and the CPU small-preset training rate"))
