@@ -1,5 +1,5 @@
 # The two commands of the README. Both create or reuse .venv/ and reinstall only when requirements.txt changed.
-#   make demo   the whole method end to end on a generated corpus (CPU, about 10 minutes with the install)
+#   make demo   the whole method end to end on a generated corpus (CPU, about 5 minutes with the install)
 #   make test   the test suite
 PYTHON ?= python3
 VENV   := .venv
