@@ -1151,10 +1151,11 @@ def shard_name(k):
     return f"shard_{k:05d}"
 
 
-def _content_config(args, dataset):
-    """The settings that decide the bytes of the cache (a re-run or shard job must agree on all of them)."""
-    return dict(dataset=dataset, sampling=args.sampling, size=args.size, pretrain_frames=args.pretrain_frames,
-                test_clips=args.test_clips, backbone=args.backbone,
+def _content_config(args, dataset, sampling, clips, frames):
+    """The settings that decide the bytes of the cache (a re-run or shard job must agree on all of them).
+    Clips and frames per video, not the flags: --test-clips does not matter to a pre-training cache, nor
+    --pretrain-frames to an evaluation one."""
+    return dict(dataset=dataset, sampling=sampling, clips=clips, frames=frames, size=args.size, backbone=args.backbone,
                 backbone_weights=str(args.backbone_weights) if args.backbone_weights else None,
                 vocab_size=args.vocab_size, shard_size=args.shard_size)
 
@@ -1378,8 +1379,7 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
 
     # the settings that decide the bytes must match any earlier run into the same --out
-    content = _content_config(args, dataset)
-    content["sampling"] = sampling
+    content = _content_config(args, dataset, sampling, clips, frames)
     cfg_path = out / "prepare_config.json"
     if cfg_path.is_file():
         old = json.loads(cfg_path.read_text())

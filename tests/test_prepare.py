@@ -377,6 +377,9 @@ def test_sharded_run_and_merge_equals_single_run(k700_single, tmp_path):
     # changed settings into the same cache are refused
     p = run_prepare("--root", root, "--out", out, "--shard-size", "2", *FAST[:3], "32", *FAST[4:], check=False)
     assert p.returncode != 0 and "other settings" in p.stderr
+    # a flag that does not reach a pre-training cache's bytes (--test-clips) is no change: the re-run resumes
+    p = run_prepare("--root", root, "--out", out, "--shard-size", "2", "--test-clips", "3", *FAST)
+    assert_same_cache(out, single)
 
 
 def test_bad_inputs_never_stop_a_run(tmp_path):
