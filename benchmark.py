@@ -214,6 +214,7 @@ def _bench_prepare_cnn(args):
     beside a plain bf16 channels_last pass on device-resident float input (the CNN's own ceiling)."""
     import json
     import time
+    from contextlib import nullcontext
     import numpy as np
     import torch
     import prepare
@@ -236,7 +237,7 @@ def _bench_prepare_cnn(args):
     steps = args.cnn_steps if cuda else 2
     ours = rate(lambda: enc(frames), len(frames), steps)
     x = torch.randn(len(frames), 3, args.size, args.size, device=device).contiguous(memory_format=torch.channels_last)
-    with torch.no_grad(), (torch.autocast("cuda", dtype=torch.bfloat16) if cuda else prepare.nullcontext()):
+    with torch.no_grad(), (torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()):
         plain = rate(lambda: enc.net(x), len(frames), steps)
     name = torch.cuda.get_device_name() if cuda else "cpu"
     print(json.dumps(dict(what="prepare_cnn", device=name, torch=torch.__version__, batch=len(frames), size=args.size,
@@ -457,7 +458,7 @@ def bench_gpu(args):
     if cuda:
         torch.set_float32_matmul_precision("high")  # as pretrain.py
     name = torch.cuda.get_device_name(device) if cuda else "cpu"
-    peak = args.peak_tflops or next((p for frag, p in PEAK_BF16_TFLOPS if frag in name), None) if cuda else None
+    peak = (args.peak_tflops or next((p for frag, p in PEAK_BF16_TFLOPS if frag in name), None)) if cuda else None
     if args.tiny:  # exercises every code path on a CPU in seconds
         cfg = _bench_config((64, 1, 2, 32), grid=2, vocab_size=300)
     else:

@@ -20,7 +20,6 @@ Choices the paper leaves open (each justified where it is made below):
   that space; this needs the three encoders to have the same width (checked in `LAVA.__init__`).
 """
 import dataclasses
-import math
 from dataclasses import dataclass, field
 
 import torch

@@ -262,6 +262,7 @@ def train_indices(cache):
         raise SystemExit(f"{cache.manifest.get('dataset')} cache has no videos with split == 'train' to pre-train on")
     return idx
 
+
 def make_loader(dataset, sampler, workers, device, seed):
     """The training DataLoader: `workers` processes that stay alive across epochs, pinned memory on CUDA."""
     return DataLoader(
@@ -397,6 +398,7 @@ def atomic_save(obj, path):
 
 
 def load_checkpoint(path):
+    """A checkpoint written by save() in main, on the CPU (probe.py reads checkpoints through this too)."""
     return torch.load(path, map_location="cpu", weights_only=True)
 
 # ----------------------------------------------------------------------------------------------------------
@@ -513,7 +515,7 @@ def main(argv=None):
     last_step = min(total_steps, args.max_steps) if args.max_steps else total_steps
 
     # -------------------------------------------------------------------------------- model, optimizer
-    from model import LAVA, LAVAConfig
+    from model import LAVA
     config = build_config(args, cache.manifest, cache.tokenizer)
     if cache.tokenizer is None and ("vt" in spaces or "avt" in spaces):
         raise SystemExit(f"--losses {args.losses} needs titles, but {args.cache} has no tokenizer: use --losses av")
@@ -570,7 +572,8 @@ def main(argv=None):
         dist.barrier()
 
     def save(epoch, step_in_epoch, name=None):
-        """Write ckpt_last.pt on rank 0 (after the finiteness check that precedes every call)."""
+        """Write ckpt_last.pt on rank 0, and with `name` the same file under that name too (every call follows a
+        flush(), whose finiteness check keeps a NaN run from overwriting the last good checkpoint)."""
         if not master:
             return
         state = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
@@ -636,7 +639,6 @@ def main(argv=None):
 
     if ckpt is not None:
         set_rng_state(ckpt["rng"], device)  # last, after everything that draws random numbers while building
-    end_of_epoch = False
     for epoch in range(start_epoch, args.epochs):
         if step >= last_step:
             break

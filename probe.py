@@ -15,8 +15,8 @@ averaged across all 3 splits"; HMDB-51 video only):
 1. Embeddings. Every clip of every video in the cache (`prepare.py`, C clips x 16 frames per video) goes once through
    the frozen encoders (eval mode, no_grad, batched): z_v = LAVA.encode_video (the "video" features) and
    z_a = LAVA.encode_audio ("audio+video" = [z_v, z_a] concatenated). They are stored on disk at
-   `<cache>/embeddings/<key>.npz`, key = the checkpoint file's sha256 (random init: the hash of its weights), so a second
-   run with the same checkpoint and cache costs nothing.
+   `<cache>/embeddings/<key>.npz`, key = the checkpoint file's sha256 (random init: the hash of its config and
+   weights), so a second run with the same checkpoint and cache costs nothing.
 2. Splits. The official lists are read from the dataset root (`ucfTrainTestlist/`, `testTrainMulti_7030_splits/`);
    counts are videos, not clips. A list naming a video absent from the cache is an error (with counts and
    examples) unless --allow-partial is given, which warns loudly and records the counts in the results.
@@ -29,11 +29,12 @@ averaged across all 3 splits"; HMDB-51 video only):
 
 Results JSON (--out; a .md table goes next to it): task "linear-probe", dataset, root, cache, checkpoint (path or
 "random"), checkpoint_sha256 (null for random), epoch (pre-training epochs done), random_seed, config_source, args
-(every flag), model_config (LAVAConfig.to_dict()), pretrain_args, cache_backbone, embeddings (the .npz path),
-modalities, splits: [{split, modalities, top1 (%), n_train, n_test (videos), n_train_clips, n_test_clips,
-hyperparameters {epochs, weight_decay}, validation_top1, validation (the whole grid), missing_audio {train, test},
-missing_videos {train, test}, time_s}], mean {"video": %, "audio+video": %, ...}, std (same keys), n_splits,
-partial, hyperparameter_grid, missing_audio {videos_in_cache, videos_without_audio, treatment}, paper, time_s.
+(every flag), model_config (LAVAConfig.to_dict()), pretrain_args, cache_backbone, cache_shapes, embeddings (the
+.npz path), split_ids, modalities, splits: [{split, modalities, top1 (%), n_train, n_test (videos), n_train_clips,
+n_test_clips, hyperparameters {epochs, weight_decay}, validation_top1, validation_videos, validation (the whole
+grid), missing_audio {train, test}, missing_videos {train, test}, time_s}], mean {"video": %, "audio+video": %, ...},
+std (same keys), n_splits, partial, hyperparameter_grid, missing_audio {videos_in_cache, videos_without_audio,
+treatment}, paper, time_s.
 --checkpoints writes task "checkpoint-series" with series: [{checkpoint, checkpoint_sha256, epoch, mean, std,
 splits}] and a .png; --retrieval writes task "retrieval" with retrieval: {"video->text": {R@1, R@5, R@10, MedR, n},
 "text->video", "video->audio", "audio->video"}.
@@ -239,7 +240,7 @@ def group_labels(y, groups):
     first_row[codes[::-1]] = np.arange(len(codes))[::-1]  # index of each group's first row
     labels = y[first_row]
     if np.any(labels[codes] != y):
-        bad = keys[np.flatnonzero(np.bincount(codes, weights=(labels[codes] != y), minlength=len(keys)))[0]]
+        bad = keys[codes[labels[codes] != y].min()]
         raise ValueError(f"the rows of group {bad!r} carry different labels: one video has one label")
     return labels
 
@@ -327,33 +328,30 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         # of 0.24 s. Big layers (real UCF audio+video: 101 x 2049) keep every thread.
         threads = torch.get_num_threads()
         torch.set_num_threads(1 if k * (d + 1) < 2**17 else threads)
+        beta1, beta2, eps = 0.9, 0.999, 1e-8  # torch.optim.Adam defaults
+        step = 0
         try:
-            yield from self._epochs(Z, onehot, P, m, v, decay, gen, n, d)
+            for epoch in range(1, int(self.epochs) + 1):
+                order = torch.randperm(n, generator=gen).to(device)
+                for start in range(0, n, self.batch_size):
+                    idx = order[start:start + self.batch_size]
+                    zb = Z[idx]                                         # (b, d+1)
+                    # cross-entropy gradient by hand (4x faster than autograd + torch.optim at these sizes):
+                    # dL/dlogits = (softmax - onehot) / b, dL/dP = that^T @ zb; same update as torch.optim.Adam
+                    # (tests/test_probe.py checks it against torch.optim.Adam)
+                    g = torch.softmax(zb @ P.T, dim=1).sub_(onehot[idx])  # (b, k)
+                    grad = (g.T @ zb).div_(len(idx)).add_(P * decay)      # (k, d+1), L2 term on the weights only
+                    step += 1
+                    m.mul_(beta1).add_(grad, alpha=1 - beta1)
+                    v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                    denom = (v.sqrt() / math.sqrt(1 - beta2 ** step)).add_(eps)
+                    P.addcdiv_(m, denom, value=-self.lr / (1 - beta1 ** step))
+                weights = P.detach().cpu().double().numpy()
+                self.coef_, self.intercept_ = weights[:, :d].copy(), weights[:, d].copy()
+                self.n_epochs_ = epoch
+                yield epoch
         finally:
             torch.set_num_threads(threads)
-
-    def _epochs(self, Z, onehot, P, m, v, decay, gen, n, d):
-        beta1, beta2, eps = 0.9, 0.999, 1e-8  # torch.optim.Adam defaults
-        device, step = Z.device, 0
-        for epoch in range(1, int(self.epochs) + 1):
-            order = torch.randperm(n, generator=gen).to(device)
-            for start in range(0, n, self.batch_size):
-                idx = order[start:start + self.batch_size]
-                zb = Z[idx]                                         # (b, d+1)
-                # cross-entropy gradient by hand (4x faster than autograd + torch.optim at these sizes):
-                # dL/dlogits = (softmax - onehot) / b, dL/dP = that^T @ zb; same update as torch.optim.Adam
-                # (tests/test_probe.py checks it against torch.optim.Adam)
-                g = torch.softmax(zb @ P.T, dim=1).sub_(onehot[idx])  # (b, k)
-                grad = (g.T @ zb).div_(len(idx)).add_(P * decay)      # (k, d+1), L2 term on the weights only
-                step += 1
-                m.mul_(beta1).add_(grad, alpha=1 - beta1)
-                v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-                denom = (v.sqrt() / math.sqrt(1 - beta2 ** step)).add_(eps)
-                P.addcdiv_(m, denom, value=-self.lr / (1 - beta1 ** step))
-            weights = P.detach().cpu().double().numpy()
-            self.coef_, self.intercept_ = weights[:, :d].copy(), weights[:, d].copy()
-            self.n_epochs_ = epoch
-            yield epoch
 
     def _logits(self, X, groups=None):
         # X (n, d) -> logits (n, k) in float64 (or (g, k) averaged per group); row by row identical results
@@ -459,7 +457,9 @@ def read_checkpoint(path):
     path = Path(path)
     if not path.is_file():
         raise ProbeError(f"checkpoint {path} not found")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    from pretrain import load_checkpoint
+
+    ckpt = load_checkpoint(path)
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model" not in ckpt.get("config", {}):
         raise ProbeError(f"{path} is not a pretrain.py checkpoint (needs 'model' and config['model'])")
     return ckpt
@@ -469,10 +469,8 @@ def preset_config(name, manifest):
     """LAVAConfig of pretrain.py's `--model NAME` preset for a cache with this manifest (pretrain.build_config), so
     `--checkpoint random --model small` builds what `pretrain.py --model small` trains. The text table differs
     (an eval cache has no tokenizer); for an exact twin of a run use --config-from its checkpoint."""
-    try:
-        import pretrain
-    except ImportError as e:
-        raise ProbeError(f"--model {name} needs pretrain.py's presets ({e}); use --config-from CKPT") from None
+    import pretrain
+
     ns = pretrain.resolve_args(pretrain.get_parser().parse_args(["--model", name]))
     return pretrain.build_config(ns, manifest, None)
 
@@ -570,19 +568,17 @@ def check_model_fits_cache(model, cache, info):
                       f"'{cache.manifest.get('backbone')}' features: the encoder has never seen such inputs")
 
 
-def embedding_path(cache, info, override=None):
-    return Path(override or Path(cache.path) / "embeddings") / f"{info['embedding_key']}.npz"
-
-
 def load_or_extract_embeddings(model, cache, info, batch_clips=64, device="cpu", directory=None, recompute=False,
                                text=True):
     """Embeddings of every clip in the cache, from disk when this (checkpoint, cache) pair was done before.
 
     Returns dict(z_v (N, C, D), z_a (N, C, D), z_t (N, D), has_audio (N,), has_text (N,), ids (N,), path).
     z_a is 0 where has_audio is False and z_t 0 where has_text is False (those rows are never read as data).
-    The file records the cache manifest's hash; a cache re-prepared since then invalidates it.
+    The file records the cache manifest's hash; a cache re-prepared since then invalidates it. Files with text
+    embeddings (retrieval) and without (the probe) are kept apart, so neither is mistaken for the other.
     """
-    path = embedding_path(cache, info, directory)
+    name = info["embedding_key"] + ("_text" if text else "")
+    path = Path(directory or Path(cache.path) / "embeddings") / f"{name}.npz"
     manifest_sha = hashlib.sha256(json.dumps(cache.manifest, sort_keys=True).encode()).hexdigest()
     ids = np.array([v["id"] for v in cache.videos])
     if path.is_file() and not recompute:
@@ -611,11 +607,13 @@ def extract_embeddings(model, cache, batch_clips=64, device="cpu", text=True):
     """
     from tqdm import tqdm
 
+    from pretrain import MEL_PER_FRAME
+
     model.eval()
     cfg, shapes = model.config, cache.manifest["shapes"]
     N, C, T = len(cache), shapes["clips"], shapes["frames"]
     s = (T - cfg.video.frames) // 2                    # first frame of the window
-    a0, A = 10 * s, cfg.audio.frames                    # its mel frames
+    a0, A = MEL_PER_FRAME * s, cfg.audio.frames         # its mel frames
     W = cfg.video.width
     z_v = np.zeros((N, C, W), np.float32)
     z_a = np.zeros((N, C, cfg.audio.width), np.float32)
@@ -838,8 +836,6 @@ def summarize(rows, modalities):
 
 def losses_label(pretrain_args):
     losses = (pretrain_args or {}).get("losses")
-    if isinstance(losses, (list, tuple)):
-        losses = ",".join(losses)
     return "+".join(x.strip().upper() for x in losses.split(",")) if losses else "?"
 
 
@@ -848,7 +844,7 @@ def markdown_table(result):
     ds = result["dataset"]
     ours_name = "random init" if result["checkpoint"] == "random" else f"`{result['checkpoint']}`"
     lines = [f"# Linear probe: {DATASET_NAMES.get(ds, ds)}, {ours_name}", "",
-             f"Table 1 layout: top-1 (%) averaged over splits {[r for r in result['split_ids']]}"
+             f"Table 1 layout: top-1 (%) averaged over splits {result['split_ids']}"
              f" (ours: mean +- sample std; paper: 3-split mean).", "",
              "| Method | Pre-train data | Mod. | UCF | HMDB |", "| --- | --- | --- | --- | --- |"]
     for m in ("video", "audio+video"):
@@ -909,8 +905,10 @@ def write_results(result, out):
 def _json_default(x):
     if isinstance(x, (np.integer, np.floating)):
         return x.item()
-    if isinstance(x, (Path, np.ndarray)):
-        return str(x) if isinstance(x, Path) else x.tolist()
+    if isinstance(x, Path):
+        return str(x)
+    if isinstance(x, np.ndarray):
+        return x.tolist()
     raise TypeError(f"not JSON serialisable: {type(x)}")
 
 
@@ -1091,12 +1089,9 @@ def run_probe(args):
         args.checkpoint = str(latest_checkpoint())
     result = probe_one_checkpoint(args, cache, split_data, resolved, splits, modalities, grid, root)
     result["time_s"] = time.time() - t0
-    if args.out:
-        out = Path(args.out)
-    else:
-        run_dir = result.pop("_run_dir") or Path("runs")
-        out = Path(run_dir) / f"probe_{args.dataset}{'_random' if args.checkpoint == 'random' else ''}.json"
-    result.pop("_run_dir", None)
+    run_dir = result.pop("_run_dir") or "runs"
+    name = f"probe_{args.dataset}{'_random' if args.checkpoint == 'random' else ''}.json"
+    out = Path(args.out or Path(run_dir) / name)
     write_results(result, out)
     print(markdown_table(result))
     print(f"wrote {out} and {out.with_suffix('.md')} ({result['time_s']:.0f} s)")
@@ -1112,7 +1107,7 @@ def probe_one_checkpoint(args, cache, split_data, resolved, splits, modalities, 
     ids = emb["ids"]
     class_emb = None
     if "zero-shot" in modalities:
-        class_emb = zero_shot_classifier(model, load_run_tokenizer(info, args), split_data[splits[0]]["classes"])
+        class_emb = zero_shot_classifier(model, load_run_tokenizer(info), split_data[splits[0]]["classes"])
     rows = []
     for k in splits:
         res, n_missing = resolved[k]
@@ -1146,17 +1141,14 @@ def probe_one_checkpoint(args, cache, split_data, resolved, splits, modalities, 
         _run_dir=info["run_dir"])
 
 
-def load_run_tokenizer(info, args):
-    """The run's tokenizer.bpe (pretrain.py copies it into the run folder), else the K700 cache's next to it."""
+def load_run_tokenizer(info):
+    """The run's tokenizer.bpe, which pretrain.py copies into the run folder."""
     from prepare import BPETokenizer
 
-    candidates = []
-    if info.get("run_dir"):
-        candidates.append(Path(info["run_dir"]) / "tokenizer.bpe")
-    for path in candidates:
-        if path.is_file():
-            return BPETokenizer.load(path)
-    raise ProbeError(f"--zero-shot needs the pre-training run's tokenizer.bpe (looked in {candidates or 'no run folder'}; "
+    path = Path(info["run_dir"]) / "tokenizer.bpe" if info.get("run_dir") else None
+    if path is not None and path.is_file():
+        return BPETokenizer.load(path)
+    raise ProbeError(f"--zero-shot needs the pre-training run's tokenizer.bpe (looked in {path or 'no run folder'}; "
                      f"with --checkpoint random pass --config-from the run's checkpoint)")
 
 
