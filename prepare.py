@@ -23,9 +23,9 @@ What it does, per video (the decode half runs in --workers processes, the CNN in
        ucf101 / hmdb51 / folder ("eval" sampling): C = --test-clips (10) uniformly spaced 16-frame windows;
        the union of their frames is decoded and run through the CNN once, then indexed per window.
      Clips longer than the video repeat the last real frame; frames.npy records how many are real.
-  2. audio: PyAV decodes the container's first audio stream (soundfile for .wav/.flac, and a same-named
-     .wav/.flac next to a video without audio), mono 16 kHz, log-mel (80 bins, n_fft 400, hop 160) cut
-     into A = 256 + 10 (T - 16) frames per clip so that mel[10 s : 10 s + 256] is centred on video frames
+  2. audio: PyAV decodes the container's first audio stream (soundfile reads a same-named .wav/.flac next
+     to a video without audio), mono 16 kHz, log-mel (80 bins, n_fft 400, hop 160) cut into
+     A = 256 + 10 (T - 16) frames per clip so that mel[10 s : 10 s + 256] is centred on video frames
      s .. s+15. No audio stream, silence or undecodable audio -> has_audio False (noted, not an error).
   3. video features: frozen torchvision ResNet-18 up to layer4 (eval, no_grad, channels_last, bf16
      autocast on CUDA): (G, G, 512) per frame, G = size // 32, stored float16.
@@ -52,7 +52,7 @@ import shutil
 import sys
 import time
 import warnings
-from collections import Counter, defaultdict
+from collections import Counter, defaultdict, deque
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -240,7 +240,7 @@ class BPETokenizer:
         return self.vocab_size - 1
 
     # ---- training ----------------------------------------------------------------------------------
-    def train(self, texts, vocab_size, verbose=False):
+    def train(self, texts, vocab_size):
         """Learn vocab_size - 258 merges from `texts` (an iterable of str); returns self.
 
         Tie-break: the pair with the highest count wins; among equal counts, the smallest pair (a, b)
@@ -278,17 +278,13 @@ class BPETokenizer:
         # entries are not removed when a word loses the pair, the scan below simply finds nothing)
         counts, where = {}, defaultdict(set)
         for wi, (word, n) in enumerate(zip(words, freqs)):
-            for pair, c in get_stats(word).items():
-                counts[pair] = counts.get(pair, 0) + c * n
+            get_stats(word, counts, weight=n)
+            for pair in zip(word, word[1:]):
                 where[pair].add(wi)
         heap = [(-c, pair) for pair, c in counts.items()]  # (-count, pair): heapq is a min-heap
         heapq.heapify(heap)
 
         merges = []
-        bar = None
-        if verbose:
-            from tqdm import tqdm
-            bar = tqdm(total=num_merges, desc="bpe merges", unit="merge", mininterval=1.0)
         while len(merges) < num_merges:
             # surface the true best pair: an entry is current when its count equals counts[pair]
             while heap:
@@ -304,7 +300,7 @@ class BPETokenizer:
                 _bpe_log.warning("bpe: no pair occurs twice after %d merges; stopping at vocab_size %d "
                                  "(asked %d)", len(merges), 256 + len(merges) + len(BPE_SPECIALS), vocab_size)
                 break
-            neg, pair = heapq.heappop(heap)
+            pair = heapq.heappop(heap)[1]
             a, b = pair
             new = 256 + len(merges)
             merges.append(pair)
@@ -339,11 +335,6 @@ class BPETokenizer:
                 c = counts[p]
                 if c > 0:
                     heapq.heappush(heap, (-c, p))
-            if bar is not None and len(merges) % 100 == 0:
-                bar.update(len(merges) - bar.n)
-        if bar is not None:
-            bar.update(len(merges) - bar.n)
-            bar.close()
         self._set_merges(merges)
         return self
 
@@ -528,11 +519,10 @@ def read_titles_csv(path, errors):
     # decode per field rather than per file so one bad row degrades one title, not the whole csv
     text = raw.decode("utf-8", errors="surrogateescape")
     rows = csv.reader(io.StringIO(text, newline=""))
-    header = next(rows, None)
-    if not header or "title" not in [h.strip().lower() for h in header]:
+    header = [h.strip().lstrip("\ufeff").lower() for h in next(rows, [])]  # a BOM from spreadsheet exports
+    if "title" not in header:
         errors.append(dict(path=str(path), reason="titles.csv has no `title` column in its header", action="file ignored"))
         return {}
-    header = [h.strip().lstrip("\ufeff").lower() for h in header]
     key_col = next((header.index(k) for k in ("youtube_id", "path", "id") if k in header), 0)
     title_col = header.index("title")
     titles = {}
@@ -550,7 +540,7 @@ def read_titles_csv(path, errors):
     return titles
 
 
-def list_k700(root, errors):
+def list_k700(root):
     root = Path(root)
     videos = []
     for split in ("train", "val"):
@@ -565,25 +555,20 @@ def list_k700(root, errors):
     return videos
 
 
-def list_ucf101(root, errors):
-    folder = Path(root) / "UCF-101"
+def list_class_folders(root, sub):
+    """UCF-101 (sub "UCF-101") and HMDB-51 (sub "videos"): ROOT/sub/<class>/<file>, id = the path under sub."""
+    folder = Path(root) / sub
     return [dict(id=f.relative_to(folder).as_posix(), path=f.relative_to(root).as_posix(),
                  label=f.relative_to(folder).parts[0], split=None, title=None) for f in _video_files(folder)]
 
 
-def list_hmdb51(root, errors):
-    folder = Path(root) / "videos"
-    return [dict(id=f.relative_to(folder).as_posix(), path=f.relative_to(root).as_posix(),
-                 label=f.relative_to(folder).parts[0], split=None, title=None) for f in _video_files(folder)]
-
-
-def list_folder(root, errors, skip=()):
+def list_folder(root, skip=()):
     root = Path(root)
     videos = []
     for f in _video_files(root, skip=skip):
-        rel = f.relative_to(root).as_posix()
-        label = f.relative_to(root).parts[0] if len(f.relative_to(root).parts) > 1 else None
-        videos.append(dict(id=rel, path=rel, label=label, split=None, title=None))
+        rel = f.relative_to(root)
+        label = rel.parts[0] if len(rel.parts) > 1 else None
+        videos.append(dict(id=rel.as_posix(), path=rel.as_posix(), label=label, split=None, title=None))
     return videos
 
 
@@ -605,14 +590,13 @@ def list_videos(root, dataset, out, workers=0):
     root, errors = Path(root), []
     if dataset == "auto":
         dataset = detect_layout(root)
-    readers = dict(k700=list_k700, ucf101=list_ucf101, hmdb51=list_hmdb51)
     if dataset == "folder":
-        videos = list_folder(root, errors, skip=[out])
+        videos = list_folder(root, skip=[out])
     else:
         need = {"k700": ["train", "val"], "ucf101": ["UCF-101"], "hmdb51": ["videos"]}[dataset]
         if not any((root / d).is_dir() for d in need):
             raise ValueError(f"--root {root} is not a {dataset} folder: expected {LAYOUTS[dataset]}")
-        videos = readers[dataset](root, errors)
+        videos = list_k700(root) if dataset == "k700" else list_class_folders(root, need[0])
     if not videos:
         raise ValueError(f"--root {root} ({dataset} layout) holds no video files. Expected:\n  {LAYOUTS[dataset]}")
 
@@ -663,8 +647,7 @@ def clip_plan(num_frames, clips, frames, sampling):
     """
     K = max(1, int(num_frames))
     if sampling == "pretrain" or clips == 1:
-        starts = [max(0, (K - frames) // 2)]
-        starts = starts * clips
+        starts = [max(0, (K - frames) // 2)] * clips
     elif K <= frames:
         starts = [0] * clips
     else:  # uniformly spaced windows from the first frame to the last
@@ -829,13 +812,14 @@ def _open_av(path):
     return av.open(str(path), metadata_errors="replace")
 
 
-def load_audio(path, until=None):
+def load_audio(path):
     """(wave float32 (n,) 16 kHz mono with t = 0 at the first video frame, or None, reason or None).
 
-    The offset between the audio and video stream start times is applied (zeros in front or samples
-    dropped) so that mel frames line up with video timestamps, which OpenCV counts from the video stream's
-    start. Decoding errors midway keep what was decoded (reason set); none at all -> None. `until`: stop
-    decoding once this many seconds are in hand (pre-training needs only the central clip's audio).
+    The audio of one file on its own (a video, or a .wav/.flac); the tests read tracks with it, while
+    prepare opens each video once and calls _decode_audio from _decode_video. The offset between the
+    audio and video stream start times is applied (zeros in front or samples dropped) so that mel frames
+    line up with video timestamps, which OpenCV counts from the video stream's start. Decoding errors
+    midway keep what was decoded (reason set); none at all -> None.
     """
     path = Path(path)
     if path.suffix.lower() in AUDIO_EXTS:
@@ -845,7 +829,7 @@ def load_audio(path, until=None):
     except Exception as e:
         return None, f"cannot open for audio: {type(e).__name__}: {e}"
     with container:
-        return _decode_audio(container, path, until)
+        return _decode_audio(container, path)
 
 
 # decoded sample formats -> (numpy dtype, scale to [-1, 1], offset); planar variants end in "p"
@@ -882,7 +866,8 @@ def _frame_mono(frame):
 
 
 def _decode_audio(container, path, until=None):
-    """load_audio on an open PyAV container (so a video is opened by PyAV once, not twice)."""
+    """load_audio on an open PyAV container (so a video is opened by PyAV once, not twice). `until`: stop
+    decoding once this many seconds are in hand (pre-training needs only the central clip's audio)."""
     import torch
     if not container.streams.audio:
         for ext in (".wav", ".flac", ".WAV", ".FLAC"):  # a sidecar track next to a silent video
@@ -1035,7 +1020,7 @@ def _decode_video(job):
         until = ((FPS * int(starts.max()) - 47 + job["audio_frames"]) * HOP + N_FFT) / SAMPLE_RATE
         wave, reason = _decode_audio(container, path, until)
 
-    frames, real, src, misses, end = sample_frames(path, targets, job["size"], job.get("threads", 1))
+    frames, real, _, _, end = sample_frames(path, targets, job["size"], job.get("threads", 1))
     if not real.all() and end < duration - 0.5:
         # the stream stops well before the duration its header states (a truncated download): plan the
         # clips again on what is really there, so they hold frames rather than repeats of the last one
@@ -1043,7 +1028,7 @@ def _decode_video(job):
                       "(truncated?)", "clips planned on the decodable part"))
         K = max(1, math.ceil(end * FPS - 1e-6))
         targets, index, starts = clip_plan(K, job["clips"], job["frames"], job["sampling"])
-        frames, real, src, misses, end = sample_frames(path, targets, job["size"], job.get("threads", 1))
+        frames, real, _, _, end = sample_frames(path, targets, job["size"], job.get("threads", 1))
     nreal = real[index].sum(axis=1).astype(np.int16)  # (C,) real frames per clip (a prefix of each clip)
     if int(real.sum()) <= 1 and len(real) > 1:
         notes.append(("a single decodable frame", "repeated over the clip"))
@@ -1178,15 +1163,15 @@ class ShardWriter:
         if self.tmp.exists():
             shutil.rmtree(self.tmp)
         self.tmp.mkdir(parents=True)
-        self.videos, self.shapes, self.encoder, self.batch_size = videos, shapes, encoder, batch_size
+        self.shapes, self.encoder, self.batch_size = shapes, encoder, batch_size
         n, S = len(videos), shapes
         self.arrays = {}
         for key, (dtype, dims) in SHARD_ARRAYS.items():
             shape = (n,) + tuple(S[d] for d in dims)
             self.arrays[key] = np.lib.format.open_memmap(self.tmp / f"{key}.npy", mode="w+", dtype=dtype, shape=shape)
         self.rows, self.errors = [], []
-        self.queue = []      # [(slot, frames uint8 (u, S, S, 3))] waiting for the CNN, in arrival order
-        self.pending = {}    # slot -> [row, index (C,T), features (U,G,G,F) being filled, n filled]
+        self.queue = []      # [(row, frames uint8 (u, S, S, 3))] waiting for the CNN, in arrival order
+        self.pending = {}    # row -> [index (C,T), features (U,G,G,F) being filled, n filled]
         self.queued = 0
 
     def add(self, video, tokens, has_text, result):
@@ -1206,41 +1191,41 @@ class ShardWriter:
         a["audio"][row] = result["mel"] if result["mel"] is not None else 0
         U = len(result["frames"])
         G = self.shapes["grid"]
-        self.pending[row] = [row, result["index"], np.empty((U, G, G, FEATURE_DIM), np.float16), 0]
+        self.pending[row] = [result["index"], np.empty((U, G, G, FEATURE_DIM), np.float16), 0]
         self.queue.append((row, result["frames"]))
         self.queued += U
         while self.queued >= self.batch_size:
-            self._run(self.batch_size)
+            self._run()
 
-    def _run(self, limit):
-        """Run the CNN on the first `limit` queued frames (possibly from several videos)."""
+    def _run(self):
+        """Run the CNN on the first --batch-size queued frames (possibly from several videos)."""
         parts, owners, taken = [], [], 0
-        while self.queue and taken < limit:
-            slot, frames = self.queue[0]
-            take = min(len(frames), limit - taken)
+        while self.queue and taken < self.batch_size:
+            row, frames = self.queue[0]
+            take = min(len(frames), self.batch_size - taken)
             parts.append(frames[:take])
-            owners.append((slot, take))
+            owners.append((row, take))
             if take == len(frames):
                 self.queue.pop(0)
             else:
-                self.queue[0] = (slot, frames[take:])
+                self.queue[0] = (row, frames[take:])
             taken += take
         self.queued -= taken
         feats = self.encoder(np.concatenate(parts))  # (taken, G, G, 512)
         at = 0
-        for slot, take in owners:
-            p = self.pending[slot]
-            p[2][p[3]:p[3] + take] = feats[at:at + take]
-            p[3] += take
+        for row, take in owners:
+            p = self.pending[row]
+            p[1][p[2]:p[2] + take] = feats[at:at + take]
+            p[2] += take
             at += take
-            if p[3] == len(p[2]):  # every unique frame done: index the windows (C, T) -> (C, T, G, G, F)
-                self.arrays["video"][p[0]] = p[2][p[1]]
-                del self.pending[slot]
+            if p[2] == len(p[1]):  # every unique frame done: index the windows (C, T) -> (C, T, G, G, F)
+                self.arrays["video"][row] = p[1][p[0]]
+                del self.pending[row]
 
     def finish(self):
         """Flush the CNN queue, trim skipped rows, write videos.jsonl + errors.jsonl, rename into place."""
         while self.queued:
-            self._run(self.batch_size)
+            self._run()
         n = len(self.rows)
         for key, arr in list(self.arrays.items()):
             arr.flush()
@@ -1269,7 +1254,6 @@ class ShardWriter:
                 raise
             # another job (same --shard-index twice) finished this shard first: same bytes, keep theirs
             shutil.rmtree(self.tmp, ignore_errors=True)
-        return n
 
 
 def _fsync_dir(folder):
@@ -1445,7 +1429,6 @@ def decode_stream(jobs, workers, timeout=None, fn=None):
     it is killed, and the videos that were in flight run again one at a time, so the failure is pinned on
     its own file (skipped, reason in prepare_errors.jsonl) and the others come out as in any run.
     """
-    from collections import deque
     from concurrent.futures import TimeoutError as FutureTimeout
     from concurrent.futures.process import BrokenProcessPool
     fn = fn or decode_video
@@ -1510,12 +1493,7 @@ def _run(args, root, out, dataset, sampling, clips, frames, shapes, args_dict):
             t0 = time.time()
             tokenizer = BPETokenizer()
             tokenizer.train(train_titles or [v["title"] for v in titled], args.vocab_size)
-            tmp = out / f".tokenizer.tmp-{os.getpid()}"
-            tmp.mkdir(exist_ok=True)
-            tokenizer.save(tmp / tok_name)
-            for f in sorted(tmp.iterdir()):
-                os.replace(f, out / f.name)
-            tmp.rmdir()
+            tokenizer.save(out / tok_name)  # .bpe then .vocab, each written atomically
             print(f"prepare: BPE tokenizer, vocab {tokenizer.vocab_size}, trained on {len(train_titles)} "
                   f"titles in {time.time() - t0:.1f} s")
     if args.list_only:
@@ -1538,7 +1516,8 @@ def _run(args, root, out, dataset, sampling, clips, frames, shapes, args_dict):
         import torch
         device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
         encoder = FrameEncoder(args.backbone, args.backbone_weights, device)
-        _worker_init_main()
+        import cv2
+        cv2.setNumThreads(1)  # as in the decode workers (_worker_init); with --workers 0 decoding runs here
         job = dict(size=args.size, clips=clips, frames=frames, sampling=sampling,
                    audio_frames=shapes["audio_frames"], threads=1)
         batches = [(k, videos[k * args.shard_size:(k + 1) * args.shard_size]) for k in todo]
@@ -1564,11 +1543,6 @@ def _run(args, root, out, dataset, sampling, clips, frames, shapes, args_dict):
             # teardown racing the exit hooks is what printed a stray EBADF); _kill_pool never raises
             results.close()
     return _merge_and_report(out, listing, args_dict, shapes, dataset, args.backbone, tok_name)
-
-
-def _worker_init_main():
-    import cv2
-    cv2.setNumThreads(1)
 
 
 def _tokens(tokenizer, title, vocab_size):

@@ -20,7 +20,7 @@ Writes (exactly the official on-disk layouts, so every reader meets what it meet
     OUT/synth_state.json        the config each dataset folder was written with: a rerun with the same
                                 flags reuses it, other flags replace it, a folder synth did not write stays
 
-What the content carries (see ../shared/notes/demo-corpus.md for why each choice matters):
+What the content carries, and why:
   * `--classes` latent actions (default 8) shared by the three datasets, each with a dataset-specific name
     (K700 "kicking soccer ball", UCF "SoccerKick", HMDB "kick_ball").
   * video: one large high-contrast disc moving in direction 2*pi*c/K over a lightly tinted grey background.
@@ -254,10 +254,9 @@ def parse_fps(text):
         value = float(item)
         for ntsc in (23.976, 29.97, 59.94):
             if abs(value - ntsc) < 0.006:
-                value = None
                 rates.append(Fraction(round(ntsc * 1.001) * 1000, 1001))
                 break
-        if value is not None:
+        else:
             rates.append(Fraction(value).limit_denominator(1001))
     return rates
 
@@ -352,7 +351,7 @@ def make_file(job):
                 label=job["label"], fps=str(fps), frames=n_frames, width=width, height=height,
                 seconds=n_frames / float(fps), vcodec=vcodec, has_audio=job["has_audio"],
                 acodec=acodec if job["has_audio"] else None, sample_rate=rate if job["has_audio"] else None,
-                channels=channels if job["has_audio"] else None, title=title, extra=job.get("extra", {}))
+                channels=channels if job["has_audio"] else None, title=title, extra=job["extra"])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -592,13 +591,12 @@ def run(args):
     for d in todo:   # marked before writing: an interrupted run leaves a folder synth may replace
         state[d] = dict(complete=False, config=config)
     state_path.write_text(json.dumps(state, indent=1))
-    args = argparse.Namespace(**{**vars(args), "only": todo})
 
     names = action_names(args.classes)
     common = dict(out=str(out), seed=args.seed, classes=args.classes, size=args.size, noise=args.noise,
                   fps_choices=args.fps_choices, names=names, title_noise=args.title_noise)
     planners = {"k700": plan_k700, "ucf101": plan_ucf, "hmdb51": plan_hmdb}
-    jobs = [job for dataset in DATASET_CODES if dataset in args.only for job in planners[dataset](args, names, common)]
+    jobs = [job for dataset in DATASET_CODES if dataset in todo for job in planners[dataset](args, names, common)]
 
     records = []
     bar = tqdm(total=len(jobs), desc="synth", unit="file", disable=not jobs)
@@ -616,7 +614,7 @@ def run(args):
     bar.close()
     records.sort(key=lambda r: (DATASET_CODES[r["dataset"]], r["index"]))
 
-    by_dataset = {d: [r for r in records if r["dataset"] == d] for d in args.only}
+    by_dataset = {d: [r for r in records if r["dataset"] == d] for d in todo}
     if "k700" in by_dataset:
         write_k700_index(out, by_dataset["k700"])
     if "ucf101" in by_dataset:
@@ -647,9 +645,8 @@ def run(args):
         print(line + f", {size / 2**20:.1f} MiB")
     for dataset in reused:
         print(f"  {dataset:7s} up to date (same config), reused; --overwrite regenerates it")
-    order = {d: i for i, d in enumerate(DATASET_CODES)}
     return sorted(records + [r for r in kept if r["dataset"] in reused],
-                  key=lambda r: (order[r["dataset"]], r["index"]))
+                  key=lambda r: (DATASET_CODES[r["dataset"]], r["index"]))
 
 
 if __name__ == "__main__":

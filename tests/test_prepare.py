@@ -545,3 +545,13 @@ def test_ucf_eval_run_end_to_end(tmp_path):
     # overlapping windows share frames: windows start at grid frames 0, 8, 15 of 31
     assert np.array_equal(long["video"][0, 8:], long["video"][1, :8])
     assert np.array_equal(short["video"][0, 9:], np.broadcast_to(short["video"][0, 8], (7, 2, 2, 512)))
+
+
+def test_titles_csv_header_with_byte_order_mark(tmp_path):
+    # spreadsheet exports start with a UTF-8 BOM; the header must still be found whatever the column order
+    path = tmp_path / "titles.csv"
+    path.write_bytes("\ufefftitle,youtube_id\r\n\"a, quoted\",abcdefghijk\r\n".encode())
+    errors = []
+    assert prepare.read_titles_csv(path, errors) == {"abcdefghijk": "a, quoted"} and errors == []
+    path.write_bytes(b"youtube_id,name\nabcdefghijk,x\n")
+    assert prepare.read_titles_csv(path, errors) == {} and "no `title` column" in errors[0]["reason"]
