@@ -1489,10 +1489,12 @@ def _run(args, root, out, dataset, sampling, clips, frames, shapes, args_dict):
         if (out / tok_name).is_file():
             tokenizer = BPETokenizer.load(out / tok_name)
         else:
-            train_titles = [v["title"] for v in titled if v["split"] in ("train", None)]
+            # train-split titles only (val is held out for retrieval); a layout without splits uses them all
+            train_titles = ([v["title"] for v in titled if v["split"] in ("train", None)]
+                            or [v["title"] for v in titled])
             t0 = time.time()
             tokenizer = BPETokenizer()
-            tokenizer.train(train_titles or [v["title"] for v in titled], args.vocab_size)
+            tokenizer.train(train_titles, args.vocab_size)
             tokenizer.save(out / tok_name)  # .bpe then .vocab, each written atomically
             print(f"prepare: BPE tokenizer, vocab {tokenizer.vocab_size}, trained on {len(train_titles)} "
                   f"titles in {time.time() - t0:.1f} s")
