@@ -460,6 +460,8 @@ def main(argv=None):
     device = torch.device(args.device)
     if device.type == "cuda" and ddp:
         device = torch.device("cuda", local_rank)
+    elif device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())  # set_device needs an index (torch 2.11)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if ddp:
