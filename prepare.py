@@ -714,6 +714,7 @@ def sample_frames(path, targets, size, threads=1):
     i, j, misses = 0, -1, 0            # i: next target to serve; j: number of the frame just grabbed
     prev_pts, max_dt, min_dt = None, 0.0, math.inf   # frame intervals seen so far
     cand, cand_src = None, -1          # the most recently retrieved frame (processed) and its number
+    buf = None                         # retrieve()'s full-size picture, reused (_square copies out of it)
     try:
         while i < n:
             if not cap.grab():
@@ -728,7 +729,8 @@ def sample_frames(path, targets, size, threads=1):
             prev_pts = pts
             if times[i] < pts - TIME_TOL and cand_src != j - 1:
                 if j == 0:  # targets before the first timestamp: the first frame is the nearest
-                    ok, img = cap.retrieve()
+                    ok, img = cap.retrieve(buf)
+                    buf = img if ok else None
                 else:       # frame j-1 was on screen but not retrieved (a VFR gap longer than any before)
                     ok, img = _nth_frame(path, j - 1, threads)
                     misses += 1
@@ -741,7 +743,8 @@ def sample_frames(path, targets, size, threads=1):
             # target is not needed (25 fps: 1 retrieve per kept frame instead of 1.5); else a 1% margin
             margin = max_dt - TIME_TOL if max_dt - min_dt < TIME_TOL else 1.01 * max_dt + TIME_TOL
             if i < n and (max_dt == 0.0 or times[i] - pts < margin) and cand_src != j:
-                ok, img = cap.retrieve()
+                ok, img = cap.retrieve(buf)
+                buf = img if ok else None
                 if ok and img is not None:
                     cand, cand_src = _square(img, size), j
     finally:
@@ -798,17 +801,26 @@ def _nth_frame(path, n, threads):
 # streams in the header, so we open with a 32-byte probe and fall back to a full probe when that finds
 # no video stream (or OpenCV cannot open the file).
 FAST_PROBE = {"probesize": "32"}
+# PyAV's container only gives the duration, the stream start times and the audio; OpenCV decodes the frames.
+# Its probe would still decode the first video frame (5 ms for a 720p keyframe, as much as OpenCV's own open),
+# so the probe's throw-away decoders get skip_frame=all. PyAV decodes the audio with its own codec context,
+# which this does not touch. Formats whose streams appear only while probing (MPEG-PS, FLV) reject per-stream
+# options (ValueError) and are opened with the plain fast probe.
+PROBE_STREAM_OPTIONS = [{"skip_frame": "all"}] * 64
 
 
 def _open_av(path):
     import av
-    try:
-        c = av.open(str(path), metadata_errors="replace", options=FAST_PROBE)
-        if c.streams.video and all(s.codec_context is not None for s in c.streams):
-            return c
-        c.close()
-    except Exception:
-        pass
+    for stream_options in (PROBE_STREAM_OPTIONS, None):
+        try:
+            c = av.open(str(path), metadata_errors="replace", options=FAST_PROBE, stream_options=stream_options)
+            if c.streams.video and all(s.codec_context is not None for s in c.streams):
+                return c
+            c.close()
+        except ValueError:  # this format does not expose its streams before probing: no per-stream options
+            continue
+        except Exception:
+            break
     return av.open(str(path), metadata_errors="replace")
 
 
