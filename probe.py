@@ -965,6 +965,7 @@ def plot_series(series, out_png, dataset):
 
 
 def parse_args(argv=None):
+    from pretrain import PRESETS
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", choices=["ucf101", "hmdb51"],
                    help="downstream dataset for the linear probe / zero-shot (not needed with --retrieval/--summary)")
@@ -976,7 +977,7 @@ def parse_args(argv=None):
     p.add_argument("--config-from", metavar="CKPT",
                    help="take the model config from this checkpoint (for --checkpoint random; with a real checkpoint it "
                         "must match, else an error)")
-    p.add_argument("--model", choices=["tiny", "small", "paper"],
+    p.add_argument("--model", choices=sorted(PRESETS),
                    help="config preset for --checkpoint random when there is no --config-from (pretrain.py's presets)")
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the random-init weights, the validation split and the probe's batch order (default 0)")
@@ -1008,9 +1009,11 @@ def parse_args(argv=None):
     p.add_argument("--batch-clips", type=int, default=64, help="clips per encoder batch when extracting embeddings")
     p.add_argument("--embeddings-dir", help="where embeddings are stored (default: <cache>/embeddings)")
     p.add_argument("--recompute", action="store_true", help="ignore stored embeddings and extract them again")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="torch device for the encoders and the probe (default: cuda when available)")
+    p.add_argument("--device", default="auto",
+                   help="torch device for the encoders and the probe: auto (cuda if available, as pretrain.py), cpu, cuda, cuda:N")
     args = p.parse_args(argv)
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if not args.summary and not args.retrieval and not args.dataset:
         p.error("--dataset is required (except with --retrieval or --summary)")
     return args
