@@ -1022,7 +1022,7 @@ def _decode_video(job):
     with container:
         if not container.streams.video:
             raise BadVideo("no video stream")
-        duration = _duration(container)
+        duration = _duration(container, path)
         if duration is None:
             notes.append(("duration unknown from the container", "clips planned on 1 s"))
             duration = 1.0
@@ -1057,14 +1057,42 @@ def _decode_video(job):
     return dict(ok=True, frames=frames, index=index.astype(np.int32), nreal=nreal, mel=mel, notes=notes)
 
 
-def _duration(container):
-    """Seconds from an open PyAV container (video stream duration, else the container's), or None."""
+# Containers whose header or index states the exact duration (PyAV format names). The others (MPEG-PS/TS, FLV,
+# raw streams) give FFmpeg's estimate from the bit rate, off many-fold on short clips (a 3 s MPEG-PS file: 0.05 s),
+# which would put every clip at the start of the video.
+STATED_DURATION_FORMATS = {"mov", "mp4", "matroska", "webm", "avi", "asf", "ogg"}
+
+
+def _duration(container, path):
+    """Seconds of video: the stated duration (video stream's, else the container's) where the format states it
+    exactly, else measured from the video packets' timestamps (demuxed, not decoded); None if neither is known."""
     vs = container.streams.video[0]
-    if vs.duration and vs.time_base:
-        return float(vs.duration * vs.time_base)
-    if container.duration:
-        return float(container.duration / 1e6)  # AV_TIME_BASE units
-    return None
+    if set(container.format.name.split(",")) & STATED_DURATION_FORMATS:
+        if vs.duration and vs.time_base:
+            return float(vs.duration * vs.time_base)
+        if container.duration:
+            return float(container.duration / 1e6)  # AV_TIME_BASE units
+    return _packet_duration(path)
+
+
+def _packet_duration(path):
+    """Seconds from the first video packet's time to the end of the last one, read with a fresh demuxer (the
+    caller's container keeps its position for the audio), or None. The last packet lasts its stated duration,
+    else (FLV states none) the median packet interval."""
+    packets = []  # (time, duration) of every video packet, in the stream's time base
+    with _open_av(path) as c:
+        vs = c.streams.video[0]
+        for packet in c.demux(vs):
+            t = packet.pts if packet.pts is not None else packet.dts
+            if t is not None:  # None: the demuxer's final empty packet
+                packets.append((int(t), int(packet.duration or 0)))
+        time_base = vs.time_base
+    if len(packets) < 2 or not time_base:
+        return None
+    times = np.sort([t for t, _ in packets])
+    last_time, last_duration = max(packets)
+    last_duration = last_duration or int(np.median(np.diff(times)))
+    return float((last_time - int(times[0]) + last_duration) * time_base)
 
 
 _IN_WORKER = False

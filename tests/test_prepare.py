@@ -235,6 +235,25 @@ def test_missing_silent_and_present_audio(tmp_path):
     assert wave is not None and len(wave) > 6 * SR_
 
 
+@pytest.mark.parametrize("name, codec", [("ps.mpg", "mpeg2video"), ("clip.flv", "flv"), ("clip.mkv", "libx264")])
+def test_containers_with_and_without_per_stream_probe_options(tmp_path, name, codec):
+    # prepare opens with skip_frame=all on PyAV's probe decoders; MPEG-PS and FLV reject per-stream options (their
+    # streams appear only while probing) and take the plain fast probe. Either way: right frames, audio present.
+    import av
+    t = np.arange(3 * 22050) / 22050  # FLV's MP3 takes 11.025 / 22.05 / 44.1 kHz
+    path = write_video(tmp_path / name, 30, rate=10, codec=codec,
+                       audio=(0.3 * np.sin(2 * np.pi * 440 * t).astype(np.float32), 22050))
+    if name.endswith((".mpg", ".flv")):
+        with pytest.raises(ValueError, match="stream_options"):
+            av.open(str(path), options=prepare.FAST_PROBE, stream_options=prepare.PROBE_STREAM_OPTIONS)
+    with prepare._open_av(path) as c:
+        assert c.streams.video and c.streams.audio
+    r = decode_video(dict(path=str(path), size=64, clips=1, frames=16, sampling="pretrain", audio_frames=256))
+    assert r["ok"] and r["mel"].shape == (1, 80, 256) and not r["notes"]
+    shown = [_read_index(r["frames"][k]) for k in r["index"][0]]
+    assert shown == list(range(7, 23))  # the central 16 of 30 frames at 10 fps
+
+
 # ----------------------------------------------------------------------------------------------------
 # whole runs
 
