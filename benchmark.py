@@ -1,7 +1,7 @@
 """Benchmarks with recorded results (BENCHMARKS.md): speed and memory targets are checked here, never in tests.
 
     python benchmark.py bpe        # BPE training time, encode throughput, bytes per token
-    python benchmark.py prepare    # prepare without the CNN vs decoding every frame with PyAV
+    python benchmark.py prepare    # prepare without the CNN vs decoding every frame with PyAV; worker hand-off
     python benchmark.py prepare --cnn   # on a GPU: prepare's ResNet-18 frames/s vs a plain bf16 pass
     python benchmark.py loader     # pretrain DataLoader clips/s and CPU training rate
     python benchmark.py gpu        # on a GPU: paper-size training clips/s, MFU, ratio to gpu_anchor.py
@@ -205,8 +205,38 @@ def bench_prepare(args):
     ratios = {m: totals[m] / totals["pyav"] for m in ("eval", "pretrain")}
     print(f"{'all files (sum of CPU times)':30s} {'':6s} {totals['pyav'] * 1e3:11.1f} {totals['eval'] * 1e3:10.1f} "
           f"({ratios['eval']:4.2f}x) {totals['pretrain'] * 1e3:10.1f} ({ratios['pretrain']:4.2f}x)   target <= 1.0x")
+    _bench_handoff(args)
     if args.cnn:
         _bench_prepare_cnn(args)
+
+
+def _synthetic_decode(job):
+    """A decoder stand-in for the hand-off timing: an evaluation video's worth of frames, no decoding."""
+    import numpy as np
+    return dict(ok=True, frames=np.full((job["frames"], job["size"], job["size"], 3), job["seed"] % 251, np.uint8))
+
+
+def _bench_handoff(args, videos=40):
+    """Frames from one decode worker to the main process (which also feeds the CNN): pickled through the pool's
+    pipe (a plain ProcessPoolExecutor.map, what decode_stream did before) vs prepare.decode_stream's file
+    hand-off. Main-process CPU per video bounds prepare's frames/s whatever the number of decode workers."""
+    import time
+    import prepare
+    frames = args.test_clips * 16  # at most this many distinct frames per evaluation video
+    jobs = [dict(frames=frames, size=args.size, seed=k) for k in range(videos)]
+    ex = prepare._spawn_pool(1)
+    list(ex.map(_synthetic_decode, jobs[:2]))  # start the worker
+    runs = {"pipe": lambda: ex.map(_synthetic_decode, jobs),
+            "decode_stream": lambda: prepare.decode_stream(jobs, workers=1, fn=_synthetic_decode)}
+    print(f"hand-off of {videos} videos of {frames} frames ({frames * args.size ** 2 * 3 / 1e6:.1f} MB each), 1 worker:")
+    for name, run in runs.items():
+        c0 = time.process_time()
+        for _ in run():
+            pass
+        cpu = time.process_time() - c0
+        print(f"  {name:14s} main process {cpu / videos * 1e3:6.1f} ms CPU per video: prepare at most "
+              f"{videos * frames / cpu:,.0f} frames/s")
+    prepare._kill_pool(ex, graceful=True)
 
 
 def _bench_prepare_cnn(args):

@@ -50,6 +50,7 @@ import math
 import os
 import shutil
 import sys
+import tempfile
 import time
 import warnings
 from collections import Counter, defaultdict, deque
@@ -1460,12 +1461,41 @@ def _kill_pool(ex, graceful=False):
                                              "nothing already written is affected)", type(e).__name__, e)
 
 
+def _decode_in_worker(fn, job, handoff):
+    """Pool side of decode_stream: fn(job), its decoded frames written to a file in the folder `handoff` rather
+    than pickled back through the pool's pipe. Through the pipe, a 24 MB evaluation video costs the main
+    process (which also feeds the CNN) ~50 ms of CPU on the dev VM; read from a file, ~4 ms (BENCHMARKS.md).
+    If the write fails (disk full), the frames go through the pipe as before."""
+    result = fn(job)
+    frames = result.get("frames") if isinstance(result, dict) else None
+    if frames is not None:
+        path = None
+        try:
+            fd, path = tempfile.mkstemp(suffix=".npy", dir=handoff)
+            with os.fdopen(fd, "wb") as f:
+                np.save(f, frames)
+            result["frames"] = path
+        except OSError:
+            if path is not None and os.path.exists(path):
+                os.unlink(path)
+    return result
+
+
+def _frames_from_file(result):
+    """Main side of _decode_in_worker: load and delete the frames file a result names."""
+    if isinstance(result, dict) and isinstance(result.get("frames"), str):
+        path = result["frames"]
+        result["frames"] = np.load(path)
+        os.unlink(path)
+    return result
+
+
 def decode_stream(jobs, workers, timeout=None, fn=None):
     """fn(job) (default decode_video) for each job, yielded in job order (so shards and CNN batches never depend on
     which process finished first).
 
-    workers > 0: spawn processes with at most 2 x workers videos in flight (decoded frames wait in memory
-    only that long). A worker that dies (a decoder crash) or runs past `timeout` seconds breaks the pool:
+    workers > 0: spawn processes with at most 2 x workers videos in flight (decoded frames wait in files in a
+    temporary folder under TMPDIR only that long, see _decode_in_worker). A worker that dies (a decoder crash) or runs past `timeout` seconds breaks the pool:
     it is killed, and the videos that were in flight run again one at a time, so the failure is pinned on
     its own file (skipped, reason in prepare_errors.jsonl) and the others come out as in any run.
     """
@@ -1476,15 +1506,16 @@ def decode_stream(jobs, workers, timeout=None, fn=None):
         yield from map(fn, jobs)
         return
     jobs = list(jobs)
+    handoff = tempfile.mkdtemp(prefix="lava_prepare_")
     ex, pending, nxt, solo_until = _spawn_pool(workers), deque(), 0, 0
     try:
         while nxt < len(jobs) or pending:
             while nxt < len(jobs) and len(pending) < (1 if nxt < solo_until else 2 * workers):
-                pending.append((nxt, ex.submit(fn, jobs[nxt])))
+                pending.append((nxt, ex.submit(_decode_in_worker, fn, jobs[nxt], handoff)))
                 nxt += 1
             i, fut = pending[0]
             try:
-                result = fut.result(timeout=timeout)
+                result = _frames_from_file(fut.result(timeout=timeout))
             except (BrokenProcessPool, FutureTimeout) as e:
                 _kill_pool(ex)
                 ex = _spawn_pool(workers)
@@ -1501,6 +1532,7 @@ def decode_stream(jobs, workers, timeout=None, fn=None):
             yield result
     finally:
         _kill_pool(ex, graceful=not pending)
+        shutil.rmtree(handoff, ignore_errors=True)  # the frames of videos still in flight when stopped early
 
 
 def _run(args, root, out, dataset, sampling, clips, frames, shapes, args_dict):

@@ -477,6 +477,29 @@ def test_decode_stream_survives_a_crashing_and_a_hanging_decoder():
     assert out[5]["ok"] is False and "longer than" in out[5]["reason"]
 
 
+def test_decode_stream_hands_frames_over_in_files_and_cleans_up(tmp_path, monkeypatch):
+    # workers write decoded frames to files in a temporary folder (cheaper for the main process than the pipe);
+    # the results equal in-process decoding, and the folder is gone afterwards, also when stopped early
+    videos = [write_video(tmp_path / f"v{k}.mp4", 12 + 5 * k, rate=10) for k in range(3)]
+    handoff_parent = tmp_path / "tmp"
+    handoff_parent.mkdir()
+    monkeypatch.setattr(prepare.tempfile, "tempdir", str(handoff_parent))
+    jobs = [dict(path=str(v), size=32, clips=2, frames=8, sampling="eval", audio_frames=176) for v in videos]
+    inline = list(prepare.decode_stream(jobs, workers=0))
+    pooled = list(prepare.decode_stream(jobs, workers=2))
+    for a, b in zip(inline, pooled):
+        assert isinstance(b["frames"], np.ndarray) and np.array_equal(a["frames"], b["frames"])
+        assert np.array_equal(a["index"], b["index"]) and a["notes"] == b["notes"]
+    assert list(handoff_parent.iterdir()) == []
+    stream = prepare.decode_stream(jobs, workers=2)
+    next(stream)
+    stream.close()
+    assert list(handoff_parent.iterdir()) == []
+    # a hand-off folder that cannot be written (disk full, say): the frames come back through the pipe
+    result = prepare._decode_in_worker(decode_video, jobs[0], str(tmp_path / "missing"))
+    assert np.array_equal(result["frames"], inline[0]["frames"])
+
+
 def test_decode_stream_tears_its_pools_down_before_returning(monkeypatch):
     # the pool's manager thread must be finished (its wake-up pipe closed) when decode_stream is done, on the
     # normal path and when the consumer stops early: a teardown still running at interpreter exit races
