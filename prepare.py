@@ -806,22 +806,28 @@ FAST_PROBE = {"probesize": "32"}
 # Its probe would still decode the first video frame (5 ms for a 720p keyframe, as much as OpenCV's own open),
 # so the probe's throw-away decoders get skip_frame=all. PyAV decodes the audio with its own codec context,
 # which this does not touch. Formats whose streams appear only while probing (MPEG-PS, FLV) reject per-stream
-# options (ValueError) and are opened with the plain fast probe.
+# options (a ValueError naming them) and are opened with the plain fast probe.
 PROBE_STREAM_OPTIONS = [{"skip_frame": "all"}] * 64
 
 
 def _open_av(path):
     import av
-    for stream_options in (PROBE_STREAM_OPTIONS, None):
-        try:
-            c = av.open(str(path), metadata_errors="replace", options=FAST_PROBE, stream_options=stream_options)
-            if c.streams.video and all(s.codec_context is not None for s in c.streams):
-                return c
-            c.close()
-        except ValueError:  # this format does not expose its streams before probing: no per-stream options
-            continue
-        except Exception:
-            break
+    try:
+        c = av.open(str(path), metadata_errors="replace", options=FAST_PROBE, stream_options=PROBE_STREAM_OPTIONS)
+    except (TypeError, ValueError) as e:
+        # TypeError: a PyAV without per-stream options; ValueError naming them: a format that takes none
+        c = None
+        if isinstance(e, TypeError) or "stream_options" in str(e):
+            try:
+                c = av.open(str(path), metadata_errors="replace", options=FAST_PROBE)
+            except Exception:
+                pass
+    except Exception:
+        c = None
+    if c is not None:
+        if c.streams.video and all(s.codec_context is not None for s in c.streams):
+            return c
+        c.close()
     return av.open(str(path), metadata_errors="replace")
 
 
@@ -1058,36 +1064,40 @@ def _decode_video(job):
     return dict(ok=True, frames=frames, index=index.astype(np.int32), nreal=nreal, mel=mel, notes=notes)
 
 
-# Containers whose header or index states the exact duration (PyAV format names). The others (MPEG-PS/TS, FLV,
-# raw streams) give FFmpeg's estimate from the bit rate, off many-fold on short clips (a 3 s MPEG-PS file: 0.05 s),
-# which would put every clip at the start of the video.
+# Containers whose header or index states the exact duration (PyAV format names). For the others (MPEG-PS/TS, FLV,
+# raw streams) FFmpeg may only estimate it from the bit rate, which can be far off on short clips (a 3 s MPEG-PS
+# file: 0.05 s, which put every clip at its start), so their duration is measured from the packets.
 STATED_DURATION_FORMATS = {"mov", "mp4", "matroska", "webm", "avi", "asf", "ogg"}
 
 
 def _duration(container, path):
     """Seconds of video: the stated duration (video stream's, else the container's) where the format states it
-    exactly, else measured from the video packets' timestamps (demuxed, not decoded); None if neither is known."""
+    exactly, else measured from the video packets' timestamps (demuxed, not decoded), else the stated one
+    whatever it is worth; None if nothing is known."""
     vs = container.streams.video[0]
-    if set(container.format.name.split(",")) & STATED_DURATION_FORMATS:
-        if vs.duration and vs.time_base:
-            return float(vs.duration * vs.time_base)
-        if container.duration:
-            return float(container.duration / 1e6)  # AV_TIME_BASE units
-    return _packet_duration(path)
+    stated = (float(vs.duration * vs.time_base) if vs.duration and vs.time_base
+              else float(container.duration / 1e6) if container.duration else None)  # AV_TIME_BASE units
+    if stated is not None and set(container.format.name.split(",")) & STATED_DURATION_FORMATS:
+        return stated
+    return _packet_duration(path) or stated
 
 
 def _packet_duration(path):
     """Seconds from the first video packet's time to the end of the last one, read with a fresh demuxer (the
     caller's container keeps its position for the audio), or None. The last packet lasts its stated duration,
-    else (FLV states none) the median packet interval."""
+    else (FLV states none) the median packet interval. A demuxing error keeps the packets read before it."""
     packets = []  # (time, duration) of every video packet, in the stream's time base
-    with _open_av(path) as c:
-        vs = c.streams.video[0]
-        for packet in c.demux(vs):
-            t = packet.pts if packet.pts is not None else packet.dts
-            if t is not None:  # None: the demuxer's final empty packet
-                packets.append((int(t), int(packet.duration or 0)))
-        time_base = vs.time_base
+    time_base = None
+    try:
+        with _open_av(path) as c:
+            vs = c.streams.video[0]
+            time_base = vs.time_base
+            for packet in c.demux(vs):
+                t = packet.pts if packet.pts is not None else packet.dts
+                if t is not None:  # None: the demuxer's final empty packet
+                    packets.append((int(t), int(packet.duration or 0)))
+    except Exception:
+        pass
     if len(packets) < 2 or not time_base:
         return None
     times = np.sort([t for t, _ in packets])
@@ -1464,7 +1474,7 @@ def _kill_pool(ex, graceful=False):
 def _decode_in_worker(fn, job, handoff):
     """Pool side of decode_stream: fn(job), its decoded frames written to a file in the folder `handoff` rather
     than pickled back through the pool's pipe. Through the pipe, a 24 MB evaluation video costs the main
-    process (which also feeds the CNN) ~50 ms of CPU on the dev VM; read from a file, ~4 ms (BENCHMARKS.md).
+    process (which also feeds the CNN) ~50 ms of CPU on the dev VM; read from a file, ~5 ms (BENCHMARKS.md).
     If the write fails (disk full), the frames go through the pipe as before."""
     result = fn(job)
     frames = result.get("frames") if isinstance(result, dict) else None
@@ -1495,9 +1505,10 @@ def decode_stream(jobs, workers, timeout=None, fn=None):
     which process finished first).
 
     workers > 0: spawn processes with at most 2 x workers videos in flight (decoded frames wait in files in a
-    temporary folder under TMPDIR only that long, see _decode_in_worker). A worker that dies (a decoder crash) or runs past `timeout` seconds breaks the pool:
-    it is killed, and the videos that were in flight run again one at a time, so the failure is pinned on
-    its own file (skipped, reason in prepare_errors.jsonl) and the others come out as in any run.
+    temporary folder under TMPDIR only that long, see _decode_in_worker). A worker that dies (a decoder crash)
+    or runs past `timeout` seconds breaks the pool: it is killed, and the videos that were in flight run again
+    one at a time, so the failure is pinned on its own file (skipped, reason in prepare_errors.jsonl) and the
+    others come out as in any run.
     """
     from concurrent.futures import TimeoutError as FutureTimeout
     from concurrent.futures.process import BrokenProcessPool
@@ -1518,6 +1529,8 @@ def decode_stream(jobs, workers, timeout=None, fn=None):
                 result = _frames_from_file(fut.result(timeout=timeout))
             except (BrokenProcessPool, FutureTimeout) as e:
                 _kill_pool(ex)
+                shutil.rmtree(handoff, ignore_errors=True)  # frames of the videos in flight: they run again
+                os.makedirs(handoff, exist_ok=True)
                 ex = _spawn_pool(workers)
                 if len(pending) == 1:  # it ran alone: it is the culprit
                     pending.clear()

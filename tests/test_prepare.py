@@ -235,17 +235,18 @@ def test_missing_silent_and_present_audio(tmp_path):
     assert wave is not None and len(wave) > 6 * SR_
 
 
-@pytest.mark.parametrize("name, codec", [("ps.mpg", "mpeg2video"), ("clip.flv", "flv"), ("clip.mkv", "libx264")])
+@pytest.mark.parametrize("name, codec", [("ps.mpg", "mpeg2video"), ("clip.ts", "libx264"), ("clip.flv", "flv"),
+                                         ("clip.mkv", "libx264"), ("clip.mp4", "libx264")])
 def test_containers_with_and_without_per_stream_probe_options(tmp_path, name, codec):
-    # prepare opens with skip_frame=all on PyAV's probe decoders; MPEG-PS and FLV reject per-stream options (their
-    # streams appear only while probing) and take the plain fast probe. Either way: right frames, audio present.
+    # prepare opens with skip_frame=all on PyAV's probe decoders where the format takes per-stream options (mkv,
+    # mp4), else with the plain fast probe (MPEG-PS, FLV: their streams appear only while probing); the duration
+    # of MPEG-PS/TS and FLV is measured from the packets. Every case: right frames, audio present.
     import av
     t = np.arange(3 * 22050) / 22050  # FLV's MP3 takes 11.025 / 22.05 / 44.1 kHz
     path = write_video(tmp_path / name, 30, rate=10, codec=codec,
                        audio=(0.3 * np.sin(2 * np.pi * 440 * t).astype(np.float32), 22050))
-    if name.endswith((".mpg", ".flv")):
-        with pytest.raises(ValueError, match="stream_options"):
-            av.open(str(path), options=prepare.FAST_PROBE, stream_options=prepare.PROBE_STREAM_OPTIONS)
+    if name.endswith((".mkv", ".mp4")):  # the common case takes the skip_frame probe
+        av.open(str(path), options=prepare.FAST_PROBE, stream_options=prepare.PROBE_STREAM_OPTIONS).close()
     with prepare._open_av(path) as c:
         assert c.streams.video and c.streams.audio
     r = decode_video(dict(path=str(path), size=64, clips=1, frames=16, sampling="pretrain", audio_frames=256))
@@ -494,6 +495,11 @@ def test_decode_stream_hands_frames_over_in_files_and_cleans_up(tmp_path, monkey
     stream = prepare.decode_stream(jobs, workers=2)
     next(stream)
     stream.close()
+    assert list(handoff_parent.iterdir()) == []
+    # the worker side writes the frames to a file, the main side loads and deletes it
+    result = prepare._decode_in_worker(decode_video, jobs[0], str(handoff_parent))
+    assert isinstance(result["frames"], str) and Path(result["frames"]).parent == handoff_parent
+    assert np.array_equal(prepare._frames_from_file(result)["frames"], inline[0]["frames"])
     assert list(handoff_parent.iterdir()) == []
     # a hand-off folder that cannot be written (disk full, say): the frames come back through the pipe
     result = prepare._decode_in_worker(decode_video, jobs[0], str(tmp_path / "missing"))
