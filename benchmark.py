@@ -239,39 +239,82 @@ def _bench_handoff(args, videos=40):
     prepare._kill_pool(ex, graceful=True)
 
 
-def _bench_prepare_cnn(args):
-    """frames/s of prepare.FrameEncoder (host uint8 -> device -> normalise -> ResNet-18 -> host float16)
-    beside a plain bf16 channels_last pass on device-resident float input (the CNN's own ceiling)."""
+def _bench_prepare_cnn(args, distinct=4):
+    """frames/s of prepare.FrameEncoder driven as ShardWriter drives it (each batch copied into the encoder's
+    input buffer, submitted, collected once `depth` are in flight), with depth 2 (prepare's) and depth 1 (no
+    overlap), beside a plain bf16 channels_last pass on device-resident float input (the CNN's own ceiling).
+    First a check that the pipelined features equal a direct forward pass batch for batch (`distinct` different
+    batches in turn): a batch read from the wrong or a half-written buffer would differ. It cannot prove the
+    absence of a race (one that the GPU's timing hides this time passes), only catch the ones that happen."""
     import json
+    import math
     import time
-    from contextlib import nullcontext
     import numpy as np
     import torch
     import prepare
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    enc = prepare.FrameEncoder("random", None, device)  # same arithmetic as ImageNet weights
-    frames = np.random.default_rng(0).integers(0, 256, (args.cnn_batch, args.size, args.size, 3), dtype=np.uint8)
     cuda = device.startswith("cuda")
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    rng = np.random.default_rng(0)
+    inputs = [rng.integers(0, 256, (args.cnn_batch, args.size, args.size, 3), dtype=np.uint8) for _ in range(distinct)]
 
-    def rate(fn, n_frames, steps):
-        fn()
+    def encoder(depth):
+        return prepare.FrameEncoder("random", None, device, args.size, args.cnn_batch, depth=depth)  # same arithmetic as ImageNet weights
+
+    def drive(enc, steps, check=None):
+        """steps batches through enc as ShardWriter does (features copied out of the encoder's buffer);
+        check(k, features) on each collected batch k."""
+        submitted = collected = 0
+        copied = np.empty((args.cnn_batch,) + enc.host_out[0][1].shape[1:], np.float16)
+        while collected < steps:
+            if submitted < steps and len(enc.in_flight) < enc.depth:
+                enc.staging()[:] = inputs[submitted % distinct]
+                enc.submit(args.cnn_batch)
+                submitted += 1
+            else:
+                copied[:] = enc.collect()
+                if check:
+                    check(collected, copied)
+                collected += 1
+
+    enc = encoder(2)
+    sync = (lambda: torch.cuda.synchronize(enc.device)) if cuda else (lambda: None)
+    with torch.no_grad(), torch.autocast(enc.device.type, dtype=torch.bfloat16, enabled=cuda):
+        ref = []
+        for frames in inputs:  # a direct forward pass, no buffers or streams
+            x = torch.from_numpy(frames).to(enc.device).permute(0, 3, 1, 2).float()
+            x = ((x - enc.mean) / enc.std).contiguous(memory_format=torch.channels_last)
+            ref.append(enc.net(x).permute(0, 2, 3, 1).float().cpu().numpy())
+    worst = [0.0]
+
+    def check(k, feats):
+        diff = np.abs(feats.astype(np.float32) - ref[k % distinct])
+        worst[0] = max(worst[0], float(diff.max()) if np.isfinite(diff).all() else math.inf)  # NaN: garbage read
+
+    drive(enc, 3 * distinct, check)
+    scale = max(float(np.abs(r).max()) for r in ref)
+    if worst[0] > 0.02 * scale:
+        raise SystemExit(f"FrameEncoder's pipelined features differ from a direct pass: max |diff| {worst[0]:.4g} "
+                         f"(features up to {scale:.4g})")
+
+    def rate(fn, steps):
+        fn(1)
         sync()
         t0 = time.perf_counter()
-        for _ in range(steps):
-            fn()
+        fn(steps)
         sync()
-        return n_frames * steps / (time.perf_counter() - t0)
+        return args.cnn_batch * steps / (time.perf_counter() - t0)
 
     steps = args.cnn_steps if cuda else 2
-    ours = rate(lambda: enc(frames), len(frames), steps)
-    x = torch.randn(len(frames), 3, args.size, args.size, device=device).contiguous(memory_format=torch.channels_last)
-    with torch.no_grad(), (torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()):
-        plain = rate(lambda: enc.net(x), len(frames), steps)
-    name = torch.cuda.get_device_name() if cuda else "cpu"
-    print(json.dumps(dict(what="prepare_cnn", device=name, torch=torch.__version__, batch=len(frames), size=args.size,
-                          frame_encoder_fps=round(ours), plain_bf16_fps=round(plain), ratio=round(ours / plain, 3))))
+    fps = {depth: rate(lambda n: drive(e, n), steps) for depth, e in ((1, encoder(1)), (2, enc))}
+    x = torch.randn(args.cnn_batch, 3, args.size, args.size, device=enc.device).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad(), torch.autocast(enc.device.type, dtype=torch.bfloat16, enabled=cuda):
+        plain = rate(lambda n: [enc.net(x) for _ in range(n)], steps)
+    name = torch.cuda.get_device_name(enc.device) if cuda else "cpu"
+    print(json.dumps(dict(what="prepare_cnn", device=name, torch=torch.__version__, batch=args.cnn_batch, size=args.size,
+                          frame_encoder_fps=round(fps[2]), frame_encoder_depth1_fps=round(fps[1]),
+                          plain_bf16_fps=round(plain), ratio=round(fps[2] / plain, 3),
+                          check_max_abs_diff=worst[0], check_feature_max=scale)))
 
 
 def add_prepare_args(p):

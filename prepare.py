@@ -28,7 +28,8 @@ What it does, per video (the decode half runs in --workers processes, the CNN in
      A = 256 + 10 (T - 16) frames per clip so that mel[10 s : 10 s + 256] is centred on video frames
      s .. s+15. No audio stream, silence or undecodable audio -> has_audio False (noted, not an error).
   3. video features: frozen torchvision ResNet-18 up to layer4 (eval, no_grad, channels_last, bf16
-     autocast on CUDA): (G, G, 512) per frame, G = size // 32, stored float16.
+     autocast on CUDA): (G, G, 512) per frame, G = size // 32, stored float16. --batch-size frames per
+     CNN call; on a GPU the next batch is gathered and uploaded while the CNN runs the current one.
   4. text: the title (titles.csv, else the file's `title` metadata tag) as BPE ids, 128 max (eot + pad).
 
 Cache layout (README: Feature cache): manifest.json (written last), tokenizer.bpe/.vocab, prepare_errors.jsonl,
@@ -54,7 +55,6 @@ import tempfile
 import time
 import warnings
 from collections import Counter, defaultdict, deque
-from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -1154,30 +1154,83 @@ def build_backbone(kind, weights_path, device):
 
 
 class FrameEncoder:
-    """uint8 RGB frames (N, S, S, 3) -> float16 patch features (N, G, G, 512), in fixed-size batches."""
+    """uint8 RGB frames (n, S, S, 3) -> float16 patch features (n, G, G, 512), batch by batch, with up to
+    `depth` batches in flight so that on a GPU the host work never waits for the CNN and the CNN never for it.
 
-    def __init__(self, kind, weights_path, device):
+        frames = enc.staging()   # (batch_size, S, S, 3) uint8 input buffer of the next batch: fill it in place
+        enc.submit(n)            # run its first n frames (on CUDA: queued, returns at once)
+        feats = enc.collect()    # (n, G, G, 512) float16 of the oldest submitted batch (waits for it);
+                                 # a view, valid until the next staging()
+
+    Each of the `depth` slots owns its buffers for good: on CUDA the host ones are pinned (the upload is a
+    straight DMA, no per-batch pinned copy of ~38 MB), the upload runs on its own stream so batch k+1 goes
+    up while batch k is in the CNN, and the features come back into pinned memory asynchronously. A slot is
+    refilled only after collect() has waited for its last batch, which is what makes reusing its buffers
+    safe; staging() refuses otherwise. On the CPU the same calls run each batch at submit().
+    """
+
+    def __init__(self, kind, weights_path, device, size, batch_size, depth=2):
         import torch
         self.torch = torch
         self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
+        if self.cuda and self.device.index is None:  # "cuda" -> the current GPU, so streams and buffers agree
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.net = build_backbone(kind, weights_path, self.device)
         self.mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(IMAGENET_STD, device=self.device).view(1, 3, 1, 1) * 255
-        cuda = self.device.type == "cuda"
-        # bf16 on CUDA (tensor cores; features are stored as float16 anyway); exact float32 on the CPU
-        self.autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else nullcontext
-        self.pin = cuda
+        self.batch_size, self.depth = batch_size, depth
+        G = size // 32
+        host_in = [torch.empty((batch_size, size, size, 3), dtype=torch.uint8, pin_memory=self.cuda)
+                   for _ in range(depth)]
+        host_out = [torch.empty((batch_size, G, G, FEATURE_DIM), dtype=torch.float16, pin_memory=self.cuda)
+                    for _ in range(depth)]
+        self.host_in = [(t, t.numpy()) for t in host_in]        # the tensor and a numpy view of the same memory
+        self.host_out = [(t, t.numpy()) for t in host_out]
+        if self.cuda:
+            self.device_in = [torch.empty_like(t, device=self.device) for t in host_in]
+            self.upload = torch.cuda.Stream(self.device)
+            # blocking events: collect() sleeps instead of spinning a core the decode workers could use
+            self.uploaded = [torch.cuda.Event() for _ in range(depth)]
+            self.done = [torch.cuda.Event(blocking=True) for _ in range(depth)]
+        self.next_slot = 0
+        self.in_flight = deque()  # (slot, n) of submitted batches, oldest first
 
-    def __call__(self, frames):
+    def staging(self):
+        slot = self.next_slot
+        if any(s == slot for s, _ in self.in_flight):
+            raise RuntimeError("FrameEncoder: collect() the oldest batch before staging another")
+        return self.host_in[slot][1]
+
+    def submit(self, n):
         torch = self.torch
-        x = torch.from_numpy(frames)                                # (N, S, S, 3) uint8
-        if self.pin:
-            x = x.pin_memory()
-        x = x.to(self.device, non_blocking=True).permute(0, 3, 1, 2)  # (N, 3, S, S), NHWC in memory
+        slot = self.next_slot
+        frames = self.host_in[slot][0][:n]                        # (n, S, S, 3) uint8, host
+        if self.cuda:
+            compute = torch.cuda.current_stream(self.device)
+            with torch.cuda.stream(self.upload):
+                frames = self.device_in[slot][:n].copy_(frames, non_blocking=True)
+                self.uploaded[slot].record(self.upload)
+            compute.wait_event(self.uploaded[slot])
+        elif self.device.type != "cpu":                             # other accelerators: plain synchronous copies
+            frames = frames.to(self.device)
+        x = frames.permute(0, 3, 1, 2)                              # (n, 3, S, S), NHWC in memory
         x = ((x.float() - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
-        with torch.no_grad(), self.autocast():
-            y = self.net(x)                                         # (N, 512, G, G), post-ReLU
-        return y.permute(0, 2, 3, 1).to(torch.float16).cpu().numpy()  # (N, G, G, 512)
+        # bf16 on CUDA (tensor cores; features are stored as float16 anyway); exact float32 on the CPU
+        with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cuda):
+            y = self.net(x)                                         # (n, 512, G, G), post-ReLU, channels_last
+        y = y.permute(0, 2, 3, 1).to(torch.float16)                 # (n, G, G, 512): converted on the device
+        self.host_out[slot][0][:n].copy_(y, non_blocking=self.cuda)  # to pinned memory, asynchronously on CUDA
+        if self.cuda:
+            self.done[slot].record(compute)
+        self.next_slot = (slot + 1) % self.depth                    # only once the batch is queued (an error
+        self.in_flight.append((slot, n))                            # above leaves no phantom batch behind)
+
+    def collect(self):
+        slot, n = self.in_flight.popleft()
+        if self.cuda:
+            self.done[slot].synchronize()
+        return self.host_out[slot][1][:n]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1205,25 +1258,27 @@ class ShardWriter:
     """Fills one shard's arrays (memory-mapped .npy in a temp dir) as videos arrive, then renames it.
 
     The CNN sees this shard's frames in a fixed stream of --batch-size batches that never crosses a shard
-    boundary, so a resumed run batches exactly like a single run and produces the same bytes.
+    boundary, so a resumed run batches exactly like a single run and produces the same bytes. While the
+    encoder runs one batch, the next is gathered (FrameEncoder: up to `depth` batches in flight).
     """
 
-    def __init__(self, out, name, videos, shapes, encoder, batch_size):
+    def __init__(self, out, name, videos, shapes, encoder):
         self.final = Path(out) / name
         self.tmp = Path(out) / f".{name}.tmp-{os.getpid()}"
         if self.tmp.exists():
             shutil.rmtree(self.tmp)
         self.tmp.mkdir(parents=True)
-        self.shapes, self.encoder, self.batch_size = shapes, encoder, batch_size
+        self.shapes, self.encoder = shapes, encoder
         n, S = len(videos), shapes
         self.arrays = {}
         for key, (dtype, dims) in SHARD_ARRAYS.items():
             shape = (n,) + tuple(S[d] for d in dims)
             self.arrays[key] = np.lib.format.open_memmap(self.tmp / f"{key}.npy", mode="w+", dtype=dtype, shape=shape)
         self.rows, self.errors = [], []
-        self.queue = []      # [(row, frames uint8 (u, S, S, 3))] waiting for the CNN, in arrival order
-        self.pending = {}    # row -> [index (C,T), features (U,G,G,F) being filled, n filled]
+        self.queue = []         # [(row, frames uint8 (u, S, S, 3))] waiting for the CNN, in arrival order
+        self.pending = {}       # row -> [index (C,T), features (U,G,G,F) being filled, n filled]
         self.queued = 0
+        self.in_flight = deque()  # per batch submitted to the encoder: [(row, frames of it in the batch)]
 
     def add(self, video, tokens, has_text, result):
         """Place one decoded video (result of decode_video) in the next row; its features follow later."""
@@ -1245,16 +1300,19 @@ class ShardWriter:
         self.pending[row] = [result["index"], np.empty((U, G, G, FEATURE_DIM), np.float16), 0]
         self.queue.append((row, result["frames"]))
         self.queued += U
-        while self.queued >= self.batch_size:
-            self._run()
+        while self.queued >= self.encoder.batch_size:
+            self._submit()
 
-    def _run(self):
-        """Run the CNN on the first --batch-size queued frames (possibly from several videos)."""
-        parts, owners, taken = [], [], 0
-        while self.queue and taken < self.batch_size:
+    def _submit(self):
+        """Copy the first --batch-size queued frames (possibly from several videos) into the encoder's next
+        input buffer and start the CNN on them; first take the oldest batch's features if no slot is free."""
+        if len(self.in_flight) == self.encoder.depth:
+            self._collect()
+        batch, owners, taken = self.encoder.staging(), [], 0   # batch: (batch_size, S, S, 3) uint8
+        while self.queue and taken < len(batch):
             row, frames = self.queue[0]
-            take = min(len(frames), self.batch_size - taken)
-            parts.append(frames[:take])
+            take = min(len(frames), len(batch) - taken)
+            batch[taken:taken + take] = frames[:take]
             owners.append((row, take))
             if take == len(frames):
                 self.queue.pop(0)
@@ -1262,9 +1320,13 @@ class ShardWriter:
                 self.queue[0] = (row, frames[take:])
             taken += take
         self.queued -= taken
-        feats = self.encoder(np.concatenate(parts))  # (taken, G, G, 512)
-        at = 0
-        for row, take in owners:
+        self.encoder.submit(taken)
+        self.in_flight.append(owners)
+
+    def _collect(self):
+        """The oldest submitted batch's features (taken, G, G, 512) -> the rows it holds frames of."""
+        feats, at = self.encoder.collect(), 0
+        for row, take in self.in_flight.popleft():
             p = self.pending[row]
             p[1][p[2]:p[2] + take] = feats[at:at + take]
             p[2] += take
@@ -1276,7 +1338,9 @@ class ShardWriter:
     def finish(self):
         """Flush the CNN queue, trim skipped rows, write videos.jsonl + errors.jsonl, rename into place."""
         while self.queued:
-            self._run()
+            self._submit()
+        while self.in_flight:
+            self._collect()
         n = len(self.rows)
         for key, arr in list(self.arrays.items()):
             arr.flush()
@@ -1602,7 +1666,7 @@ def _run(args, root, out, dataset, sampling, clips, frames, shapes, args_dict):
     if todo:
         import torch
         device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-        encoder = FrameEncoder(args.backbone, args.backbone_weights, device)
+        encoder = FrameEncoder(args.backbone, args.backbone_weights, device, args.size, args.batch_size)
         import cv2
         cv2.setNumThreads(1)  # as in the decode workers (_worker_init); with --workers 0 decoding runs here
         job = dict(size=args.size, clips=clips, frames=frames, sampling=sampling,
@@ -1615,7 +1679,7 @@ def _run(args, root, out, dataset, sampling, clips, frames, shapes, args_dict):
         n_err = 0
         try:
             for k, vs in batches:
-                writer = ShardWriter(out, shard_name(k), vs, shapes, encoder, args.batch_size)
+                writer = ShardWriter(out, shard_name(k), vs, shapes, encoder)
                 for v in vs:
                     result = next(results)
                     tokens, has_text = _tokens(tokenizer, v["title"], args.vocab_size)

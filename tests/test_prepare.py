@@ -402,6 +402,49 @@ def test_sharded_run_and_merge_equals_single_run(k700_single, tmp_path):
     assert_same_cache(out, single)
 
 
+def test_cnn_batches_in_flight_give_each_video_its_own_features(k700_single, tmp_path):
+    """--batch-size 7 with up to two batches in flight: videos straddle batches and batches are collected
+    late, yet every stored feature is the backbone applied to that video's own frames."""
+    import torch
+    root, single = k700_single
+    out = tmp_path / "b7"
+    run_prepare("--root", root, "--out", out, "--shard-size", "2", "--batch-size", "7", *FAST)
+    net = prepare.build_backbone("random", None, "cpu")
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) * 255 for v in (prepare.IMAGENET_MEAN, prepare.IMAGENET_STD))
+    cache, ref = FeatureCache(out), FeatureCache(single)
+    job = dict(size=64, clips=1, frames=20, sampling="pretrain", audio_frames=296, threads=1)
+    for i, v in enumerate(cache.videos):
+        r = decode_video(dict(job, path=str(root / v["path"])))
+        x = (torch.from_numpy(r["frames"]).permute(0, 3, 1, 2).float() - mean) / std
+        with torch.no_grad():
+            want = net(x).permute(0, 2, 3, 1).numpy()[r["index"]]   # (C, T, G, G, 512)
+        got = cache[i]["video"].astype(np.float32)
+        np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-3)
+        # and the same as with one batch per shard, up to float16 rounding of another summation order
+        np.testing.assert_allclose(got, ref[ref.index(v["id"])]["video"].astype(np.float32), rtol=2e-3, atol=2e-3)
+
+
+def test_frame_encoder_refuses_to_overwrite_a_batch_in_flight():
+    enc = prepare.FrameEncoder("random", None, "cpu", size=32, batch_size=3, depth=2)
+    frames = np.random.default_rng(0).integers(0, 256, (3, 3, 32, 32, 3), dtype=np.uint8)  # three batches
+    alone = []
+    for batch in frames:  # one at a time: the reference
+        enc.staging()[:] = batch
+        enc.submit(3)
+        alone.append(enc.collect().copy())
+    for batch in frames[:2]:  # two in flight
+        enc.staging()[:] = batch
+        enc.submit(3)
+    with pytest.raises(RuntimeError, match="collect"):
+        enc.staging()
+    np.testing.assert_array_equal(enc.collect(), alone[0])
+    enc.staging()[:2] = frames[2, :2]  # the oldest slot is free again; a short batch
+    enc.submit(2)
+    np.testing.assert_array_equal(enc.collect(), alone[1])
+    np.testing.assert_allclose(enc.collect(), alone[2][:2], rtol=1e-3, atol=1e-3)  # another batch size
+    assert not enc.in_flight and alone[0].shape == (3, 1, 1, 512) and alone[0].dtype == np.float16
+
+
 def test_bad_inputs_never_stop_a_run(tmp_path):
     import av
     root = tmp_path / "k700"
