@@ -3,6 +3,7 @@
     python benchmark.py bpe        # BPE training time, encode throughput, bytes per token
     python benchmark.py prepare    # prepare without the CNN vs decoding every frame with PyAV; worker hand-off
     python benchmark.py prepare --cnn   # on a GPU: prepare's ResNet-18 frames/s vs a plain bf16 pass
+    python benchmark.py prepare-run     # prepare.py end to end on a synthetic UCF-like corpus: frames/s, waits
     python benchmark.py loader     # pretrain DataLoader clips/s and CPU training rate
     python benchmark.py gpu        # on a GPU: paper-size training clips/s, MFU, ratio to gpu_anchor.py
 """
@@ -335,6 +336,60 @@ def add_prepare_args(p):
 
 
 # ----------------------------------------------------------------------------------------------------
+# prepare-run
+# prepare.py end to end (decode workers + CNN) on a synthetic UCF-like corpus, once per --workers value: its
+# frames/s and how long the main process waited for decoding and for the CNN, from the run's own log
+# (CACHE/prepare_runs.jsonl). On a GPU this says whether prepare keeps the CNN busy (issue 3).
+
+def bench_prepare_run(args):
+    import json
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+    here = Path(__file__).resolve().parent
+    work = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="lava_bench_prepare_"))
+    # the corpus is kept (and reused by synth.py when its flags are the same) only with --dir
+    synth = [sys.executable, str(here / "synth.py"), "--out", str(work), "--only", "ucf101", "--seed", "0",
+             "--ucf-groups", str(args.ucf_groups), "--ucf-clips-per-group", str(args.ucf_clips_per_group),
+             "--eval-seconds", str(args.seconds), "--size", str(args.source_size), "--workers", str(os.cpu_count() or 1)]
+    subprocess.run(synth, check=True, cwd=here)
+    try:
+        for workers in (int(w) for w in args.workers.split(",")):
+            out = work / f"cache_workers{workers}"
+            shutil.rmtree(out, ignore_errors=True)
+            cmd = [sys.executable, str(here / "prepare.py"), "--root", str(work / "ucf101"), "--out", str(out),
+                   "--backbone", "random", "--size", str(args.size), "--batch-size", str(args.batch_size),
+                   "--workers", str(workers), "--device", args.device]
+            subprocess.run(cmd, check=True, cwd=here, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            run = json.loads((out / "prepare_runs.jsonl").read_text().splitlines()[-1])
+            print(json.dumps(dict(what="prepare_run", source_size=args.source_size, seconds_per_video=args.seconds,
+                                  **run)))
+            shutil.rmtree(out, ignore_errors=True)
+    finally:
+        if not args.dir:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def add_prepare_run_args(p):
+    """Flags of `python benchmark.py prepare-run`."""
+    import os
+    p.add_argument("--workers", default=str(max(1, min(16, (os.cpu_count() or 1) - 1))),
+                   help="comma-separated prepare --workers values, one run each (default: prepare's default)")
+    p.add_argument("--size", type=int, default=224, help="prepare --size (64 for a quick CPU run)")
+    p.add_argument("--batch-size", type=int, default=256, help="prepare --batch-size")
+    p.add_argument("--device", default="auto", help="prepare --device")
+    p.add_argument("--ucf-groups", type=int, default=25, help="synth.py --ucf-groups (8 classes x groups x clips videos)")
+    p.add_argument("--ucf-clips-per-group", type=int, default=5, help="synth.py --ucf-clips-per-group")
+    p.add_argument("--seconds", type=float, default=7.0, help="mean video length (UCF-101's is about 7 s)")
+    p.add_argument("--source-size", type=int, default=240, help="short side of the synthetic videos (UCF-101: 240)")
+    p.add_argument("--dir", default=None, help="keep the corpus here (default: a temporary folder, removed after)")
+    p.set_defaults(run=bench_prepare_run)
+
+
+# ----------------------------------------------------------------------------------------------------
 # loader and gpu
 # Targets (issue 5): the pretrain DataLoader alone >= 2x the training rate; on a GPU, the paper-size model
 # (width 1024, 4 layers, 16x7x7 video tokens, 256 mel frames, 128 text tokens, bf16, fused Adam) at batch
@@ -601,6 +656,7 @@ if __name__ == "__main__":
     sub = parser.add_subparsers(dest="what", required=True)
     add_bpe_args(sub.add_parser("bpe", help="BPE training time, encode throughput, bytes per token"))
     add_prepare_args(sub.add_parser("prepare", help="prepare's CPU time without the CNN vs PyAV decoding every frame"))
+    add_prepare_run_args(sub.add_parser("prepare-run", help="prepare.py end to end on a synthetic corpus: frames/s, waits"))
     add_loader_args(sub.add_parser("loader", help="pretrain DataLoader clips/s and the CPU small-preset training rate"))
     add_gpu_args(sub.add_parser("gpu", help="paper-size training clips/s, MFU, ratio to gpu_anchor.py (GPU)"))
     args = parser.parse_args()

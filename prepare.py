@@ -34,8 +34,9 @@ What it does, per video (the decode half runs in --workers processes, the CNN in
 
 Cache layout (README: Feature cache): manifest.json (written last), tokenizer.bpe/.vocab, prepare_errors.jsonl,
 shard_XXXXX/{video,frames,audio,tokens,has_audio,has_text}.npy + videos.jsonl; plus listing.json (the
-video list frozen at the first run, so re-runs and shard-index jobs agree), prepare_config.json and
-shard_XXXXX/errors.jsonl (this shard's skipped/degraded files). Each shard is built in a temp dir and
+video list frozen at the first run, so re-runs and shard-index jobs agree), prepare_config.json,
+prepare_runs.jsonl (each run's frames/s and where its time went) and shard_XXXXX/errors.jsonl (this shard's
+skipped/degraded files). Each shard is built in a temp dir and
 renamed, so a run killed at any point (kill -9 included) resumes where it stopped and ends byte-identical
 to a single run; read a finished cache with `FeatureCache(path)`.
 """
@@ -1195,6 +1196,8 @@ class FrameEncoder:
             self.done = [torch.cuda.Event(blocking=True) for _ in range(depth)]
         self.next_slot = 0
         self.in_flight = deque()  # (slot, n) of submitted batches, oldest first
+        self.frames_done = 0      # frames submitted so far
+        self.wait_s = 0.0         # seconds the caller spent in submit() and collect(): the CNN's share of its time
 
     def staging(self):
         slot = self.next_slot
@@ -1204,6 +1207,7 @@ class FrameEncoder:
 
     def submit(self, n):
         torch = self.torch
+        t0 = time.perf_counter()
         slot = self.next_slot
         frames = self.host_in[slot][0][:n]                        # (n, S, S, 3) uint8, host
         if self.cuda:
@@ -1225,11 +1229,15 @@ class FrameEncoder:
             self.done[slot].record(compute)
         self.next_slot = (slot + 1) % self.depth                    # only once the batch is queued (an error
         self.in_flight.append((slot, n))                            # above leaves no phantom batch behind)
+        self.frames_done += n
+        self.wait_s += time.perf_counter() - t0
 
     def collect(self):
         slot, n = self.in_flight.popleft()
         if self.cuda:
+            t0 = time.perf_counter()
             self.done[slot].synchronize()
+            self.wait_s += time.perf_counter() - t0
         return self.host_out[slot][1][:n]
 
 
@@ -1676,12 +1684,14 @@ def _run(args, root, out, dataset, sampling, clips, frames, shapes, args_dict):
         results = decode_stream(jobs, args.workers, args.video_timeout)
         from tqdm import tqdm
         bar = tqdm(total=len(jobs), unit="video", desc=f"prepare {dataset}", dynamic_ncols=True, smoothing=0.05)
-        n_err = 0
+        n_err, t_start, wait_decode = 0, time.perf_counter(), 0.0
         try:
             for k, vs in batches:
                 writer = ShardWriter(out, shard_name(k), vs, shapes, encoder)
                 for v in vs:
+                    t0 = time.perf_counter()
                     result = next(results)
+                    wait_decode += time.perf_counter() - t0
                     tokens, has_text = _tokens(tokenizer, v["title"], args.vocab_size)
                     writer.add(v, tokens, has_text, result)
                     n_err += not result["ok"]
@@ -1693,7 +1703,28 @@ def _run(args, root, out, dataset, sampling, clips, frames, shapes, args_dict):
             # stops the decode processes now, also when a shard failed (not at interpreter exit, where a
             # teardown racing the exit hooks is what printed a stray EBADF); _kill_pool never raises
             results.close()
+        _log_run(out, args, encoder, todo, len(jobs), time.perf_counter() - t_start, wait_decode)
     return _merge_and_report(out, listing, args_dict, shapes, dataset, args.backbone, tok_name)
+
+
+def _log_run(out, args, encoder, shards, videos, seconds, wait_decode):
+    """Where this run's time went, printed and appended to CACHE/prepare_runs.jsonl (one line per run or shard
+    job that built shards). The main process waits either for decoded videos (more --workers would help, if there are cores
+    for them) or for the CNN (the GPU, or the CPU running it, is the limit)."""
+    import platform
+    import torch
+    cuda = encoder.device.type == "cuda"
+    stats = dict(finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), host=platform.node(),
+                 device=torch.cuda.get_device_name(encoder.device) if cuda else str(encoder.device),
+                 workers=args.workers, batch_size=args.batch_size, size=args.size, shards=shards, videos=videos,
+                 frames=encoder.frames_done, seconds=round(seconds, 2),
+                 frames_per_s=round(encoder.frames_done / max(seconds, 1e-9), 1),
+                 wait_decode_s=round(wait_decode, 2), wait_cnn_s=round(encoder.wait_s, 2))
+    print(f"prepare: {videos} videos, {stats['frames']:,} frames through the CNN in {seconds:.1f} s "
+          f"({stats['frames_per_s']:,.0f} frames/s); the main process waited {wait_decode:.1f} s for decoding "
+          f"(--workers {args.workers}) and {encoder.wait_s:.1f} s for the CNN ({stats['device']})")
+    with open(out / "prepare_runs.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps(stats) + "\n")
 
 
 def _tokens(tokenizer, title, vocab_size):

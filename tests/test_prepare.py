@@ -378,9 +378,12 @@ def test_resume_after_kill_equals_single_run(k700_single, tmp_path):
     assert (out / "shard_00000").is_dir() and not (out / "manifest.json").exists(), "not killed mid-run"
     with pytest.raises(FileNotFoundError, match="did not finish"):
         FeatureCache(out)
+    left = [k for k in range(4) if not (out / prepare.shard_name(k)).is_dir()]
     p = run_prepare("--root", root, "--out", out, "--shard-size", "2", *FAST)
     assert "finished shard(s) kept" in p.stdout
     assert_same_cache(out, single)
+    (run,) = [json.loads(line) for line in (out / "prepare_runs.jsonl").read_text().splitlines()]  # the re-run
+    assert run["shards"] == left and run["videos"] == sum(2 if k < 3 else 1 for k in left)
     assert list(out.glob(".*tmp*")) == []  # the killed run's temp shard was cleared
 
 
@@ -413,8 +416,10 @@ def test_cnn_batches_in_flight_give_each_video_its_own_features(k700_single, tmp
     mean, std = (torch.tensor(v).view(1, 3, 1, 1) * 255 for v in (prepare.IMAGENET_MEAN, prepare.IMAGENET_STD))
     cache, ref = FeatureCache(out), FeatureCache(single)
     job = dict(size=64, clips=1, frames=20, sampling="pretrain", audio_frames=296, threads=1)
+    unique_frames = 0
     for i, v in enumerate(cache.videos):
         r = decode_video(dict(job, path=str(root / v["path"])))
+        unique_frames += len(r["frames"])
         x = (torch.from_numpy(r["frames"]).permute(0, 3, 1, 2).float() - mean) / std
         with torch.no_grad():
             want = net(x).permute(0, 2, 3, 1).numpy()[r["index"]]   # (C, T, G, G, 512)
@@ -422,6 +427,10 @@ def test_cnn_batches_in_flight_give_each_video_its_own_features(k700_single, tmp
         np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-3)
         # and the same as with one batch per shard, up to float16 rounding of another summation order
         np.testing.assert_allclose(got, ref[ref.index(v["id"])]["video"].astype(np.float32), rtol=2e-3, atol=2e-3)
+    # the run's log counts exactly those frames, and its waits fit in its time
+    (run,) = [json.loads(line) for line in (out / "prepare_runs.jsonl").read_text().splitlines()]
+    assert run["frames"] == unique_frames and run["videos"] == 7 and run["shards"] == [0, 1, 2, 3]
+    assert 0 < run["wait_cnn_s"] and run["wait_decode_s"] + run["wait_cnn_s"] <= run["seconds"]
 
 
 def test_frame_encoder_refuses_to_overwrite_a_batch_in_flight():
