@@ -1446,7 +1446,7 @@ def parse_args(argv=None):
     p.add_argument("--backbone-weights", type=Path, default=None,
                    help="path of torchvision's resnet18-f37072fd.pth (default: the torch hub cache)")
     p.add_argument("--device", default="auto", help="torch device for the CNN: auto (cuda if available), cpu, cuda, cuda:1")
-    p.add_argument("--batch-size", type=int, default=256, help="frames per CNN batch")
+    p.add_argument("--batch-size", type=int, default=256, help="frames per CNN batch (on a GPU, two are in flight)")
     p.add_argument("--workers", type=int, default=max(0, min(16, (os.cpu_count() or 1) - 1)),
                    help="decode processes (0: decode in the main process)")
     p.add_argument("--video-timeout", type=float, default=600,
