@@ -207,6 +207,7 @@ def bench_prepare(args):
     print(f"{'all files (sum of CPU times)':30s} {'':6s} {totals['pyav'] * 1e3:11.1f} {totals['eval'] * 1e3:10.1f} "
           f"({ratios['eval']:4.2f}x) {totals['pretrain'] * 1e3:10.1f} ({ratios['pretrain']:4.2f}x)   target <= 1.0x")
     _bench_handoff(args)
+    _bench_main_thread(args)
     if args.cnn:
         _bench_prepare_cnn(args)
 
@@ -238,6 +239,100 @@ def _bench_handoff(args, videos=40):
         print(f"  {name:14s} main process {cpu / videos * 1e3:6.1f} ms CPU per video: prepare at most "
               f"{videos * frames / cpu:,.0f} frames/s")
     prepare._kill_pool(ex, graceful=True)
+
+
+def _synthetic_video(job):
+    """A decode_video stand-in for the main-thread timing: a whole result (frames, windows, mel), no decoding."""
+    import numpy as np
+    import prepare
+    targets, index, _ = prepare.clip_plan(job["grid_frames"], job["clips"], job["frames"], job["sampling"])
+    return dict(ok=True, frames=np.full((len(targets), job["size"], job["size"], 3), job["seed"] % 251, np.uint8),
+                index=index.astype(np.int32), nreal=np.full(job["clips"], job["frames"], np.int16),
+                mel=np.zeros((job["clips"], prepare.N_MELS, job["audio_frames"]), np.float16), notes=[])
+
+
+class _HostOnlyEncoder:
+    """FrameEncoder's interface with nothing behind it (an infinitely fast GPU): what is left is the main
+    process's own work per batch, the copy into the input buffer and the features' way into the shard."""
+
+    def __init__(self, size, batch_size, depth=2):
+        import numpy as np
+        from collections import deque
+        self.batch_size, self.depth, self.next_slot, self.in_flight = batch_size, depth, 0, deque()
+        self.host_in = [np.empty((batch_size, size, size, 3), np.uint8) for _ in range(depth)]
+        self.host_out = [np.ones((batch_size, size // 32, size // 32, 512), np.float16) for _ in range(depth)]
+
+    def staging(self):
+        return self.host_in[self.next_slot]
+
+    def submit(self, n):
+        self.in_flight.append((self.next_slot, n))
+        self.next_slot = (self.next_slot + 1) % self.depth
+
+    def collect(self):
+        slot, n = self.in_flight.popleft()
+        return self.host_out[slot][:n]
+
+
+def _bench_main_thread(args, videos=60, repeats=3):
+    """The main process's own time per frame (time.thread_time of its main thread; work that prepare hands to
+    other threads does not count, it runs beside; the wall time of the shard part is printed too, as waits for
+    the GIL or for a full I/O queue would show there) with an infinitely fast CNN: the hand-off from one decode
+    worker, the copy into the CNN's input buffer, the features into the shard (the (C, T) windows) and the
+    shard's flush. 1e6 / (us per frame) is the most frames/s prepare can feed a GPU, however many workers decode."""
+    import shutil
+    import tempfile
+    import time
+    from pathlib import Path
+    import numpy as np
+    import prepare
+    seconds = 7.0  # UCF-101's mean video length
+    modes = {"eval": (args.test_clips, 16, int(seconds * prepare.FPS)), "pretrain": (1, args.pretrain_frames, 100)}
+    print(f"main thread per frame, infinitely fast CNN, {videos} videos, 1 decode worker, best of {repeats} "
+          f"(eval: {seconds:.0f} s videos):")
+    for mode, (clips, frames, grid_frames) in modes.items():
+        shapes = dict(clips=clips, frames=frames, grid=args.size // 32, feature_dim=512, n_mels=prepare.N_MELS,
+                      audio_frames=256 + 10 * (frames - 16), max_tokens=prepare.MAX_TOKENS)
+        jobs = [dict(size=args.size, clips=clips, frames=frames, sampling=mode, grid_frames=grid_frames, seed=k,
+                     audio_frames=shapes["audio_frames"]) for k in range(videos)]
+        listing = [dict(id=str(k), path=f"{k}.mp4", label="x", split=None, title=None) for k in range(videos)]
+        tokens = np.zeros(prepare.MAX_TOKENS, np.int32)
+        out = Path(tempfile.mkdtemp(prefix="lava_bench_main_"))
+        best = None
+        try:
+            for rep in range(repeats):
+                enc = _HostOnlyEncoder(args.size, 256)
+                stream = prepare.decode_stream(jobs, workers=1, fn=_synthetic_video)
+                result = next(stream)  # the worker's start-up is not the main thread's work
+                t, wall = dict(handoff=0.0, shard=0.0), 0.0
+                writer = prepare.ShardWriter(out, prepare.shard_name(rep), listing, shapes, enc)
+                n_frames = 0
+                for k in range(videos):
+                    if k:
+                        t0 = time.thread_time()
+                        result = next(stream)
+                        t["handoff"] += time.thread_time() - t0
+                    t0, w0 = time.thread_time(), time.perf_counter()
+                    writer.add(listing[k], tokens, False, result)
+                    t["shard"] += time.thread_time() - t0
+                    wall += time.perf_counter() - w0
+                    n_frames += len(result["frames"])
+                t0, w0 = time.thread_time(), time.perf_counter()
+                closing = writer.finish()
+                t["shard"] += time.thread_time() - t0
+                wall += time.perf_counter() - w0
+                closing.result()  # the flush and rename run on the shard's I/O thread, beside the main one
+                stream.close()
+                us = {key: v / n_frames * 1e6 for key, v in t.items()}
+                us["shard_wall"] = wall / n_frames * 1e6
+                if best is None or us["handoff"] + us["shard"] < best["handoff"] + best["shard"]:
+                    best = us
+        finally:
+            shutil.rmtree(out, ignore_errors=True)
+        total = best["handoff"] + best["shard"]
+        print(f"  {mode:8s} {n_frames / videos:5.0f} frames/video: {total:6.1f} us/frame (hand-off {best['handoff']:.1f}, "
+              f"into the CNN buffer and the shard {best['shard']:.1f}, that part's wall time {best['shard_wall']:.1f}): "
+              f"prepare at most {1e6 / total:,.0f} frames/s")
 
 
 def _bench_prepare_cnn(args, distinct=4):

@@ -1268,7 +1268,12 @@ class ShardWriter:
     The CNN sees this shard's frames in a fixed stream of --batch-size batches that never crosses a shard
     boundary, so a resumed run batches exactly like a single run and produces the same bytes. While the
     encoder runs one batch, the next is gathered (FrameEncoder: up to `depth` batches in flight).
+
+    The main thread feeds the GPU, so the shard's disk work runs on a thread of its own, in order: each
+    finished video's (C, T) windows written into video.npy, and, after finish(), the flush and the rename
+    (finish() returns at once; the next shard starts meanwhile). Numpy copies and file I/O release the GIL.
     """
+    IO_QUEUE = 16  # videos whose windows may wait for the I/O thread; beyond that the main thread waits
 
     def __init__(self, out, name, videos, shapes, encoder):
         self.final = Path(out) / name
@@ -1287,6 +1292,9 @@ class ShardWriter:
         self.pending = {}       # row -> [index (C,T), features (U,G,G,F) being filled, n filled]
         self.queued = 0
         self.in_flight = deque()  # per batch submitted to the encoder: [(row, frames of it in the batch)]
+        from concurrent.futures import ThreadPoolExecutor
+        self.io = ThreadPoolExecutor(1, thread_name_prefix=f"{name}-io")
+        self.io_queue = deque()   # futures of the I/O thread's work, oldest first
 
     def add(self, video, tokens, has_text, result):
         """Place one decoded video (result of decode_video) in the next row; its features follow later."""
@@ -1339,16 +1347,33 @@ class ShardWriter:
             p[1][p[2]:p[2] + take] = feats[at:at + take]
             p[2] += take
             at += take
-            if p[2] == len(p[1]):  # every unique frame done: index the windows (C, T) -> (C, T, G, G, F)
-                self.arrays["video"][row] = p[1][p[0]]
+            if p[2] == len(p[1]):  # every unique frame done: the windows (C, T) -> (C, T, G, G, F), on the I/O thread
+                self._on_io_thread(self._write_windows, row, p[0], p[1])
                 del self.pending[row]
 
+    def _write_windows(self, row, index, features):
+        self.arrays["video"][row] = features[index]
+
+    def _on_io_thread(self, fn, *args):
+        while len(self.io_queue) >= self.IO_QUEUE:  # bounded: a slow disk holds the main thread, not the memory
+            self.io_queue.popleft().result()          # (.result() also raises any error of that work here)
+        self.io_queue.append(self.io.submit(fn, *args))
+        return self.io_queue[-1]
+
     def finish(self):
-        """Flush the CNN queue, trim skipped rows, write videos.jsonl + errors.jsonl, rename into place."""
+        """Flush the CNN queue, then on the I/O thread: trim skipped rows, write videos.jsonl + errors.jsonl,
+        rename into place. Returns that work's Future: .result() waits for the shard to be in place (or raises)."""
         while self.queued:
             self._submit()
         while self.in_flight:
             self._collect()
+        done = self._on_io_thread(self._close, list(self.io_queue))
+        self.io.shutdown(wait=False)  # the thread ends after its queue
+        return done
+
+    def _close(self, earlier):
+        for f in earlier:  # done already (one thread, in order); a failed window write stops the shard here
+            f.result()
         n = len(self.rows)
         for key, arr in list(self.arrays.items()):
             arr.flush()
@@ -1563,12 +1588,12 @@ def _decode_in_worker(fn, job, handoff):
     return result
 
 
-def _frames_from_file(result):
-    """Main side of _decode_in_worker: load and delete the frames file a result names."""
+def _frames_from_file(result, unlink=os.unlink):
+    """Main side of _decode_in_worker: load the frames file a result names, and delete it with `unlink`."""
     if isinstance(result, dict) and isinstance(result.get("frames"), str):
         path = result["frames"]
         result["frames"] = np.load(path)
-        os.unlink(path)
+        unlink(path)
     return result
 
 
@@ -1588,8 +1613,12 @@ def decode_stream(jobs, workers, timeout=None, fn=None):
     if workers <= 0:
         yield from map(fn, jobs)
         return
+    from concurrent.futures import ThreadPoolExecutor
     jobs = list(jobs)
     handoff = tempfile.mkdtemp(prefix="lava_prepare_")
+    # deleting a read hand-off file costs the main thread as much as reading it (freeing 10-25 MB of blocks; on a
+    # disk mounted with discard, trimming them too), so a thread beside it does that
+    remover = ThreadPoolExecutor(1, thread_name_prefix="handoff-unlink")
     ex, pending, nxt, solo_until = _spawn_pool(workers), deque(), 0, 0
     try:
         while nxt < len(jobs) or pending:
@@ -1598,7 +1627,7 @@ def decode_stream(jobs, workers, timeout=None, fn=None):
                 nxt += 1
             i, fut = pending[0]
             try:
-                result = _frames_from_file(fut.result(timeout=timeout))
+                result = _frames_from_file(fut.result(timeout=timeout), lambda path: remover.submit(os.unlink, path))
             except (BrokenProcessPool, FutureTimeout) as e:
                 _kill_pool(ex)
                 shutil.rmtree(handoff, ignore_errors=True)  # frames of the videos in flight: they run again
@@ -1617,6 +1646,7 @@ def decode_stream(jobs, workers, timeout=None, fn=None):
             yield result
     finally:
         _kill_pool(ex, graceful=not pending)
+        remover.shutdown(wait=True)
         shutil.rmtree(handoff, ignore_errors=True)  # the frames of videos still in flight when stopped early
 
 
@@ -1684,7 +1714,7 @@ def _run(args, root, out, dataset, sampling, clips, frames, shapes, args_dict):
         results = decode_stream(jobs, args.workers, args.video_timeout)
         from tqdm import tqdm
         bar = tqdm(total=len(jobs), unit="video", desc=f"prepare {dataset}", dynamic_ncols=True, smoothing=0.05)
-        n_err, t_start, wait_decode = 0, time.perf_counter(), 0.0
+        n_err, t_start, wait_decode, closing = 0, time.perf_counter(), 0.0, None
         try:
             for k, vs in batches:
                 writer = ShardWriter(out, shard_name(k), vs, shapes, encoder)
@@ -1697,7 +1727,11 @@ def _run(args, root, out, dataset, sampling, clips, frames, shapes, args_dict):
                     n_err += not result["ok"]
                     bar.update(1)
                     bar.set_postfix(skipped=n_err, shard=k, refresh=False)
-                writer.finish()
+                if closing is not None:
+                    closing.result()      # the previous shard is in place (its errors surface here)
+                closing = writer.finish()  # this one is flushed and renamed while the next one starts
+            if closing is not None:
+                closing.result()
         finally:
             bar.close()
             # stops the decode processes now, also when a shard failed (not at interpreter exit, where a

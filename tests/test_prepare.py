@@ -433,6 +433,27 @@ def test_cnn_batches_in_flight_give_each_video_its_own_features(k700_single, tmp
     assert 0 < run["wait_cnn_s"] and run["wait_decode_s"] + run["wait_cnn_s"] <= run["seconds"]
 
 
+def test_shard_io_thread_errors_stop_the_run_and_a_rerun_completes(k700_single, tmp_path, monkeypatch):
+    """The windows are written and shards renamed on a thread beside the main one: its errors (here a full disk
+    on the third shard) still stop the run, nothing half-written is left in place, and a re-run completes."""
+    root, single = k700_single
+    out = tmp_path / "out"
+    write = prepare.ShardWriter._write_windows
+
+    def disk_full_on_shard_2(self, *args):
+        if self.final.name == prepare.shard_name(2):
+            raise OSError(28, "No space left on device")
+        write(self, *args)
+    monkeypatch.setattr(prepare.ShardWriter, "_write_windows", disk_full_on_shard_2)
+    with pytest.raises(OSError, match="No space left"):
+        run_prepare("--root", root, "--out", out, "--shard-size", "2", *FAST)
+    assert sorted(p.name for p in out.glob("shard_*")) == ["shard_00000", "shard_00001"]
+    assert not (out / "manifest.json").exists()
+    monkeypatch.setattr(prepare.ShardWriter, "_write_windows", write)
+    run_prepare("--root", root, "--out", out, "--shard-size", "2", *FAST)
+    assert_same_cache(out, single)
+
+
 def test_frame_encoder_refuses_to_overwrite_a_batch_in_flight():
     enc = prepare.FrameEncoder("random", None, "cpu", size=32, batch_size=3, depth=2)
     frames = np.random.default_rng(0).integers(0, 256, (3, 3, 32, 32, 3), dtype=np.uint8)  # three batches
