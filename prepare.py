@@ -1277,10 +1277,8 @@ class ShardWriter:
 
     def __init__(self, out, name, videos, shapes, encoder):
         self.final = Path(out) / name
-        self.tmp = Path(out) / f".{name}.tmp-{os.getpid()}"
-        if self.tmp.exists():
-            shutil.rmtree(self.tmp)
-        self.tmp.mkdir(parents=True)
+        # a folder of its own (pid + random suffix): a late rename by an aborted writer can never move another's
+        self.tmp = Path(tempfile.mkdtemp(dir=out, prefix=f".{name}.tmp-{os.getpid()}-"))
         self.shapes, self.encoder = shapes, encoder
         n, S = len(videos), shapes
         self.arrays = {}
@@ -1370,6 +1368,11 @@ class ShardWriter:
         done = self._on_io_thread(self._close, list(self.io_queue))
         self.io.shutdown(wait=False)  # the thread ends after its queue
         return done
+
+    def abort(self):
+        """The run failed before finish(): drop the queued disk work, wait for the running one, remove the temp folder."""
+        self.io.shutdown(wait=True, cancel_futures=True)
+        shutil.rmtree(self.tmp, ignore_errors=True)
 
     def _close(self, earlier):
         for f in earlier:  # done already (one thread, in order); a failed window write stops the shard here
@@ -1712,9 +1715,10 @@ def _run(args, root, out, dataset, sampling, clips, frames, shapes, args_dict):
         batches = [(k, videos[k * args.shard_size:(k + 1) * args.shard_size]) for k in todo]
         jobs = [dict(job, path=str(root / v["path"])) for _, vs in batches for v in vs]
         results = decode_stream(jobs, args.workers, args.video_timeout)
+        from concurrent.futures import wait
         from tqdm import tqdm
         bar = tqdm(total=len(jobs), unit="video", desc=f"prepare {dataset}", dynamic_ncols=True, smoothing=0.05)
-        n_err, t_start, wait_decode, closing = 0, time.perf_counter(), 0.0, None
+        n_err, t_start, wait_decode, writer, closing = 0, time.perf_counter(), 0.0, None, None
         try:
             for k, vs in batches:
                 writer = ShardWriter(out, shard_name(k), vs, shapes, encoder)
@@ -1729,9 +1733,17 @@ def _run(args, root, out, dataset, sampling, clips, frames, shapes, args_dict):
                     bar.set_postfix(skipped=n_err, shard=k, refresh=False)
                 if closing is not None:
                     closing.result()      # the previous shard is in place (its errors surface here)
-                closing = writer.finish()  # this one is flushed and renamed while the next one starts
+                closing, writer = writer.finish(), None  # flushed and renamed while the next one starts
             if closing is not None:
                 closing.result()
+        except BaseException:
+            # stop every disk thread before the error leaves: the unfinished shard's temp folder goes, the
+            # previous shard (complete) ends in place or not at all, and nothing runs on behind the caller
+            if writer is not None:
+                writer.abort()
+            if closing is not None:
+                wait([closing])
+            raise
         finally:
             bar.close()
             # stops the decode processes now, also when a shard failed (not at interpreter exit, where a

@@ -453,6 +453,27 @@ def test_shard_io_thread_errors_stop_the_run_and_a_rerun_completes(k700_single, 
     run_prepare("--root", root, "--out", out, "--shard-size", "2", *FAST)
     assert_same_cache(out, single)
 
+    # an error in the main thread (here on the first video of shard 1) while shard 0 is still closing on its
+    # thread (slowed down): when the error leaves, shard 0 is complete in place and no temp folder is left
+    out = tmp_path / "out2"
+    fsync_dir, tokens = prepare._fsync_dir, prepare._tokens
+    monkeypatch.setattr(prepare, "_fsync_dir", lambda folder: (time.sleep(1.0), fsync_dir(folder)))
+    calls = []
+
+    def fail_on_third(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return tokens(*args)
+    monkeypatch.setattr(prepare, "_tokens", fail_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        run_prepare("--root", root, "--out", out, "--shard-size", "2", *FAST)
+    assert [p.name for p in out.glob("shard_*")] == ["shard_00000"] and list(out.glob(".*tmp*")) == []
+    assert (out / "shard_00000" / "videos.jsonl").is_file()
+    monkeypatch.setattr(prepare, "_tokens", tokens)
+    run_prepare("--root", root, "--out", out, "--shard-size", "2", *FAST)
+    assert_same_cache(out, single)
+
 
 def test_frame_encoder_refuses_to_overwrite_a_batch_in_flight():
     enc = prepare.FrameEncoder("random", None, "cpu", size=32, batch_size=3, depth=2)
