@@ -1156,7 +1156,7 @@ def build_backbone(kind, weights_path, device):
 
 class FrameEncoder:
     """uint8 RGB frames (n, S, S, 3) -> float16 patch features (n, G, G, 512), batch by batch, with up to
-    `depth` batches in flight so that on a GPU the host work never waits for the CNN and the CNN never for it.
+    `depth` batches in flight so that on a GPU the host's work on one batch overlaps the CNN's on another.
 
         frames = enc.staging()   # (batch_size, S, S, 3) uint8 input buffer of the next batch: fill it in place
         enc.submit(n)            # run its first n frames (on CUDA: queued, returns at once)
@@ -1755,8 +1755,8 @@ def _run(args, root, out, dataset, sampling, clips, frames, shapes, args_dict):
 
 def _log_run(out, args, encoder, shards, videos, seconds, wait_decode):
     """Where this run's time went, printed and appended to CACHE/prepare_runs.jsonl (one line per run or shard
-    job that built shards). The main process waits either for decoded videos (more --workers would help, if there are cores
-    for them) or for the CNN (the GPU, or the CPU running it, is the limit)."""
+    job that built shards). The main process waits either for decoded videos (more --workers would help, if
+    there are cores for them) or for the CNN (the GPU, or the CPU running it, is the limit)."""
     import platform
     import torch
     cuda = encoder.device.type == "cuda"
