@@ -185,7 +185,8 @@ def bench_prepare(args):
     print(f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} CPUs, load avg "
           f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}; size {args.size}; best of {args.repeats}; CPU ms per video")
     modes = {"eval": (args.test_clips, 16), "pretrain": (1, args.pretrain_frames)}
-    jobs = {m: dict(size=args.size, clips=c, frames=t, sampling=m, audio_frames=256 + 10 * (t - 16), threads=1)
+    jobs = {m: dict(size=args.size, clips=c, frames=t, sampling=m, audio_frames=prepare._shapes(args, c, t)["audio_frames"],
+                    threads=1)
             for m, (c, t) in modes.items()}
     prepare.decode_video(dict(jobs["eval"], path=str(files[0])))  # warm imports and the mel filterbank
     totals = {"pyav": 0.0, "eval": 0.0, "pretrain": 0.0}
@@ -292,8 +293,7 @@ def _bench_main_thread(args, videos=60, repeats=3):
     print(f"main thread per frame, infinitely fast CNN, {videos} videos, 1 decode worker, best of {repeats} "
           f"(eval: {seconds:.0f} s videos):")
     for mode, (clips, frames, grid_frames) in modes.items():
-        shapes = dict(clips=clips, frames=frames, grid=args.size // 32, feature_dim=512, n_mels=prepare.N_MELS,
-                      audio_frames=256 + 10 * (frames - 16), max_tokens=prepare.MAX_TOKENS)
+        shapes = prepare._shapes(args, clips, frames)
         jobs = [dict(size=args.size, clips=clips, frames=frames, sampling=mode, grid_frames=grid_frames, seed=k,
                      audio_frames=shapes["audio_frames"]) for k in range(videos)]
         listing = [dict(id=str(k), path=f"{k}.mp4", label="x", split=None, title=None) for k in range(videos)]
@@ -362,7 +362,7 @@ def _bench_prepare_cnn(args, distinct=4):
         """steps batches through enc as ShardWriter does (features copied out of the encoder's buffer);
         check(k, features) on each collected batch k."""
         submitted = collected = 0
-        copied = np.empty((args.cnn_batch,) + enc.host_out[0][1].shape[1:], np.float16)
+        copied = np.empty(enc.host_out[0].shape, np.float16)
         while collected < steps:
             if submitted < steps and len(enc.in_flight) < enc.depth:
                 enc.staging()[:] = inputs[submitted % distinct]

@@ -1182,14 +1182,12 @@ class FrameEncoder:
         self.std = torch.tensor(IMAGENET_STD, device=self.device).view(1, 3, 1, 1) * 255
         self.batch_size, self.depth = batch_size, depth
         G = size // 32
-        host_in = [torch.empty((batch_size, size, size, 3), dtype=torch.uint8, pin_memory=self.cuda)
-                   for _ in range(depth)]
-        host_out = [torch.empty((batch_size, G, G, FEATURE_DIM), dtype=torch.float16, pin_memory=self.cuda)
-                    for _ in range(depth)]
-        self.host_in = [(t, t.numpy()) for t in host_in]        # the tensor and a numpy view of the same memory
-        self.host_out = [(t, t.numpy()) for t in host_out]
+        self.host_in = [torch.empty((batch_size, size, size, 3), dtype=torch.uint8, pin_memory=self.cuda)
+                        for _ in range(depth)]
+        self.host_out = [torch.empty((batch_size, G, G, FEATURE_DIM), dtype=torch.float16, pin_memory=self.cuda)
+                         for _ in range(depth)]
         if self.cuda:
-            self.device_in = [torch.empty_like(t, device=self.device) for t in host_in]
+            self.device_in = [torch.empty_like(t, device=self.device) for t in self.host_in]
             self.upload = torch.cuda.Stream(self.device)
             # blocking events: collect() sleeps instead of spinning a core the decode workers could use
             self.uploaded = [torch.cuda.Event() for _ in range(depth)]
@@ -1203,13 +1201,13 @@ class FrameEncoder:
         slot = self.next_slot
         if any(s == slot for s, _ in self.in_flight):
             raise RuntimeError("FrameEncoder: collect() the oldest batch before staging another")
-        return self.host_in[slot][1]
+        return self.host_in[slot].numpy()  # a numpy view of the same memory
 
     def submit(self, n):
         torch = self.torch
         t0 = time.perf_counter()
         slot = self.next_slot
-        frames = self.host_in[slot][0][:n]                        # (n, S, S, 3) uint8, host
+        frames = self.host_in[slot][:n]                           # (n, S, S, 3) uint8, host
         if self.cuda:
             compute = torch.cuda.current_stream(self.device)
             with torch.cuda.stream(self.upload):
@@ -1224,7 +1222,7 @@ class FrameEncoder:
         with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cuda):
             y = self.net(x)                                         # (n, 512, G, G), post-ReLU, channels_last
         y = y.permute(0, 2, 3, 1).to(torch.float16)                 # (n, G, G, 512): converted on the device
-        self.host_out[slot][0][:n].copy_(y, non_blocking=self.cuda)  # to pinned memory, asynchronously on CUDA
+        self.host_out[slot][:n].copy_(y, non_blocking=self.cuda)  # to pinned memory, asynchronously on CUDA
         if self.cuda:
             self.done[slot].record(compute)
         self.next_slot = (slot + 1) % self.depth                    # only once the batch is queued (an error
@@ -1238,7 +1236,7 @@ class FrameEncoder:
             t0 = time.perf_counter()
             self.done[slot].synchronize()
             self.wait_s += time.perf_counter() - t0
-        return self.host_out[slot][1][:n]
+        return self.host_out[slot][:n].numpy()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1759,9 +1757,8 @@ def _log_run(out, args, encoder, shards, videos, seconds, wait_decode):
     there are cores for them) or for the CNN (the GPU, or the CPU running it, is the limit)."""
     import platform
     import torch
-    cuda = encoder.device.type == "cuda"
     stats = dict(finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), host=platform.node(),
-                 device=torch.cuda.get_device_name(encoder.device) if cuda else str(encoder.device),
+                 device=torch.cuda.get_device_name(encoder.device) if encoder.cuda else str(encoder.device),
                  workers=args.workers, batch_size=args.batch_size, size=args.size, shards=shards, videos=videos,
                  frames=encoder.frames_done, seconds=round(seconds, 2),
                  frames_per_s=round(encoder.frames_done / max(seconds, 1e-9), 1),
