@@ -222,7 +222,8 @@ def _synthetic_decode(job):
 def _bench_handoff(args, videos=40):
     """Frames from one decode worker to the main process (which also feeds the CNN): pickled through the pool's
     pipe (a plain ProcessPoolExecutor.map, what decode_stream did before) vs prepare.decode_stream's file
-    hand-off. Main-process CPU per video bounds prepare's frames/s whatever the number of decode workers."""
+    hand-off. CPU of the whole main process per video (decode_stream's reader threads included: the main thread's
+    own share is in the next benchmark)."""
     import time
     import prepare
     frames = args.test_clips * 16  # at most this many distinct frames per evaluation video
@@ -237,8 +238,8 @@ def _bench_handoff(args, videos=40):
         for _ in run():
             pass
         cpu = time.process_time() - c0
-        print(f"  {name:14s} main process {cpu / videos * 1e3:6.1f} ms CPU per video: the hand-off alone allows "
-              f"{videos * frames / cpu:,.0f} frames/s")
+        print(f"  {name:14s} main process {cpu / videos * 1e3:6.1f} ms CPU per video (all its threads): "
+              f"{videos * frames / cpu:,.0f} frames/s per core")
     prepare._kill_pool(ex, graceful=True)
 
 
@@ -278,7 +279,7 @@ class _HostOnlyEncoder:
 def _bench_main_thread(args, videos=60, repeats=3):
     """How fast prepare's main process could feed an infinitely fast CNN (an encoder that does nothing), with one
     decode worker. Per frame: the main thread's CPU time for the hand-off (time.thread_time; the wait for the
-    worker is not counted), and the wall time of the rest (the copy into the CNN's input buffer, the features'
+    worker, and decode_stream's reader threads that load each frames file, are not counted), and the wall time of the rest (the copy into the CNN's input buffer, the features'
     scatter, and any wait for the shard's I/O thread, which writes the (C, T) windows and flushes: when the disk is
     the slower side, that wait is the limit). 1e6 / (their sum) is the most frames/s prepare can feed a GPU,
     however many workers decode."""

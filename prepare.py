@@ -1589,13 +1589,18 @@ def _decode_in_worker(fn, job, handoff):
     return result
 
 
-def _frames_from_file(result, unlink=os.unlink):
-    """Main side of _decode_in_worker: load the frames file a result names, and delete it with `unlink`."""
+def _frames_from_file(result):
+    """Main side of _decode_in_worker: load the frames file a result names, and delete it."""
     if isinstance(result, dict) and isinstance(result.get("frames"), str):
         path = result["frames"]
         result["frames"] = np.load(path)
-        unlink(path)
+        os.unlink(path)
     return result
+
+
+def _read_when_done(future):
+    """A reader thread's task in decode_stream: wait for one worker's result, then load its frames file."""
+    return _frames_from_file(future.result())
 
 
 def decode_stream(jobs, workers, timeout=None, fn=None):
@@ -1608,29 +1613,32 @@ def decode_stream(jobs, workers, timeout=None, fn=None):
     one at a time, so the failure is pinned on its own file (skipped, reason in prepare_errors.jsonl) and the
     others come out as in any run.
     """
+    from concurrent.futures import ThreadPoolExecutor
     from concurrent.futures import TimeoutError as FutureTimeout
     from concurrent.futures.process import BrokenProcessPool
     fn = fn or decode_video
     if workers <= 0:
         yield from map(fn, jobs)
         return
-    from concurrent.futures import ThreadPoolExecutor
     jobs = list(jobs)
     handoff = tempfile.mkdtemp(prefix="lava_prepare_")
-    # deleting a read hand-off file costs the main thread as much as reading it (freeing 10-25 MB of blocks; on a
-    # disk mounted with discard, trimming them too), so a thread beside it does that
-    remover = ThreadPoolExecutor(1, thread_name_prefix="handoff-unlink")
+    # Reading a video's frames file and deleting it (freeing 10-25 MB of blocks; on a disk mounted with discard,
+    # trimming them too) cost the main thread, which feeds the CNN, 30-45 us per frame on the dev VM. Two threads
+    # beside it do both as each worker finishes (file reads and unlinks release the GIL), so the main thread only
+    # takes finished arrays. Each reader task waits for its own worker's future, in submission order.
+    readers = ThreadPoolExecutor(2, thread_name_prefix="handoff-read")
     ex, pending, nxt, solo_until = _spawn_pool(workers), deque(), 0, 0
     try:
         while nxt < len(jobs) or pending:
             while nxt < len(jobs) and len(pending) < (1 if nxt < solo_until else 2 * workers):
-                pending.append((nxt, ex.submit(_decode_in_worker, fn, jobs[nxt], handoff)))
+                fut = ex.submit(_decode_in_worker, fn, jobs[nxt], handoff)
+                pending.append((nxt, fut, readers.submit(_read_when_done, fut)))
                 nxt += 1
-            i, fut = pending[0]
+            i, fut, read = pending[0]
             try:
-                result = _frames_from_file(fut.result(timeout=timeout), lambda path: remover.submit(os.unlink, path))
+                fut.result(timeout=timeout)
             except (BrokenProcessPool, FutureTimeout) as e:
-                _kill_pool(ex)
+                _kill_pool(ex)  # breaks every future of the pool, so the readers waiting on them return
                 shutil.rmtree(handoff, ignore_errors=True)  # frames of the videos in flight: they run again
                 os.makedirs(handoff, exist_ok=True)
                 ex = _spawn_pool(workers)
@@ -1644,10 +1652,10 @@ def decode_stream(jobs, workers, timeout=None, fn=None):
                     pending.clear()
                 continue
             pending.popleft()
-            yield result
+            yield read.result()
     finally:
         _kill_pool(ex, graceful=not pending)
-        remover.shutdown(wait=True)
+        readers.shutdown(wait=True, cancel_futures=True)  # after the kill: no reader is left waiting on a worker
         shutil.rmtree(handoff, ignore_errors=True)  # the frames of videos still in flight when stopped early
 
 

@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -581,7 +582,16 @@ def test_decode_stream_hands_frames_over_in_files_and_cleans_up(tmp_path, monkey
     monkeypatch.setattr(prepare.tempfile, "tempdir", str(handoff_parent))
     jobs = [dict(path=str(v), size=32, clips=2, frames=8, sampling="eval", audio_frames=176) for v in videos]
     inline = list(prepare.decode_stream(jobs, workers=0))
+    loaded_on, load = [], prepare._frames_from_file
+
+    def spy(result):
+        loaded_on.append(threading.current_thread())
+        return load(result)
+    monkeypatch.setattr(prepare, "_frames_from_file", spy)
     pooled = list(prepare.decode_stream(jobs, workers=2))
+    # the files are read beside the main thread (which feeds the CNN), not by it
+    assert len(loaded_on) == 3 and threading.main_thread() not in loaded_on
+    monkeypatch.setattr(prepare, "_frames_from_file", load)
     for a, b in zip(inline, pooled):
         assert isinstance(b["frames"], np.ndarray) and np.array_equal(a["frames"], b["frames"])
         assert np.array_equal(a["index"], b["index"]) and a["notes"] == b["notes"]
