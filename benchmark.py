@@ -279,10 +279,11 @@ class _HostOnlyEncoder:
 def _bench_main_thread(args, videos=60, repeats=3):
     """How fast prepare's main process could feed an infinitely fast CNN (an encoder that does nothing), with one
     decode worker. Per frame: the main thread's CPU time for the hand-off (time.thread_time; the wait for the
-    worker, and decode_stream's reader threads that load each frames file, are not counted), and the wall time of the rest (the copy into the CNN's input buffer, the features'
-    scatter, and any wait for the shard's I/O thread, which writes the (C, T) windows and flushes: when the disk is
-    the slower side, that wait is the limit). 1e6 / (their sum) is the most frames/s prepare can feed a GPU,
-    however many workers decode."""
+    worker, and decode_stream's reader threads that load each frames file, are not counted), and the wall time
+    of the rest (the copy into the CNN's input buffer, the features' scatter, and any wait for the shard's I/O
+    thread, which appends each video's features to patches.npy and flushes: when the disk is the slower side,
+    that wait is the limit). 1e6 / (their sum) is the most frames/s prepare can feed a GPU, however many workers
+    decode (given spare cores for the reader and I/O threads)."""
     import shutil
     import tempfile
     import time
@@ -462,8 +463,9 @@ def bench_prepare_run(args):
                    "--workers", str(workers), "--device", args.device]
             subprocess.run(cmd, check=True, cwd=here, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             run = json.loads((out / "prepare_runs.jsonl").read_text().splitlines()[-1])
+            manifest = json.loads((out / "manifest.json").read_text())
             print(json.dumps(dict(what="prepare_run", source_size=args.source_size, seconds_per_video=args.seconds,
-                                  **run)))
+                                  bytes_per_video=manifest["bytes_per_video"], **run)))
             shutil.rmtree(out, ignore_errors=True)
     finally:
         if not args.dir:

@@ -21,7 +21,7 @@ What it does, per video (the decode half runs in --workers processes, the CNN in
      by an exact k x k box filter then bilinear to --size x --size (= short side to --size, centre crop), RGB.
        k700 ("pretrain" sampling): C = 1 clip of T = --pretrain-frames (20) central frames, room for jitter.
        ucf101 / hmdb51 / folder ("eval" sampling): C = --test-clips (10) uniformly spaced 16-frame windows;
-       the union of their frames is decoded and run through the CNN once, then indexed per window.
+       the union of their frames is decoded, run through the CNN and stored once; window.npy indexes it.
      Clips longer than the video repeat the last real frame; frames.npy records how many are real.
   2. audio: PyAV decodes the container's first audio stream (soundfile reads a same-named .wav/.flac next
      to a video without audio), mono 16 kHz, log-mel (80 bins, n_fft 400, hop 160) cut into
@@ -33,12 +33,12 @@ What it does, per video (the decode half runs in --workers processes, the CNN in
   4. text: the title (titles.csv, else the file's `title` metadata tag) as BPE ids, 128 max (eot + pad).
 
 Cache layout (README: Feature cache): manifest.json (written last), tokenizer.bpe/.vocab, prepare_errors.jsonl,
-shard_XXXXX/{video,frames,audio,tokens,has_audio,has_text}.npy + videos.jsonl; plus listing.json (the
-video list frozen at the first run, so re-runs and shard-index jobs agree), prepare_config.json,
-prepare_runs.jsonl (each run's frames/s and where its time went) and shard_XXXXX/errors.jsonl (this shard's
-skipped/degraded files). Each shard is built in a temp dir and
-renamed, so a run killed at any point (kill -9 included) resumes where it stopped and ends byte-identical
-to a single run; read a finished cache with `FeatureCache(path)`.
+shard_XXXXX/{patches,first_patch,window,frames,audio,tokens,has_audio,has_text}.npy + videos.jsonl; plus
+listing.json (the video list frozen at the first run, so re-runs and shard-index jobs agree),
+prepare_config.json, prepare_runs.jsonl (each run's frames/s and where its time went) and
+shard_XXXXX/errors.jsonl (this shard's skipped/degraded files). Each shard is built in a temp dir and renamed,
+so a run killed at any point (kill -9 included) resumes where it stopped and ends byte-identical to a single
+run; read a finished cache with `FeatureCache(path)`.
 """
 import argparse
 import bisect
@@ -62,7 +62,7 @@ import numpy as np
 import regex
 
 
-CACHE_FORMAT, CACHE_VERSION = "lava-cache", 1
+CACHE_FORMAT, CACHE_VERSION = "lava-cache", 2
 FPS = 10                                  # the paper's clips: 16 frames at 10 fps
 SAMPLE_RATE, N_FFT, HOP, N_MELS = 16000, 400, 160, 80  # 25 ms windows, 10 ms hop: 10 mel frames per video frame
 MAX_TOKENS, FEATURE_DIM, EVAL_FRAMES = 128, 512, 16
@@ -77,15 +77,20 @@ LAYOUTS = {  # what each reader expects under --root; printed when the root matc
     "folder": "any folder holding video files (" + " ".join(sorted(VIDEO_EXTS)) + "), searched recursively; "
               "titles optional (titles.csv with path,title or youtube_id,title, or each file's title tag)",
 }
-# the per-shard arrays: name -> (dtype, shape after the leading n; names index manifest["shapes"])
+# the per-shard arrays, one row per video: name -> (dtype, shape after the leading n; names index manifest["shapes"])
 SHARD_ARRAYS = {
-    "video": (np.float16, ("clips", "frames", "grid", "grid", "feature_dim")),
+    "first_patch": (np.int64, ()),             # the video's first row in patches.npy
+    "window": (np.int32, ("clips", "frames")),  # clip c's frame t is the video's distinct frame window[c, t]
     "frames": (np.int16, ("clips",)),
     "audio": (np.float16, ("clips", "n_mels", "audio_frames")),
     "tokens": (np.int32, ("max_tokens",)),
     "has_audio": (np.bool_, ()),
     "has_text": (np.bool_, ()),
 }
+# and one array of all the shard's videos' distinct frames' features, video after video: (P, G, G, F) float16.
+# Evaluation windows overlap (10 x 16 frames of a 7 s video are 70 distinct frames), so each is stored once.
+PATCHES = "patches"
+NPY_HEADER_BYTES = 128  # patches.npy's header, written last once P is known (see _npy_header)
 
 
 def _write_atomic(path, text):
@@ -1250,7 +1255,8 @@ def _content_config(args, dataset, sampling, clips, frames):
     """The settings that decide the bytes of the cache (a re-run or shard job must agree on all of them).
     Clips and frames per video, not the flags: --test-clips does not matter to a pre-training cache, nor
     --pretrain-frames to an evaluation one."""
-    return dict(dataset=dataset, sampling=sampling, clips=clips, frames=frames, size=args.size, backbone=args.backbone,
+    return dict(cache_version=CACHE_VERSION, dataset=dataset, sampling=sampling, clips=clips, frames=frames,
+                size=args.size, backbone=args.backbone,
                 backbone_weights=str(args.backbone_weights) if args.backbone_weights else None,
                 vocab_size=args.vocab_size, shard_size=args.shard_size)
 
@@ -1268,10 +1274,10 @@ class ShardWriter:
     encoder runs one batch, the next is gathered (FrameEncoder: up to `depth` batches in flight).
 
     The main thread feeds the GPU, so the shard's disk work runs on a thread of its own, in order: each
-    finished video's (C, T) windows written into video.npy, and, after finish(), the flush and the rename
-    (finish() returns at once; the next shard starts meanwhile). Numpy copies and file I/O release the GIL.
+    finished video's distinct frames' features appended to patches.npy, and, after finish(), its header, the
+    flush and the rename (finish() returns at once; the next shard starts meanwhile). File I/O releases the GIL.
     """
-    IO_QUEUE = 16  # videos whose windows may wait for the I/O thread; beyond that the main thread waits
+    IO_QUEUE = 16  # videos whose features may wait for the I/O thread; beyond that the main thread waits
 
     def __init__(self, out, name, videos, shapes, encoder):
         self.final = Path(out) / name
@@ -1283,9 +1289,14 @@ class ShardWriter:
         for key, (dtype, dims) in SHARD_ARRAYS.items():
             shape = (n,) + tuple(S[d] for d in dims)
             self.arrays[key] = np.lib.format.open_memmap(self.tmp / f"{key}.npy", mode="w+", dtype=dtype, shape=shape)
+        # patches.npy grows video by video (P is known only at the end): a placeholder header now, the real one last
+        self.patch_shape = (S["grid"], S["grid"], S["feature_dim"])
+        self.patches = open(self.tmp / f"{PATCHES}.npy", "wb")
+        self.patches.write(_npy_header(np.float16, (0,) + self.patch_shape))
+        self.num_patches = 0
         self.rows, self.errors = [], []
-        self.queue = []         # [(row, frames uint8 (u, S, S, 3))] waiting for the CNN, in arrival order
-        self.pending = {}       # row -> [index (C,T), features (U,G,G,F) being filled, n filled]
+        self.queue = []         # [(row, frames uint8 (U, S, S, 3))] waiting for the CNN, in arrival order
+        self.pending = {}       # row -> [features (U, G, G, F) being filled, n filled]
         self.queued = 0
         self.in_flight = deque()  # per batch submitted to the encoder: [(row, frames of it in the batch)]
         from concurrent.futures import ThreadPoolExecutor
@@ -1307,9 +1318,9 @@ class ShardWriter:
         a["has_text"][row] = has_text
         a["has_audio"][row] = result["mel"] is not None
         a["audio"][row] = result["mel"] if result["mel"] is not None else 0
+        a["window"][row] = result["index"]
         U = len(result["frames"])
-        G = self.shapes["grid"]
-        self.pending[row] = [result["index"], np.empty((U, G, G, FEATURE_DIM), np.float16), 0]
+        self.pending[row] = [np.empty((U,) + self.patch_shape, np.float16), 0]
         self.queue.append((row, result["frames"]))
         self.queued += U
         while self.queued >= self.encoder.batch_size:
@@ -1340,15 +1351,17 @@ class ShardWriter:
         feats, at = self.encoder.collect(), 0
         for row, take in self.in_flight.popleft():
             p = self.pending[row]
-            p[1][p[2]:p[2] + take] = feats[at:at + take]
-            p[2] += take
+            p[0][p[1]:p[1] + take] = feats[at:at + take]
+            p[1] += take
             at += take
-            if p[2] == len(p[1]):  # every unique frame done: the windows (C, T) -> (C, T, G, G, F), on the I/O thread
-                self._on_io_thread(self._write_windows, row, p[0], p[1])
+            if p[1] == len(p[0]):  # every distinct frame done (rows finish in order): onto the end of patches.npy
+                self.arrays["first_patch"][row] = self.num_patches
+                self.num_patches += len(p[0])
+                self._on_io_thread(self._append_patches, p[0])
                 del self.pending[row]
 
-    def _write_windows(self, row, index, features):
-        self.arrays["video"][row] = features[index]
+    def _append_patches(self, features):
+        self.patches.write(features)  # (U, G, G, F) float16, C order: its bytes, no copy
 
     def _on_io_thread(self, fn, *args):
         while len(self.io_queue) >= self.IO_QUEUE:  # bounded: a slow disk holds the main thread, not the memory
@@ -1370,11 +1383,15 @@ class ShardWriter:
     def abort(self):
         """The run failed before finish(): drop the queued disk work, wait for the running one, remove the temp folder."""
         self.io.shutdown(wait=True, cancel_futures=True)
+        self.patches.close()
         shutil.rmtree(self.tmp, ignore_errors=True)
 
     def _close(self, earlier):
-        for f in earlier:  # done already (one thread, in order); a failed window write stops the shard here
+        for f in earlier:  # done already (one thread, in order); a failed features write stops the shard here
             f.result()
+        self.patches.seek(0)
+        self.patches.write(_npy_header(np.float16, (self.num_patches,) + self.patch_shape))
+        self.patches.close()
         n = len(self.rows)
         for key, arr in list(self.arrays.items()):
             arr.flush()
@@ -1405,6 +1422,17 @@ class ShardWriter:
             shutil.rmtree(self.tmp, ignore_errors=True)
 
 
+def _npy_header(dtype, shape):
+    """A .npy header (format 1.0) of exactly NPY_HEADER_BYTES bytes, so a file whose length is not known in advance
+    can be written front to back and its header rewritten in place at the end."""
+    text = "{'descr': %r, 'fortran_order': False, 'shape': %r, }" % (
+        np.lib.format.dtype_to_descr(np.dtype(dtype)), tuple(int(d) for d in shape))
+    pad = NPY_HEADER_BYTES - 10 - len(text) - 1  # 10: magic, version, header length; 1: the closing newline
+    if pad < 0:
+        raise ValueError(f"an .npy header for shape {shape} does not fit in {NPY_HEADER_BYTES} bytes")
+    return b"\x93NUMPY\x01\x00" + (NPY_HEADER_BYTES - 10).to_bytes(2, "little") + (text + " " * pad + "\n").encode("latin1")
+
+
 def _fsync_dir(folder):
     for f in Path(folder).iterdir():
         with open(f, "rb") as fh:
@@ -1432,7 +1460,7 @@ def merge_shards(out, listing, args_dict, shapes, dataset, backbone, tokenizer_n
         num_videos += len(has_audio)
         miss_a += int((~has_audio).sum())
         miss_t += int((~has_text).sum())
-        nbytes += sum((out / nm / f"{key}.npy").stat().st_size for key in SHARD_ARRAYS)
+        nbytes += sum((out / nm / f"{key}.npy").stat().st_size for key in (*SHARD_ARRAYS, PATCHES))
     _write_atomic(out / "prepare_errors.jsonl", "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in errors))
     manifest = dict(format=CACHE_FORMAT, version=CACHE_VERSION, dataset=dataset, config=args_dict,
                     backbone=backbone, backbone_seed=0 if backbone == "random" else None, shards=kept,
@@ -1812,9 +1840,13 @@ class FeatureCache:
     """Read-only view of a finished cache: every shard array memory-mapped, nothing copied.
 
         cache = FeatureCache("data/k700/lava_cache")
-        cache[i] -> dict(video=(C,T,G,G,F) float16, frames=(C,) int16, audio=(C,80,A) float16,
-                         tokens=(128,) int32, has_audio=bool, has_text=bool)
+        cache[i] -> dict(patches=(U,G,G,F) float16, window=(C,T) int32, frames=(C,) int16,
+                         audio=(C,80,A) float16, tokens=(128,) int32, has_audio=bool, has_text=bool)
+        item["patches"][item["window"]] -> (C,T,G,G,F): the features of every clip's frames (copied out)
         cache.videos[i] -> {"id", "path", "label", "split", "title"};  cache.index(video_id) -> i
+
+    patches are the video's distinct frames, each stored once (a view of the memory map, nothing read yet):
+    index them with the part of window a clip needs, so that only those frames are read.
 
     The manifest is written last by prepare.py, so its presence means every shard it lists is complete;
     the shapes and dtypes of each shard are still checked against it so that a hand-edited or mixed-up
@@ -1835,7 +1867,8 @@ class FeatureCache:
         self.manifest = json.loads(manifest_path.read_text())
         if self.manifest.get("format") != CACHE_FORMAT or self.manifest.get("version") != CACHE_VERSION:
             raise ValueError(f"{manifest_path}: format {self.manifest.get('format')!r} version "
-                             f"{self.manifest.get('version')!r}, expected {CACHE_FORMAT!r} version {CACHE_VERSION}")
+                             f"{self.manifest.get('version')!r}, expected {CACHE_FORMAT!r} version {CACHE_VERSION}: "
+                             "made by another prepare.py; build it again with this one into a new --out")
         shapes = self.manifest["shapes"]
         self.shards, self.videos, starts = [], [], []
         for name in self.manifest["shards"]:
@@ -1850,9 +1883,25 @@ class FeatureCache:
                 if arr.dtype != dtype or arr.shape[1:] != want:
                     raise ValueError(f"{file}: {arr.dtype} {arr.shape}, manifest says {np.dtype(dtype)} (n, {want})")
                 arrays[key] = arr
+            file = shard_dir / f"{PATCHES}.npy"
+            if not file.is_file():
+                raise FileNotFoundError(f"{file} missing (listed in {manifest_path})")
+            patches = np.load(file, mmap_mode="r")  # (P, G, G, F)
+            want = (shapes["grid"], shapes["grid"], shapes["feature_dim"])
+            if patches.dtype != np.float16 or patches.shape[1:] != want:
+                raise ValueError(f"{file}: {patches.dtype} {patches.shape}, manifest says float16 (P, {want})")
+            # each row's patches run from its first_patch to the next row's (the last: to P); every window
+            # index must fall inside them, or a clip would silently read another video's frames
+            first = np.asarray(arrays["first_patch"])
+            ends = np.append(first[1:], len(patches))
+            windows = np.asarray(arrays["window"]).reshape(len(first), -1)
+            if len(first) and (first[0] != 0 or (ends < first).any() or (windows < 0).any()
+                               or (windows.max(axis=1, initial=0) >= ends - first).any()):
+                raise ValueError(f"{shard_dir}: first_patch.npy / window.npy do not index {file} consistently")
+            arrays[PATCHES], arrays["patch_end"] = patches, ends
             with open(shard_dir / "videos.jsonl", encoding="utf-8") as f:
                 rows = [json.loads(line) for line in f if line.strip()]
-            counts = {len(rows)} | {len(a) for a in arrays.values()}
+            counts = {len(rows)} | {len(arrays[key]) for key in SHARD_ARRAYS}
             if len(counts) != 1:
                 raise ValueError(f"{shard_dir}: arrays and videos.jsonl disagree on the number of videos {counts}")
             starts.append(len(self.videos))
@@ -1880,8 +1929,9 @@ class FeatureCache:
             raise IndexError(f"index {i} out of range for a cache of {n} videos")
         s = bisect.bisect_right(self._starts, i) - 1
         a, j = self.shards[s], i - self._starts[s]
-        return dict(video=a["video"][j], frames=a["frames"][j], audio=a["audio"][j], tokens=a["tokens"][j],
-                    has_audio=bool(a["has_audio"][j]), has_text=bool(a["has_text"][j]))
+        patches = a[PATCHES][int(a["first_patch"][j]):int(a["patch_end"][j])]
+        return dict(patches=patches, window=a["window"][j], frames=a["frames"][j], audio=a["audio"][j],
+                    tokens=a["tokens"][j], has_audio=bool(a["has_audio"][j]), has_text=bool(a["has_text"][j]))
 
     def index(self, video_id):
         try:

@@ -231,8 +231,8 @@ class PretrainClips(Dataset):
         i, epoch = key
         rng = np.random.default_rng([self.seed, epoch, i])
         item = self.cache[self.indices[i]]
-        video, audio = item["video"], item["audio"]          # (C, T, G, G, F) f16, (C, n_mels, A) f16
-        C, T = video.shape[:2]
+        patches, window, audio = item["patches"], item["window"], item["audio"]  # (U, G, G, F) f16, (C, T), (C, n_mels, A) f16
+        C, T = window.shape
         if T < CLIP_FRAMES:
             raise ValueError(f"cache clips have {T} frames, pre-training needs {CLIP_FRAMES}")
         # draws in a fixed order (clip, start, flip, noise) so every value is a function of (seed, epoch, i)
@@ -244,8 +244,9 @@ class PretrainClips(Dataset):
         if a0 + AUDIO_FRAMES > audio.shape[-1]:
             raise ValueError(f"cache audio has {audio.shape[-1]} mel frames, a start at frame {s} needs {a0 + AUDIO_FRAMES}")
 
-        v = video[c, s:s + CLIP_FRAMES]                       # (16, G, G, F), a view of the memory map
-        v = np.array(v[:, :, ::-1] if flip else v, order="C")  # the one copy out of the map (writable)
+        v = patches[window[c, s:s + CLIP_FRAMES]]            # (16, G, G, F): only these frames read from the map
+        if flip:
+            v = np.ascontiguousarray(v[:, :, ::-1])
         a = audio[c, :, a0:a0 + AUDIO_FRAMES].astype(np.float32)  # (n_mels, 256)
         noise = rng.standard_normal(a.shape, dtype=np.float32)
         if item["has_audio"] and self.audio_noise > 0:  # absent audio stays zeros (it is masked out anyway)

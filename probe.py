@@ -625,7 +625,7 @@ def extract_embeddings(model, cache, batch_clips=64, device="cpu", text=True):
         stop = min(start + per_batch, N)
         items = [cache[i] for i in range(start, stop)]
         b = stop - start
-        video = np.stack([it["video"][:, s:s + cfg.video.frames] for it in items])       # (b, C, 16, G, G, F)
+        video = np.stack([it["patches"][it["window"][:, s:s + cfg.video.frames]] for it in items])  # (b, C, 16, G, G, F)
         video = torch.from_numpy(video.astype(np.float32)).to(device)
         z_v[start:stop] = model.encode_video(video.flatten(0, 1)).float().cpu().view(b, C, W).numpy()
         has_audio[start:stop] = [it["has_audio"] for it in items]

@@ -21,7 +21,7 @@ def write_feature_cache(out, n_videos=24, dataset="k700", clips=1, frames=20, gr
     Sample i has label i % num_classes; the video features carry a class-dependent offset so that a probe has
     something to find. Videos listed in `missing_audio` / `missing_text` are marked absent.
     """
-    from prepare import BPETokenizer
+    from prepare import CACHE_FORMAT, CACHE_VERSION, BPETokenizer
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -52,7 +52,11 @@ def write_feature_cache(out, n_videos=24, dataset="k700", clips=1, frames=20, gr
         name = f"shard_{shard_index:05d}"
         shard = out / name
         shard.mkdir()
-        np.save(shard / "video.npy", np.maximum(video, 0).astype(np.float16))
+        # every clip frame its own patch (no frame shared between clips): patches (n * C * T, G, G, F)
+        np.save(shard / "patches.npy", np.maximum(video, 0).astype(np.float16).reshape(-1, grid, grid, feature_dim))
+        np.save(shard / "first_patch.npy", np.arange(n, dtype=np.int64) * clips * frames)
+        np.save(shard / "window.npy", np.broadcast_to(np.arange(clips * frames, dtype=np.int32).reshape(clips, frames),
+                                                      (n, clips, frames)))
         np.save(shard / "frames.npy", np.full((n, clips), frames, dtype=np.int16))
         np.save(shard / "audio.npy", audio)
         np.save(shard / "tokens.npy", tokens)
@@ -65,7 +69,7 @@ def write_feature_cache(out, n_videos=24, dataset="k700", clips=1, frames=20, gr
                                         title=titles[i] if i not in missing_text else None)) + "\n")
         shard_names.append(name)
 
-    manifest = dict(format="lava-cache", version=1, dataset=dataset, config=dict(fake=True, seed=seed),
+    manifest = dict(format=CACHE_FORMAT, version=CACHE_VERSION, dataset=dataset, config=dict(fake=True, seed=seed),
                     backbone="random", shards=shard_names, num_videos=n_videos,
                     shapes=dict(clips=clips, frames=frames, grid=grid, feature_dim=feature_dim, n_mels=80,
                                 audio_frames=audio_frames, max_tokens=128),

@@ -339,8 +339,9 @@ def test_k700_cache_contents_and_reader(k700_single):
     assert [v["split"] for v in cache.videos].count("val") == 2
     for i, v in enumerate(cache.videos):
         s = cache[i]
-        assert s["video"].shape == (1, 20, 2, 2, 512) and s["video"].dtype == np.float16
-        assert (s["video"] >= 0).all() and np.isfinite(s["video"]).all()  # post-ReLU
+        video = s["patches"][s["window"]]
+        assert video.shape == (1, 20, 2, 2, 512) and video.dtype == np.float16
+        assert (video >= 0).all() and np.isfinite(video).all()  # post-ReLU
         assert s["audio"].shape == (1, 80, 296) and s["tokens"].shape == (128,)
         assert cache.index(v["id"]) == i
         assert s["has_audio"] == (v["id"] != "vid_01x-Y_000010_000020")
@@ -359,6 +360,14 @@ def test_k700_cache_contents_and_reader(k700_single):
     shutil.copytree(out, bad)
     np.save(bad / "shard_00000" / "frames.npy", np.zeros((2, 3), np.int16))
     with pytest.raises(ValueError, match="frames.npy"):
+        FeatureCache(bad)
+    shutil.copy(out / "shard_00000" / "frames.npy", bad / "shard_00000" / "frames.npy")
+    FeatureCache(bad)
+    # a window index past the video's own patches (it would read the next video's frames) is refused too
+    window = np.load(bad / "shard_00000" / "window.npy")
+    window[0, 0, -1] = np.load(bad / "shard_00000" / "first_patch.npy")[1]
+    np.save(bad / "shard_00000" / "window.npy", window)
+    with pytest.raises(ValueError, match="do not index"):
         FeatureCache(bad)
     (bad / "manifest.json").unlink()
     with pytest.raises(FileNotFoundError, match="did not finish"):
@@ -424,10 +433,11 @@ def test_cnn_batches_in_flight_give_each_video_its_own_features(k700_single, tmp
         x = (torch.from_numpy(r["frames"]).permute(0, 3, 1, 2).float() - mean) / std
         with torch.no_grad():
             want = net(x).permute(0, 2, 3, 1).numpy()[r["index"]]   # (C, T, G, G, 512)
-        got = cache[i]["video"].astype(np.float32)
+        got = cache[i]["patches"][cache[i]["window"]].astype(np.float32)
         np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-3)
         # and the same as with one batch per shard, up to float16 rounding of another summation order
-        np.testing.assert_allclose(got, ref[ref.index(v["id"])]["video"].astype(np.float32), rtol=2e-3, atol=2e-3)
+        other = ref[ref.index(v["id"])]
+        np.testing.assert_allclose(got, other["patches"][other["window"]].astype(np.float32), rtol=2e-3, atol=2e-3)
     # the run's log counts exactly those frames, and its waits fit in its time
     (run,) = [json.loads(line) for line in (out / "prepare_runs.jsonl").read_text().splitlines()]
     assert run["frames"] == unique_frames and run["videos"] == 7 and run["shards"] == [0, 1, 2, 3]
@@ -435,22 +445,22 @@ def test_cnn_batches_in_flight_give_each_video_its_own_features(k700_single, tmp
 
 
 def test_shard_io_thread_errors_stop_the_run_and_a_rerun_completes(k700_single, tmp_path, monkeypatch):
-    """The windows are written and shards renamed on a thread beside the main one: its errors (here a full disk
+    """Features are written and shards renamed on a thread beside the main one: its errors (here a full disk
     on the third shard) still stop the run, nothing half-written is left in place, and a re-run completes."""
     root, single = k700_single
     out = tmp_path / "out"
-    write = prepare.ShardWriter._write_windows
+    write = prepare.ShardWriter._append_patches
 
     def disk_full_on_shard_2(self, *args):
         if self.final.name == prepare.shard_name(2):
             raise OSError(28, "No space left on device")
         write(self, *args)
-    monkeypatch.setattr(prepare.ShardWriter, "_write_windows", disk_full_on_shard_2)
+    monkeypatch.setattr(prepare.ShardWriter, "_append_patches", disk_full_on_shard_2)
     with pytest.raises(OSError, match="No space left"):
         run_prepare("--root", root, "--out", out, "--shard-size", "2", *FAST)
     assert sorted(p.name for p in out.glob("shard_*")) == ["shard_00000", "shard_00001"]
     assert not (out / "manifest.json").exists()
-    monkeypatch.setattr(prepare.ShardWriter, "_write_windows", write)
+    monkeypatch.setattr(prepare.ShardWriter, "_append_patches", write)
     run_prepare("--root", root, "--out", out, "--shard-size", "2", *FAST)
     assert_same_cache(out, single)
 
@@ -691,12 +701,18 @@ def test_ucf_eval_run_end_to_end(tmp_path):
     assert cache.manifest["tokenizer"] is None and cache.tokenizer is None
     assert [v["id"] for v in cache.videos] == ["Archery/v_Archery_g01_c01.avi", "HandstandPushups/v_HandstandPushups_g01_c01.avi"]
     long, short = cache[0], cache[1]
-    assert long["video"].shape == (3, 16, 2, 2, 512) and long["frames"].tolist() == [16, 16, 16]
+    long_video, short_video = (item["patches"][item["window"]] for item in (long, short))  # (C, T, G, G, F)
+    assert long_video.shape == (3, 16, 2, 2, 512) and long["frames"].tolist() == [16, 16, 16]
     assert short["frames"].tolist() == [9, 9, 9] and not short["has_text"] and not short["has_audio"]
     assert (short["tokens"] == 299).all()  # all padding: --vocab-size 300 -> pad id 299
     # overlapping windows share frames: windows start at grid frames 0, 8, 15 of 31
-    assert np.array_equal(long["video"][0, 8:], long["video"][1, :8])
-    assert np.array_equal(short["video"][0, 9:], np.broadcast_to(short["video"][0, 8], (7, 2, 2, 512)))
+    assert long["window"][:, 0].tolist() == [0, 8, 15]
+    assert np.array_equal(long_video[0, 8:], long_video[1, :8])
+    assert np.array_equal(short_video[0, 9:], np.broadcast_to(short_video[0, 8], (7, 2, 2, 512)))
+    # and each distinct grid frame is stored once: 31 frames of features for the 3 x 16 windows; the short video's
+    # three windows are the same 16 grid frames (9 real, then the last one repeated)
+    assert len(long["patches"]) == 31 and len(short["patches"]) == 16 and (short["window"] == np.arange(16)).all()
+    assert np.load(root / "lava_cache" / "shard_00000" / "patches.npy", mmap_mode="r").shape == (47, 2, 2, 512)
 
 
 def test_titles_csv_header_with_byte_order_mark(tmp_path):

@@ -65,15 +65,18 @@ def assert_same_state(a, b):
 
 
 def test_augmentation_window_flip_and_aligned_audio(tmp_path):
-    """Video frame t holds value t (+0.25 * column), mel column j holds j: the crop must satisfy audio = 10 * s."""
+    """Video frame t holds value t (+0.25 * column), mel column j holds j: the crop must satisfy audio = 10 * s.
+    The patches are stored last frame first and window.npy says so: clips must be read through the window."""
     cache_dir = write_feature_cache(tmp_path / "cache", n_videos=12, frames=20, missing_audio=(4,))
     for shard in sorted(cache_dir.glob("shard_*")):
-        video = np.load(shard / "video.npy", mmap_mode="r+")             # (n, 1, 20, 2, 2, 512)
+        patches = np.load(shard / "patches.npy", mmap_mode="r+")         # (n * 20, 2, 2, 512), video after video
+        window = np.load(shard / "window.npy")                           # (n, 1, 20)
         t = np.arange(20)[:, None, None, None] + 0.25 * np.arange(2)[None, None, :, None]  # frame + column / 4
-        video[:] = np.broadcast_to(t, video.shape[2:])
+        patches.reshape(-1, 20, 2, 2, 512)[:] = np.broadcast_to(t[::-1], (20, 2, 2, 512))
+        np.save(shard / "window.npy", np.broadcast_to(np.arange(19, -1, -1, dtype=np.int32), window.shape))
         audio = np.load(shard / "audio.npy", mmap_mode="r+")             # (n, 1, 80, 296)
         audio[:] = np.where(np.abs(audio) > 0, np.arange(296, dtype=np.float16), 0)  # missing audio stays 0
-        video.flush(), audio.flush()
+        patches.flush(), audio.flush()
     frames = np.load(cache_dir / "shard_00000" / "frames.npy", mmap_mode="r+")
     frames[1, 0] = 16                                                   # video 1: only 16 real frames -> s = 0
     frames.flush()
@@ -258,9 +261,10 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, one_threa
     sampler = pretrain.ResumableSampler(len(train), 4, seed=0)
     poisoned = train[[i for i, _ in sampler][2 * 4]]        # first sample of step 3 in epoch 0
     shard, row = divmod(poisoned, 10)                       # conftest writes shards of 10 videos
-    video = np.load(cache_dir / f"shard_{shard:05d}" / "video.npy", mmap_mode="r+")
-    video[row, 0, 5] = np.inf
-    video.flush()
+    patches = np.load(cache_dir / f"shard_{shard:05d}" / "patches.npy", mmap_mode="r+")
+    first = np.load(cache_dir / f"shard_{shard:05d}" / "first_patch.npy")
+    patches[first[row] + 5] = np.inf                         # its frame 5 (window.npy is 0..19 here)
+    patches.flush()
     out = tmp_path / "run"
     with pytest.raises(SystemExit) as stop:
         pretrain.main(["--cache", str(cache_dir), "--model", "tiny", "--out", str(out), "--batch-size", "4",
