@@ -1883,6 +1883,11 @@ class FeatureCache:
                 if arr.dtype != dtype or arr.shape[1:] != want:
                     raise ValueError(f"{file}: {arr.dtype} {arr.shape}, manifest says {np.dtype(dtype)} (n, {want})")
                 arrays[key] = arr
+            with open(shard_dir / "videos.jsonl", encoding="utf-8") as f:
+                rows = [json.loads(line) for line in f if line.strip()]
+            counts = {len(rows)} | {len(arrays[key]) for key in SHARD_ARRAYS}
+            if len(counts) != 1:
+                raise ValueError(f"{shard_dir}: arrays and videos.jsonl disagree on the number of videos {counts}")
             file = shard_dir / f"{PATCHES}.npy"
             if not file.is_file():
                 raise FileNotFoundError(f"{file} missing (listed in {manifest_path})")
@@ -1899,11 +1904,6 @@ class FeatureCache:
                                or (windows.max(axis=1, initial=0) >= ends - first).any()):
                 raise ValueError(f"{shard_dir}: first_patch.npy / window.npy do not index {file} consistently")
             arrays[PATCHES], arrays["patch_end"] = patches, ends
-            with open(shard_dir / "videos.jsonl", encoding="utf-8") as f:
-                rows = [json.loads(line) for line in f if line.strip()]
-            counts = {len(rows)} | {len(arrays[key]) for key in SHARD_ARRAYS}
-            if len(counts) != 1:
-                raise ValueError(f"{shard_dir}: arrays and videos.jsonl disagree on the number of videos {counts}")
             starts.append(len(self.videos))
             self.videos.extend(rows)
             self.shards.append(arrays)
