@@ -1,6 +1,7 @@
 # The two commands of the README. Both create or reuse .venv/ and reinstall only when requirements.txt changed.
 #   make demo   the whole method end to end on a generated corpus (CPU, about 5 minutes with the install)
 #   make test   the test suite
+#   make bench-gpu   on a GPU machine: every GPU measurement of BENCHMARKS.md in one go (about 10 minutes)
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -11,7 +12,7 @@ RUN    := runs/demo
 # (seed 0, identical for the three datasets) and frames are 64x64 (a 2x2 patch grid) to fit a CPU.
 PREP   := --backbone random --size 64 --workers 2
 
-.PHONY: demo test clean
+.PHONY: demo test bench-gpu clean
 $(STAMP): requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@echo "installing requirements.txt into $(VENV) (about 90 s from a local package mirror)"
@@ -33,6 +34,13 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# training throughput beside gpu_anchor.py, prepare's FrameEncoder vs a plain bf16 ResNet-18 pass (plus the decode
+# path and the main thread's ceiling on this machine's CPU), and prepare end to end with 8 and 15 decode workers
+bench-gpu: $(STAMP)
+	$(PY) benchmark.py gpu
+	$(PY) benchmark.py prepare --cnn
+	$(PY) benchmark.py prepare-run --workers 8,15
 
 clean:
 	rm -rf $(DEMO) $(RUN)
