@@ -1383,15 +1383,18 @@ class ShardWriter:
     def abort(self):
         """The run failed before finish(): drop the queued disk work, wait for the running one, remove the temp folder."""
         self.io.shutdown(wait=True, cancel_futures=True)
-        self.patches.close()
+        try:
+            self.patches.close()  # flushes its buffer: fails again if the disk is still full
+        except OSError:
+            pass
         shutil.rmtree(self.tmp, ignore_errors=True)
 
     def _close(self, earlier):
-        for f in earlier:  # done already (one thread, in order); a failed features write stops the shard here
-            f.result()
-        self.patches.seek(0)
-        self.patches.write(_npy_header(np.float16, (self.num_patches,) + self.patch_shape))
-        self.patches.close()
+        with self.patches:  # closed on every path
+            for f in earlier:  # done already (one thread, in order); a failed features write stops the shard here
+                f.result()
+            self.patches.seek(0)
+            self.patches.write(_npy_header(np.float16, (self.num_patches,) + self.patch_shape))
         n = len(self.rows)
         for key, arr in list(self.arrays.items()):
             arr.flush()
@@ -1635,8 +1638,9 @@ def decode_stream(jobs, workers, timeout=None, fn=None):
     """fn(job) (default decode_video) for each job, yielded in job order (so shards and CNN batches never depend on
     which process finished first).
 
-    workers > 0: spawn processes with at most 2 x workers videos in flight (decoded frames wait in files in a
-    temporary folder under TMPDIR only that long, see _decode_in_worker). A worker that dies (a decoder crash)
+    workers > 0: spawn processes with at most 2 x workers videos in flight (decoded frames go through files in a
+    temporary folder under TMPDIR, see _decode_in_worker, and are read into this process's memory as each worker
+    finishes: up to 2 x workers videos of 10-25 MB each wait there for the consumer). A worker that dies (a decoder crash)
     or runs past `timeout` seconds breaks the pool: it is killed, and the videos that were in flight run again
     one at a time, so the failure is pinned on its own file (skipped, reason in prepare_errors.jsonl) and the
     others come out as in any run.
@@ -1659,7 +1663,14 @@ def decode_stream(jobs, workers, timeout=None, fn=None):
     try:
         while nxt < len(jobs) or pending:
             while nxt < len(jobs) and len(pending) < (1 if nxt < solo_until else 2 * workers):
-                fut = ex.submit(_decode_in_worker, fn, jobs[nxt], handoff)
+                try:
+                    fut = ex.submit(_decode_in_worker, fn, jobs[nxt], handoff)
+                except BrokenProcessPool:  # a worker died while the consumer was busy: the pool refuses work
+                    if not pending:        # (with videos in flight, the first one's result() below raises it)
+                        _kill_pool(ex)
+                        ex = _spawn_pool(workers)
+                        continue
+                    break
                 pending.append((nxt, fut, readers.submit(_read_when_done, fut)))
                 nxt += 1
             i, fut, read = pending[0]
@@ -1899,7 +1910,7 @@ class FeatureCache:
             # index must fall inside them, or a clip would silently read another video's frames
             first = np.asarray(arrays["first_patch"])
             ends = np.append(first[1:], len(patches))
-            windows = np.asarray(arrays["window"]).reshape(len(first), -1)
+            windows = np.asarray(arrays["window"]).reshape(len(first), shapes["clips"] * shapes["frames"])
             if len(first) and (first[0] != 0 or (ends < first).any() or (windows < 0).any()
                                or (windows.max(axis=1, initial=0) >= ends - first).any()):
                 raise ValueError(f"{shard_dir}: first_patch.npy / window.npy do not index {file} consistently")

@@ -369,6 +369,18 @@ def test_k700_cache_contents_and_reader(k700_single):
     np.save(bad / "shard_00000" / "window.npy", window)
     with pytest.raises(ValueError, match="do not index"):
         FeatureCache(bad)
+    # a shard with no videos (every one skipped) is read as empty
+    shutil.copy(out / "shard_00000" / "window.npy", bad / "shard_00000" / "window.npy")
+    empty = bad / "shard_09999"
+    empty.mkdir()
+    for key, (dtype, dims) in prepare.SHARD_ARRAYS.items():
+        np.save(empty / f"{key}.npy", np.zeros((0,) + tuple(m["shapes"][d] for d in dims), dtype))
+    np.save(empty / "patches.npy", np.zeros((0, 2, 2, 512), np.float16))
+    (empty / "videos.jsonl").write_text("")
+    manifest = json.loads((bad / "manifest.json").read_text())
+    manifest["shards"].append(empty.name)
+    (bad / "manifest.json").write_text(json.dumps(manifest))
+    assert len(FeatureCache(bad)) == len(cache)
     (bad / "manifest.json").unlink()
     with pytest.raises(FileNotFoundError, match="did not finish"):
         FeatureCache(bad)
@@ -486,6 +498,21 @@ def test_shard_io_thread_errors_stop_the_run_and_a_rerun_completes(k700_single, 
     assert_same_cache(out, single)
 
 
+def test_shard_abort_on_a_full_disk_still_removes_the_temp_folder(tmp_path):
+    # abort() runs while an error is leaving prepare: when the disk is full, closing patches.npy (whose buffer
+    # still holds bytes) fails again; that must not mask the error nor leave the temp folder behind
+    shapes = dict(clips=1, frames=20, grid=2, feature_dim=512, n_mels=80, audio_frames=296, max_tokens=128)
+    writer = prepare.ShardWriter(tmp_path, prepare.shard_name(0), [dict(id="a")], shapes, encoder=None)
+
+    class FullDisk:
+        def close(self):
+            raise OSError(28, "No space left on device")
+    writer.patches.close()
+    writer.patches = FullDisk()
+    writer.abort()
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_frame_encoder_refuses_to_overwrite_a_batch_in_flight():
     enc = prepare.FrameEncoder("random", None, "cpu", size=32, batch_size=3, depth=2)
     frames = np.random.default_rng(0).integers(0, 256, (3, 3, 32, 32, 3), dtype=np.uint8)  # three batches
@@ -581,6 +608,17 @@ def test_decode_stream_survives_a_crashing_and_a_hanging_decoder():
     assert out[:2] == [0, 1] and out[3:5] == [3, 4] and out[6] == 6
     assert out[2]["ok"] is False and "crashed" in out[2]["reason"]
     assert out[5]["ok"] is False and "longer than" in out[5]["reason"]
+
+
+def test_decode_stream_survives_a_crash_while_the_consumer_is_busy():
+    # the usual case in prepare: the main thread is away feeding the CNN when a decoder dies, so the pool is
+    # already broken when the next video is submitted; that must not stop the run either
+    out = []
+    for result in prepare.decode_stream([0, 1, "crash", 3, 4, 5], workers=2, timeout=10, fn=_fragile):
+        out.append(result)
+        time.sleep(0.3)
+    assert out[:2] == [0, 1] and out[3:] == [3, 4, 5]
+    assert out[2]["ok"] is False and "crashed" in out[2]["reason"]
 
 
 def test_decode_stream_hands_frames_over_in_files_and_cleans_up(tmp_path, monkeypatch):
