@@ -1,7 +1,7 @@
 # The two commands of the README. Both create or reuse .venv/ and reinstall only when requirements.txt changed.
 #   make demo   the whole method end to end on a generated corpus (CPU, about 5 minutes with the install)
 #   make test   the test suite
-#   make bench-gpu   on a GPU machine: every GPU measurement of BENCHMARKS.md in one go (about 10 minutes)
+#   make bench-gpu   on a GPU machine: every GPU measurement of BENCHMARKS.md in one go
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -36,10 +36,11 @@ test: $(STAMP)
 	$(PY) -m pytest -q tests
 
 # training throughput beside gpu_anchor.py, prepare's FrameEncoder vs a plain bf16 ResNet-18 pass (plus the decode
-# path and the main thread's ceiling on this machine's CPU), and prepare end to end with 8 and 15 decode workers
+# path and the main thread's ceiling on this machine's CPU), and prepare end to end with 8 and 15 decode workers.
+# ANCHOR / MEDIA: gpu_anchor.py and the real media folder, where they are not at ../shared/ (benchmark.py's default)
 bench-gpu: $(STAMP)
-	$(PY) benchmark.py gpu
-	$(PY) benchmark.py prepare --cnn
+	$(PY) benchmark.py gpu $(if $(ANCHOR),--anchor $(ANCHOR))
+	$(PY) benchmark.py prepare --cnn $(if $(MEDIA),--media $(MEDIA))
 	$(PY) benchmark.py prepare-run --workers 8,15
 
 clean:
