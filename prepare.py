@@ -89,7 +89,7 @@ SHARD_ARRAYS = {
 }
 # and one array of all the shard's videos' distinct frames' features, video after video: (P, G, G, F) float16.
 # Evaluation windows overlap (10 x 16 frames of a 7 s video are 70 distinct frames), so each is stored once.
-PATCHES = "patches"
+PATCHES, PATCH_DIMS = "patches", ("grid", "grid", "feature_dim")
 NPY_HEADER_BYTES = 128  # patches.npy's header, written last once P is known (see _npy_header)
 
 
@@ -1283,14 +1283,14 @@ class ShardWriter:
         self.final = Path(out) / name
         # a folder of its own (pid + random suffix): a late rename by an aborted writer can never move another's
         self.tmp = Path(tempfile.mkdtemp(dir=out, prefix=f".{name}.tmp-{os.getpid()}-"))
-        self.shapes, self.encoder = shapes, encoder
+        self.encoder = encoder
         n, S = len(videos), shapes
         self.arrays = {}
         for key, (dtype, dims) in SHARD_ARRAYS.items():
             shape = (n,) + tuple(S[d] for d in dims)
             self.arrays[key] = np.lib.format.open_memmap(self.tmp / f"{key}.npy", mode="w+", dtype=dtype, shape=shape)
         # patches.npy grows video by video (P is known only at the end): a placeholder header now, the real one last
-        self.patch_shape = (S["grid"], S["grid"], S["feature_dim"])
+        self.patch_shape = tuple(S[d] for d in PATCH_DIMS)
         self.patches = open(self.tmp / f"{PATCHES}.npy", "wb")
         self.patches.write(_npy_header(np.float16, (0,) + self.patch_shape))
         self.num_patches = 0
@@ -1885,11 +1885,11 @@ class FeatureCache:
         for name in self.manifest["shards"]:
             shard_dir = self.path / name
             arrays = {}
-            for key, (dtype, dims) in SHARD_ARRAYS.items():
+            for key, (dtype, dims) in {**SHARD_ARRAYS, PATCHES: (np.float16, PATCH_DIMS)}.items():
                 file = shard_dir / f"{key}.npy"
                 if not file.is_file():
                     raise FileNotFoundError(f"{file} missing (listed in {manifest_path})")
-                arr = np.load(file, mmap_mode="r")  # (n, *dims), paged in on access
+                arr = np.load(file, mmap_mode="r")  # (n, *dims) (patches: (P, *dims)), paged in on access
                 want = tuple(shapes[d] for d in dims)
                 if arr.dtype != dtype or arr.shape[1:] != want:
                     raise ValueError(f"{file}: {arr.dtype} {arr.shape}, manifest says {np.dtype(dtype)} (n, {want})")
@@ -1899,22 +1899,15 @@ class FeatureCache:
             counts = {len(rows)} | {len(arrays[key]) for key in SHARD_ARRAYS}
             if len(counts) != 1:
                 raise ValueError(f"{shard_dir}: arrays and videos.jsonl disagree on the number of videos {counts}")
-            file = shard_dir / f"{PATCHES}.npy"
-            if not file.is_file():
-                raise FileNotFoundError(f"{file} missing (listed in {manifest_path})")
-            patches = np.load(file, mmap_mode="r")  # (P, G, G, F)
-            want = (shapes["grid"], shapes["grid"], shapes["feature_dim"])
-            if patches.dtype != np.float16 or patches.shape[1:] != want:
-                raise ValueError(f"{file}: {patches.dtype} {patches.shape}, manifest says float16 (P, {want})")
             # each row's patches run from its first_patch to the next row's (the last: to P); every window
             # index must fall inside them, or a clip would silently read another video's frames
             first = np.asarray(arrays["first_patch"])
-            ends = np.append(first[1:], len(patches))
+            ends = np.append(first[1:], len(arrays[PATCHES]))
             windows = np.asarray(arrays["window"]).reshape(len(first), shapes["clips"] * shapes["frames"])
             if len(first) and (first[0] != 0 or (ends < first).any() or (windows < 0).any()
                                or (windows.max(axis=1, initial=0) >= ends - first).any()):
-                raise ValueError(f"{shard_dir}: first_patch.npy / window.npy do not index {file} consistently")
-            arrays[PATCHES], arrays["patch_end"] = patches, ends
+                raise ValueError(f"{shard_dir}: first_patch.npy / window.npy do not index {PATCHES}.npy consistently")
+            arrays["patch_end"] = ends
             starts.append(len(self.videos))
             self.videos.extend(rows)
             self.shards.append(arrays)
