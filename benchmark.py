@@ -181,7 +181,7 @@ def bench_prepare(args):
     import prepare
 
     prepare._worker_init()  # one thread for OpenCV and torch, as in prepare's decode workers
-    files = sorted(p for p in Path(args.media).iterdir() if p.suffix.lower() in prepare.VIDEO_EXTS)
+    files = sorted(p for p in Path(args.media).rglob("*") if p.suffix.lower() in prepare.VIDEO_EXTS)
     print(f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} CPUs, load avg "
           f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}; size {args.size}; best of {args.repeats}; CPU ms per video")
     modes = {"eval": (args.test_clips, 16), "pretrain": (1, args.pretrain_frames)}
@@ -420,7 +420,7 @@ def add_prepare_args(p):
     """Flags of `python benchmark.py prepare`."""
     from pathlib import Path
     p.add_argument("--media", default=str(Path(__file__).resolve().parent.parent / "shared" / "data" / "media"),
-                   help="folder of real video files (default ../shared/data/media/)")
+                   help="folder of video files, searched recursively (default ../shared/data/media/)")
     p.add_argument("--size", type=int, default=224, help="prepare --size")
     p.add_argument("--test-clips", type=int, default=10, help="prepare --test-clips (eval sampling)")
     p.add_argument("--pretrain-frames", type=int, default=20, help="prepare --pretrain-frames (pretrain sampling)")
