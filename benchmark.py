@@ -66,7 +66,7 @@ def bench_bpe(args):
     import time
     from pathlib import Path
 
-    from prepare import GPT4_SPLIT_PATTERN, BPETokenizer
+    from bpe import GPT4_SPLIT_PATTERN, BPETokenizer
 
     titles_dir = Path(args.titles)
     train_texts = (titles_dir / "youtube_trending_titles_ascii.txt").read_text(encoding="utf-8").splitlines()

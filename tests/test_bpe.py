@@ -15,7 +15,7 @@ import regex
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from prepare import BPETokenizer, get_stats, merge, render_token
+from bpe import BPETokenizer, get_stats, merge, render_token
 
 DATA = Path(__file__).resolve().parent / "data"
 
