@@ -11,6 +11,7 @@ import logging
 from collections import Counter, defaultdict
 from pathlib import Path
 
+import numpy as np
 import regex
 
 # BPE tokenizer (titles -> token ids)
