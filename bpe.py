@@ -8,6 +8,7 @@
 import codecs
 import heapq
 import logging
+import os
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -55,6 +56,14 @@ def _surrogatepass_or_replace(exc):
 
 
 codecs.register_error(_BPE_ERRORS, _surrogatepass_or_replace)
+
+
+def _write_atomic(path, text):
+    """Write a text file so that readers see all of it or none (temp file + rename)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8", newline="\n")
+    os.replace(tmp, path)
 
 
 def get_stats(ids, counts=None, weight=1):
