@@ -1,9 +1,20 @@
-"""bpe.py: the byte-level BPE tokenizer that prepare.py trains on the pre-training titles (LAVA Section 3).
+"""bpe.py: the byte-level BPE tokenizer that turns a video's title into the text encoder's input (LAVA Section 3).
 
     from bpe import BPETokenizer
-    tok = BPETokenizer().train(titles, vocab_size=48000)   # the paper's vocabulary size
-    ids = tok.encode_title("a dog catching a frisbee")      # 128 ids: the title, eot, then pad
+    tok = BPETokenizer().train(titles, vocab_size=48000)   # the paper's vocabulary size; prepare.py does this
+    ids, n = tok.encode_title("a dog catching a frisbee")   # (128,) int32 ids, n of them text + eot
     tok.save("tokenizer.bpe")                               # plus a human-readable tokenizer.vocab
+
+What a title becomes (GPT-2/GPT-4-style byte-level BPE, as minbpe writes it):
+  1. pre-split: the title -> "words" by GPT4_SPLIT_PATTERN ("Official Trailer 2018" -> "Official" " Trailer"
+     " " "201" "8"); merges never cross a word boundary;
+  2. each word -> its UTF-8 bytes, ids 0..255 (lone surrogates too, see "Round-trip" below);
+  3. training merges the most frequent adjacent pair into a new id (256, 257, ...), again and again:
+     `train_naive` is that loop written plainly (the definition), `train` the same merges, fast (tested);
+  4. encoding applies the learned merges to each word, earliest learned first;
+  5. encode_title: those ids + eot, truncated to 128 and padded with pad: the text encoder's (128,) input.
+Ids: 0..255 bytes, 256..256+M-1 the M merges, then eot = 256+M and pad = 257+M (the top two ids), so
+vocab_size = 256 + M + 2 is the ACTUAL size: smaller than asked when the corpus runs out of repeated pairs.
 """
 import codecs
 import heapq
@@ -14,24 +25,6 @@ from pathlib import Path
 
 import numpy as np
 import regex
-
-# BPE tokenizer (titles -> token ids)
-#
-# Byte-level BPE in the GPT-2/GPT-4 manner, written out so that it can be read in one sitting:
-#   1. pre-split: text -> "words" with GPT4_SPLIT_PATTERN (merges never cross a word boundary);
-#   2. each word -> its UTF-8 bytes (ids 0..255), lone surrogates included (see "round-trip" below);
-#   3. training repeatedly merges the most frequent adjacent pair into a new id (256, 257, ...);
-#   4. encoding applies the learned merges to each word in the order they were learned (by rank).
-# Ids: 0..255 bytes, 256..256+M-1 merges, then eot = M+256 and pad = M+257 (the top two ids), so
-# vocab_size = 256 + M + 2 is the ACTUAL size, smaller than asked when the corpus runs out of pairs.
-#
-# Round-trip: decode(encode(s)) == s for every Python str. A str may hold lone surrogates
-# (U+D800..U+DFFF, e.g. from os.fsdecode or a broken JSON "\ud83d"), which strict UTF-8 cannot encode.
-# We encode with "surrogatepass" (a surrogate becomes the 3 bytes ED A0..BF 80..BF, as in CESU-8) and
-# decode with "lava_bpe_surrogatepass_replace": surrogatepass for those 3-byte forms, U+FFFD for any
-# other invalid byte sequence (which only arbitrary id lists, e.g. sampled ones, can produce).
-# "surrogateescape" would not do: it only encodes U+DC80..U+DCFF and maps them onto single bytes that
-# collide with the bytes of real invalid input.
 
 # GPT-4's split pattern (cl100k_base): contractions ('s 't 're 've 'm 'll 'd, any case); a letter run
 # with at most one leading non-letter/non-digit (" the", "(Official"); digit runs of at most 3
@@ -45,25 +38,6 @@ BPE_FORMAT = "lava-bpe v1"  # first line of a saved tokenizer; bump when the for
 BPE_SPECIALS = ("<|endoftext|>", "<|pad|>")  # eot, pad: the two ids above the last merge
 _BPE_ERRORS = "lava_bpe_surrogatepass_replace"
 _bpe_log = logging.getLogger("bpe")
-
-
-def _surrogatepass_or_replace(exc):
-    """Codec error handler: decode a CESU-style surrogate (ED A0 80 -> U+D800), else U+FFFD."""
-    try:
-        return codecs.lookup_error("surrogatepass")(exc)
-    except UnicodeError:
-        return "\ufffd", exc.end
-
-
-codecs.register_error(_BPE_ERRORS, _surrogatepass_or_replace)
-
-
-def _write_atomic(path, text):
-    """Write a text file so that readers see all of it or none (temp file + rename)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8", newline="\n")
-    os.replace(tmp, path)
 
 
 def get_stats(ids, counts=None, weight=1):
@@ -95,38 +69,10 @@ def merge(ids, pair, idx):
     return out
 
 
-def render_token(token: bytes) -> str:
-    r"""Printable form of a token's bytes for the .vocab file: UTF-8 text where it decodes, escapes
-    elsewhere, so that each token stays on one line and invisible characters show. Inputs are Python
-    literals, outputs the text as written to the file:
-
-    render_token(b" the")             -> " the"
-    render_token(b"\xe2\x80")         -> "\xe2\x80"   (half of a 3-byte character: the raw bytes)
-    render_token("\n\u00e9".encode()) -> "\x0aé"       (a control character is escaped, é is shown)
-    render_token(b"a\\b")             -> "a\\b"        (a real backslash is doubled, so escapes are unambiguous)
-    """
-    out = []
-    # surrogateescape turns each undecodable byte into U+DC80..U+DCFF so it can be told apart below
-    for ch in token.decode("utf-8", "surrogateescape"):
-        cp = ord(ch)
-        if 0xDC80 <= cp <= 0xDCFF:
-            out.append(f"\\x{cp - 0xDC00:02x}")
-        elif ch == "\\":
-            out.append("\\\\")
-        elif ch == " " or ch.isprintable():
-            out.append(ch)
-        else:  # control, format, line/paragraph separators, unassigned, ...
-            out.append(f"\\x{cp:02x}" if cp < 0x100 else f"\\u{cp:04x}" if cp < 0x10000 else f"\\U{cp:08x}")
-    return "".join(out)
-
-
 class BPETokenizer:
-    """Byte-level BPE: `train`, `encode`, `decode`, `save`, `BPETokenizer.load`, `encode_title`.
+    """Byte-level BPE: `train_naive` / `train`, `encode`, `decode`, `encode_title`, `save`, `BPETokenizer.load`.
 
-    tok = BPETokenizer().train(titles, vocab_size=48000)
-    ids = tok.encode("hello world")          # e.g. 2 ids: "hello", " world" (a pre-split word each)
-    tok.decode(ids) -> "hello world"
-    tok.encode_title("hello world", max_len=128) -> (ids (128,) int32 = encode + [eot] + pads, 3)
+    tok.encode("hello world") -> e.g. 2 ids, "hello" and " world" (a pre-split word each); decode inverts it.
     An untrained tokenizer is plain bytes (vocab_size 258). encode never produces eot/pad, even for
     the text "<|endoftext|>"; decode renders them by name (or drops them with skip_special=True).
     """
@@ -168,8 +114,13 @@ class BPETokenizer:
         return self.vocab_size - 1
 
     # ---- training ----------------------------------------------------------------------------------
-    def train(self, texts, vocab_size):
-        """Learn vocab_size - 258 merges from `texts` (an iterable of str); returns self.
+    def train_naive(self, texts, vocab_size):
+        """Learn vocab_size - 258 merges from `texts` (an iterable of str) the plain way; returns self.
+
+        The definition of training, minbpe's teaching loop: every step recounts the adjacent pairs of every
+        distinct word (weighted by how often the word occurs) and merges the winner everywhere. `train`
+        must give exactly these merges (tests/test_bpe.py); this loop costs a pass over the corpus per
+        merge, fine for a few hundred merges, far too slow for the paper's 48,000.
 
         Tie-break: the pair with the highest count wins; among equal counts, the smallest pair (a, b)
         in id order (compare a, then b). Counts are over overlapping pairs, as get_stats counts them.
@@ -179,28 +130,28 @@ class BPETokenizer:
         Worked example (Wikipedia's): "aaabdaaabac" -> merge (a, a) -> Z: "ZabdZabac"; (Z, a) and
         (a, b) both count 2, (a, b) = (97, 98) is smaller than (256, 97) -> Y: "ZYdZYac"; (Z, Y) -> X:
         "XdXac"; no pair repeats, stop: merges [(97, 97), (97, 98), (256, 257)], vocab_size 261.
-
-        Cost: the corpus is reduced to its distinct words with counts; pair counts are kept up to date
-        incrementally: merging (a, b) visits only the words that contained it (`where`) and adjusts the
-        counts of the neighbouring pairs; the best pair comes from a max-heap whose stale entries
-        (count since decreased) are re-pushed with the current count when they surface.
         """
-        if vocab_size < 256 + len(BPE_SPECIALS):
-            raise ValueError(f"vocab_size must be >= {256 + len(BPE_SPECIALS)} (bytes + specials), got {vocab_size}")
-        if isinstance(texts, str):
-            raise TypeError("train() takes an iterable of texts, not one str")
-        num_merges = vocab_size - 256 - len(BPE_SPECIALS)
+        num_merges, words, freqs = self._distinct_words(texts, vocab_size)
+        merges = []
+        while len(merges) < num_merges:
+            counts = {}
+            for word, n in zip(words, freqs):
+                get_stats(word, counts, weight=n)
+            if not counts or max(counts.values()) < 2:
+                break
+            pair = min(counts, key=lambda p: (-counts[p], p))  # the highest count, then the smallest pair
+            merges.append(pair)
+            words = [merge(word, pair, 255 + len(merges)) for word in words]
+        return self._install_trained(merges, vocab_size)
 
-        # distinct words and their counts; a 1-byte word has no pair and can be dropped
-        word_counts = Counter()
-        for text in texts:
-            word_counts.update(self._split(text))
-        words, freqs = [], []
-        for word, n in word_counts.items():
-            b = word.encode("utf-8", "surrogatepass")
-            if len(b) > 1:
-                words.append(list(b))
-                freqs.append(n)
+    def train(self, texts, vocab_size):
+        """Learn the merges of `train_naive` (same arguments, tie-break and early stop), fast; returns self.
+
+        Pair counts are kept up to date instead of recounted: merging (a, b) visits only the words that
+        held it (`where`) and adjusts the counts of the neighbouring pairs; the best pair comes from a
+        max-heap whose stale entries (count since decreased) are re-pushed with the current count.
+        """
+        num_merges, words, freqs = self._distinct_words(texts, vocab_size)
 
         # counts[pair] = weighted occurrences; where[pair] = indices of words that hold it (a superset:
         # entries are not removed when a word loses the pair, the scan below simply finds nothing)
@@ -225,8 +176,6 @@ class BPETokenizer:
                 else:
                     heapq.heappop(heap)
             if not heap or -heap[0][0] < 2:
-                _bpe_log.warning("bpe: no pair occurs twice after %d merges; stopping at vocab_size %d "
-                                 "(asked %d)", len(merges), 256 + len(merges) + len(BPE_SPECIALS), vocab_size)
                 break
             pair = heapq.heappop(heap)[1]
             a, b = pair
@@ -263,6 +212,30 @@ class BPETokenizer:
                 c = counts[p]
                 if c > 0:
                     heapq.heappush(heap, (-c, p))
+        return self._install_trained(merges, vocab_size)
+
+    def _distinct_words(self, texts, vocab_size):
+        """-> (merges to learn, distinct words of `texts` as lists of byte ids, how often each occurs)."""
+        if vocab_size < 256 + len(BPE_SPECIALS):
+            raise ValueError(f"vocab_size must be >= {256 + len(BPE_SPECIALS)} (bytes + specials), got {vocab_size}")
+        if isinstance(texts, str):
+            raise TypeError("train() takes an iterable of texts, not one str")
+        word_counts = Counter()
+        for text in texts:
+            word_counts.update(self._split(text))
+        words, freqs = [], []
+        for word, n in word_counts.items():
+            b = word.encode("utf-8", "surrogatepass")
+            if len(b) > 1:  # a 1-byte word has no pair and can be dropped
+                words.append(list(b))
+                freqs.append(n)
+        return vocab_size - 256 - len(BPE_SPECIALS), words, freqs
+
+    def _install_trained(self, merges, vocab_size):
+        """Set the learned merges (both trainers end here), warning when fewer were found than asked."""
+        if len(merges) < vocab_size - 256 - len(BPE_SPECIALS):
+            _bpe_log.warning("bpe: no pair occurs twice after %d merges; stopping at vocab_size %d "
+                             "(asked %d)", len(merges), 256 + len(merges) + len(BPE_SPECIALS), vocab_size)
         self._set_merges(merges)
         return self
 
@@ -391,3 +364,57 @@ class BPETokenizer:
             merges.append((int(parts[0]), int(parts[1])))
         tok._set_merges(merges)
         return tok
+
+
+# ----------------------------------------------------------------------------------------------------
+# Machinery: the round-trip codec, the .vocab file's token rendering, atomic writes
+
+# Round-trip: decode(encode(s)) == s for every Python str. A str may hold lone surrogates
+# (U+D800..U+DFFF, e.g. from os.fsdecode or a broken JSON "\ud83d"), which strict UTF-8 cannot encode.
+# We encode with "surrogatepass" (a surrogate becomes the 3 bytes ED A0..BF 80..BF, as in CESU-8) and
+# decode with "lava_bpe_surrogatepass_replace": surrogatepass for those 3-byte forms, U+FFFD for any
+# other invalid byte sequence (which only arbitrary id lists, e.g. sampled ones, can produce).
+# "surrogateescape" would not do: it only encodes U+DC80..U+DCFF and maps them onto single bytes that
+# collide with the bytes of real invalid input.
+def _surrogatepass_or_replace(exc):
+    """Codec error handler: decode a CESU-style surrogate (ED A0 80 -> U+D800), else U+FFFD."""
+    try:
+        return codecs.lookup_error("surrogatepass")(exc)
+    except UnicodeError:
+        return "\ufffd", exc.end
+
+
+codecs.register_error(_BPE_ERRORS, _surrogatepass_or_replace)
+
+
+def _write_atomic(path, text):
+    """Write a text file so that readers see all of it or none (temp file + rename)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8", newline="\n")
+    os.replace(tmp, path)
+
+
+def render_token(token: bytes) -> str:
+    r"""Printable form of a token's bytes for the .vocab file: UTF-8 text where it decodes, escapes
+    elsewhere, so that each token stays on one line and invisible characters show. Inputs are Python
+    literals, outputs the text as written to the file:
+
+    render_token(b" the")             -> " the"
+    render_token(b"\xe2\x80")         -> "\xe2\x80"   (half of a 3-byte character: the raw bytes)
+    render_token("\n\u00e9".encode()) -> "\x0aé"       (a control character is escaped, é is shown)
+    render_token(b"a\\b")             -> "a\\b"        (a real backslash is doubled, so escapes are unambiguous)
+    """
+    out = []
+    # surrogateescape turns each undecodable byte into U+DC80..U+DCFF so it can be told apart below
+    for ch in token.decode("utf-8", "surrogateescape"):
+        cp = ord(ch)
+        if 0xDC80 <= cp <= 0xDCFF:
+            out.append(f"\\x{cp - 0xDC00:02x}")
+        elif ch == "\\":
+            out.append("\\\\")
+        elif ch == " " or ch.isprintable():
+            out.append(ch)
+        else:  # control, format, line/paragraph separators, unassigned, ...
+            out.append(f"\\x{cp:02x}" if cp < 0x100 else f"\\u{cp:04x}" if cp < 0x10000 else f"\\U{cp:08x}")
+    return "".join(out)

@@ -1,4 +1,4 @@
-"""BPETokenizer: worked examples, a brute-force reference trainer, round-trips (incl. property-based), save/load.
+"""BPETokenizer: worked examples, the fast trainer against the naive one, round-trips (incl. property-based), save/load.
 
 Real data: tests/data/titles_ascii_2000.txt (first 2000 lines of shared/data/titles/youtube_trending_titles_ascii.txt)
 and tests/data/titles_unicode_300.txt (the first 300 non-ASCII titles of youtube_trending_titles.txt).
@@ -6,7 +6,6 @@ and tests/data/titles_unicode_300.txt (the first 300 non-ASCII titles of youtube
 import logging
 import pickle
 import random
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -33,42 +32,6 @@ def titles():
 def tok(titles):
     """Trained on ASCII titles plus the Unicode ones, so merges inside multi-byte characters exist too."""
     return BPETokenizer().train(titles + read_lines("titles_unicode_300.txt"), vocab_size=1500)
-
-
-# ---- brute-force reference: recount every pair after every merge (minbpe's teaching loop) ------------
-def naive_merge(word, pair, new):
-    out, i = [], 0
-    while i < len(word):
-        if word[i:i + 2] == pair:
-            out.append(new)
-            i += 2
-        else:
-            out.append(word[i])
-            i += 1
-    return tuple(out)
-
-
-def naive_train(texts, num_merges, pattern):
-    """Returns (merges, {word bytes: final ids}) with the documented rule: max count, then smallest pair."""
-    words = Counter()
-    for t in texts:
-        for w in regex.findall(pattern, t):
-            words[tuple(w.encode("utf-8", "surrogatepass"))] += 1
-    segment = {w: w for w in words}  # original bytes -> current ids
-    merges = []
-    for _ in range(num_merges):
-        stats = Counter()
-        for w, n in words.items():
-            cur = segment[w]
-            for pair in zip(cur, cur[1:]):
-                stats[pair] += n
-        if not stats or max(stats.values()) < 2:
-            break
-        best = min(stats, key=lambda p: (-stats[p], p))
-        new = 256 + len(merges)
-        merges.append(best)
-        segment = {w: naive_merge(cur, best, new) for w, cur in segment.items()}
-    return merges, segment
 
 
 # ---- worked examples -------------------------------------------------------------------------------
@@ -115,17 +78,37 @@ def test_merges_never_cross_presplit_boundaries():
         assert regex.findall(tok.pattern, word) == [word], word
 
 
-# ---- the incremental trainer against brute force -----------------------------------------------------
-def test_train_matches_naive_reference(titles):
-    num_merges = 300
-    tok = BPETokenizer().train(titles, vocab_size=256 + num_merges + 2)
-    ref_merges, ref_segments = naive_train(titles, num_merges, tok.pattern)
-    assert len(ref_merges) == num_merges
-    assert tok.merges == ref_merges
+# ---- the incremental trainer against the naive one (the definition) -----------------------------------
+def segment(word_bytes, merges):
+    """A word's ids after applying `merges` in the order learned, each everywhere: what training leaves."""
+    ids = list(word_bytes)
+    for k, pair in enumerate(merges):
+        ids = merge(ids, pair, 256 + k)
+    return ids
+
+
+def test_train_matches_naive_on_real_titles(titles):
+    vocab_size = 256 + 300 + 2
+    tok = BPETokenizer().train(titles, vocab_size)
+    naive = BPETokenizer().train_naive(titles, vocab_size)
+    assert len(naive.merges) == 300 and tok.merges == naive.merges
     # encoding a training word by merge rank reproduces the trainer's final segmentation of that word
-    for word_bytes, ids in list(ref_segments.items())[::7]:
-        word = bytes(word_bytes).decode("utf-8")
-        assert tok.encode(word) == list(ids), word
+    words = sorted({w for t in titles for w in regex.findall(tok.pattern, t)})
+    for word in words[::7]:
+        assert tok.encode(word) == segment(word.encode(), tok.merges), word
+
+
+@pytest.mark.parametrize("texts", [
+    ["aaaa"], ["aaaaa", "aaa"], ["a" * 9, "aa aa"],       # overlaps: (a, a) inside runs of a, odd and even
+    ["abab", "baba", "abba"],                             # overlapping candidates (a, b) and (b, a) tie
+    ["xy", "ab", "xy", "ab"], ["ab", "xy", "ab", "xy"],   # ties broken by the smallest pair, whatever the order
+    ["aaabdaaabac"], ["hello hello", "world"],            # early stop: no pair left that occurs twice
+    ["\u00e9\u00e9\u00e9 \ud83d\ude00\ud83d\ude00 \udc80\udc80", "\u65e5\u672c\u65e5\u672c"],   # multi-byte, surrogates
+    [], [""],
+])
+def test_train_matches_naive_on_edge_cases(texts):
+    for vocab_size in (259, 262, 300):
+        assert BPETokenizer().train(texts, vocab_size).merges == BPETokenizer().train_naive(texts, vocab_size).merges
 
 
 def test_train_is_independent_of_text_order(titles):
