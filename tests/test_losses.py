@@ -223,15 +223,24 @@ def test_gradcheck_float64():
         assert torch.autograd.gradcheck(f, (a, v, t))
 
 
-def test_detach_centroid_changes_only_the_gradient():
+@pytest.mark.parametrize("normalize", (False, True))
+def test_detach_centroid_gradient_is_the_stop_gradient_one(normalize):
+    """detach_centroid=True: the same loss value, and exactly the gradient of the loss whose centroid is built by
+    hand from detached embeddings (a constant target); the default lets the gradient through c and differs."""
     z = {m: unit(6, 4, seed=k).requires_grad_() for k, m in enumerate("avt")}
-    present = {m: torch.ones(6, dtype=torch.bool) for m in "avt"}
-    flow = centroid_loss(z, present)
-    g_flow = torch.autograd.grad(flow, list(z.values()))
-    stop = centroid_loss(z, present, detach_centroid=True)
-    g_stop = torch.autograd.grad(stop, list(z.values()))
-    assert flow.item() == stop.item()
-    assert not all(torch.allclose(a, b) for a, b in zip(g_flow, g_stop))
+    present = {"a": random_mask(6, 1), "v": torch.ones(6, dtype=torch.bool), "t": random_mask(6, 2)}
+    c = sum(torch.where(present[m][:, None], z[m].detach(), 0) for m in "avt")
+    c = c / sum(present[m].double() for m in "avt")[:, None]                 # (6, 4), no graph behind it
+    if normalize:
+        c = F.normalize(c, dim=-1)
+    by_hand = sum(nce(z[m], c, present[m]) for m in "avt")
+    stop = centroid_loss(z, present, normalize_centroid=normalize, detach_centroid=True)
+    flow = centroid_loss(z, present, normalize_centroid=normalize)
+    assert stop.item() == flow.item() == pytest.approx(by_hand.item(), rel=1e-12)
+    g_hand, g_stop, g_flow = (torch.autograd.grad(loss, list(z.values())) for loss in (by_hand, stop, flow))
+    for a, b in zip(g_stop, g_hand):
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-15)
+    assert not all(torch.allclose(a, b) for a, b in zip(g_flow, g_hand))
 
 
 def test_autocast_bf16_is_computed_in_float32():

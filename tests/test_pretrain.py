@@ -133,6 +133,43 @@ def test_sampler_ranks_tile_the_global_batch_and_resume_mid_epoch():
     one.set_epoch(1)
     assert first != [i for i, _ in one]
 
+def cosine(lr, warmup, total, step):
+    """The schedule written out: lr * (k+1)/warmup for optimizer step k < warmup, then a cosine from lr to 0."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    return lr * 0.5 * (1 + np.cos(np.pi * (step - warmup) / (total - warmup)))
+
+
+def test_paper_defaults_and_the_learning_rate_schedule():
+    """No flags = Section 3's run: batch 32, Adam at lr 1e-5, a cosine schedule, 25 epochs, tau 0.07, all losses."""
+    args = pretrain.resolve_args(pretrain.get_parser().parse_args([]))
+    assert (args.model, args.batch_size, args.lr, args.epochs, args.temperature) == ("paper", 32, 1e-5, 25, 0.07)
+    assert (args.losses, args.warmup_steps, args.min_lr, args.weight_decay) == ("av,vt,avt", 0, 0.0, 0.0)
+    # the optimizer is Adam: 3 steps of make_optimizer's leave the weights and moments of torch.optim.Adam(lr=1e-5)
+    torch.manual_seed(0)
+    ours, ref = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
+    ref.load_state_dict(ours.state_dict())
+    opts = pretrain.make_optimizer(ours, args, torch.device("cpu")), torch.optim.Adam(ref.parameters(), lr=1e-5)
+    for x in torch.randn(3, 2, 4):
+        for model, opt in zip((ours, ref), opts):
+            model(x).square().sum().backward()
+            opt.step()
+            opt.zero_grad()
+    assert torch.equal(ours.weight, ref.weight) and torch.equal(ours.bias, ref.bias)
+    for p, q in zip(ours.parameters(), ref.parameters()):
+        assert all(torch.equal(opts[0].state[p][k], opts[1].state[q][k]) for k in ("exp_avg", "exp_avg_sq"))
+    # the schedule's shape: the paper's cosine from 1e-5 to 0 with no warm-up (the paper gives none), and the
+    # small preset's 20 warm-up steps; values at a few optimizer steps of a 1000-step run
+    for warmup in (0, 20):
+        f = pretrain.make_schedule(warmup, 1000, args.lr, args.min_lr)
+        for step in (0, 1, 10, 19, 20, 21, 250, 510, 999, 1000):
+            assert args.lr * f(step) == pytest.approx(cosine(args.lr, warmup, 1000, step), rel=1e-12, abs=1e-20), step
+    f = pretrain.make_schedule(0, 1000, args.lr, args.min_lr)
+    assert (f(0), f(500), f(1000)) == (1.0, pytest.approx(0.5), 0.0)             # peak, half way, final
+    assert pretrain.make_schedule(20, 1000, 1.0, 0.0)(0) == 1 / 20                 # warm-up starts at lr / 20
+    assert pretrain.make_schedule(0, 1000, 1.0, 0.1)(1000) == pytest.approx(0.1)   # --min-lr is the floor
+
+
 # ----------------------------------------------------------------------------------------------------------
 # training
 
@@ -173,6 +210,8 @@ def test_cli_run_folder_and_loss_decreases(feature_cache, tmp_path):
     assert [r["step"] for r in log] == list(range(1, 31))
     for key in ("epoch", "loss", "av", "vt", "avt", "lr", "clips_per_s", "mem_gb"):
         assert all(np.isfinite(r[key]) for r in log), key
+    # the lr column, logged after each step (the lr of the next one): the cosine from 3e-3 to 0 over the 30 steps
+    assert [r["lr"] for r in log] == pytest.approx([cosine(3e-3, 0, 30, r["step"]) for r in log], rel=1e-9, abs=1e-15)
     first, last = np.mean([r["loss"] for r in log[:5]]), np.mean([r["loss"] for r in log[-5:]])  # epochs 1, 6
     assert last < 0.85 * first, (first, last)
     config = json.loads((out / "config.json").read_text())
@@ -230,6 +269,8 @@ def test_sigkill_mid_epoch_then_resume_is_bitwise_identical(feature_cache, tmp_p
     # the resumed log has every step once, and its losses match the uninterrupted run's bitwise
     ref_log, log = read_log(ref), read_log(killed)
     assert [r["step"] for r in log] == list(range(1, 21))
+    # 4 warm-up steps, then the cosine to 0 at step 20 (tiny preset lr 1e-3)
+    assert [r["lr"] for r in ref_log] == pytest.approx([cosine(1e-3, 4, 20, r["step"]) for r in ref_log], abs=1e-15)
     assert [r["loss"] for r in log] == [r["loss"] for r in ref_log]
 
 
@@ -247,11 +288,25 @@ def test_torchrun_two_gloo_ranks_match_one_process(feature_cache, tmp_path, one_
     a, b = read_log(one), read_log(two)
     assert [r["step"] for r in b] == [1, 2, 3]
     # Same global batch of 8: step 1's losses match (negatives gathered from the other rank), and so do steps 2
-    # and 3, after updates from the gathered gradients. Weights are not compared elementwise: e.g. the key biases
-    # get a zero true gradient, and Adam's first steps turn float noise there into +-lr moves either way.
+    # and 3, after updates from the gathered gradients.
     for ra, rb in zip(a, b):
         for k in ("loss", "av", "vt", "avt"):
             assert rb[k] == pytest.approx(ra[k], rel=1e-4, abs=1e-5), (ra["step"], k)
+    # The weights after 3 steps match too, and so do Adam's moments: Adam's update is nearly blind to a gradient
+    # scaled by the rank count, its first and second moments (sums of g and g^2) are not.
+    want, got = torch.load(one / "ckpt_last.pt", weights_only=True), torch.load(two / "ckpt_last.pt", weights_only=True)
+    width = want["config"]["model"]["video"]["width"]
+    for k in want["model"]:
+        w, g = want["model"][k].clone(), got["model"][k].clone()
+        if k.endswith("attn.qkv.bias"):
+            # the key bias adds the same q . b_k to every score of a query, which softmax ignores: its true gradient
+            # is 0, and Adam turns float noise there into moves of +-lr either way, so it is left out
+            w[width:2 * width] = g[width:2 * width] = 0
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5, msg=k)
+    for i, state in want["optimizer"]["state"].items():
+        for k in ("exp_avg", "exp_avg_sq"):                  # whole-tensor error: float noise where a moment is ~0
+            err = (got["optimizer"]["state"][i][k] - state[k]).norm() / state[k].norm()
+            assert err < 1e-4, (i, k, err)
 
 
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, one_thread):
