@@ -12,40 +12,26 @@
     python prepare.py --root data/k700 --merge
     # the same settings (--size, --backbone, ...) on every call; a re-run of any of them resumes
 
-What it does, per video (the decode half runs in --workers processes, the CNN in the main process):
-  1. frames: OpenCV decodes the file once; the 10 fps grid (frame i of a clip starting at t0 is the source
-     frame on screen at t0 + i/10 s) is matched against each frame's own timestamp (CAP_PROP_POS_MSEC), so
-     29.97 fps and variable-frame-rate files land on the right frames; grab() for skipped frames,
-     retrieve() only for kept ones; decoding stops once the last needed time is passed. Rotation metadata
-     is applied by OpenCV (CAP_PROP_ORIENTATION_AUTO, set explicitly). Kept frames: centre square, shrunk
-     by an exact k x k box filter then bilinear to --size x --size (= short side to --size, centre crop), RGB.
-       k700 ("pretrain" sampling): C = 1 clip of T = --pretrain-frames (20) central frames, room for jitter.
-       ucf101 / hmdb51 / folder ("eval" sampling): C = --test-clips (10) uniformly spaced 16-frame windows;
-       the union of their frames is decoded, run through the CNN and stored once; window.npy indexes it.
-     Clips longer than the video repeat the last real frame; frames.npy records how many are real.
-  2. audio: PyAV decodes the container's first audio stream (soundfile reads a same-named .wav/.flac next
-     to a video without audio), mono 16 kHz, log-mel (80 bins, n_fft 400, hop 160) cut into
-     A = 256 + 10 (T - 16) frames per clip so that mel[10 s : 10 s + 256] is centred on video frames
-     s .. s+15. No audio stream, silence or undecodable audio -> has_audio False (noted, not an error).
-  3. video features: frozen torchvision ResNet-18 up to layer4 (eval, no_grad, channels_last, bf16
-     autocast on CUDA): (G, G, 512) per frame, G = size // 32, stored float16. --batch-size frames per
-     CNN call; on a GPU the next batch is gathered and uploaded while the CNN runs the current one.
-  4. text: the title (titles.csv, else the file's `title` metadata tag) as BPE ids, 128 max (eot + pad).
-
-Cache layout (README: Feature cache): manifest.json (written last), tokenizer.bpe/.vocab, prepare_errors.jsonl,
-shard_XXXXX/{patches,first_patch,window,frames,audio,tokens,has_audio,has_text}.npy + videos.jsonl; plus
-listing.json (the video list frozen at the first run, so re-runs and shard-index jobs agree),
-prepare_config.json, prepare_runs.jsonl (each run's frames/s and where its time went) and
-shard_XXXXX/errors.jsonl (this shard's skipped/degraded files). Each shard is built in a temp dir and renamed,
-so a run killed at any point (kill -9 included) resumes where it stopped and ends byte-identical to a single
-run; read a finished cache with `FeatureCache(path)`.
+The inputs of LAVA (Section 3), per video:
+  1. frames at 10 fps (clip_plan, sample_frames): k700 ("pretrain" sampling) keeps C = 1 clip of the central
+     T = --pretrain-frames (20) frames, room for pretrain.py's jitter; ucf101 / hmdb51 / any folder ("eval"
+     sampling) keep C = --test-clips (10) uniformly spaced 16-frame windows, whose union of frames is stored once.
+     Each frame is centre-cropped square and resized to --size, RGB.
+  2. audio (load_audio, log_mel_windows): mono 16 kHz, log-mel (80 bins, n_fft 400, hop 160), A = 256 + 10 (T - 16)
+     frames per clip, so that mel[10 s : 10 s + 256] is centred on video frames s .. s+15.
+  3. video features (build_backbone, FrameEncoder): frozen ImageNet ResNet-18 up to layer4, (G, G, 512) per frame,
+     G = size // 32, stored float16.
+  4. text: the title (titles.csv, else the file's `title` tag) as BPE ids (bpe.py), 128 max (eot + pad).
+main() runs them over a dataset. After it, the machinery that scales them: dataset layouts, decode worker
+processes (frames handed over in shared memory; a crashing decoder costs its own file only), shards (each
+built in a temp folder and renamed, so a run killed at any point, kill -9 included, resumes and ends
+byte-identical to a single run), and FeatureCache, the reader.
 """
 import argparse
 import bisect
 import csv
 import io
 import json
-import logging
 import math
 import os
 import shutil
@@ -60,218 +46,20 @@ import numpy as np
 
 from bpe import BPETokenizer
 
-
 CACHE_FORMAT, CACHE_VERSION = "lava-cache", 2
 FPS = 10                                  # the paper's clips: 16 frames at 10 fps
 SAMPLE_RATE, N_FFT, HOP, N_MELS = 16000, 400, 160, 80  # 25 ms windows, 10 ms hop: 10 mel frames per video frame
 MAX_TOKENS, FEATURE_DIM, EVAL_FRAMES = 128, 512, 16
 TIME_TOL = 1e-5                           # s; frame timestamps are exact rationals printed as doubles
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 VIDEO_EXTS = {".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".mpeg", ".flv", ".3gp", ".ogv", ".wmv"}
 AUDIO_EXTS = {".wav", ".flac"}
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-LAYOUTS = {  # what each reader expects under --root; printed when the root matches none of them
-    "k700": "k700/{train,val}/<label>/<youtube_id>_<start:06d>_<end:06d>.mp4 (+ annotations/, titles.csv)",
-    "ucf101": "ucf101/UCF-101/<Class>/v_<Class>_gXX_cYY.avi (+ ucfTrainTestlist/)",
-    "hmdb51": "hmdb51/videos/<class>/<name>.avi (+ testTrainMulti_7030_splits/)",
-    "folder": "any folder holding video files (" + " ".join(sorted(VIDEO_EXTS)) + "), searched recursively; "
-              "titles optional (titles.csv with path,title or youtube_id,title, or each file's title tag)",
-}
-# the per-shard arrays, one row per video: name -> (dtype, shape after the leading n; names index manifest["shapes"])
-SHARD_ARRAYS = {
-    "first_patch": (np.int64, ()),             # the video's first row in patches.npy
-    "window": (np.int32, ("clips", "frames")),  # clip c's frame t is the video's distinct frame window[c, t]
-    "frames": (np.int16, ("clips",)),
-    "audio": (np.float16, ("clips", "n_mels", "audio_frames")),
-    "tokens": (np.int32, ("max_tokens",)),
-    "has_audio": (np.bool_, ()),
-    "has_text": (np.bool_, ()),
-}
-# and one array of all the shard's videos' distinct frames' features, video after video: (P, G, G, F) float16.
-# Evaluation windows overlap (10 x 16 frames of a 7 s video are 70 distinct frames), so each is stored once.
-PATCHES, PATCH_DIMS = "patches", ("grid", "grid", "feature_dim")
-NPY_HEADER_BYTES = 128  # patches.npy's header, written last once P is known (see _npy_header)
 
 
-def _write_atomic(path, text):
-    """Write a small text file so that readers (and a re-run after kill -9) see all of it or none."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8", newline="\n")
-    os.replace(tmp, path)
-
-
+# ====================================================================================================
+# The method, one video at a time
 # ----------------------------------------------------------------------------------------------------
-# dataset layouts -> a list of videos {"id", "path", "label", "split", "title"}
-
-def detect_layout(root):
-    """Name of the layout under `root` (see LAYOUTS); ValueError naming every layout when there is none."""
-    root = Path(root)
-    if not root.is_dir():
-        raise ValueError(f"--root {root} is not a directory. Expected one of:\n" + _layouts_text())
-    if (root / "UCF-101").is_dir():
-        return "ucf101"
-    if (root / "videos").is_dir() and (root / "testTrainMulti_7030_splits").is_dir():
-        return "hmdb51"
-    if (root / "train").is_dir() or (root / "val").is_dir():
-        return "k700"
-    if next(_video_files(root), None) is not None:
-        return "folder"
-    raise ValueError(f"--root {root} holds no videos in any layout prepare.py reads. Expected one of:\n"
-                     + _layouts_text())
-
-
-def _layouts_text():
-    return "\n".join(f"  {name:7s} {text}" for name, text in LAYOUTS.items())
-
-
-def _video_files(folder, skip=()):
-    """Video files under `folder`, recursively, in sorted order (deterministic shard contents)."""
-    skip = {Path(s).resolve() for s in skip}
-    for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and (Path(dirpath) / d).resolve() not in skip)
-        for name in sorted(filenames):
-            if Path(name).suffix.lower() in VIDEO_EXTS and not name.startswith("."):
-                yield Path(dirpath) / name
-
-
-def _clean_title(raw, where, errors):
-    """Title text or None; undecodable bytes replaced and whitespace runs (newlines too) folded to a space."""
-    if raw is None:
-        return None
-    if isinstance(raw, bytes):
-        text = raw.decode("utf-8", errors="replace")
-        if "\ufffd" in text and "\ufffd" not in raw.decode("utf-8", errors="ignore"):
-            errors.append(dict(path=where, reason="title is not valid UTF-8", action="undecodable bytes replaced by U+FFFD"))
-    else:
-        text = raw
-    text = " ".join(text.split())
-    return text or None
-
-
-def read_titles_csv(path, errors):
-    """titles.csv -> {key: title}; key column `youtube_id`, `path` or `id`, then `title`; csv-quoted."""
-    raw = Path(path).read_bytes()
-    # decode per field rather than per file so one bad row degrades one title, not the whole csv
-    text = raw.decode("utf-8", errors="surrogateescape")
-    rows = csv.reader(io.StringIO(text, newline=""))
-    header = [h.strip().lstrip("\ufeff").lower() for h in next(rows, [])]  # a BOM from spreadsheet exports
-    if "title" not in header:
-        errors.append(dict(path=str(path), reason="titles.csv has no `title` column in its header", action="file ignored"))
-        return {}
-    key_col = next((header.index(k) for k in ("youtube_id", "path", "id") if k in header), 0)
-    title_col = header.index("title")
-    titles = {}
-    for lineno, row in enumerate(rows, start=2):
-        if len(row) <= max(key_col, title_col):
-            continue
-        key = row[key_col].strip()
-        field = row[title_col]
-        raw = field.encode("utf-8", errors="surrogateescape") if any("\udc80" <= c <= "\udcff" for c in field) else field
-        title = _clean_title(raw, f"{path}:{lineno}", errors)
-        if key in titles:
-            errors.append(dict(path=f"{path}:{lineno}", reason=f"duplicate title row (key {key!r})", action="first row kept"))
-            continue
-        titles[key] = title
-    return titles
-
-
-def list_k700(root):
-    root = Path(root)
-    videos = []
-    for split in ("train", "val"):
-        for file in _video_files(root / split):
-            rel = file.relative_to(root)
-            label = rel.parts[1] if len(rel.parts) == 3 else None
-            # <youtube_id>_<start>_<end>: youtube ids contain "_" themselves, so split from the right
-            parts = file.stem.rsplit("_", 2)
-            youtube_id = parts[0] if len(parts) == 3 and parts[1].isdigit() and parts[2].isdigit() else file.stem
-            videos.append(dict(id=file.stem, path=rel.as_posix(), label=label, split=split, title=None,
-                               youtube_id=youtube_id))
-    return videos
-
-
-def list_class_folders(root, sub):
-    """UCF-101 (sub "UCF-101") and HMDB-51 (sub "videos"): ROOT/sub/<class>/<file>, id = the path under sub."""
-    folder = Path(root) / sub
-    return [dict(id=f.relative_to(folder).as_posix(), path=f.relative_to(root).as_posix(),
-                 label=f.relative_to(folder).parts[0], split=None, title=None) for f in _video_files(folder)]
-
-
-def list_folder(root, skip=()):
-    root = Path(root)
-    videos = []
-    for f in _video_files(root, skip=skip):
-        rel = f.relative_to(root)
-        label = rel.parts[0] if len(rel.parts) > 1 else None
-        videos.append(dict(id=rel.as_posix(), path=rel.as_posix(), label=label, split=None, title=None))
-    return videos
-
-
-def read_metadata_title(path):
-    """The container's `title` tag (yt-dlp --embed-metadata writes it), or None; never raises."""
-    import av
-    try:
-        with av.open(str(path), metadata_errors="replace") as c:
-            title = c.metadata.get("title") or c.metadata.get("TITLE")
-            if not title and c.streams.video:
-                title = c.streams.video[0].metadata.get("title")
-            return title
-    except Exception:  # unreadable files are reported once, by the decoder
-        return None
-
-
-def list_videos(root, dataset, out, workers=0):
-    """(videos sorted by id with titles filled in, errors). Duplicate ids keep the first path."""
-    root, errors = Path(root), []
-    if dataset == "auto":
-        dataset = detect_layout(root)
-    if dataset == "folder":
-        videos = list_folder(root, skip=[out])
-    else:
-        need = {"k700": ["train", "val"], "ucf101": ["UCF-101"], "hmdb51": ["videos"]}[dataset]
-        if not any((root / d).is_dir() for d in need):
-            raise ValueError(f"--root {root} is not a {dataset} folder: expected {LAYOUTS[dataset]}")
-        videos = list_k700(root) if dataset == "k700" else list_class_folders(root, need[0])
-    if not videos:
-        raise ValueError(f"--root {root} ({dataset} layout) holds no video files. Expected:\n  {LAYOUTS[dataset]}")
-
-    if dataset in ("k700", "folder"):  # UCF-101 and HMDB-51 ship no titles
-        csv_path = root / "titles.csv"
-        table = read_titles_csv(csv_path, errors) if csv_path.is_file() else {}
-        for v in videos:
-            for key in (v.get("youtube_id"), v["path"], v["id"], Path(v["path"]).stem):
-                if key and key in table:
-                    v["title"] = table[key]
-                    break
-        # clips with no titles.csv entry fall back to their own metadata tag (PyAV opens the container)
-        missing = [v for v in videos if v["title"] is None]
-        paths = [str(root / v["path"]) for v in missing]
-        from tqdm import tqdm
-        ex = _spawn_pool(workers) if workers > 0 and len(paths) >= 200 else None
-        try:
-            found = ex.map(read_metadata_title, paths, chunksize=16) if ex else map(read_metadata_title, paths)
-            found = tqdm(found, total=len(paths), desc="title tags", unit="video", disable=len(paths) < 200)
-            for v, raw in zip(missing, found):
-                v["title"] = _clean_title(raw, v["path"], errors)
-        finally:
-            if ex is not None:
-                ex.shutdown()
-
-    videos.sort(key=lambda v: (v["id"], v["path"]))
-    unique, seen = [], {}
-    for v in videos:
-        v.pop("youtube_id", None)
-        if v["id"] in seen:
-            errors.append(dict(path=v["path"], reason=f"duplicate id {v['id']!r} (also {seen[v['id']]})",
-                               action="skipped"))
-            continue
-        seen[v["id"]] = v["path"]
-        unique.append(v)
-    return dataset, unique, errors
-
-
-# ----------------------------------------------------------------------------------------------------
-# frames: OpenCV decode, 10 fps by timestamps
+# 1. frames: which 10 fps frames, then OpenCV decodes the file once and keeps the frame on screen at each time
 
 def clip_plan(num_frames, clips, frames, sampling):
     """Which 10 fps frames each clip holds.
@@ -292,32 +80,7 @@ def clip_plan(num_frames, clips, frames, sampling):
     return targets, index.reshape(grid.shape), np.asarray(starts)
 
 
-def _square(img, size):
-    """Any decoded picture -> RGB uint8 (size, size, 3): centre square, resized.
-
-    Shrinking: an integer box filter (INTER_AREA's fast path, exact k x k averages) down to between 1x
-    and 2x the target, then bilinear; the same anti-aliasing as a plain INTER_AREA resize at a quarter of
-    its cost (which would be most of prepare's CPU time beyond decoding). Colour conversion comes last,
-    on the small picture.
-    """
-    import cv2
-    h, w = img.shape[:2]
-    m = min(h, w)
-    y, x = (h - m) // 2, (w - m) // 2
-    img = img[y:y + m, x:x + m]
-    k = m // size
-    if k >= 2:
-        n = (m // k) * k                       # trim a few edge pixels so the box filter tiles exactly
-        o = (m - n) // 2
-        img = cv2.resize(img[o:o + n, o:o + n], (n // k, n // k), interpolation=cv2.INTER_AREA)
-    if img.shape[0] != size:
-        img = cv2.resize(img, (size, size), interpolation=cv2.INTER_LINEAR)
-    if img.ndim == 2:  # grayscale from a backend that hands gray through
-        return cv2.cvtColor(img, cv2.COLOR_GRAY2RGB)
-    return cv2.cvtColor(img, cv2.COLOR_BGRA2RGB if img.shape[2] == 4 else cv2.COLOR_BGR2RGB)
-
-
-def sample_frames(path, targets, size, threads=1):
+def sample_frames(path, targets, size):
     """Decode `path` once and return the source frames on screen at times targets / 10 s.
 
     targets: sorted (U,) 10 fps grid indices. Returns (frames uint8 (U, size, size, 3) RGB, real (U,) bool
@@ -325,19 +88,18 @@ def sample_frames(path, targets, size, threads=1):
     frame numbers, misses (see below), end: seconds up to which frames were seen (when decoding stopped
     early because every target was served, the time of the frame after the last target)).
 
-    A frame is kept for time t when its timestamp is <= t and the next one's is > t. OpenCV can only
-    retrieve() the frame just grabbed, before the next timestamp is known, so a frame is retrieved when
-    the next target lies less than one frame interval ahead (the longest seen so far, +1% unless every
-    interval so far was the same): about 1 retrieve per kept frame. A VFR gap longer than all earlier
-    ones can still hide the right frame (grabbed but not retrieved); then a second capture decodes up to
-    that frame again (`misses` counts these; each costs one more decode of the file up to that point, and
-    max_dt grows, so they stay rare). Exact either way: the kept frames never depend on the margins.
-    Rotation: OpenCV >= 4.5 applies the container's display matrix itself (CAP_PROP_ORIENTATION_AUTO,
-    on by default for the FFmpeg backend); we set it explicitly so a phone clip shot upside down
-    (fire2.mp4, 180 degrees) comes out upright.
+    A frame is kept for time t when its timestamp (CAP_PROP_POS_MSEC) is <= t and the next one's is > t,
+    so 29.97 fps and variable-frame-rate files land on the right frames. grab() decodes every frame;
+    retrieve() (the colour conversion) runs only for frames that may be kept. OpenCV can only retrieve()
+    the frame just grabbed, before the next timestamp is known, so a frame is retrieved when the next
+    target lies less than one frame interval ahead (the longest seen so far, +1% unless every interval so
+    far was the same): about 1 retrieve per kept frame. A VFR gap longer than all earlier ones can still
+    hide the right frame (grabbed but not retrieved); then a second capture decodes up to that frame again
+    (`misses` counts these, and max_dt grows, so they stay rare). Exact either way: the kept frames never
+    depend on the margins. Rotation metadata is applied (a phone clip shot upside down comes out upright).
     """
     import cv2
-    cap = _open_cv(path, threads)
+    cap = _open_cv(path)
     if not cap.isOpened():
         raise BadVideo("OpenCV cannot open it (not a video, no video stream, or unreadable)")
     fps_meta = cap.get(cv2.CAP_PROP_FPS)
@@ -367,7 +129,7 @@ def sample_frames(path, targets, size, threads=1):
                     ok, img = cap.retrieve(buf)
                     buf = img if ok else None
                 else:       # frame j-1 was on screen but not retrieved (a VFR gap longer than any before)
-                    ok, img = _nth_frame(path, j - 1, threads)
+                    ok, img = _nth_frame(path, j - 1)
                     misses += 1
                 if ok and img is not None:
                     cand, cand_src = _square(img, size), (j if j == 0 else j - 1)
@@ -395,30 +157,43 @@ def sample_frames(path, targets, size, threads=1):
     return out, real, src, misses, end
 
 
-def _open_cv(path, threads):
-    """cv2.VideoCapture on the FFmpeg backend: fast probe (FAST_PROBE, via OpenCV's documented
-    OPENCV_FFMPEG_CAPTURE_OPTIONS variable, read at open time), `threads` decode threads, rotation applied."""
+def _square(img, size):
+    """Any decoded picture -> RGB uint8 (size, size, 3): centre square, resized.
+
+    Shrinking: an integer box filter (INTER_AREA's fast path, exact k x k averages) down to between 1x
+    and 2x the target, then bilinear; the same anti-aliasing as a plain INTER_AREA resize at a quarter of
+    its cost. Colour conversion comes last, on the small picture.
+    """
     import cv2
-    key = "OPENCV_FFMPEG_CAPTURE_OPTIONS"
-    saved = os.environ.get(key)
-    os.environ[key] = "|".join(f"{k};{v}" for k, v in FAST_PROBE.items())
-    try:
-        cap = cv2.VideoCapture(str(path), cv2.CAP_FFMPEG, [cv2.CAP_PROP_N_THREADS, int(threads)])
-    finally:
-        if saved is None:
-            del os.environ[key]
-        else:
-            os.environ[key] = saved
-    if not cap.isOpened() or cap.get(cv2.CAP_PROP_FRAME_WIDTH) <= 0:
-        cap.release()
-        cap = cv2.VideoCapture(str(path), cv2.CAP_FFMPEG, [cv2.CAP_PROP_N_THREADS, int(threads)])
+    h, w = img.shape[:2]
+    m = min(h, w)
+    y, x = (h - m) // 2, (w - m) // 2
+    img = img[y:y + m, x:x + m]
+    k = m // size
+    if k >= 2:
+        n = (m // k) * k                       # trim a few edge pixels so the box filter tiles exactly
+        o = (m - n) // 2
+        img = cv2.resize(img[o:o + n, o:o + n], (n // k, n // k), interpolation=cv2.INTER_AREA)
+    if img.shape[0] != size:
+        img = cv2.resize(img, (size, size), interpolation=cv2.INTER_LINEAR)
+    if img.ndim == 2:  # grayscale from a backend that hands gray through
+        return cv2.cvtColor(img, cv2.COLOR_GRAY2RGB)
+    return cv2.cvtColor(img, cv2.COLOR_BGRA2RGB if img.shape[2] == 4 else cv2.COLOR_BGR2RGB)
+
+
+def _open_cv(path):
+    """cv2.VideoCapture on the FFmpeg backend, one decoder thread (a worker decodes one video per core), rotation
+    applied: OpenCV >= 4.5 applies the display matrix by default (CAP_PROP_ORIENTATION_AUTO); we set it explicitly.
+    FFmpeg's full probe: a short one (probesize 32) shifted Matroska frame times by the B-frame reorder delay."""
+    import cv2
+    cap = cv2.VideoCapture(str(path), cv2.CAP_FFMPEG, [cv2.CAP_PROP_N_THREADS, 1])
     cap.set(cv2.CAP_PROP_ORIENTATION_AUTO, 1)
     return cap
 
 
-def _nth_frame(path, n, threads):
+def _nth_frame(path, n):
     """(ok, BGR picture) of frame number n (0-based, decode order of grab()) from a fresh capture."""
-    cap = _open_cv(path, threads)
+    cap = _open_cv(path)
     try:
         for _ in range(n + 1):
             if not cap.grab():
@@ -429,98 +204,61 @@ def _nth_frame(path, n, threads):
 
 
 # ----------------------------------------------------------------------------------------------------
-# audio: PyAV / soundfile -> 16 kHz mono -> log-mel windows
+# 2. audio: PyAV / soundfile -> 16 kHz mono, t = 0 at the first video frame -> log-mel windows per clip
 
-# Opening a file makes FFmpeg probe it by decoding ahead (avformat_find_stream_info); on some phone clips
-# that costs a third of decoding the whole video. The containers we read (mp4/mov/avi/mkv) state their
-# streams in the header, so we open with a 32-byte probe and fall back to a full probe when that finds
-# no video stream (or OpenCV cannot open the file).
-FAST_PROBE = {"probesize": "32"}
-# PyAV's container only gives the duration, the stream start times and the audio; OpenCV decodes the frames.
-# Its probe would still decode the first video frame (5 ms for a 720p keyframe, as much as OpenCV's own open),
-# so the probe's throw-away decoders get skip_frame=all. PyAV decodes the audio with its own codec context,
-# which this does not touch. Formats whose streams appear only while probing (MPEG-PS, FLV) reject per-stream
-# options (a ValueError naming them) and are opened with the plain fast probe.
-PROBE_STREAM_OPTIONS = [{"skip_frame": "all"}] * 64
+def log_mel_windows(wave, starts, audio_frames):
+    """Log-mel crops aligned with video clips: (C, 80, A) float32 for clip starts (C,) on the 10 fps grid.
+
+    Mel frame m of the file is centred at m * 10 ms - 5 ms; a clip starting at 10 fps frame k0 takes
+    frames m0 = 10 k0 - 47 .. m0 + A - 1, so its crop [10 s, 10 s + 256) is centred at k0/10 + s/10 + 0.8 s,
+    the middle of video frames s .. s+15 (each on screen for 100 ms). Samples outside the file are zeros
+    (constant padding), so the mel there is log(1e-6), the value of silence.
+    """
+    global _MEL
+    import torch
+    import torchaudio
+    if _MEL is None:
+        _MEL = torchaudio.transforms.MelSpectrogram(sample_rate=SAMPLE_RATE, n_fft=N_FFT, win_length=N_FFT,
+                                                    hop_length=HOP, n_mels=N_MELS, center=True, pad_mode="constant")
+    m0 = FPS * np.asarray(starts, dtype=np.int64) - 47
+    lo, hi = int(m0.min()), int(m0.max()) + audio_frames  # mel frames [lo, hi) cover every clip
+    # x[f * HOP] is the centre of mel frame lo + f, i.e. sample (lo + f) * HOP - HOP // 2 of the wave
+    x = np.zeros((hi - lo - 1) * HOP + 1, np.float32)
+    a = lo * HOP - HOP // 2
+    s0, s1 = max(a, 0), min(a + len(x), len(wave))
+    if s1 > s0:
+        x[s0 - a:s1 - a] = wave[s0:s1]
+    with torch.no_grad():
+        mel = _MEL(torch.from_numpy(x))          # (80, hi - lo)
+        mel = torch.log(mel + 1e-6).numpy()
+    return np.stack([mel[:, m - lo:m - lo + audio_frames] for m in m0])
 
 
-def _open_av(path):
-    import av
-    try:
-        c = av.open(str(path), metadata_errors="replace", options=FAST_PROBE, stream_options=PROBE_STREAM_OPTIONS)
-    except (TypeError, ValueError) as e:
-        # TypeError: a PyAV without per-stream options; ValueError naming them: a format that takes none
-        c = None
-        if isinstance(e, TypeError) or "stream_options" in str(e):
-            try:
-                c = av.open(str(path), metadata_errors="replace", options=FAST_PROBE)
-            except Exception:
-                pass
-    except Exception:
-        c = None
-    if c is not None:
-        if c.streams.video and all(s.codec_context is not None for s in c.streams):
-            return c
-        c.close()
-    return av.open(str(path), metadata_errors="replace")
+_MEL = None
 
 
 def load_audio(path):
     """(wave float32 (n,) 16 kHz mono with t = 0 at the first video frame, or None, reason or None).
 
-    The audio of one file on its own (a video, or a .wav/.flac); the tests read tracks with it, while
-    prepare opens each video once and calls _decode_audio from _decode_video. The offset between the
-    audio and video stream start times is applied (zeros in front or samples dropped) so that mel frames
-    line up with video timestamps, which OpenCV counts from the video stream's start. Decoding errors
-    midway keep what was decoded (reason set); none at all -> None.
+    The audio of one file on its own (a video, or a .wav/.flac); prepare opens each video once and calls
+    _decode_audio from decode_video. Decoding errors midway keep what was decoded (reason set).
     """
+    import av
     path = Path(path)
     if path.suffix.lower() in AUDIO_EXTS:
         return _load_audio_soundfile(path)
     try:
-        container = _open_av(path)
+        container = av.open(str(path), metadata_errors="replace")
     except Exception as e:
         return None, f"cannot open for audio: {type(e).__name__}: {e}"
     with container:
         return _decode_audio(container, path)
 
 
-# decoded sample formats -> (numpy dtype, scale to [-1, 1], offset); planar variants end in "p"
-_SAMPLE_FORMATS = {"flt": (np.float32, 1.0, 0), "dbl": (np.float64, 1.0, 0), "s16": (np.int16, 1 / 32768, 0),
-                   "s32": (np.int32, 1 / 2 ** 31, 0), "u8": (np.uint8, 1 / 128, 128)}
-
-
-def _frame_mono(frame):
-    """One decoded PyAV AudioFrame -> (n,) float32, the mean of its channels, read straight from its planes.
-
-    (to_ndarray + AudioResampler per frame cost more than decoding the MP3 itself.) None: a format we do
-    not read this way. The channel mean matches soundfile's reading of the same track; swresample's
-    stereo->mono downmix would scale by 1/sqrt(2) instead and put every mel 0.35 nats off."""
-    name = frame.format.name
-    planar = name.endswith("p") and name[:-1] in _SAMPLE_FORMATS
-    spec = _SAMPLE_FORMATS.get(name[:-1] if planar else name)
-    if spec is None:
-        return None
-    dtype, scale, offset = spec
-    layout = frame.layout
-    n, ch = frame.samples, getattr(layout, "nb_channels", None) or len(layout.channels)  # .channels: 2.5 us
-    if planar:  # in place: the same float32 sums as sum(planes) / ch, without the temporaries
-        planes = frame.planes
-        x = np.frombuffer(planes[0], dtype, count=n).astype(np.float32)
-        for p in planes[1:ch]:
-            x += np.frombuffer(p, dtype, count=n)
-        if ch > 1:
-            x /= ch
-    else:
-        x = np.frombuffer(frame.planes[0], dtype, count=n * ch).reshape(n, ch).mean(axis=1, dtype=np.float32)
-    if scale != 1.0 or offset:
-        return ((x - offset) * scale).astype(np.float32)
-    return x
-
-
 def _decode_audio(container, path, until=None):
-    """load_audio on an open PyAV container (so a video is opened by PyAV once, not twice). `until`: stop
-    decoding once this many seconds are in hand (pre-training needs only the central clip's audio)."""
+    """load_audio on an open PyAV container. `until`: stop once this many seconds are in hand (pre-training needs
+    only the central clip's audio). The offset between the audio and video streams' start times is applied
+    (zeros in front or samples dropped), since OpenCV counts frame times from the video stream's start."""
     import torch
     if not container.streams.audio:
         for ext in (".wav", ".flac", ".WAV", ".FLAC"):  # a sidecar track next to a silent video
@@ -565,13 +303,45 @@ def _decode_audio(container, path, until=None):
     return wave, reason
 
 
+# decoded sample formats -> (numpy dtype, scale to [-1, 1], offset); planar variants end in "p"
+_SAMPLE_FORMATS = {"flt": (np.float32, 1.0, 0), "dbl": (np.float64, 1.0, 0), "s16": (np.int16, 1 / 32768, 0),
+                   "s32": (np.int32, 1 / 2 ** 31, 0), "u8": (np.uint8, 1 / 128, 128)}
+
+
+def _frame_mono(frame):
+    """One decoded PyAV AudioFrame -> (n,) float32, the mean of its channels, read straight from its planes.
+
+    (to_ndarray + AudioResampler per frame cost more than decoding the MP3 itself.) None: a format we do
+    not read this way. The channel mean matches soundfile's reading of the same track; swresample's
+    stereo->mono downmix would scale by 1/sqrt(2) instead and put every mel 0.35 nats off."""
+    name = frame.format.name
+    planar = name.endswith("p") and name[:-1] in _SAMPLE_FORMATS
+    spec = _SAMPLE_FORMATS.get(name[:-1] if planar else name)
+    if spec is None:
+        return None
+    dtype, scale, offset = spec
+    layout = frame.layout
+    n, ch = frame.samples, getattr(layout, "nb_channels", None) or len(layout.channels)
+    if planar:  # in place: the same float32 sums as sum(planes) / ch, without the temporaries
+        planes = frame.planes
+        x = np.frombuffer(planes[0], dtype, count=n).astype(np.float32)
+        for p in planes[1:ch]:
+            x += np.frombuffer(p, dtype, count=n)
+        if ch > 1:
+            x /= ch
+    else:
+        x = np.frombuffer(frame.planes[0], dtype, count=n * ch).reshape(n, ch).mean(axis=1, dtype=np.float32)
+    if scale != 1.0 or offset:
+        return ((x - offset) * scale).astype(np.float32)
+    return x
+
+
 _RESAMPLERS = {}
 
 
 def _resample(x, rate):
     """(n,) float32 tensor at `rate` -> SAMPLE_RATE: torchaudio.functional.resample's windowed sinc, with
-    the kernel built once per rate (building it costs more than resampling a 10 s clip with it). The
-    transform with dtype float32 builds the same float32 kernel and applies it the same way: same output."""
+    the kernel built once per rate (building it costs more than resampling a 10 s clip with it)."""
     import torch
     import torchaudio
     rs = _RESAMPLERS.get(rate)
@@ -594,48 +364,83 @@ def _load_audio_soundfile(path):
     return np.ascontiguousarray(wave, dtype=np.float32), None
 
 
-_MEL = None
+# ----------------------------------------------------------------------------------------------------
+# 3. video features: the frozen ResNet-18 up to layer4
 
-
-def log_mel_windows(wave, starts, audio_frames):
-    """Log-mel crops aligned with video clips: (C, 80, A) float32 for clip starts (C,) on the 10 fps grid.
-
-    Mel frame m of the file is centred at m * 10 ms - 5 ms; a clip starting at 10 fps frame k0 takes
-    frames m0 = 10 k0 - 47 .. m0 + A - 1, so its crop [10 s, 10 s + 256) is centred at k0/10 + s/10 + 0.8 s,
-    the middle of video frames s .. s+15 (each on screen for 100 ms). Samples outside the file are zeros
-    (constant padding), so the mel there is log(1e-6), the value of silence.
-    """
-    global _MEL
+def build_backbone(kind, weights_path, device):
+    """torchvision resnet18 children up to layer4 (drops avgpool and fc), eval, frozen, channels_last."""
     import torch
-    import torchaudio
-    if _MEL is None:
-        if _IN_WORKER:
-            torch.set_num_threads(1)
-        _MEL = torchaudio.transforms.MelSpectrogram(sample_rate=SAMPLE_RATE, n_fft=N_FFT, win_length=N_FFT,
-                                                    hop_length=HOP, n_mels=N_MELS, center=True, pad_mode="constant")
-    m0 = FPS * np.asarray(starts, dtype=np.int64) - 47
-    lo, hi = int(m0.min()), int(m0.max()) + audio_frames  # mel frames [lo, hi) cover every clip
-    # x[f * HOP] is the centre of mel frame lo + f, i.e. sample (lo + f) * HOP - HOP // 2 of the wave
-    x = np.zeros((hi - lo - 1) * HOP + 1, np.float32)
-    a = lo * HOP - HOP // 2
-    s0, s1 = max(a, 0), min(a + len(x), len(wave))
-    if s1 > s0:
-        x[s0 - a:s1 - a] = wave[s0:s1]
-    with torch.no_grad():
-        mel = _MEL(torch.from_numpy(x))          # (80, hi - lo)
-        mel = torch.log(mel + 1e-6).numpy()
-    return np.stack([mel[:, m - lo:m - lo + audio_frames] for m in m0])
+    import torchvision
+    if kind == "random":
+        # seed 0 so every dataset prepared with --backbone random sees the same (untrained) backbone
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            net = torchvision.models.resnet18(weights=None)
+    else:
+        net = torchvision.models.resnet18(weights=None)
+        url = torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url
+        path = Path(weights_path) if weights_path else Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name
+        if not path.is_file():
+            raise SystemExit(
+                f"ImageNet ResNet-18 weights not found at {path}.\n  Get them (needs internet once): "
+                f"python -c \"import torchvision; torchvision.models.resnet18(weights='IMAGENET1K_V1')\"\n"
+                f"  (downloads {url} into {Path(torch.hub.get_dir()) / 'checkpoints'}), or copy that file and pass "
+                f"--backbone-weights PATH,\n  or pass --backbone random for a demo (recorded in the manifest; "
+                f"results are then not ImageNet ones).")
+        try:
+            net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        except Exception as e:
+            raise SystemExit(f"cannot load ResNet-18 weights from {path}: {type(e).__name__}: {e}\n"
+                             f"  Pass --backbone-weights with torchvision's resnet18-f37072fd.pth, or --backbone random.")
+    body = torch.nn.Sequential(*list(net.children())[:-2])  # conv1 .. layer4: (B,3,S,S) -> (B,512,S/32,S/32)
+    body.eval().requires_grad_(False)
+    return body.to(device=device, memory_format=torch.channels_last)
+
+
+class FrameEncoder:
+    """uint8 RGB frames -> float16 patch features, one synchronous batch at a time:
+
+        enc.batch[:n] = frames   # (batch_size, S, S, 3) uint8 input buffer, filled in place
+        features = enc(n)        # (n, G, G, 512) float16 numpy of its first n frames
+
+    On CUDA the input buffer is pinned, so the upload is a straight DMA, and the CNN runs in bf16 (tensor
+    cores; the features are stored as float16 anyway); exact float32 on the CPU.
+    """
+
+    def __init__(self, kind, weights_path, device, size, batch_size):
+        import torch
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
+        self.net = build_backbone(kind, weights_path, self.device)
+        self.mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(IMAGENET_STD, device=self.device).view(1, 3, 1, 1) * 255
+        self.batch_size = batch_size
+        self.host = torch.empty((batch_size, size, size, 3), dtype=torch.uint8, pin_memory=self.cuda)
+        self.batch = self.host.numpy()  # a numpy view of the same memory
+        self.frames_done, self.wait_s = 0, 0.0  # frames encoded, seconds spent here: the CNN's share of the run
+
+    def __call__(self, n):
+        import torch
+        t0 = time.perf_counter()
+        x = self.host[:n].to(self.device, non_blocking=True).permute(0, 3, 1, 2)  # (n, 3, S, S), NHWC in memory
+        x = ((x.float() - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
+        with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cuda):
+            y = self.net(x)                                             # (n, 512, G, G), post-ReLU
+        features = y.permute(0, 2, 3, 1).to(torch.float16).cpu().numpy()  # (n, G, G, 512); .cpu() waits for it
+        self.frames_done += n
+        self.wait_s += time.perf_counter() - t0
+        return features
 
 
 # ----------------------------------------------------------------------------------------------------
-# one video, in a worker process: frames + audio (no CNN)
+# 1 + 2 for one video (in a decode worker process); the CNN runs on batches of many videos' frames in main()
 
 class BadVideo(Exception):
     """A file that cannot give frames; its message is the reason written to prepare_errors.jsonl."""
 
 
 def decode_video(job):
-    """job: {"path", "size", "clips", "frames", "sampling", "audio_frames", "threads"} -> result dict.
+    """job: {"path", "size", "clips", "frames", "sampling", "audio_frames"} -> result dict; never raises.
 
     result: ok, frames uint8 (U, S, S, 3), index (C, T) into frames, nreal (C,) int16,
     mel float16 (C, 80, A) or None, notes [(reason, action)], or ok False and reason.
@@ -649,6 +454,7 @@ def decode_video(job):
 
 
 def _decode_video(job):
+    import av
     path = Path(job["path"])
     if not path.is_file():
         return dict(ok=False, reason="file not found")
@@ -657,7 +463,7 @@ def _decode_video(job):
     notes = []
     # PyAV opens the file once: the stated duration plans the clips, then the audio they need is decoded
     try:
-        container = _open_av(path)
+        container = av.open(str(path), metadata_errors="replace")
     except Exception as e:
         raise BadVideo(f"PyAV cannot open it: {type(e).__name__}: {e}") from None
     with container:
@@ -673,7 +479,7 @@ def _decode_video(job):
         until = ((FPS * int(starts.max()) - 47 + job["audio_frames"]) * HOP + N_FFT) / SAMPLE_RATE
         wave, reason = _decode_audio(container, path, until)
 
-    frames, real, _, _, end = sample_frames(path, targets, job["size"], job.get("threads", 1))
+    frames, real, _, _, end = sample_frames(path, targets, job["size"])
     if not real.all() and end < duration - 0.5:
         # the stream stops well before the duration its header states (a truncated download): plan the
         # clips again on what is really there, so they hold frames rather than repeats of the last one
@@ -681,7 +487,7 @@ def _decode_video(job):
                       "(truncated?)", "clips planned on the decodable part"))
         K = max(1, math.ceil(end * FPS - 1e-6))
         targets, index, starts = clip_plan(K, job["clips"], job["frames"], job["sampling"])
-        frames, real, _, _, end = sample_frames(path, targets, job["size"], job.get("threads", 1))
+        frames, real, _, _, end = sample_frames(path, targets, job["size"])
     nreal = real[index].sum(axis=1).astype(np.int16)  # (C,) real frames per clip (a prefix of each clip)
     if int(real.sum()) <= 1 and len(real) > 1:
         notes.append(("a single decodable frame", "repeated over the clip"))
@@ -720,10 +526,10 @@ def _packet_duration(path):
     """Seconds from the first video packet's time to the end of the last one, read with a fresh demuxer (the
     caller's container keeps its position for the audio), or None. The last packet lasts its stated duration,
     else (FLV states none) the median packet interval. A demuxing error keeps the packets read before it."""
-    packets = []  # (time, duration) of every video packet, in the stream's time base
-    time_base = None
+    import av
+    packets, time_base = [], None  # (time, duration) of every video packet, in the stream's time base
     try:
-        with _open_av(path) as c:
+        with av.open(str(path), metadata_errors="replace") as c:
             vs = c.streams.video[0]
             time_base = vs.time_base
             for packet in c.demux(vs):
@@ -740,378 +546,19 @@ def _packet_duration(path):
     return float((last_time - int(times[0]) + last_duration) * time_base)
 
 
-_IN_WORKER = False
+def _tokens(tokenizer, title, vocab_size):
+    """4. text: (128,) int32 ids and whether there is a title; an empty or missing title is all padding.
+
+    Without a tokenizer (UCF-101, HMDB-51) the pad id is vocab_size - 1, the text encoder's default."""
+    if tokenizer is None or not title:
+        pad = tokenizer.pad_id if tokenizer is not None else vocab_size - 1
+        return np.full(MAX_TOKENS, pad, np.int32), False
+    ids, _ = tokenizer.encode_title(title, max_len=MAX_TOKENS)
+    return ids, True
 
 
-def _worker_init():
-    """Each decode process does one thing at a time: no nested thread pools fighting over the cores
-    (torch's is capped where the mel transform is built, so a fresh worker starts without importing torch)."""
-    global _IN_WORKER
-    import cv2
-    cv2.setNumThreads(1)
-    _IN_WORKER = True
-    warnings.filterwarnings("ignore")
-
-
-# ----------------------------------------------------------------------------------------------------
-# the frozen backbone: ResNet-18 up to layer4
-
-def build_backbone(kind, weights_path, device):
-    """torchvision resnet18 children up to layer4 (drops avgpool and fc), eval, frozen, channels_last."""
-    import torch
-    import torchvision
-    if kind == "random":
-        # seed 0 so every dataset prepared with --backbone random sees the same (untrained) backbone
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            net = torchvision.models.resnet18(weights=None)
-    else:
-        net = torchvision.models.resnet18(weights=None)
-        url = torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url
-        path = Path(weights_path) if weights_path else Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name
-        if not path.is_file():
-            raise SystemExit(
-                f"ImageNet ResNet-18 weights not found at {path}.\n  Get them (needs internet once): "
-                f"python -c \"import torchvision; torchvision.models.resnet18(weights='IMAGENET1K_V1')\"\n"
-                f"  (downloads {url} into {Path(torch.hub.get_dir()) / 'checkpoints'}), or copy that file and pass "
-                f"--backbone-weights PATH,\n  or pass --backbone random for a demo (recorded in the manifest; "
-                f"results are then not ImageNet ones).")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-            net.load_state_dict(state)
-        except Exception as e:
-            raise SystemExit(f"cannot load ResNet-18 weights from {path}: {type(e).__name__}: {e}\n"
-                             f"  Pass --backbone-weights with torchvision's resnet18-f37072fd.pth, or --backbone random.")
-    body = torch.nn.Sequential(*list(net.children())[:-2])  # conv1 .. layer4: (B,3,S,S) -> (B,512,S/32,S/32)
-    body.eval().requires_grad_(False)
-    return body.to(device=device, memory_format=torch.channels_last)
-
-
-class FrameEncoder:
-    """uint8 RGB frames (n, S, S, 3) -> float16 patch features (n, G, G, 512), batch by batch, with up to
-    `depth` batches in flight so that on a GPU the host's work on one batch overlaps the CNN's on another.
-
-        frames = enc.staging()   # (batch_size, S, S, 3) uint8 input buffer of the next batch: fill it in place
-        enc.submit(n)            # run its first n frames (on CUDA: queued, returns at once)
-        feats = enc.collect()    # (n, G, G, 512) float16 of the oldest submitted batch (waits for it);
-                                 # a view, valid until the next staging()
-
-    Each of the `depth` slots owns its buffers for good: on CUDA the host ones are pinned (the upload is a
-    straight DMA, no per-batch pinned copy of ~38 MB), the upload runs on its own stream so batch k+1 goes
-    up while batch k is in the CNN, and the features come back into pinned memory asynchronously. A slot is
-    refilled only after collect() has waited for its last batch, which is what makes reusing its buffers
-    safe; staging() refuses otherwise. On the CPU the same calls run each batch at submit().
-    """
-
-    def __init__(self, kind, weights_path, device, size, batch_size, depth=2):
-        import torch
-        self.torch = torch
-        self.device = torch.device(device)
-        self.cuda = self.device.type == "cuda"
-        if self.cuda and self.device.index is None:  # "cuda" -> the current GPU, so streams and buffers agree
-            self.device = torch.device("cuda", torch.cuda.current_device())
-        self.net = build_backbone(kind, weights_path, self.device)
-        self.mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1) * 255
-        self.std = torch.tensor(IMAGENET_STD, device=self.device).view(1, 3, 1, 1) * 255
-        self.batch_size, self.depth = batch_size, depth
-        G = size // 32
-        self.host_in = [torch.empty((batch_size, size, size, 3), dtype=torch.uint8, pin_memory=self.cuda)
-                        for _ in range(depth)]
-        self.host_out = [torch.empty((batch_size, G, G, FEATURE_DIM), dtype=torch.float16, pin_memory=self.cuda)
-                         for _ in range(depth)]
-        if self.cuda:
-            self.device_in = [torch.empty_like(t, device=self.device) for t in self.host_in]
-            self.upload = torch.cuda.Stream(self.device)
-            # blocking events: collect() sleeps instead of spinning a core the decode workers could use
-            self.uploaded = [torch.cuda.Event() for _ in range(depth)]
-            self.done = [torch.cuda.Event(blocking=True) for _ in range(depth)]
-        self.next_slot = 0
-        self.in_flight = deque()  # (slot, n) of submitted batches, oldest first
-        self.frames_done = 0      # frames submitted so far
-        self.wait_s = 0.0         # seconds the caller spent in submit() and collect(): the CNN's share of its time
-
-    def staging(self):
-        slot = self.next_slot
-        if any(s == slot for s, _ in self.in_flight):
-            raise RuntimeError("FrameEncoder: collect() the oldest batch before staging another")
-        return self.host_in[slot].numpy()  # a numpy view of the same memory
-
-    def submit(self, n):
-        torch = self.torch
-        t0 = time.perf_counter()
-        slot = self.next_slot
-        frames = self.host_in[slot][:n]                           # (n, S, S, 3) uint8, host
-        if self.cuda:
-            compute = torch.cuda.current_stream(self.device)
-            with torch.cuda.stream(self.upload):
-                frames = self.device_in[slot][:n].copy_(frames, non_blocking=True)
-                self.uploaded[slot].record(self.upload)
-            compute.wait_event(self.uploaded[slot])
-        elif self.device.type != "cpu":                             # other accelerators: plain synchronous copies
-            frames = frames.to(self.device)
-        x = frames.permute(0, 3, 1, 2)                              # (n, 3, S, S), NHWC in memory
-        x = ((x.float() - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
-        # bf16 on CUDA (tensor cores; features are stored as float16 anyway); exact float32 on the CPU
-        with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cuda):
-            y = self.net(x)                                         # (n, 512, G, G), post-ReLU, channels_last
-        y = y.permute(0, 2, 3, 1).to(torch.float16)                 # (n, G, G, 512): converted on the device
-        self.host_out[slot][:n].copy_(y, non_blocking=self.cuda)  # to pinned memory, asynchronously on CUDA
-        if self.cuda:
-            self.done[slot].record(compute)
-        self.next_slot = (slot + 1) % self.depth                    # only once the batch is queued (an error
-        self.in_flight.append((slot, n))                            # above leaves no phantom batch behind)
-        self.frames_done += n
-        self.wait_s += time.perf_counter() - t0
-
-    def collect(self):
-        slot, n = self.in_flight.popleft()
-        if self.cuda:
-            t0 = time.perf_counter()
-            self.done[slot].synchronize()
-            self.wait_s += time.perf_counter() - t0
-        return self.host_out[slot][:n].numpy()
-
-
-# ----------------------------------------------------------------------------------------------------
-# shards
-
-def shard_name(k):
-    return f"shard_{k:05d}"
-
-
-def _content_config(args, dataset, sampling, clips, frames):
-    """The settings that decide the bytes of the cache (a re-run or shard job must agree on all of them).
-    Clips and frames per video, not the flags: --test-clips does not matter to a pre-training cache, nor
-    --pretrain-frames to an evaluation one."""
-    return dict(cache_version=CACHE_VERSION, dataset=dataset, sampling=sampling, clips=clips, frames=frames,
-                size=args.size, backbone=args.backbone,
-                backbone_weights=str(args.backbone_weights) if args.backbone_weights else None,
-                vocab_size=args.vocab_size, shard_size=args.shard_size)
-
-
-def _shapes(args, clips, frames):
-    return dict(clips=clips, frames=frames, grid=args.size // 32, feature_dim=FEATURE_DIM, n_mels=N_MELS,
-                audio_frames=256 + 10 * (frames - 16), max_tokens=MAX_TOKENS)
-
-
-class ShardWriter:
-    """Fills one shard's arrays (memory-mapped .npy in a temp dir) as videos arrive, then renames it.
-
-    The CNN sees this shard's frames in a fixed stream of --batch-size batches that never crosses a shard
-    boundary, so a resumed run batches exactly like a single run and produces the same bytes. While the
-    encoder runs one batch, the next is gathered (FrameEncoder: up to `depth` batches in flight).
-
-    The main thread feeds the GPU, so the shard's disk work runs on a thread of its own, in order: each
-    finished video's distinct frames' features appended to patches.npy, and, after finish(), its header, the
-    flush and the rename (finish() returns at once; the next shard starts meanwhile). File I/O releases the GIL.
-    """
-    IO_QUEUE = 16  # videos whose features may wait for the I/O thread; beyond that the main thread waits
-
-    def __init__(self, out, name, videos, shapes, encoder):
-        self.final = Path(out) / name
-        # a folder of its own (pid + random suffix): a late rename by an aborted writer can never move another's
-        self.tmp = Path(tempfile.mkdtemp(dir=out, prefix=f".{name}.tmp-{os.getpid()}-"))
-        self.encoder = encoder
-        n, S = len(videos), shapes
-        self.arrays = {}
-        for key, (dtype, dims) in SHARD_ARRAYS.items():
-            shape = (n,) + tuple(S[d] for d in dims)
-            self.arrays[key] = np.lib.format.open_memmap(self.tmp / f"{key}.npy", mode="w+", dtype=dtype, shape=shape)
-        # patches.npy grows video by video (P is known only at the end): a placeholder header now, the real one last
-        self.patch_shape = tuple(S[d] for d in PATCH_DIMS)
-        self.patches = open(self.tmp / f"{PATCHES}.npy", "wb")
-        self.patches.write(_npy_header(np.float16, (0,) + self.patch_shape))
-        self.num_patches = 0
-        self.rows, self.errors = [], []
-        self.queue = []         # [(row, frames uint8 (U, S, S, 3))] waiting for the CNN, in arrival order
-        self.pending = {}       # row -> [features (U, G, G, F) being filled, n filled]
-        self.queued = 0
-        self.in_flight = deque()  # per batch submitted to the encoder: [(row, frames of it in the batch)]
-        from concurrent.futures import ThreadPoolExecutor
-        self.io = ThreadPoolExecutor(1, thread_name_prefix=f"{name}-io")
-        self.io_queue = deque()   # futures of the I/O thread's work, oldest first
-
-    def add(self, video, tokens, has_text, result):
-        """Place one decoded video (result of decode_video) in the next row; its features follow later."""
-        if not result["ok"]:
-            self.errors.append(dict(path=video["path"], reason=result["reason"], action="skipped"))
-            return
-        for reason, action in result["notes"]:
-            self.errors.append(dict(path=video["path"], reason=reason, action=action))
-        row = len(self.rows)
-        self.rows.append(video)
-        a = self.arrays
-        a["frames"][row] = result["nreal"]
-        a["tokens"][row] = tokens
-        a["has_text"][row] = has_text
-        a["has_audio"][row] = result["mel"] is not None
-        a["audio"][row] = result["mel"] if result["mel"] is not None else 0
-        a["window"][row] = result["index"]
-        U = len(result["frames"])
-        self.pending[row] = [np.empty((U,) + self.patch_shape, np.float16), 0]
-        self.queue.append((row, result["frames"]))
-        self.queued += U
-        while self.queued >= self.encoder.batch_size:
-            self._submit()
-
-    def _submit(self):
-        """Copy the first --batch-size queued frames (possibly from several videos) into the encoder's next
-        input buffer and start the CNN on them; first take the oldest batch's features if no slot is free."""
-        if len(self.in_flight) == self.encoder.depth:
-            self._collect()
-        batch, owners, taken = self.encoder.staging(), [], 0   # batch: (batch_size, S, S, 3) uint8
-        while self.queue and taken < len(batch):
-            row, frames = self.queue[0]
-            take = min(len(frames), len(batch) - taken)
-            batch[taken:taken + take] = frames[:take]
-            owners.append((row, take))
-            if take == len(frames):
-                self.queue.pop(0)
-            else:
-                self.queue[0] = (row, frames[take:])
-            taken += take
-        self.queued -= taken
-        self.encoder.submit(taken)
-        self.in_flight.append(owners)
-
-    def _collect(self):
-        """The oldest submitted batch's features (taken, G, G, 512) -> the rows it holds frames of."""
-        feats, at = self.encoder.collect(), 0
-        for row, take in self.in_flight.popleft():
-            p = self.pending[row]
-            p[0][p[1]:p[1] + take] = feats[at:at + take]
-            p[1] += take
-            at += take
-            if p[1] == len(p[0]):  # every distinct frame done (rows finish in order): onto the end of patches.npy
-                self.arrays["first_patch"][row] = self.num_patches
-                self.num_patches += len(p[0])
-                self._on_io_thread(self._append_patches, p[0])
-                del self.pending[row]
-
-    def _append_patches(self, features):
-        self.patches.write(features)  # (U, G, G, F) float16, C order: its bytes, no copy
-
-    def _on_io_thread(self, fn, *args):
-        while len(self.io_queue) >= self.IO_QUEUE:  # bounded: a slow disk holds the main thread, not the memory
-            self.io_queue.popleft().result()          # (.result() also raises any error of that work here)
-        self.io_queue.append(self.io.submit(fn, *args))
-        return self.io_queue[-1]
-
-    def finish(self):
-        """Flush the CNN queue, then on the I/O thread: trim skipped rows, write videos.jsonl + errors.jsonl,
-        rename into place. Returns that work's Future: .result() waits for the shard to be in place (or raises)."""
-        while self.queued:
-            self._submit()
-        while self.in_flight:
-            self._collect()
-        done = self._on_io_thread(self._close, list(self.io_queue))
-        self.io.shutdown(wait=False)  # the thread ends after its queue
-        return done
-
-    def abort(self):
-        """The run failed before finish(): drop the queued disk work, wait for the running one, remove the temp folder."""
-        self.io.shutdown(wait=True, cancel_futures=True)
-        try:
-            self.patches.close()  # flushes its buffer: fails again if the disk is still full
-        except OSError:
-            pass
-        shutil.rmtree(self.tmp, ignore_errors=True)
-
-    def _close(self, earlier):
-        with self.patches:  # closed on every path
-            for f in earlier:  # done already (one thread, in order); a failed features write stops the shard here
-                f.result()
-            self.patches.seek(0)
-            self.patches.write(_npy_header(np.float16, (self.num_patches,) + self.patch_shape))
-        n = len(self.rows)
-        for key, arr in list(self.arrays.items()):
-            arr.flush()
-            if len(arr) != n:  # some videos were skipped: copy the kept rows to a shorter file, in chunks
-                short = np.lib.format.open_memmap(self.tmp / f"{key}.short.npy", mode="w+", dtype=arr.dtype,
-                                                  shape=(n,) + arr.shape[1:])
-                for i in range(0, n, 16):
-                    short[i:i + 16] = arr[i:min(i + 16, n)]
-                short.flush()
-                del short
-                os.replace(self.tmp / f"{key}.short.npy", self.tmp / f"{key}.npy")
-            del arr
-        self.arrays = {}
-        with open(self.tmp / "videos.jsonl", "w", encoding="utf-8") as f:
-            for v in self.rows:
-                f.write(json.dumps(dict(id=v["id"], path=v["path"], label=v["label"], split=v["split"],
-                                        title=v["title"]), ensure_ascii=False) + "\n")
-        with open(self.tmp / "errors.jsonl", "w", encoding="utf-8") as f:
-            for e in self.errors:
-                f.write(json.dumps(e, ensure_ascii=False) + "\n")
-        _fsync_dir(self.tmp)
-        try:
-            os.replace(self.tmp, self.final)  # atomic: the shard exists complete or not at all
-        except OSError:
-            if not self.final.is_dir():
-                raise
-            # another job (same --shard-index twice) finished this shard first: same bytes, keep theirs
-            shutil.rmtree(self.tmp, ignore_errors=True)
-
-
-def _npy_header(dtype, shape):
-    """A .npy header (format 1.0) of exactly NPY_HEADER_BYTES bytes, so a file whose length is not known in advance
-    can be written front to back and its header rewritten in place at the end."""
-    text = "{'descr': %r, 'fortran_order': False, 'shape': %r, }" % (
-        np.lib.format.dtype_to_descr(np.dtype(dtype)), tuple(int(d) for d in shape))
-    pad = NPY_HEADER_BYTES - 10 - len(text) - 1  # 10: magic, version, header length; 1: the closing newline
-    if pad < 0:
-        raise ValueError(f"an .npy header for shape {shape} does not fit in {NPY_HEADER_BYTES} bytes")
-    return b"\x93NUMPY\x01\x00" + (NPY_HEADER_BYTES - 10).to_bytes(2, "little") + (text + " " * pad + "\n").encode("latin1")
-
-
-def _fsync_dir(folder):
-    for f in Path(folder).iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-
-
-def merge_shards(out, listing, args_dict, shapes, dataset, backbone, tokenizer_name):
-    """All shards present -> prepare_errors.jsonl + manifest.json (written last). Reads no video."""
-    out = Path(out)
-    n_shards = listing["num_shards"]
-    names = [shard_name(k) for k in range(n_shards)]
-    missing = [nm for nm in names if not (out / nm).is_dir()]
-    if missing:
-        return missing
-    errors = list(listing["errors"])
-    kept, num_videos, miss_a, miss_t, nbytes = [], 0, 0, 0, 0
-    for nm in names:
-        with open(out / nm / "errors.jsonl", encoding="utf-8") as f:
-            errors += [json.loads(line) for line in f if line.strip()]
-        has_audio = np.load(out / nm / "has_audio.npy")
-        has_text = np.load(out / nm / "has_text.npy")
-        if len(has_audio) == 0:
-            continue
-        kept.append(nm)
-        num_videos += len(has_audio)
-        miss_a += int((~has_audio).sum())
-        miss_t += int((~has_text).sum())
-        nbytes += sum((out / nm / f"{key}.npy").stat().st_size for key in (*SHARD_ARRAYS, PATCHES))
-    _write_atomic(out / "prepare_errors.jsonl", "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in errors))
-    manifest = dict(format=CACHE_FORMAT, version=CACHE_VERSION, dataset=dataset, config=args_dict,
-                    backbone=backbone, backbone_seed=0 if backbone == "random" else None, shards=kept,
-                    shapes=shapes, num_videos=num_videos, missing=dict(audio=miss_a, text=miss_t),
-                    bytes_per_video=int(round(nbytes / max(num_videos, 1))),
-                    tokenizer=tokenizer_name, listed_videos=len(listing["videos"]), errors=len(errors),
-                    error_reasons=dict(Counter(_reason_kind(e["reason"]) for e in errors).most_common()))
-    _write_atomic(out / "manifest.json", json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
-    return []
-
-
-def _reason_kind(reason):
-    """Group similar reasons for the summary ("duplicate id 'x' (also y)" -> "duplicate id")."""
-    for sep in (" '", ' "', ": ", " ("):
-        reason = reason.split(sep)[0]
-    return reason
-
-
-# ----------------------------------------------------------------------------------------------------
-# main
+# ====================================================================================================
+# main: a dataset folder -> listing -> tokenizer -> shards (decode workers -> CNN -> shard files) -> manifest
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -1131,7 +578,7 @@ def parse_args(argv=None):
     p.add_argument("--backbone-weights", type=Path, default=None,
                    help="path of torchvision's resnet18-f37072fd.pth (default: the torch hub cache)")
     p.add_argument("--device", default="auto", help="torch device for the CNN: auto (cuda if available), cpu, cuda, cuda:1")
-    p.add_argument("--batch-size", type=int, default=256, help="frames per CNN batch (on a GPU, two are in flight)")
+    p.add_argument("--batch-size", type=int, default=256, help="frames per CNN batch")
     p.add_argument("--workers", type=int, default=max(0, min(16, (os.cpu_count() or 1) - 1)),
                    help="decode processes (0: decode in the main process)")
     p.add_argument("--video-timeout", type=float, default=600,
@@ -1157,8 +604,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    root = args.root
-    out = args.out or root / "lava_cache"
+    root, out = args.root, args.out or args.root / "lava_cache"
     try:
         dataset = args.dataset if args.dataset != "auto" else detect_layout(root)
     except ValueError as e:
@@ -1170,8 +616,11 @@ def main(argv=None):
     args_dict.update(dataset=dataset, sampling=sampling, out=str(out))
     out.mkdir(parents=True, exist_ok=True)
 
-    # the settings that decide the bytes must match any earlier run into the same --out
-    content = _content_config(args, dataset, sampling, clips, frames)
+    # 0. the settings that decide the bytes (clips and frames, not the flags: --test-clips does not matter to
+    #    a pre-training cache) must match any earlier run into the same --out
+    content = dict(cache_version=CACHE_VERSION, dataset=dataset, sampling=sampling, clips=clips, frames=frames,
+                   size=args.size, backbone=args.backbone, backbone_weights=args_dict["backbone_weights"],
+                   vocab_size=args.vocab_size, shard_size=args.shard_size)
     cfg_path = out / "prepare_config.json"
     if cfg_path.is_file():
         old = json.loads(cfg_path.read_text())
@@ -1182,151 +631,6 @@ def main(argv=None):
     else:
         _write_atomic(cfg_path, json.dumps(content, indent=2) + "\n")
 
-    return _run(args, root, out, dataset, sampling, clips, frames, shapes, args_dict)
-
-
-def _spawn_pool(workers):
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor
-    # spawn: forking a process that already holds torch/OpenMP thread pools can deadlock the child
-    return ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_worker_init)
-
-
-def _kill_pool(ex, graceful=False):
-    """Stop a pool now, running tasks included (shutdown() alone waits for a hung decoder forever), and
-    wait for its manager thread to finish tearing it down. Never raises: a finished run must not fail
-    while its idle decoders are being stopped, and a real error must not be masked by a teardown one.
-
-    graceful: the pool is idle (every submitted video came back), so the workers are asked to exit (no
-    kill, no "terminated abruptly" teardown); if they have not within a few seconds, they are killed.
-
-    Why the join: shutdown(wait=False) returns while the pool's manager thread is still tearing down,
-    and that thread closes its wake-up pipe at the end. CPython 3.11's interpreter-exit hook
-    (concurrent.futures.process._python_exit) writes to that pipe without the pool's lock, checking
-    `_closed` first: when our process exits during the teardown, the write can land on the just-closed
-    descriptor and print `OSError: [Errno 9] Bad file descriptor` (or "handle is closed") after
-    everything was written. Once the manager thread has finished, the pipe is marked closed and the
-    exit hook skips it."""
-    thread = getattr(ex, "_executor_manager_thread", None)
-    try:
-        if graceful:
-            ex.shutdown(wait=False)
-            if thread is not None:
-                thread.join(10)
-            if thread is None or not thread.is_alive():
-                return
-        for p in list((getattr(ex, "_processes", None) or {}).values()):
-            try:
-                p.kill()
-            except Exception:  # already gone
-                pass
-        ex.shutdown(wait=False, cancel_futures=True)
-        if thread is not None:
-            thread.join(30)   # killed workers: the manager notices at once and cleans up
-    except Exception as e:
-        logging.getLogger("prepare").warning("prepare: stopping the decode processes: %s: %s (ignored; "
-                                             "nothing already written is affected)", type(e).__name__, e)
-
-
-def _decode_in_worker(fn, job, handoff):
-    """Pool side of decode_stream: fn(job), its decoded frames written to a file in the folder `handoff` rather
-    than pickled back through the pool's pipe. Through the pipe, a 24 MB evaluation video costs the main
-    process (which also feeds the CNN) ~50 ms of CPU on the dev VM; read from a file, ~5 ms (BENCHMARKS.md).
-    If the write fails (disk full), the frames go through the pipe as before."""
-    result = fn(job)
-    frames = result.get("frames") if isinstance(result, dict) else None
-    if frames is not None:
-        path = None
-        try:
-            fd, path = tempfile.mkstemp(suffix=".npy", dir=handoff)
-            with os.fdopen(fd, "wb") as f:
-                np.save(f, frames)
-            result["frames"] = path
-        except OSError:
-            if path is not None and os.path.exists(path):
-                os.unlink(path)
-    return result
-
-
-def _frames_from_file(result):
-    """Main side of _decode_in_worker: load the frames file a result names, and delete it."""
-    if isinstance(result, dict) and isinstance(result.get("frames"), str):
-        path = result["frames"]
-        result["frames"] = np.load(path)
-        os.unlink(path)
-    return result
-
-
-def _read_when_done(future):
-    """A reader thread's task in decode_stream: wait for one worker's result, then load its frames file."""
-    return _frames_from_file(future.result())
-
-
-def decode_stream(jobs, workers, timeout=None, fn=None):
-    """fn(job) (default decode_video) for each job, yielded in job order (so shards and CNN batches never depend on
-    which process finished first).
-
-    workers > 0: spawn processes with at most 2 x workers videos in flight (decoded frames go through files in a
-    temporary folder under TMPDIR, see _decode_in_worker, and are read into this process's memory as each worker
-    finishes: up to 2 x workers videos of 10-25 MB each wait there for the consumer). A worker that dies (a decoder crash)
-    or runs past `timeout` seconds breaks the pool: it is killed, and the videos that were in flight run again
-    one at a time, so the failure is pinned on its own file (skipped, reason in prepare_errors.jsonl) and the
-    others come out as in any run.
-    """
-    from concurrent.futures import ThreadPoolExecutor
-    from concurrent.futures import TimeoutError as FutureTimeout
-    from concurrent.futures.process import BrokenProcessPool
-    fn = fn or decode_video
-    if workers <= 0:
-        yield from map(fn, jobs)
-        return
-    jobs = list(jobs)
-    handoff = tempfile.mkdtemp(prefix="lava_prepare_")
-    # Reading a video's frames file and deleting it (freeing 10-25 MB of blocks; on a disk mounted with discard,
-    # trimming them too) cost the main thread, which feeds the CNN, 30-45 us per frame on the dev VM. Two threads
-    # beside it do both as each worker finishes (file reads and unlinks release the GIL), so the main thread only
-    # takes finished arrays. Each reader task waits for its own worker's future, in submission order.
-    readers = ThreadPoolExecutor(2, thread_name_prefix="handoff-read")
-    ex, pending, nxt, solo_until = _spawn_pool(workers), deque(), 0, 0
-    try:
-        while nxt < len(jobs) or pending:
-            while nxt < len(jobs) and len(pending) < (1 if nxt < solo_until else 2 * workers):
-                try:
-                    fut = ex.submit(_decode_in_worker, fn, jobs[nxt], handoff)
-                except BrokenProcessPool:  # a worker died while the consumer was busy: the pool refuses work
-                    if not pending:        # (with videos in flight, the first one's result() below raises it)
-                        _kill_pool(ex)
-                        ex = _spawn_pool(workers)
-                        continue
-                    break
-                pending.append((nxt, fut, readers.submit(_read_when_done, fut)))
-                nxt += 1
-            i, fut, read = pending[0]
-            try:
-                fut.result(timeout=timeout)
-            except (BrokenProcessPool, FutureTimeout) as e:
-                _kill_pool(ex)  # breaks every future of the pool, so the readers waiting on them return
-                shutil.rmtree(handoff, ignore_errors=True)  # frames of the videos in flight: they run again
-                os.makedirs(handoff, exist_ok=True)
-                ex = _spawn_pool(workers)
-                if len(pending) == 1:  # it ran alone: it is the culprit
-                    pending.clear()
-                    why = (f"decoding took longer than --video-timeout {timeout} s" if isinstance(e, FutureTimeout)
-                           else "the decoder crashed (worker process died)")
-                    yield dict(ok=False, reason=why)
-                else:                  # rerun everything that was in flight, one at a time
-                    nxt, solo_until = i, pending[-1][0] + 1
-                    pending.clear()
-                continue
-            pending.popleft()
-            yield read.result()
-    finally:
-        _kill_pool(ex, graceful=not pending)
-        readers.shutdown(wait=True, cancel_futures=True)  # after the kill: no reader is left waiting on a worker
-        shutil.rmtree(handoff, ignore_errors=True)  # the frames of videos still in flight when stopped early
-
-
-def _run(args, root, out, dataset, sampling, clips, frames, shapes, args_dict):
     # 1. the listing, frozen at the first run so every re-run and every shard job sees the same shards
     listing_path = out / "listing.json"
     if listing_path.is_file():
@@ -1364,8 +668,9 @@ def _run(args, root, out, dataset, sampling, clips, frames, shapes, args_dict):
     if args.list_only:
         print(f"prepare: listing and tokenizer in {out}; now run the shard jobs")
         return 0
+    merge = (out, listing, args_dict, shapes, dataset, args.backbone, tok_name)
     if args.merge:  # exit status 1 while shards are missing, so a SLURM dependency chain notices
-        return _merge_and_report(out, listing, args_dict, shapes, dataset, args.backbone, tok_name, strict=True)
+        return _merge_and_report(*merge, strict=True)
 
     # 3. this job's shards that are not finished yet; stale temp dirs of earlier (killed) runs go
     todo = [k for k in range(listing["num_shards"]) if k % args.num_shards == args.shard_index]
@@ -1376,60 +681,54 @@ def _run(args, root, out, dataset, sampling, clips, frames, shapes, args_dict):
     todo = [k for k in todo if k not in done]
     if done:
         print(f"prepare: {len(done)} finished shard(s) kept, {len(todo)} to go")
+    if not todo:
+        return _merge_and_report(*merge)
 
-    if todo:
-        import torch
-        device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-        encoder = FrameEncoder(args.backbone, args.backbone_weights, device, args.size, args.batch_size)
-        import cv2
-        cv2.setNumThreads(1)  # as in the decode workers (_worker_init); with --workers 0 decoding runs here
-        job = dict(size=args.size, clips=clips, frames=frames, sampling=sampling,
-                   audio_frames=shapes["audio_frames"], threads=1)
-        batches = [(k, videos[k * args.shard_size:(k + 1) * args.shard_size]) for k in todo]
-        jobs = [dict(job, path=str(root / v["path"])) for _, vs in batches for v in vs]
-        results = decode_stream(jobs, args.workers, args.video_timeout)
-        from concurrent.futures import wait
-        from tqdm import tqdm
-        bar = tqdm(total=len(jobs), unit="video", desc=f"prepare {dataset}", dynamic_ncols=True, smoothing=0.05)
-        n_err, t_start, wait_decode, writer, closing = 0, time.perf_counter(), 0.0, None, None
-        try:
-            for k, vs in batches:
-                writer = ShardWriter(out, shard_name(k), vs, shapes, encoder)
-                for v in vs:
-                    t0 = time.perf_counter()
-                    result = next(results)
-                    wait_decode += time.perf_counter() - t0
-                    tokens, has_text = _tokens(tokenizer, v["title"], args.vocab_size)
-                    writer.add(v, tokens, has_text, result)
-                    n_err += not result["ok"]
-                    bar.update(1)
-                    bar.set_postfix(skipped=n_err, shard=k, refresh=False)
-                if closing is not None:
-                    closing.result()      # the previous shard is in place (its errors surface here)
-                closing, writer = writer.finish(), None  # flushed and renamed while the next one starts
-            if closing is not None:
-                closing.result()
-        except BaseException:
-            # stop every disk thread before the error leaves: the unfinished shard's temp folder goes, the
-            # previous shard (complete) ends in place or not at all, and nothing runs on behind the caller
-            if writer is not None:
-                writer.abort()
-            if closing is not None:
-                wait([closing])
-            raise
-        finally:
-            bar.close()
-            # stops the decode processes now, also when a shard failed (not at interpreter exit, where a
-            # teardown racing the exit hooks is what printed a stray EBADF); _kill_pool never raises
-            results.close()
-        _log_run(out, args, encoder, todo, len(jobs), time.perf_counter() - t_start, wait_decode)
-    return _merge_and_report(out, listing, args_dict, shapes, dataset, args.backbone, tok_name)
+    # 4. decode workers -> the CNN in this process, in batches that never cross a shard -> each shard's files
+    import cv2
+    import torch
+    from tqdm import tqdm
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    encoder = FrameEncoder(args.backbone, args.backbone_weights, device, args.size, args.batch_size)
+    cv2.setNumThreads(1)  # as in the decode workers (_worker_init); with --workers 0 decoding runs here
+    job = dict(size=args.size, clips=clips, frames=frames, sampling=sampling, audio_frames=shapes["audio_frames"])
+    batches = [(k, videos[k * args.shard_size:(k + 1) * args.shard_size]) for k in todo]
+    jobs = [dict(job, path=str(root / v["path"])) for _, vs in batches for v in vs]
+    results = decode_stream(jobs, args.workers, args.video_timeout)
+    bar = tqdm(total=len(jobs), unit="video", desc=f"prepare {dataset}", dynamic_ncols=True, smoothing=0.05)
+    n_err, t_start, wait_decode, writer = 0, time.perf_counter(), 0.0, None
+    try:
+        for k, vs in batches:
+            writer = ShardWriter(out, shard_name(k), shapes, encoder)
+            for v in vs:
+                t0 = time.perf_counter()
+                result = next(results)
+                wait_decode += time.perf_counter() - t0
+                writer.add(v, *_tokens(tokenizer, v["title"], args.vocab_size), result)
+                n_err += not result["ok"]
+                bar.update(1)
+                bar.set_postfix(skipped=n_err, shard=k, refresh=False)
+            writer.finish()
+            writer = None
+    except BaseException:
+        if writer is not None:  # the unfinished shard's temp folder goes; finished shards are in place
+            writer.abort()
+        raise
+    finally:
+        bar.close()
+        results.close()  # stops the decode processes now, also when a shard failed
+    _log_run(out, args, encoder, todo, len(jobs), time.perf_counter() - t_start, wait_decode)
+    return _merge_and_report(*merge)
+
+
+def _shapes(args, clips, frames):
+    return dict(clips=clips, frames=frames, grid=args.size // 32, feature_dim=FEATURE_DIM, n_mels=N_MELS,
+                audio_frames=256 + 10 * (frames - 16), max_tokens=MAX_TOKENS)
 
 
 def _log_run(out, args, encoder, shards, videos, seconds, wait_decode):
-    """Where this run's time went, printed and appended to CACHE/prepare_runs.jsonl (one line per run or shard
-    job that built shards). The main process waits either for decoded videos (more --workers would help, if
-    there are cores for them) or for the CNN (the GPU, or the CPU running it, is the limit)."""
+    """Where this run's time went, printed and appended to CACHE/prepare_runs.jsonl. The main process waits either
+    for decoded videos (more --workers would help, if there are cores for them) or for the CNN."""
     import platform
     import torch
     stats = dict(finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), host=platform.node(),
@@ -1443,17 +742,6 @@ def _log_run(out, args, encoder, shards, videos, seconds, wait_decode):
           f"(--workers {args.workers}) and {encoder.wait_s:.1f} s for the CNN ({stats['device']})")
     with open(out / "prepare_runs.jsonl", "a", encoding="utf-8") as f:
         f.write(json.dumps(stats) + "\n")
-
-
-def _tokens(tokenizer, title, vocab_size):
-    """(128,) int32 ids and whether there is a title; an empty or missing title is all padding.
-
-    Without a tokenizer (UCF-101, HMDB-51) the pad id is vocab_size - 1, the text encoder's default."""
-    if tokenizer is None or not title:
-        pad = tokenizer.pad_id if tokenizer is not None else vocab_size - 1
-        return np.full(MAX_TOKENS, pad, np.int32), False
-    ids, _ = tokenizer.encode_title(title, max_len=MAX_TOKENS)
-    return ids, True
 
 
 def _merge_and_report(out, listing, args_dict, shapes, dataset, backbone, tok_name, strict=False):
@@ -1470,6 +758,413 @@ def _merge_and_report(out, listing, args_dict, shapes, dataset, backbone, tok_na
         reasons = ", ".join(f"{n} x {r}" for r, n in m["error_reasons"].items())
         print(f"prepare: {m['errors']} skipped/degraded files ({reasons}); details in {out / 'prepare_errors.jsonl'}")
     return 0
+
+
+# ====================================================================================================
+# Machinery that scales the method
+# ----------------------------------------------------------------------------------------------------
+# dataset layouts -> a list of videos {"id", "path", "label", "split", "title"}
+
+LAYOUTS = {  # what each reader expects under --root; printed when the root matches none of them
+    "k700": "k700/{train,val}/<label>/<youtube_id>_<start:06d>_<end:06d>.mp4 (+ annotations/, titles.csv)",
+    "ucf101": "ucf101/UCF-101/<Class>/v_<Class>_gXX_cYY.avi (+ ucfTrainTestlist/)",
+    "hmdb51": "hmdb51/videos/<class>/<name>.avi (+ testTrainMulti_7030_splits/)",
+    "folder": "any folder holding video files (" + " ".join(sorted(VIDEO_EXTS)) + "), searched recursively; "
+              "titles optional (titles.csv with path,title or youtube_id,title, or each file's title tag)",
+}
+
+
+def detect_layout(root):
+    """Name of the layout under `root` (see LAYOUTS); ValueError naming every layout when there is none."""
+    root = Path(root)
+    layouts = "\n".join(f"  {name:7s} {text}" for name, text in LAYOUTS.items())
+    if not root.is_dir():
+        raise ValueError(f"--root {root} is not a directory. Expected one of:\n" + layouts)
+    if (root / "UCF-101").is_dir():
+        return "ucf101"
+    if (root / "videos").is_dir() and (root / "testTrainMulti_7030_splits").is_dir():
+        return "hmdb51"
+    if (root / "train").is_dir() or (root / "val").is_dir():
+        return "k700"
+    if next(_video_files(root), None) is not None:
+        return "folder"
+    raise ValueError(f"--root {root} holds no videos in any layout prepare.py reads. Expected one of:\n" + layouts)
+
+
+def _video_files(folder, skip=()):
+    """Video files under `folder`, recursively, in sorted order (deterministic shard contents)."""
+    skip = {Path(s).resolve() for s in skip}
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and (Path(dirpath) / d).resolve() not in skip)
+        for name in sorted(filenames):
+            if Path(name).suffix.lower() in VIDEO_EXTS and not name.startswith("."):
+                yield Path(dirpath) / name
+
+
+def list_videos(root, dataset, out, workers=0):
+    """(videos sorted by id with titles filled in, errors). Duplicate ids keep the first path."""
+    root, errors, videos = Path(root), [], []
+    if dataset == "auto":
+        dataset = detect_layout(root)
+    sub = {"k700": ["train", "val"], "ucf101": ["UCF-101"], "hmdb51": ["videos"], "folder": ["."]}[dataset]
+    if not any((root / d).is_dir() for d in sub):
+        raise ValueError(f"--root {root} is not a {dataset} folder: expected {LAYOUTS[dataset]}")
+    for d in sub:
+        for f in _video_files(root / d, skip=[out]):
+            rel, under = f.relative_to(root), f.relative_to(root / d)
+            v = dict(id=under.as_posix(), path=rel.as_posix(), split=None, title=None,
+                     label=under.parts[0] if len(under.parts) > 1 or dataset != "folder" else None)
+            if dataset == "k700":  # <youtube_id>_<start>_<end>: youtube ids hold "_" themselves, so split from the right
+                parts = f.stem.rsplit("_", 2)
+                v.update(id=f.stem, split=d, label=under.parts[0] if len(under.parts) == 2 else None,
+                         youtube_id=parts[0] if len(parts) == 3 and parts[1].isdigit() and parts[2].isdigit() else f.stem)
+            videos.append(v)
+    if not videos:
+        raise ValueError(f"--root {root} ({dataset} layout) holds no video files. Expected:\n  {LAYOUTS[dataset]}")
+
+    if dataset in ("k700", "folder"):  # UCF-101 and HMDB-51 ship no titles
+        table = read_titles_csv(root / "titles.csv", errors) if (root / "titles.csv").is_file() else {}
+        for v in videos:
+            v["title"] = next((table[k] for k in (v.get("youtube_id"), v["path"], v["id"], Path(v["path"]).stem)
+                               if k and k in table), None)
+        # clips with no titles.csv entry fall back to their own metadata tag (PyAV opens the container)
+        missing = [v for v in videos if v["title"] is None]
+        paths = [str(root / v["path"]) for v in missing]
+        from tqdm import tqdm
+        ex = _spawn_pool(workers) if workers > 0 and len(paths) >= 200 else None
+        try:
+            found = ex.map(read_metadata_title, paths, chunksize=16) if ex else map(read_metadata_title, paths)
+            for v, raw in zip(missing, tqdm(found, total=len(paths), desc="title tags", disable=len(paths) < 200)):
+                v["title"] = _clean_title(raw, v["path"], errors)
+        finally:
+            if ex is not None:
+                ex.shutdown()
+
+    videos.sort(key=lambda v: (v["id"], v["path"]))
+    unique, seen = [], {}
+    for v in videos:
+        v.pop("youtube_id", None)
+        if v["id"] in seen:
+            errors.append(dict(path=v["path"], reason=f"duplicate id {v['id']!r} (also {seen[v['id']]})",
+                               action="skipped"))
+            continue
+        seen[v["id"]] = v["path"]
+        unique.append(v)
+    return dataset, unique, errors
+
+
+def read_titles_csv(path, errors):
+    """titles.csv -> {key: title}; key column `youtube_id`, `path` or `id`, then `title`; csv-quoted."""
+    # decode per field rather than per file so one bad row degrades one title, not the whole csv
+    rows = csv.reader(io.StringIO(Path(path).read_bytes().decode("utf-8", errors="surrogateescape"), newline=""))
+    header = [h.strip().lstrip("\ufeff").lower() for h in next(rows, [])]  # a BOM from spreadsheet exports
+    if "title" not in header:
+        errors.append(dict(path=str(path), reason="titles.csv has no `title` column in its header", action="file ignored"))
+        return {}
+    key_col = next((header.index(k) for k in ("youtube_id", "path", "id") if k in header), 0)
+    title_col = header.index("title")
+    titles = {}
+    for lineno, row in enumerate(rows, start=2):
+        if len(row) <= max(key_col, title_col):
+            continue
+        key, field = row[key_col].strip(), row[title_col]
+        raw = field.encode("utf-8", errors="surrogateescape") if any("\udc80" <= c <= "\udcff" for c in field) else field
+        title = _clean_title(raw, f"{path}:{lineno}", errors)
+        if key in titles:
+            errors.append(dict(path=f"{path}:{lineno}", reason=f"duplicate title row (key {key!r})", action="first row kept"))
+            continue
+        titles[key] = title
+    return titles
+
+
+def read_metadata_title(path):
+    """The container's `title` tag (yt-dlp --embed-metadata writes it), or None; never raises."""
+    import av
+    try:
+        with av.open(str(path), metadata_errors="replace") as c:
+            title = c.metadata.get("title") or c.metadata.get("TITLE")
+            if not title and c.streams.video:
+                title = c.streams.video[0].metadata.get("title")
+            return title
+    except Exception:  # unreadable files are reported once, by the decoder
+        return None
+
+
+def _clean_title(raw, where, errors):
+    """Title text or None; undecodable bytes replaced and whitespace runs (newlines too) folded to a space."""
+    if raw is None:
+        return None
+    text = raw
+    if isinstance(raw, bytes):
+        text = raw.decode("utf-8", errors="replace")
+        if "\ufffd" in text and "\ufffd" not in raw.decode("utf-8", errors="ignore"):
+            errors.append(dict(path=where, reason="title is not valid UTF-8", action="undecodable bytes replaced by U+FFFD"))
+    return " ".join(text.split()) or None
+
+
+# ----------------------------------------------------------------------------------------------------
+# decode worker processes
+
+def decode_stream(jobs, workers, timeout=None, fn=None):
+    """fn(job) (default decode_video) for each job, yielded in job order (so shards and CNN batches never depend on
+    which process finished first).
+
+    workers > 0: that many spawned processes, at most 2 x workers videos in flight. The decoded frames come back as
+    torch tensors, which the pool's queue (multiprocessing's ForkingPickler, for which torch registers tensors)
+    hands over in shared memory: the main process maps them instead of unpickling 10-25 MB per video. A worker
+    that dies (a decoder crash) or runs past `timeout` seconds breaks the pool: it is killed, and the videos that
+    were in flight run again one at a time, so the failure is pinned on its own file (skipped, reason in
+    prepare_errors.jsonl) and the others come out as in any run.
+    """
+    from concurrent.futures import TimeoutError as FutureTimeout
+    from concurrent.futures.process import BrokenProcessPool
+    fn = fn or decode_video
+    if workers <= 0:
+        yield from map(fn, jobs)
+        return
+    jobs, pending, nxt, solo_until = list(jobs), deque(), 0, 0
+    ex = _spawn_pool(workers)
+    try:
+        while nxt < len(jobs) or pending:
+            while nxt < len(jobs) and len(pending) < (1 if nxt < solo_until else 2 * workers):
+                try:
+                    pending.append((nxt, ex.submit(_in_shared_memory, fn, jobs[nxt])))
+                    nxt += 1
+                except BrokenProcessPool:  # a worker died while we were away: the pool refuses work
+                    if pending:            # (with videos in flight, the first one's result() below raises it)
+                        break
+                    _kill_pool(ex)
+                    ex = _spawn_pool(workers)
+            i, future = pending[0]
+            try:
+                result = future.result(timeout=timeout)
+            except (BrokenProcessPool, FutureTimeout) as e:
+                _kill_pool(ex)
+                ex = _spawn_pool(workers)
+                if len(pending) == 1:  # it ran alone: it is the culprit
+                    why = (f"decoding took longer than --video-timeout {timeout} s" if isinstance(e, FutureTimeout)
+                           else "the decoder crashed (worker process died)")
+                    result = dict(ok=False, reason=why)
+                else:                  # run everything that was in flight again, one at a time
+                    nxt, solo_until = i, pending[-1][0] + 1
+                    pending.clear()
+                    continue
+            pending.popleft()
+            if isinstance(result, dict) and hasattr(result.get("frames"), "numpy"):
+                result["frames"] = result["frames"].numpy()  # a view of the shared memory, no copy
+            yield result
+    finally:
+        if pending:  # stopped early: videos in flight, maybe a hung decoder
+            _kill_pool(ex)
+        else:
+            ex.shutdown()
+
+
+def _in_shared_memory(fn, job):
+    """Worker side of decode_stream: fn(job) with its frames as a torch tensor (pickled into shared memory)."""
+    result = fn(job)
+    if isinstance(result, dict) and isinstance(result.get("frames"), np.ndarray):
+        import torch
+        result["frames"] = torch.from_numpy(result["frames"])
+    return result
+
+
+def _spawn_pool(workers):
+    import torch.multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    # spawn: forking a process that already holds torch/OpenMP thread pools can deadlock the child
+    return ProcessPoolExecutor(workers, mp_context=torch.multiprocessing.get_context("spawn"), initializer=_worker_init)
+
+
+def _worker_init():
+    """Each decode process does one thing at a time: no nested thread pools fighting over the cores (torch, for
+    the mel, reads OMP_NUM_THREADS when first imported; a worker starts without it)."""
+    import cv2
+    cv2.setNumThreads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"
+    warnings.filterwarnings("ignore")
+
+
+def _kill_pool(ex):
+    """Stop a pool now, running (or hung) decoders included, which shutdown() alone would wait for. Returns once
+    the pool's manager thread has finished: one still tearing down at interpreter exit races CPython's exit hook,
+    which then prints a stray "Bad file descriptor"."""
+    try:
+        for p in list((ex._processes or {}).values()):
+            p.kill()
+        ex.shutdown(wait=True, cancel_futures=True)
+    except Exception as e:  # never mask the error that is leaving, nor fail a finished run
+        print(f"prepare: stopping the decode processes: {type(e).__name__}: {e} (ignored)", file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------------------------------
+# shards and the manifest
+
+# the per-shard arrays, one row per video: name -> (dtype, shape after the leading n; names index manifest["shapes"])
+SHARD_ARRAYS = {
+    "first_patch": (np.int64, ()),             # the video's first row in patches.npy
+    "window": (np.int32, ("clips", "frames")),  # clip c's frame t is the video's distinct frame window[c, t]
+    "frames": (np.int16, ("clips",)),
+    "audio": (np.float16, ("clips", "n_mels", "audio_frames")),
+    "tokens": (np.int32, ("max_tokens",)),
+    "has_audio": (np.bool_, ()),
+    "has_text": (np.bool_, ()),
+}
+# and one array of all the shard's videos' distinct frames' features, video after video: (P, G, G, F) float16.
+# Evaluation windows overlap (10 x 16 frames of a 7 s video are 70 distinct frames), so each is stored once.
+PATCHES, PATCH_DIMS = "patches", ("grid", "grid", "feature_dim")
+NPY_HEADER_BYTES = 128  # patches.npy's header, written last once P is known (see _npy_header)
+
+
+def shard_name(k):
+    return f"shard_{k:05d}"
+
+
+class ShardWriter:
+    """One shard, built in a temp folder and renamed into place by finish(): complete or absent.
+
+    The CNN sees the shard's frames in order, in batches of exactly --batch-size that never cross a shard, so a
+    resumed run batches like a single run and writes the same bytes; each batch's features go straight onto the
+    end of patches.npy (video after video, as the frames came). The small per-video arrays are kept in memory
+    and written at finish().
+    """
+
+    def __init__(self, out, name, shapes, encoder):
+        self.final, self.shapes, self.encoder = Path(out) / name, shapes, encoder
+        # a folder of its own (pid + random suffix): an aborted writer's files can never be taken for another's
+        self.tmp = Path(tempfile.mkdtemp(dir=out, prefix=f".{name}.tmp-{os.getpid()}-"))
+        self.patch_shape = tuple(shapes[d] for d in PATCH_DIMS)
+        self.patches = open(self.tmp / f"{PATCHES}.npy", "wb")
+        self.patches.write(_npy_header(np.float16, (0,) + self.patch_shape))  # the real header comes last
+        self.num_patches, self.rows, self.errors = 0, [], []
+        self.columns = {key: [] for key in SHARD_ARRAYS}  # per-video values, one list per SHARD_ARRAYS entry
+        self.queue, self.queued = deque(), 0  # frames (U, S, S, 3) of each video not yet through the CNN
+
+    def add(self, video, tokens, has_text, result):
+        """One decoded video (a decode_video result) into the next row; its frames join the CNN's queue."""
+        if not result["ok"]:
+            self.errors.append(dict(path=video["path"], reason=result["reason"], action="skipped"))
+            return
+        self.errors += [dict(path=video["path"], reason=r, action=a) for r, a in result["notes"]]
+        self.rows.append(video)
+        mel, S = result["mel"], self.shapes
+        for key, value in (("first_patch", self.num_patches), ("window", result["index"]), ("frames", result["nreal"]),
+                           ("audio", mel if mel is not None else np.zeros((S["clips"], S["n_mels"], S["audio_frames"]))),
+                           ("tokens", tokens), ("has_audio", mel is not None), ("has_text", has_text)):
+            self.columns[key].append(value)
+        self.num_patches += len(result["frames"])
+        self.queue.append(result["frames"])
+        self.queued += len(result["frames"])
+        while self.queued >= self.encoder.batch_size:
+            self._encode(self.encoder.batch_size)
+
+    def _encode(self, n):
+        """The next n queued frames (possibly of several videos) through the CNN, their features onto patches.npy."""
+        batch, taken = self.encoder.batch, 0  # (batch_size, S, S, 3) uint8
+        while taken < n:
+            frames = self.queue[0]
+            take = min(len(frames), n - taken)
+            batch[taken:taken + take] = frames[:take]
+            if take == len(frames):
+                self.queue.popleft()
+            else:
+                self.queue[0] = frames[take:]
+            taken += take
+        self.queued -= n
+        self._write_patches(self.encoder(n))
+
+    def _write_patches(self, features):
+        self.patches.write(np.ascontiguousarray(features))  # (n, G, G, F) float16, C order: its bytes
+
+    def finish(self):
+        """The rest of the queue through the CNN, every file written and synced, then the atomic rename."""
+        if self.queued:
+            self._encode(self.queued)
+        with self.patches:
+            self.patches.seek(0)
+            self.patches.write(_npy_header(np.float16, (self.num_patches,) + self.patch_shape))
+        for key, (dtype, dims) in SHARD_ARRAYS.items():
+            shape = (len(self.rows),) + tuple(self.shapes[d] for d in dims)
+            np.save(self.tmp / f"{key}.npy", np.array(self.columns[key], dtype).reshape(shape))
+        with open(self.tmp / "videos.jsonl", "w", encoding="utf-8") as f:
+            for v in self.rows:
+                f.write(json.dumps({k: v[k] for k in ("id", "path", "label", "split", "title")}, ensure_ascii=False) + "\n")
+        with open(self.tmp / "errors.jsonl", "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(e, ensure_ascii=False) + "\n" for e in self.errors)
+        _fsync_dir(self.tmp)
+        try:
+            os.replace(self.tmp, self.final)  # atomic: the shard exists complete or not at all
+        except OSError:
+            if not self.final.is_dir():
+                raise
+            # another job (same --shard-index twice) finished this shard first: same bytes, keep theirs
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def abort(self):
+        """The run failed before finish(): remove the temp folder. Never raises (an error is already leaving)."""
+        try:
+            self.patches.close()  # flushes its buffer: fails again if the disk is still full
+        except OSError:
+            pass
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _npy_header(dtype, shape):
+    """A .npy header (format 1.0) of exactly NPY_HEADER_BYTES bytes, so a file whose length is not known in advance
+    can be written front to back and its header rewritten in place at the end."""
+    text = "{'descr': %r, 'fortran_order': False, 'shape': %r, }" % (
+        np.lib.format.dtype_to_descr(np.dtype(dtype)), tuple(int(d) for d in shape))
+    pad = NPY_HEADER_BYTES - 10 - len(text) - 1  # 10: magic, version, header length; 1: the closing newline
+    if pad < 0:
+        raise ValueError(f"an .npy header for shape {shape} does not fit in {NPY_HEADER_BYTES} bytes")
+    return b"\x93NUMPY\x01\x00" + (NPY_HEADER_BYTES - 10).to_bytes(2, "little") + (text + " " * pad + "\n").encode("latin1")
+
+
+def _fsync_dir(folder):
+    for f in Path(folder).iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+
+
+def _write_atomic(path, text):
+    """Write a small text file so that readers (and a re-run after kill -9) see all of it or none."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8", newline="\n")
+    os.replace(tmp, path)
+
+
+def merge_shards(out, listing, args_dict, shapes, dataset, backbone, tokenizer_name):
+    """All shards present -> prepare_errors.jsonl + manifest.json (written last); returns the missing ones. Reads
+    no video."""
+    out = Path(out)
+    names = [shard_name(k) for k in range(listing["num_shards"])]
+    missing = [nm for nm in names if not (out / nm).is_dir()]
+    if missing:
+        return missing
+    errors = list(listing["errors"])
+    kept, num_videos, miss_a, miss_t, nbytes = [], 0, 0, 0, 0
+    for nm in names:
+        with open(out / nm / "errors.jsonl", encoding="utf-8") as f:
+            errors += [json.loads(line) for line in f if line.strip()]
+        has_audio, has_text = np.load(out / nm / "has_audio.npy"), np.load(out / nm / "has_text.npy")
+        if len(has_audio) == 0:
+            continue
+        kept.append(nm)
+        num_videos += len(has_audio)
+        miss_a += int((~has_audio).sum())
+        miss_t += int((~has_text).sum())
+        nbytes += sum((out / nm / f"{key}.npy").stat().st_size for key in (*SHARD_ARRAYS, PATCHES))
+    _write_atomic(out / "prepare_errors.jsonl", "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in errors))
+    kinds = Counter(e["reason"].split(" '")[0].split(' "')[0].split(": ")[0].split(" (")[0] for e in errors)
+    manifest = dict(format=CACHE_FORMAT, version=CACHE_VERSION, dataset=dataset, config=args_dict,
+                    backbone=backbone, backbone_seed=0 if backbone == "random" else None, shards=kept,
+                    shapes=shapes, num_videos=num_videos, missing=dict(audio=miss_a, text=miss_t),
+                    bytes_per_video=int(round(nbytes / max(num_videos, 1))),
+                    tokenizer=tokenizer_name, listed_videos=len(listing["videos"]), errors=len(errors),
+                    error_reasons=dict(kinds.most_common()))  # "duplicate id 'x' (also y)" -> "duplicate id"
+    _write_atomic(out / "manifest.json", json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+    return []
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -11,7 +11,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -238,18 +237,12 @@ def test_missing_silent_and_present_audio(tmp_path):
 
 @pytest.mark.parametrize("name, codec", [("ps.mpg", "mpeg2video"), ("clip.ts", "libx264"), ("clip.flv", "flv"),
                                          ("clip.mkv", "libx264"), ("clip.mp4", "libx264")])
-def test_containers_with_and_without_per_stream_probe_options(tmp_path, name, codec):
-    # prepare opens with skip_frame=all on PyAV's probe decoders where the format takes per-stream options (mkv,
-    # mp4), else with the plain fast probe (MPEG-PS, FLV: their streams appear only while probing); the duration
-    # of MPEG-PS/TS and FLV is measured from the packets. Every case: right frames, audio present.
-    import av
+def test_containers_with_stated_and_measured_durations(tmp_path, name, codec):
+    # MPEG-PS, MPEG-TS and FLV state no exact duration (it is measured from the packets); Matroska and MP4 do.
+    # Every case: right frames, audio present, no notes.
     t = np.arange(3 * 22050) / 22050  # FLV's MP3 takes 11.025 / 22.05 / 44.1 kHz
     path = write_video(tmp_path / name, 30, rate=10, codec=codec,
                        audio=(0.3 * np.sin(2 * np.pi * 440 * t).astype(np.float32), 22050))
-    if name.endswith((".mkv", ".mp4")):  # the common case takes the skip_frame probe
-        av.open(str(path), options=prepare.FAST_PROBE, stream_options=prepare.PROBE_STREAM_OPTIONS).close()
-    with prepare._open_av(path) as c:
-        assert c.streams.video and c.streams.audio
     r = decode_video(dict(path=str(path), size=64, clips=1, frames=16, sampling="pretrain", audio_frames=256))
     assert r["ok"] and r["mel"].shape == (1, 80, 256) and not r["notes"]
     shown = [_read_index(r["frames"][k]) for k in r["index"][0]]
@@ -427,9 +420,9 @@ def test_sharded_run_and_merge_equals_single_run(k700_single, tmp_path):
     assert_same_cache(out, single)
 
 
-def test_cnn_batches_in_flight_give_each_video_its_own_features(k700_single, tmp_path):
-    """--batch-size 7 with up to two batches in flight: videos straddle batches and batches are collected
-    late, yet every stored feature is the backbone applied to that video's own frames."""
+def test_cnn_batches_give_each_video_its_own_features(k700_single, tmp_path):
+    """--batch-size 7: videos straddle batches, yet every stored feature is the backbone applied to that video's
+    own frames."""
     import torch
     root, single = k700_single
     out = tmp_path / "b7"
@@ -437,7 +430,7 @@ def test_cnn_batches_in_flight_give_each_video_its_own_features(k700_single, tmp
     net = prepare.build_backbone("random", None, "cpu")
     mean, std = (torch.tensor(v).view(1, 3, 1, 1) * 255 for v in (prepare.IMAGENET_MEAN, prepare.IMAGENET_STD))
     cache, ref = FeatureCache(out), FeatureCache(single)
-    job = dict(size=64, clips=1, frames=20, sampling="pretrain", audio_frames=296, threads=1)
+    job = dict(size=64, clips=1, frames=20, sampling="pretrain", audio_frames=296)
     unique_frames = 0
     for i, v in enumerate(cache.videos):
         r = decode_video(dict(job, path=str(root / v["path"])))
@@ -456,32 +449,30 @@ def test_cnn_batches_in_flight_give_each_video_its_own_features(k700_single, tmp
     assert 0 < run["wait_cnn_s"] and run["wait_decode_s"] + run["wait_cnn_s"] <= run["seconds"]
 
 
-def test_shard_io_thread_errors_stop_the_run_and_a_rerun_completes(k700_single, tmp_path, monkeypatch):
-    """Features are written and shards renamed on a thread beside the main one: its errors (here a full disk
-    on the third shard) still stop the run, nothing half-written is left in place, and a re-run completes."""
+def test_shard_write_errors_stop_the_run_and_a_rerun_completes(k700_single, tmp_path, monkeypatch):
+    """An error writing features (here a full disk on the third shard) stops the run, nothing half-written is
+    left in place, and a re-run completes to the same cache."""
     root, single = k700_single
     out = tmp_path / "out"
-    write = prepare.ShardWriter._append_patches
+    write = prepare.ShardWriter._write_patches
 
     def disk_full_on_shard_2(self, *args):
         if self.final.name == prepare.shard_name(2):
             raise OSError(28, "No space left on device")
         write(self, *args)
-    monkeypatch.setattr(prepare.ShardWriter, "_append_patches", disk_full_on_shard_2)
+    monkeypatch.setattr(prepare.ShardWriter, "_write_patches", disk_full_on_shard_2)
     with pytest.raises(OSError, match="No space left"):
         run_prepare("--root", root, "--out", out, "--shard-size", "2", *FAST)
     assert sorted(p.name for p in out.glob("shard_*")) == ["shard_00000", "shard_00001"]
-    assert not (out / "manifest.json").exists()
-    monkeypatch.setattr(prepare.ShardWriter, "_append_patches", write)
+    assert not (out / "manifest.json").exists() and list(out.glob(".*tmp*")) == []
+    monkeypatch.setattr(prepare.ShardWriter, "_write_patches", write)
     run_prepare("--root", root, "--out", out, "--shard-size", "2", *FAST)
     assert_same_cache(out, single)
 
-    # an error in the main thread (here on the first video of shard 1) while shard 0 is still closing on its
-    # thread (slowed down): when the error leaves, shard 0 is complete in place and no temp folder is left
+    # an error in the main process (here Ctrl-C on the first video of shard 1): shard 0 is complete in place
+    # and no temp folder is left
     out = tmp_path / "out2"
-    fsync_dir, tokens = prepare._fsync_dir, prepare._tokens
-    monkeypatch.setattr(prepare, "_fsync_dir", lambda folder: (time.sleep(1.0), fsync_dir(folder)))
-    calls = []
+    tokens, calls = prepare._tokens, []
 
     def fail_on_third(*args):
         calls.append(1)
@@ -502,7 +493,7 @@ def test_shard_abort_on_a_full_disk_still_removes_the_temp_folder(tmp_path):
     # abort() runs while an error is leaving prepare: when the disk is full, closing patches.npy (whose buffer
     # still holds bytes) fails again; that must not mask the error nor leave the temp folder behind
     shapes = dict(clips=1, frames=20, grid=2, feature_dim=512, n_mels=80, audio_frames=296, max_tokens=128)
-    writer = prepare.ShardWriter(tmp_path, prepare.shard_name(0), [dict(id="a")], shapes, encoder=None)
+    writer = prepare.ShardWriter(tmp_path, prepare.shard_name(0), shapes, encoder=None)
 
     class FullDisk:
         def close(self):
@@ -513,25 +504,22 @@ def test_shard_abort_on_a_full_disk_still_removes_the_temp_folder(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_frame_encoder_refuses_to_overwrite_a_batch_in_flight():
-    enc = prepare.FrameEncoder("random", None, "cpu", size=32, batch_size=3, depth=2)
-    frames = np.random.default_rng(0).integers(0, 256, (3, 3, 32, 32, 3), dtype=np.uint8)  # three batches
+def test_frame_encoder_batches_equal_frames_alone():
+    # the encoder reuses one input buffer: each call's features are the frames' own, whatever the batch, and
+    # stay valid after the buffer is refilled
+    enc = prepare.FrameEncoder("random", None, "cpu", size=32, batch_size=3)
+    frames = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    enc.batch[:] = frames
+    together = enc(3)
     alone = []
-    for batch in frames:  # one at a time: the reference
-        enc.staging()[:] = batch
-        enc.submit(3)
-        alone.append(enc.collect().copy())
-    for batch in frames[:2]:  # two in flight
-        enc.staging()[:] = batch
-        enc.submit(3)
-    with pytest.raises(RuntimeError, match="collect"):
-        enc.staging()
-    np.testing.assert_array_equal(enc.collect(), alone[0])
-    enc.staging()[:2] = frames[2, :2]  # the oldest slot is free again; a short batch
-    enc.submit(2)
-    np.testing.assert_array_equal(enc.collect(), alone[1])
-    np.testing.assert_allclose(enc.collect(), alone[2][:2], rtol=1e-3, atol=1e-3)  # another batch size
-    assert not enc.in_flight and alone[0].shape == (3, 1, 1, 512) and alone[0].dtype == np.float16
+    for frame in frames:
+        enc.batch[0] = frame
+        alone.append(enc(1)[0])
+    np.testing.assert_allclose(together, np.stack(alone), rtol=1e-3, atol=1e-3)  # another batch size
+    enc.batch[:] = 0
+    assert not np.allclose(enc(3), together)
+    np.testing.assert_allclose(together, np.stack(alone), rtol=1e-3, atol=1e-3)  # not a view of the buffer
+    assert together.shape == (3, 1, 1, 512) and together.dtype == np.float16 and enc.frames_done == 9
 
 
 def test_bad_inputs_never_stop_a_run(tmp_path):
@@ -621,70 +609,56 @@ def test_decode_stream_survives_a_crash_while_the_consumer_is_busy():
     assert out[2]["ok"] is False and "crashed" in out[2]["reason"]
 
 
-def test_decode_stream_hands_frames_over_in_files_and_cleans_up(tmp_path, monkeypatch):
-    # workers write decoded frames to files in a temporary folder (cheaper for the main process than the pipe);
-    # the results equal in-process decoding, and the folder is gone afterwards, also when stopped early
+def test_decode_stream_hands_frames_over_in_shared_memory(tmp_path):
+    # the workers' frames reach the main process as torch tensors in shared memory (mapped, not copied through
+    # the pool's pipe): the results equal in-process decoding, also when the consumer stops early
     videos = [write_video(tmp_path / f"v{k}.mp4", 12 + 5 * k, rate=10) for k in range(3)]
-    handoff_parent = tmp_path / "tmp"
-    handoff_parent.mkdir()
-    monkeypatch.setattr(prepare.tempfile, "tempdir", str(handoff_parent))
     jobs = [dict(path=str(v), size=32, clips=2, frames=8, sampling="eval", audio_frames=176) for v in videos]
     inline = list(prepare.decode_stream(jobs, workers=0))
-    loaded_on, load = [], prepare._frames_from_file
-
-    def spy(result):
-        loaded_on.append(threading.current_thread())
-        return load(result)
-    monkeypatch.setattr(prepare, "_frames_from_file", spy)
     pooled = list(prepare.decode_stream(jobs, workers=2))
-    # the files are read beside the main thread (which feeds the CNN), not by it
-    assert len(loaded_on) == 3 and threading.main_thread() not in loaded_on
-    monkeypatch.setattr(prepare, "_frames_from_file", load)
     for a, b in zip(inline, pooled):
         assert isinstance(b["frames"], np.ndarray) and np.array_equal(a["frames"], b["frames"])
-        assert np.array_equal(a["index"], b["index"]) and a["notes"] == b["notes"]
-    assert list(handoff_parent.iterdir()) == []
+        assert b["frames"].base.is_shared()  # a view of the tensor the worker handed over
+        assert np.array_equal(a["index"], b["index"]) and np.array_equal(a["mel"], b["mel"]) and a["notes"] == b["notes"]
     stream = prepare.decode_stream(jobs, workers=2)
-    next(stream)
+    assert np.array_equal(next(stream)["frames"], inline[0]["frames"])
     stream.close()
-    assert list(handoff_parent.iterdir()) == []
-    # the worker side writes the frames to a file, the main side loads and deletes it
-    result = prepare._decode_in_worker(decode_video, jobs[0], str(handoff_parent))
-    assert isinstance(result["frames"], str) and Path(result["frames"]).parent == handoff_parent
-    assert np.array_equal(prepare._frames_from_file(result)["frames"], inline[0]["frames"])
-    assert list(handoff_parent.iterdir()) == []
-    # a hand-off folder that cannot be written (disk full, say): the frames come back through the pipe
-    result = prepare._decode_in_worker(decode_video, jobs[0], str(tmp_path / "missing"))
-    assert np.array_equal(result["frames"], inline[0]["frames"])
 
 
 def test_decode_stream_tears_its_pools_down_before_returning(monkeypatch):
-    # the pool's manager thread must be finished (its wake-up pipe closed) when decode_stream is done, on the
-    # normal path and when the consumer stops early: a teardown still running at interpreter exit races
+    # the pool's manager thread and processes must be finished when decode_stream is done, on the normal path
+    # and when the consumer stops early with a decoder hung: a teardown still running at interpreter exit races
     # CPython's exit hook, which wrote to the closing pipe (the stray "OSError: [Errno 9] Bad file descriptor")
-    seen, kill = [], prepare._kill_pool
+    seen, spawn = [], prepare._spawn_pool
 
-    def spy(ex, graceful=False):
-        seen.append((ex._executor_manager_thread, ex._executor_manager_thread_wakeup, graceful))
-        return kill(ex, graceful)
-    monkeypatch.setattr(prepare, "_kill_pool", spy)
+    def spy(workers):
+        ex = spawn(workers)
+        shutdown = ex.shutdown
+
+        def recorded(*args, **kwargs):  # what shutdown() is to wait for
+            seen.append((ex._executor_manager_thread, ex._executor_manager_thread_wakeup, list(ex._processes.values())))
+            shutdown(*args, **kwargs)
+        ex.shutdown = recorded
+        return ex
+    monkeypatch.setattr(prepare, "_spawn_pool", spy)
     assert list(prepare.decode_stream([0, 1, 2, 3], workers=2, fn=_fragile)) == [0, 1, 2, 3]
     results = prepare.decode_stream([0, 1, "hang", 3], workers=2, fn=_fragile)
     assert next(results) == 0
+    t0 = time.time()
     results.close()  # videos still in flight, one of them hung: killed, and torn down before close() returns
-    assert [g for _, _, g in seen] == [True, False]
-    assert all(t is not None and not t.is_alive() and w._closed for t, w, _ in seen)
+    assert time.time() - t0 < 30 and len(seen) == 2
+    for thread, wakeup, processes in seen:
+        assert thread is not None and not thread.is_alive() and wakeup._closed
+        assert processes and not any(p.is_alive() for p in processes)
 
 
 def test_kill_pool_never_raises():
     class Broken:
         _processes = None
-        _executor_manager_thread = None
 
         def shutdown(self, *a, **k):
             raise OSError(9, "Bad file descriptor")
     prepare._kill_pool(Broken())
-    prepare._kill_pool(Broken(), graceful=True)
 
 
 # ----------------------------------------------------------------------------------------------------
