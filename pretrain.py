@@ -13,29 +13,23 @@
     python pretrain.py --data k700 --out runs/lava_k700 --resume auto
     # Table 2 ablation: add --losses av  or  --losses av,vt
 
-Reads only the cache (memory-mapped, videos with split == "train"), never videos. Per sample (PretrainClips):
-a 16-frame window at a random start s inside the clip's real frames, a horizontal flip of the 7x7 patch grid,
-the log-mel crop [10 s, 10 s + 256) that is centred on the same frames (README: Feature cache) plus
-Gaussian noise, the title's BPE tokens, and presence masks for missing audio / titles that go to the losses.
-All augmentation randomness is a function of (seed, epoch, sample index), never of worker RNG state, so a run
-killed mid-epoch and resumed from its checkpoint ends with bitwise the same weights on the CPU.
+Reads only the cache (memory-mapped, videos with split == "train"), never videos: per sample a 16-frame window,
+flipped or not, the log-mel crop aligned with it, the title and presence masks (PretrainClips). Augmentation is a
+function of (seed, epoch, sample index), so a run killed mid-epoch and resumed ends with bitwise the same weights.
 
 --batch-size is the GLOBAL batch (all ranks together); each of N ranks takes batch/N and losses.py gathers the
 embeddings so every rank contrasts against the whole global batch. One GPU with 32 is the paper's setting.
 No gradient accumulation: with in-batch negatives it is not equivalent to a larger batch.
 
-Run folder: config.json, log.jsonl (one line per --log-every steps), ckpt_last.pt (every epoch and every
---save-every steps, written atomically), epoch_XXX.pt (with --keep-epochs; XXX = epochs done), loss.png,
-tokenizer.bpe. Checkpoint "epoch" is the epoch to continue in (0-based) and "sampler"["step_in_epoch"] the
-batches of it already trained on, so epoch_010.pt has epoch 10 and step_in_epoch 0: 10 epochs done.
+Run folder (README: Pre-training): config.json, log.jsonl, ckpt_last.pt, epoch_XXX.pt, loss.png, tokenizer.bpe.
+A checkpoint's "epoch" is the epoch to continue in (0-based) and "sampler"["step_in_epoch"] the batches of it
+already trained on: epoch_010.pt has epoch 10 and step_in_epoch 0, 10 epochs done.
 """
 import argparse
 import json
 import math
 import os
-import random
 import resource
-import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -47,12 +41,16 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from losses import lava_loss
+from model import LAVA, AudioConfig, LAVAConfig, TextConfig, VideoConfig
+from prepare import FeatureCache
+
 CLIP_FRAMES = 16      # video frames per training clip (paper: 16 x 224 x 224 at 10 fps)
 AUDIO_FRAMES = 256    # log-mel frames per training clip (paper: [80, 256])
 MEL_PER_FRAME = 10    # 10 ms mel hop at 10 fps video: frame s starts at mel column 10 * s (README: Feature cache)
 
 # ----------------------------------------------------------------------------------------------------------
-# presets: every value is also a flag of its own (--width ... --epochs) that overrides it
+# config: presets, every value of which is also a flag of its own (--width ... --epochs) that overrides it
 
 PRESETS = {
     # Section 3: three 4-layer transformers of hidden size 1024; batch 32, Adam 1e-5, cosine, 25 epochs.
@@ -73,17 +71,15 @@ def get_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("data and run folder")
     g.add_argument("--data", default="k700", help="K700 dataset folder (default: k700); the cache is DATA/lava_cache")
-    g.add_argument("--cache", default=None, help="feature cache written by prepare.py (default: DATA/lava_cache)")
-    g.add_argument("--out", default=None, help="run folder (default: runs/lava_<timestamp>, or the --resume file's folder)")
-    g.add_argument("--resume", default=None, help="checkpoint to continue from, or 'auto' = OUT/ckpt_last.pt if it exists")
-    g.add_argument("--workers", type=int, default=None,
-                   help="DataLoader worker processes per rank, 0 = load in the main process "
-                        "(default: half this node's cores per rank, at most 8)")
+    g.add_argument("--cache", help="feature cache written by prepare.py (default: DATA/lava_cache)")
+    g.add_argument("--out", help="run folder (default: runs/lava_<timestamp>, or the --resume file's folder)")
+    g.add_argument("--resume", help="checkpoint to continue from, or 'auto' = OUT/ckpt_last.pt if it exists")
+    g.add_argument("--workers", type=int, help="DataLoader processes per rank, 0 = the main process (default: half "
+                   "this node's cores per rank, at most 8)")
     g.add_argument("--seed", type=int, default=0, help="seed of the model init, the sample order and every augmentation")
     g.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N (torchrun: cuda:LOCAL_RANK)")
-    g.add_argument("--threads", type=int, default=None,
-                   help="CPU only: torch intra-op threads (default: this rank's share of the cores minus --workers, "
-                        "at least 1; more threads than free cores make every step many times slower)")
+    g.add_argument("--threads", type=int, help="CPU only: torch intra-op threads (default: this rank's share of the "
+                   "cores minus --workers, at least 1; more threads than free cores make every step many times slower)")
     g = p.add_argument_group("model (preset values unless given)")
     g.add_argument("--model", default="paper", choices=sorted(PRESETS), help="preset of model and training sizes (default: paper)")
     g.add_argument("--width", type=int, help="hidden size of all three encoders (paper 1024)")
@@ -91,7 +87,7 @@ def get_parser():
     g.add_argument("--heads", type=int, help="attention heads per layer")
     g.add_argument("--embed-dim", type=int, help="size of the joint spaces the projections g_av, g_vt, g_avt map to")
     g.add_argument("--dropout", type=float, help="dropout inside the encoders")
-    g.add_argument("--center-tokens", action=argparse.BooleanOptionalAction, default=None,
+    g.add_argument("--center-tokens", action=argparse.BooleanOptionalAction,
                    help="subtract each clip's mean patch token before the video encoder (label-free; see the notes)")
     g.add_argument("--audio-frames-per-token", type=int,
                    help="mel frames per audio token (paper 1: the MLP per frame; the CPU presets group 8 or 16)")
@@ -109,14 +105,12 @@ def get_parser():
     g.add_argument("--audio-noise", type=float, default=0.1, help="std of the Gaussian noise added to the log-mel")
     g.add_argument("--no-flip", action="store_true", help="turn off the horizontal flip of the patch grid")
     g.add_argument("--compile", action="store_true", help="torch.compile the model's forward (checkpoints keep the plain module)")
-    g.add_argument("--compile-mode", default=None,
-                   help="torch.compile mode, e.g. max-autotune-no-cudagraphs (default: torch's default)")
-    g.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps in all (the schedule still spans --epochs)")
+    g.add_argument("--compile-mode", help="torch.compile mode, e.g. max-autotune-no-cudagraphs (default: torch's)")
+    g.add_argument("--max-steps", type=int, help="stop after this many optimizer steps in all (the schedule still spans --epochs)")
     g = p.add_argument_group("logging and checkpoints")
     g.add_argument("--log-every", type=int, default=20, help="steps per log.jsonl line (also checks the loss is finite)")
-    g.add_argument("--save-every", type=int, default=2000,
-                   help="steps between ckpt_last.pt saves, besides every epoch's (0 = epochs only); the paper-size "
-                        "checkpoint with Adam state is ~2.4 GB, so every 2000 steps costs ~2%% at batch 32")
+    g.add_argument("--save-every", type=int, default=2000, help="steps between ckpt_last.pt saves, besides every "
+                   "epoch's (0 = epochs only; a paper-size checkpoint with Adam state is ~2.4 GB)")
     g.add_argument("--keep-epochs", action="store_true", help="keep epoch_XXX.pt after every epoch (probe's pre-training-length series)")
     g.add_argument("--no-progress", action="store_true", help="no tqdm bar (log lines still print)")
     return p
@@ -128,67 +122,29 @@ def resolve_args(args):
         if getattr(args, k) is None:
             setattr(args, k, v)
     names = [s.strip() for s in args.losses.split(",") if s.strip()]
-    bad = [s for s in names if s not in ("av", "vt", "avt")]
-    if bad or not names:
+    if not names or set(names) - {"av", "vt", "avt"}:
         raise SystemExit(f"--losses: expected a comma list of av, vt, avt, got {args.losses!r}")
     args.losses = ",".join(s for s in ("av", "vt", "avt") if s in names)  # canonical order
-    if args.cache is None:
-        args.cache = str(Path(args.data) / "lava_cache")
+    args.cache = args.cache or str(Path(args.data) / "lava_cache")
     return args
 
 
 def build_config(args, manifest, tokenizer):
     """LAVAConfig for this cache: input shapes from the manifest, sizes from the (preset-filled) flags."""
-    from model import AudioConfig, LAVAConfig, TextConfig, VideoConfig
     shapes = manifest["shapes"]
     size = dict(width=args.width, depth=args.depth, heads=args.heads, dropout=args.dropout)
-    if tokenizer is not None:
-        # the cache format: pad_id = vocab_size - 1 is the top id, so the embedding table has pad_id + 1 rows
-        vocab_size, pad_id = tokenizer.pad_id + 1, tokenizer.pad_id
-    else:
-        # no titles in this cache: the text encoder is never run (--losses av), a 2-row table keeps it small
-        vocab_size, pad_id = 2, 1
+    # the cache format: pad_id = vocab_size - 1 is the top id, so the embedding table has pad_id + 1 rows; with
+    # no titles in the cache the text encoder is never run (--losses av) and a 2-row table keeps it small
+    pad_id = tokenizer.pad_id if tokenizer is not None else 1
     return LAVAConfig(
         video=VideoConfig(feature_dim=shapes["feature_dim"], frames=CLIP_FRAMES, grid=shapes["grid"],
                           center_tokens=args.center_tokens, **size),
         audio=AudioConfig(n_mels=shapes["n_mels"], frames=AUDIO_FRAMES, frames_per_token=args.audio_frames_per_token, **size),
-        text=TextConfig(vocab_size=vocab_size, max_len=shapes["max_tokens"], pad_id=pad_id, **size),
+        text=TextConfig(vocab_size=pad_id + 1, max_len=shapes["max_tokens"], pad_id=pad_id, **size),
         embed_dim=args.embed_dim)
 
 # ----------------------------------------------------------------------------------------------------------
-# data: a resumable distributed sampler and the augmenting dataset
-
-
-class ResumableSampler(Sampler):
-    """Yields (index, epoch) pairs: this rank's share of every global batch of an epoch, resumable mid-epoch.
-
-    Plays DistributedSampler's role. Epoch e's order is a permutation fixed by (seed, e); global batch k is
-    perm[k*B : (k+1)*B] and rank r takes the contiguous slice [r*b, (r+1)*b) of it (b = B / world), so the
-    ranks' embeddings gathered in rank order are exactly the batch one process would see. The last n % B
-    samples of each epoch's permutation are dropped (different ones each epoch). set_epoch(e, start_step)
-    skips the first start_step global batches: the checkpoint's sampler position.
-    Example: n=5, B=2, world 1 -> 2 steps per epoch, e.g. (3, 0), (0, 0), (4, 0), (1, 0).
-    """
-
-    def __init__(self, n, global_batch, rank=0, world_size=1, seed=0):
-        assert global_batch % world_size == 0, "global batch must divide by the number of ranks"
-        self.n, self.global_batch, self.rank, self.world_size, self.seed = n, global_batch, rank, world_size, seed
-        self.local_batch = global_batch // world_size
-        self.steps_per_epoch = n // global_batch
-        self.epoch, self.start_step = 0, 0
-
-    def set_epoch(self, epoch, start_step=0):
-        self.epoch, self.start_step = epoch, start_step
-
-    def __len__(self):
-        return (self.steps_per_epoch - self.start_step) * self.local_batch
-
-    def __iter__(self):
-        perm = np.random.default_rng([self.seed, self.epoch]).permutation(self.n)
-        for k in range(self.start_step, self.steps_per_epoch):
-            lo = k * self.global_batch + self.rank * self.local_batch
-            for i in perm[lo:lo + self.local_batch]:
-                yield int(i), self.epoch
+# data: Section 3's training sample, and the order of samples that lets a killed run resume exactly
 
 
 class PretrainClips(Dataset):
@@ -199,30 +155,19 @@ class PretrainClips(Dataset):
     tokens    (L,) int64              BPE title tokens (all pad when there is no title)
     has_audio, has_text  bool         presence, for the loss masks
 
-    Horizontal flip (p = 0.5) reverses the W axis of the G x G patch grid. For a frozen CNN this approximates
-    flipping the image: the grid's layout mirrors exactly, but each patch's feature is not the feature of the
-    mirrored patch (ResNet filters are not mirror-symmetric). The paper's pixel space-crop cannot be done on
-    cached features without changing the token count, so there is none.
-    Randomness comes from numpy's generator seeded by (seed, epoch, i): the same sample in the same epoch gets
-    the same augmentation whatever worker loads it, and whether the run was resumed or not.
+    Horizontal flip (p = 0.5) reverses the W axis of the G x G patch grid: the grid mirrors exactly, each patch's
+    feature only approximately (ResNet filters are not mirror-symmetric). The paper's pixel space-crop cannot be
+    done on cached features without changing the token count, so there is none. Randomness comes from a generator
+    seeded by (seed, epoch, i): the same augmentation whatever worker loads the sample, resumed or not.
     """
 
     def __init__(self, cache_path, indices, seed=0, flip=True, audio_noise=0.1):
         self.cache_path, self.indices = str(cache_path), list(indices)
         self.seed, self.flip, self.audio_noise = seed, flip, audio_noise
-        self._cache = None  # opened lazily in each worker: a memory map must not be pickled into it
+        self.cache = None  # opened lazily in each worker: a memory map must not be pickled into it
 
-    @property
-    def cache(self):
-        if self._cache is None:
-            from prepare import FeatureCache
-            self._cache = FeatureCache(self.cache_path)
-        return self._cache
-
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        state["_cache"] = None
-        return state
+    def __getstate__(self):  # DataLoader workers (spawn) and copies get the path, not the open cache
+        return dict(self.__dict__, cache=None)
 
     def __len__(self):
         return len(self.indices)
@@ -230,6 +175,7 @@ class PretrainClips(Dataset):
     def __getitem__(self, key):
         i, epoch = key
         rng = np.random.default_rng([self.seed, epoch, i])
+        self.cache = self.cache or FeatureCache(self.cache_path)
         item = self.cache[self.indices[i]]
         patches, window, audio = item["patches"], item["window"], item["audio"]  # (U, G, G, F) f16, (C, T), (C, n_mels, A) f16
         C, T = window.shape
@@ -256,6 +202,37 @@ class PretrainClips(Dataset):
                     has_audio=torch.tensor(bool(item["has_audio"])), has_text=torch.tensor(bool(item["has_text"])))
 
 
+class ResumableSampler(Sampler):
+    """Yields (index, epoch) pairs: this rank's share of every global batch of an epoch, resumable mid-epoch.
+
+    DistributedSampler's role. Epoch e's order is a permutation fixed by (seed, e); global batch k is
+    perm[k*B : (k+1)*B] and rank r takes its slice [r*b, (r+1)*b) (b = B / world), so the ranks' embeddings
+    gathered in rank order are exactly the batch one process would see. The last n % B samples of each epoch's
+    permutation are dropped. set_epoch(e, start_step) skips the first start_step global batches (a checkpoint's
+    position). Example: n=5, B=2, world 1 -> 2 steps per epoch, e.g. (3, 0), (0, 0), (4, 0), (1, 0).
+    """
+
+    def __init__(self, n, global_batch, rank=0, world_size=1, seed=0):
+        assert global_batch % world_size == 0, "global batch must divide by the number of ranks"
+        self.n, self.global_batch, self.rank, self.seed = n, global_batch, rank, seed
+        self.local_batch = global_batch // world_size
+        self.steps_per_epoch = n // global_batch
+        self.epoch, self.start_step = 0, 0
+
+    def set_epoch(self, epoch, start_step=0):
+        self.epoch, self.start_step = epoch, start_step
+
+    def __len__(self):
+        return (self.steps_per_epoch - self.start_step) * self.local_batch
+
+    def __iter__(self):
+        perm = np.random.default_rng([self.seed, self.epoch]).permutation(self.n)
+        for k in range(self.start_step, self.steps_per_epoch):
+            lo = k * self.global_batch + self.rank * self.local_batch
+            for i in perm[lo:lo + self.local_batch]:
+                yield int(i), self.epoch
+
+
 def train_indices(cache):
     """Global cache indices of the videos pre-training may use: split == "train" (K700's val is for retrieval)."""
     idx = [i for i, v in enumerate(cache.videos) if v.get("split") == "train"]
@@ -274,46 +251,12 @@ def make_loader(dataset, sampler, workers, device, seed):
         generator=torch.Generator().manual_seed(seed))
 
 
-def device_batches(loader, device, trim_pad_id=None):
-    """Iterate the loader's batches as to_device() tuples. On CUDA, batch k+1 is copied on a side stream while
-    step k computes, so the host-to-device copy (205 MB of f16 features at batch 256) does not stall the GPU."""
-    if device.type != "cuda":
-        for batch in loader:
-            yield to_device(batch, device, trim_pad_id)
-        return
-    side, main = torch.cuda.Stream(device), torch.cuda.current_stream(device)
-
-    def load(it):
-        batch = next(it, None)
-        if batch is None:
-            return None
-        with torch.cuda.stream(side):
-            return to_device(batch, device)  # async copies from pinned memory, queued on the side stream
-
-    it = iter(loader)
-    nxt = load(it)
-    while nxt is not None:
-        main.wait_stream(side)  # the compute stream waits for this batch's copy, not for anything later
-        cur = nxt
-        video, audio, tokens, present = cur
-        for t in (video, audio, tokens, *present.values()):
-            t.record_stream(main)  # made on `side`, used on `main`: keep the allocator from reusing it early
-        nxt = load(it)
-        yield cur
-
-
-# ----------------------------------------------------------------------------------------------------------
-# one training step (shared with benchmark.py gpu)
-
-
 def to_device(batch, device, trim_pad_id=None):
     """Move a collated batch to `device` (non-blocking from pinned memory); video f16 -> f32 on the device.
 
-    trim_pad_id: drop the token columns that are padding in every title of the batch (titles are ids then
-    pads), rounded up to a multiple of 8. Padding is masked out of attention and pooling, so the embeddings
-    are the same; on the CPU a 20-token title batch then costs a fifth of the 128-column one. Off on CUDA,
-    where fixed shapes suit torch.compile and text is a small part of the step.
-    """
+    trim_pad_id (the CPU's): drop the token columns that are padding in every title (rounded up to a multiple of
+    8); padding is masked out of attention and pooling, so the embeddings are the same at a fraction of the cost.
+    Off on CUDA, where fixed shapes suit torch.compile and text is a small part of the step."""
     nb = device.type == "cuda"
     tokens = batch["tokens"]                                         # (b, L) int64
     if trim_pad_id is not None:
@@ -327,14 +270,24 @@ def to_device(batch, device, trim_pad_id=None):
     present = {"a": has_a, "v": torch.ones_like(has_a), "t": batch["has_text"].to(device, non_blocking=nb)}
     return video, audio, tokens, present
 
+# ----------------------------------------------------------------------------------------------------------
+# the step: Eq. 5's loss, Adam, the cosine schedule (benchmark.py times the same functions)
+
 
 def loss_fn(model, video, audio, tokens, present, spaces, temperature, loss_form, autocast):
     """LAVA loss of one batch: encoders under `autocast` (bf16 on CUDA), the NCE terms in float32."""
-    from losses import lava_loss
     with autocast:
         emb = model(video, audio, tokens, spaces=spaces)
     # losses.py compares in float32 whatever the embeddings' dtype: (b, embed_dim) each
     return lava_loss(emb, present, losses=spaces, temperature=temperature, form=loss_form)
+
+
+def make_optimizer(model, args, device):
+    """AdamW (= the paper's Adam at --weight-decay 0), fused on CUDA; decay only >= 2-d weights like nanoGPT."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [dict(params=[p for p in params if p.dim() >= 2], weight_decay=args.weight_decay),
+              dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)]
+    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999), eps=1e-8, fused=device.type == "cuda")
 
 
 def make_schedule(warmup_steps, total_steps, lr, min_lr):
@@ -347,38 +300,8 @@ def make_schedule(warmup_steps, total_steps, lr, min_lr):
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
     return lr_lambda
 
-
-def make_optimizer(model, args, device):
-    """AdamW (= the paper's Adam at --weight-decay 0), fused on CUDA; decay only >= 2-d weights like nanoGPT."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [dict(params=[p for p in params if p.dim() >= 2], weight_decay=args.weight_decay),
-              dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)]
-    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999), eps=1e-8,
-                             fused=device.type == "cuda")
-
 # ----------------------------------------------------------------------------------------------------------
-# checkpoints: atomic writes, RNG states as tensors / plain types so torch.load(weights_only=True) reads them
-
-
-def rng_state(device):
-    """Every RNG a step could draw from. CUDA: only this rank's device generator (see save() for why that is all)."""
-    np_state = np.random.get_state()  # ('MT19937', uint32 keys (624,), pos, has_gauss, cached_gaussian)
-    py_state = random.getstate()      # (version, 625 ints, gauss_next)
-    return {"torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-            "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                      "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
-            "python": {"version": py_state[0], "state": list(py_state[1]), "gauss_next": py_state[2]}}
-
-
-def set_rng_state(state, device):
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] is not None and device.type == "cuda":
-        torch.cuda.set_rng_state(state["cuda"], device)
-    n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
-    p = state["python"]
-    random.setstate((p["version"], tuple(p["state"]), p["gauss_next"]))
+# machinery: checkpoints written atomically, the log and its plot
 
 
 def atomic_save(obj, path):
@@ -390,36 +313,22 @@ def atomic_save(obj, path):
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    try:  # make the rename itself durable
-        fd = os.open(path.parent, os.O_RDONLY)
-        os.fsync(fd)
-        os.close(fd)
-    except OSError:
-        pass
 
 
 def load_checkpoint(path):
-    """A checkpoint written by save() in main, on the CPU (probe.py reads checkpoints through this too)."""
+    """A checkpoint written by main's save(), on the CPU (probe.py reads checkpoints through this too)."""
     return torch.load(path, map_location="cpu", weights_only=True)
-
-# ----------------------------------------------------------------------------------------------------------
-# run folder: log lines, loss plot
-
-
-LOG_TERMS = ("av", "vt", "avt")
 
 
 def format_line(rec):
     """One fixed format, e.g. `epoch 3 step 120 | loss 2.3104 (av 1.1000 vt 0.9000 avt 0.3104) | lr 1.0e-05 | 812 clips/s`."""
-    terms = " ".join(f"{k} {rec[k]:.4f}" for k in LOG_TERMS if k in rec)
+    terms = " ".join(f"{k} {rec[k]:.4f}" for k in ("av", "vt", "avt") if k in rec)
     return (f"epoch {rec['epoch']} step {rec['step']} | loss {rec['loss']:.4f} ({terms}) | lr {rec['lr']:.1e} | "
             f"{rec['clips_per_s']:.0f} clips/s")
 
 
 def read_log(path):
-    if not Path(path).exists():
-        return []
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    return [json.loads(line) for line in Path(path).read_text().splitlines()] if Path(path).exists() else []
 
 
 def plot_losses(log_path, png_path):
@@ -428,16 +337,12 @@ def plot_losses(log_path, png_path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     recs = read_log(log_path)
-    if not recs:
-        return
     fig, ax = plt.subplots(figsize=(7, 4))
     x = [r["epoch_progress"] for r in recs]
-    for k in ("loss",) + LOG_TERMS:
-        if k in recs[0]:
+    for k in ("loss", "av", "vt", "avt"):
+        if recs and k in recs[0]:
             ax.plot(x, [r[k] for r in recs], label="total" if k == "loss" else k, lw=2 if k == "loss" else 1)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("NCE loss")
-    ax.set_title(f"pre-training loss ({Path(log_path).parent.name})")
+    ax.set(xlabel="epoch", ylabel="NCE loss", title=f"pre-training loss ({Path(log_path).parent.name})")
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -447,87 +352,79 @@ def plot_losses(log_path, png_path):
     os.replace(tmp, png_path)
 
 # ----------------------------------------------------------------------------------------------------------
+# main: config, DDP setup, data, model, optimizer, compile, loop
 
 
 def main(argv=None):
+    # -------------------------------------------------------------------------------- config
     args = resolve_args(get_parser().parse_args(argv))
+    spaces = tuple(args.losses.split(","))
 
-    # -------------------------------------------------------------------------------- DDP and device
-    ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    rank, world, local_rank = (int(os.environ.get(k, "0")) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
-    world = max(world, 1)
+    # -------------------------------------------------------------------------------- DDP setup, device
+    # torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; a plain `python pretrain.py` is rank 0 of 1
+    rank, world, local_rank = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
+    ddp, master = world > 1, rank == 0
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(args.device)
-    if device.type == "cuda" and ddp:
-        device = torch.device("cuda", local_rank)
-    elif device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())  # set_device needs an index (torch 2.11)
     if device.type == "cuda":
+        # torchrun: one GPU per rank; otherwise the given one (set_device needs an index, torch 2.11)
+        device = torch.device("cuda", local_rank if ddp else device.index or 0)
         torch.cuda.set_device(device)
+        torch.set_float32_matmul_precision("high")  # TF32 for the float32 matmuls outside autocast
     if ddp:
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    master = rank == 0
     if args.batch_size % world:
         raise SystemExit(f"--batch-size {args.batch_size} (global) must divide by the {world} ranks")
-    if device.type == "cuda":
-        torch.set_float32_matmul_precision("high")  # TF32 for the float32 matmuls outside autocast
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-    spaces = tuple(args.losses.split(","))
     cores = max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))  # this rank's share
     if args.workers is None:
         args.workers = max(1, min(8, cores // 2))
     if device.type == "cpu":
-        # the workers need their cores too: oversubscribed OpenMP threads spin against other processes (measured
-        # on the shared 2-core dev machine with other jobs running: 2 threads were 5-25x slower than 1)
+        # the workers need their cores too: oversubscribed OpenMP threads spin against other processes (README)
         args.threads = args.threads or max(1, cores - args.workers)
         torch.set_num_threads(args.threads)
 
     # -------------------------------------------------------------------------------- run folder, resume
     if args.out is None:
-        if args.resume not in (None, "auto"):
-            args.out = str(Path(args.resume).parent)
-        else:
-            stamp = [time.strftime("%Y%m%d-%H%M%S")]
-            if ddp:  # every rank must name the same folder
-                dist.broadcast_object_list(stamp, src=0)
-            args.out = f"runs/lava_{stamp[0]}"
+        stamp = [time.strftime("%Y%m%d-%H%M%S")]
+        if ddp:  # every rank must name the same folder
+            dist.broadcast_object_list(stamp, src=0)
+        args.out = str(Path(args.resume).parent) if args.resume not in (None, "auto") else f"runs/lava_{stamp[0]}"
     out = Path(args.out)
-    ckpt_path = None
-    if args.resume == "auto":
-        ckpt_path = out / "ckpt_last.pt" if (out / "ckpt_last.pt").exists() else None
-        if master and ckpt_path is None:
-            print(f"--resume auto: no {out / 'ckpt_last.pt'}, starting from scratch")
-    elif args.resume:
-        ckpt_path = Path(args.resume)
-    elif master and (out / "ckpt_last.pt").exists():
+    ckpt_path = Path(args.resume) if args.resume not in (None, "auto") else None
+    if args.resume == "auto" and (out / "ckpt_last.pt").exists():
+        ckpt_path = out / "ckpt_last.pt"
+    elif master and args.resume == "auto":
+        print(f"--resume auto: no {out / 'ckpt_last.pt'}, starting from scratch")
+    elif master and args.resume is None and (out / "ckpt_last.pt").exists():
         print(f"warning: starting from scratch in {out}, its ckpt_last.pt will be replaced (--resume auto continues it)")
     ckpt = load_checkpoint(ckpt_path) if ckpt_path else None
 
     # -------------------------------------------------------------------------------- data
-    from prepare import FeatureCache
     cache = FeatureCache(args.cache)
     indices = train_indices(cache)
     sampler = ResumableSampler(len(indices), args.batch_size, rank, world, args.seed)
-    if sampler.steps_per_epoch == 0:
+    steps_per_epoch = sampler.steps_per_epoch
+    if steps_per_epoch == 0:
         raise SystemExit(f"{len(indices)} training videos are fewer than one batch of {args.batch_size}")
     dataset = PretrainClips(args.cache, indices, seed=args.seed, flip=not args.no_flip, audio_noise=args.audio_noise)
     loader = make_loader(dataset, sampler, args.workers, device, args.seed)
-    steps_per_epoch = sampler.steps_per_epoch
     total_steps = args.epochs * steps_per_epoch
-    last_step = min(total_steps, args.max_steps) if args.max_steps else total_steps
+    last_step = min(total_steps, args.max_steps or total_steps)
 
-    # -------------------------------------------------------------------------------- model, optimizer
-    from model import LAVA
+    # -------------------------------------------------------------------------------- model
     config = build_config(args, cache.manifest, cache.tokenizer)
-    if cache.tokenizer is None and ("vt" in spaces or "avt" in spaces):
+    if cache.tokenizer is None and spaces != ("av",):
         raise SystemExit(f"--losses {args.losses} needs titles, but {args.cache} has no tokenizer: use --losses av")
     torch.manual_seed(args.seed)  # same init on every rank (DDP also broadcasts rank 0's weights)
-    raw_model = LAVA(config).to(device)
+    raw_model = LAVA(config).to(device)  # checkpoints save raw_model: no DDP "module." or compile "_orig_mod."
+
+    # -------------------------------------------------------------------------------- optimizer
     optimizer = make_optimizer(raw_model, args, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, make_schedule(args.warmup_steps, total_steps, args.lr, args.min_lr))
-    step, start_epoch, start_in_epoch = 0, 0, 0
+    step = 0  # optimizer steps done; the epoch and the batches of it done are divmod(step, steps_per_epoch)
     if ckpt is not None:
         if ckpt["config"]["model"] != config.to_dict():
             raise SystemExit(f"{ckpt_path} was trained with another model config; pass the same --model / size flags:\n"
@@ -539,20 +436,23 @@ def main(argv=None):
         raw_model.load_state_dict(ckpt["model"], strict=True)
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
-        step, start_epoch, start_in_epoch = ckpt["step"], ckpt["epoch"], s["step_in_epoch"]
+        step = ckpt["step"]
         if master:
-            print(f"resumed {ckpt_path}: step {step}, epoch {start_epoch + 1} after {start_in_epoch} of its {steps_per_epoch} steps")
-    model = raw_model  # checkpoints always save raw_model: no DDP "module." or compile "_orig_mod." prefixes
+            print(f"resumed {ckpt_path}: step {step}, epoch {ckpt['epoch'] + 1} after {s['step_in_epoch']} of its "
+                  f"{steps_per_epoch} steps")
+
+    # -------------------------------------------------------------------------------- DDP wrap, compile
+    model = raw_model
     if ddp:
-        # a Table 2 ablation leaves encoders/projections without gradients: DDP must be told to expect that
+        # No loss scaling: losses.py gathers every rank's embeddings, each rank's loss is the loss of the whole
+        # global batch, and its gather's backward sums the ranks' gradients, so after DDP's averaging the update
+        # is exactly the one-process gradient of the global batch (see losses._AllGather). A Table 2 ablation
+        # leaves encoders/projections without gradients: DDP must be told to expect that.
         model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None,
-                    find_unused_parameters=set(spaces) != {"av", "vt", "avt"})
+                    find_unused_parameters=spaces != ("av", "vt", "avt"))
     if args.compile:
         model = torch.compile(model, mode=args.compile_mode)  # DDP first, then compile (DDPOptimizer buckets)
     trim_pad_id = config.text.pad_id if device.type == "cpu" else None  # see to_device
-    # No loss scaling under DDP: losses.py gathers every rank's embeddings, each rank's loss is the loss of the
-    # whole global batch, and its gather's backward sums the ranks' gradients, so after DDP's averaging the
-    # update is exactly the one-process gradient of the global batch (see losses._AllGather).
 
     # -------------------------------------------------------------------------------- run folder files
     log_path = out / "log.jsonl"
@@ -565,71 +465,61 @@ def main(argv=None):
             cache_manifest=cache.manifest), indent=2))
         tok = cache.manifest.get("tokenizer")
         if tok and (Path(args.cache) / tok).exists():
-            shutil.copy2(Path(args.cache) / tok, out / "tokenizer.bpe")
+            (out / "tokenizer.bpe").write_bytes((Path(args.cache) / tok).read_bytes())
         # a resumed run forgets the log lines the dead run wrote after its checkpoint
-        recs = [r for r in read_log(log_path) if r["step"] <= step]
-        log_path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+        log_path.write_text("".join(json.dumps(r) + "\n" for r in read_log(log_path) if r["step"] <= step))
         print(f"{n_params / 1e6:.1f}M parameters | {len(indices)} train videos | {steps_per_epoch} steps/epoch of "
               f"{args.batch_size} clips ({world} rank(s) x {sampler.local_batch}) | {device} | losses {args.losses} | {out}")
     if ddp:
         dist.barrier()
 
-    def save(epoch, step_in_epoch, name=None):
-        """Write ckpt_last.pt on rank 0, and with `name` the same file under that name too (every call follows a
-        flush(), whose finiteness check keeps a NaN run from overwriting the last good checkpoint)."""
+    def save(name=None):
+        """Write ckpt_last.pt on rank 0, and with `name` a copy under that name too (every call follows a flush(),
+        whose finiteness check keeps a NaN run from overwriting the last good checkpoint)."""
         if not master:
             return
+        epoch, step_in_epoch = divmod(step, steps_per_epoch)
         state = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
                  "scheduler": scheduler.state_dict(), "step": step, "epoch": epoch,
-                 # every rank runs the same random ops (dropout) from the same seed on its own device, so rank 0's
-                 # CPU and device-generator states are every rank's
-                 "rng": rng_state(device),
+                 # the only random numbers a step draws are dropout's (the data's come from seeded generators of
+                 # their own); every rank draws the same ones from the same seed, so rank 0's states are all ranks'
+                 "rng": {"torch": torch.get_rng_state(),
+                         "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
                  "sampler": {"epoch": epoch, "step_in_epoch": step_in_epoch, "steps_per_epoch": steps_per_epoch,
                              "seed": args.seed, "global_batch": args.batch_size, "n": len(indices)},
                  "config": {"model": config.to_dict(), "args": vars(args)}, "cache_manifest": cache.manifest}
-        atomic_save(state, out / "ckpt_last.pt")
-        if name:
-            tmp = out / f".{name}.tmp"
-            tmp.unlink(missing_ok=True)
-            try:
-                os.link(out / "ckpt_last.pt", tmp)  # a hard link: the same bytes, no second write
-            except OSError:
-                shutil.copy2(out / "ckpt_last.pt", tmp)
-            os.replace(tmp, out / name)
+        for path in [out / "ckpt_last.pt"] + ([out / name] if name else []):
+            atomic_save(state, path)
 
     # -------------------------------------------------------------------------------- training loop
     from tqdm import tqdm
     bar = tqdm(total=last_step * args.batch_size, initial=step * args.batch_size, unit="clip", unit_scale=True,
                dynamic_ncols=True, mininterval=1.0, disable=not master or args.no_progress)
-    window = []  # per-step [total, av, vt, avt] losses since the last flush (on the device: no sync per step)
+    window = []  # per-step [total, *terms] losses since the last flush (on the device: no sync per step)
     t_window = time.perf_counter()
     last_saved = ckpt["step"] if ckpt else None
 
-    def flush(epoch, step_in_epoch):
-        """Check the losses since the last call are finite (all ranks agree), then log their mean on rank 0."""
+    def flush():
+        """Check the losses since the last call are finite, then log their mean on rank 0. Every rank computes the
+        same loss, the global batch's (losses.gather), so all ranks stop at the same step."""
         nonlocal window, t_window
         if not window:
             return
-        vals = torch.stack(window)                           # (n_steps, 1 + len(LOG_TERMS))
-        if ddp:
-            dist.all_reduce(vals)                            # SUM: a NaN on any rank reaches every rank
-            vals = vals / world
-        vals = vals.cpu()
+        epoch = (step - 1) // steps_per_epoch + 1            # 1-based, the epoch the last step was in
+        vals = torch.stack(window).cpu()                     # (n_steps, 1 + len(spaces))
         dt, n = time.perf_counter() - t_window, len(window)
         window, t_window = [], time.perf_counter()
-        bad = (~torch.isfinite(vals[:, 0])).nonzero()
-        if len(bad):
-            bad_step = step - n + 1 + int(bad[0])
-            msg = (f"non-finite loss {vals[int(bad[0]), 0].item()} at step {bad_step} (epoch {epoch + 1}): stopping. "
-                   + (f"The last good checkpoint {out / 'ckpt_last.pt'} (step {last_saved}) is untouched."
-                      if last_saved is not None else "No checkpoint was written before it."))
+        bad = (~torch.isfinite(vals[:, 0])).nonzero().flatten().tolist()
+        if bad:
             bar.close()
             if ddp:
                 dist.destroy_process_group()
-            raise SystemExit(msg)
+            raise SystemExit(f"non-finite loss {vals[bad[0], 0].item()} at step {step - n + 1 + bad[0]} (epoch {epoch}): "
+                             "stopping. " + (f"The last good checkpoint {out / 'ckpt_last.pt'} (step {last_saved}) is "
+                                             "untouched." if last_saved is not None else "No checkpoint was written before it."))
         mean = vals.mean(0).tolist()
-        rec = dict(step=step, epoch=epoch + 1, epoch_progress=round(epoch + step_in_epoch / steps_per_epoch, 4),
-                   loss=mean[0], **{k: mean[1 + j] for j, k in enumerate(LOG_TERMS) if k in spaces},
+        rec = dict(step=step, epoch=epoch, epoch_progress=round(step / steps_per_epoch, 4),
+                   loss=mean[0], **dict(zip(spaces, mean[1:])),
                    lr=scheduler.get_last_lr()[0], clips_per_s=n * args.batch_size / dt,
                    mem_gb=(torch.cuda.max_memory_allocated(device) if device.type == "cuda"
                            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 1e9,
@@ -640,36 +530,29 @@ def main(argv=None):
             bar.write(format_line(rec))
             sys.stdout.flush()
 
-    if ckpt is not None:
-        set_rng_state(ckpt["rng"], device)  # last, after everything that draws random numbers while building
-    for epoch in range(start_epoch, args.epochs):
-        if step >= last_step:
-            break
-        sampler.set_epoch(epoch, start_in_epoch if epoch == start_epoch else 0)
-        step_in_epoch = sampler.start_step
+    if ckpt is not None:  # last, after everything that draws random numbers while building
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        if device.type == "cuda" and ckpt["rng"]["cuda"] is not None:
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
+    while step < last_step:
+        sampler.set_epoch(*divmod(step, steps_per_epoch))     # this epoch's order, from the batch it stopped at
         model.train()
-        for video, audio, tokens, present in device_batches(loader, device, trim_pad_id):
+        for batch in loader:
+            video, audio, tokens, present = to_device(batch, device, trim_pad_id)
             loss, terms = loss_fn(model, video, audio, tokens, present, spaces, args.temperature, args.loss_form, autocast)
             loss.backward()
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            step_in_epoch += 1
             bar.update(args.batch_size)
-            # no sync here: the values stay on the device until flush
-            zero = loss.detach().new_zeros(())
-            window.append(torch.stack([loss.detach().float()] + [terms[k].detach().float() if k in terms else zero
-                                                                 for k in LOG_TERMS]))
-            end_of_epoch = step_in_epoch == steps_per_epoch
+            window.append(torch.stack([loss.detach()] + [terms[k].detach() for k in spaces]))  # no sync: on the device
+            end_of_epoch = step % steps_per_epoch == 0
             save_now = (args.save_every and step % args.save_every == 0) or end_of_epoch or step >= last_step
             if step % args.log_every == 0 or save_now:
-                flush(epoch, step_in_epoch)
+                flush()
             if save_now:
-                if end_of_epoch:
-                    save(epoch + 1, 0, f"epoch_{epoch + 1:03d}.pt" if args.keep_epochs else None)
-                else:
-                    save(epoch, step_in_epoch)
+                save(f"epoch_{step // steps_per_epoch:03d}.pt" if end_of_epoch and args.keep_epochs else None)
                 last_saved = step
                 if master and (end_of_epoch or step >= last_step):
                     plot_losses(log_path, out / "loss.png")
