@@ -10,24 +10,29 @@
     L_VT   = NCE(g_vt(z_v), g_vt(z_t))          over samples with video and text     (Eq. 3)
     L_AVT  = sum_m NCE(g_avt(z_m), c),  c_i = mean of the present g_avt(z_m,i)       (Eq. 4)
 
-Missing modalities (paper, Section 3: "masked out during loss calculation"): a sample whose modality is missing
-takes no part in a term: not as an anchor, a positive, a negative, nor in any denominator, and whatever its
-missing slot holds (zeros, garbage, NaN, inf) changes neither the loss nor any gradient. A masked loss equals
-the same loss on the sub-batch of valid samples. A term with fewer than 2 valid samples is 0 with zero gradient
-(one sample has no negative; the term stays attached to the graph so backward() and DDP still work).
+NCE on a batch where every sample has both modalities, in plain torch (tests/test_losses.py runs this code):
 
-Distributed: `lava_loss` all-gathers embeddings and masks when torch.distributed is initialised with more than
-one rank, so that N processes with B samples each give exactly the loss value and, after DDP's gradient
-averaging, exactly the parameter gradients of one process with batch N*B (see `gather`).
-`nce` and `centroid_loss` never communicate.
+    def plain_nce(x, y, temperature=0.07, form="symmetric"):    # x, y: (n, D), row i of both = sample i
+        logits = x @ y.T / temperature                          # (n, n) s_ij, the positives on the diagonal
+        if form == "symmetric":                                 # InfoNCE both ways (CLIP's, the authors' code)
+            labels = torch.arange(len(x))
+            return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+        return logits.flatten().logsumexp(0) - logits.diagonal().logsumexp(0)     # Eq. 1 as printed
+
+Missing modalities (paper, Section 3: "masked out during loss calculation"): `nce(x, y, mask)` equals
+plain_nce(x[mask], y[mask]). A sample whose modality is missing takes no part in a term: not as an anchor, a
+positive, a negative, nor in any denominator, and whatever its missing slot holds (zeros, garbage, NaN, inf)
+changes neither the loss nor any gradient. The masked form is what lets a batch keep one shape (compile, DDP).
+A term with fewer than 2 valid samples is 0 with zero gradient (one sample has no negative; the term stays
+attached to the graph so backward() and DDP still work).
+
+Distributed: with more than one rank, `lava_loss` all-gathers embeddings and masks, so that N processes with B
+samples each give exactly the loss and, after DDP's gradient averaging, exactly the parameter gradients of one
+process with batch N*B (see `_AllGather`). `nce` and `centroid_loss` never communicate.
 """
 import torch
 import torch.distributed as dist
-
-
-def _loss_dtype(x):
-    # bf16/fp16 embeddings from autocast are compared in float32: logits up to 1/tau = 14.3 need the mantissa.
-    return torch.promote_types(x.dtype, torch.float32)
+import torch.nn.functional as F
 
 
 def nce(x, y, mask=None, temperature=0.07, form="symmetric"):
@@ -36,19 +41,16 @@ def nce(x, y, mask=None, temperature=0.07, form="symmetric"):
     x, y: (B, D) embeddings (LAVA's are L2-normalised, so x_i . y_j is a cosine); mask: (B,) bool, True where
     BOTH x_i and y_i exist (None = all). Let V = {i : mask_i}, n = |V|, s_ij = x_i . y_j / tau.
 
-    form="symmetric" (default; what the authors' released research code computes, and CLIP's loss):
-        the mean over valid samples of the two InfoNCE directions, x_i against all valid y_j and y_i against all
-        valid x_j:
+    form="symmetric" (default; the authors' released research code, and CLIP's loss): the mean over valid
+        samples of the two InfoNCE directions, x_i against all valid y_j and y_i against all valid x_j:
 
             L = 1/(2n) sum_{i in V} [ -log( e^{s_ii} / sum_{j in V} e^{s_ij} ) - log( e^{s_ii} / sum_{j in V} e^{s_ji} ) ]
 
-    form="paper_eq1": Eq. (1) exactly as printed, one log-ratio over the whole batch of the summed positives
-        against the summed positives plus all cross pairs:
+    form="paper_eq1": Eq. (1) exactly as printed, one log-ratio of the summed positives against the summed
+        positives plus all cross pairs (symmetric in x and y too: swapping them transposes s):
 
             L = -log( sum_{i in V} e^{s_ii} / ( sum_{i in V} e^{s_ii} + sum_{i in V} sum_{j in V, j != i} e^{s_ij} ) )
               = logsumexp_{i,j in V} s_ij - logsumexp_{i in V} s_ii
-
-        (symmetric in x and y: swapping them transposes s, and the sums run over all of s or its diagonal).
 
     Both forms have the same minimum over unit vectors, log(1 + (n-1) e^{-(1 + 1/(n-1))/tau}) for n <= D+1
     (positives at cosine 1, negatives on a regular simplex at cosine -1/(n-1)); about 5.7e-7 for n = 8, tau 0.07.
@@ -57,7 +59,7 @@ def nce(x, y, mask=None, temperature=0.07, form="symmetric"):
     if form not in ("symmetric", "paper_eq1"):
         raise ValueError(f"form must be 'symmetric' or 'paper_eq1', got {form!r}")
     B = x.shape[0]
-    dtype = _loss_dtype(x)
+    dtype = torch.promote_types(x.dtype, torch.float32)  # autocast's bf16 compared in float32: logits reach 1/tau
     valid = torch.ones(B, dtype=torch.bool, device=x.device) if mask is None else mask.to(x.device, torch.bool)
     # Scrub missing slots before any arithmetic: masking logits later is not enough, because 0 * NaN = NaN would
     # leak a NaN/inf held in a missing row into the loss or, through the matmul's backward, into the gradients.
@@ -104,12 +106,11 @@ def centroid_loss(z, present, temperature=0.07, normalize_centroid=False, detach
 
     normalize_centroid=False (paper): c is the plain average, not re-normalised, so |c_i| <= 1 and s(z, c) is the
         dot product that Eq. (1)'s s() uses. True: c / |c|, a cosine like the other terms.
-    detach_centroid=False (paper: nothing says stop-gradient): gradients flow into every z_m through c as well.
-        True: c is a constant target for each NCE term.
+    detach_centroid=False (paper: no stop-gradient): gradients flow into every z_m through c too; True: c is a constant.
     """
     mods = [m for m in ("a", "v", "t") if m in z]
     ref = z[mods[0]]
-    dtype = _loss_dtype(ref)
+    dtype = torch.promote_types(ref.dtype, torch.float32)
     zero = torch.zeros((), dtype=dtype, device=ref.device)
     masks = {m: present[m].to(ref.device, torch.bool) for m in mods}
     # Scrub missing slots first (see nce): a NaN in a missing slot must not reach c through 0 * NaN.
@@ -117,7 +118,7 @@ def centroid_loss(z, present, temperature=0.07, normalize_centroid=False, detach
     count = sum(masks[m].to(dtype) for m in mods)                          # (B,) present modalities per sample
     c = sum(clean.values()) / count.clamp(min=1)[:, None]                   # (B, D); 0 where nothing is present
     if normalize_centroid:
-        c = torch.nn.functional.normalize(c, dim=-1)
+        c = F.normalize(c, dim=-1)
     if detach_centroid:
         c = c.detach()
     return sum(nce(clean[m], c, masks[m], temperature, form) for m in mods)
@@ -130,8 +131,7 @@ def lava_loss(emb, present, losses=("av", "vt", "avt"), temperature=0.07, form="
     emb: LAVA.forward's output {space: {modality: (B, d)}} holding at least the spaces in `losses`.
     present: {"a","v","t"} -> (B,) bool, True where the sample has that modality.
     losses: subset of ("av", "vt", "avt") (Table 2's ablation: ("av",), ("av", "vt"), all three).
-    Under torch.distributed with world size > 1 the embeddings and masks of all ranks are gathered first (`gather`):
-    the returned value is the loss of the global batch on every rank.
+    Under torch.distributed (world size > 1): the loss of the global batch, on every rank (`gather`).
     """
     unknown = set(losses) - {"av", "vt", "avt"}
     if unknown:
@@ -145,8 +145,7 @@ def lava_loss(emb, present, losses=("av", "vt", "avt"), temperature=0.07, form="
         terms["vt"] = nce(emb["vt"]["v"], emb["vt"]["t"], present["v"] & present["t"], temperature, form)
     if "avt" in losses:
         terms["avt"] = centroid_loss(emb["avt"], present, temperature, normalize_centroid, detach_centroid, form)
-    total = sum(terms.values())
-    return total, terms
+    return sum(terms.values()), terms
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -181,9 +180,8 @@ class _AllGather(torch.autograd.Function):
 def gather(emb, present, losses=("av", "vt", "avt")):
     """All-gather the embeddings the `losses` need (with gradient, see `_AllGather`) and all presence masks.
 
-    Needs the same batch size on every rank (DistributedSampler gives every rank the same number of samples).
-    Global row r * B + i is rank r's sample i, identically for every modality, so positives stay aligned.
-    One collective for all embeddings (concatenated along the feature axis) and one for the masks.
+    Needs the same batch size B on every rank. Global row r * B + i is rank r's sample i, identically for every
+    modality, so positives stay aligned. One collective for all embeddings (concatenated along the feature axis).
     """
     keys = [(s, m) for s in ("av", "vt", "avt") if s in losses for m in emb[s]]
     flat = torch.cat([emb[s][m] for s, m in keys], dim=1)                   # (B, K*d)
@@ -194,7 +192,5 @@ def gather(emb, present, losses=("av", "vt", "avt")):
         out.setdefault(s, {})[m] = part
     mods = sorted(present)
     masks = torch.stack([present[m].to(flat.device, torch.uint8) for m in mods], dim=1)  # (B, M); uint8: gloo lacks bool
-    parts = [torch.empty_like(masks) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, masks.contiguous())
-    masks = torch.cat(parts, dim=0).bool()                                  # (N*B, M)
+    masks = _AllGather.apply(masks).bool()                                  # (N*B, M), no gradient to carry
     return out, {m: masks[:, k] for k, m in enumerate(mods)}

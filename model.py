@@ -81,12 +81,8 @@ class LAVAConfig:
     @classmethod
     def from_dict(cls, d):
         """Inverse of `to_dict`. Missing keys take their defaults; unknown keys raise TypeError (a typo is a bug)."""
-        d = dict(d)
-        sub = dict(video=VideoConfig, audio=AudioConfig, text=TextConfig)
-        for key, sub_cls in sub.items():
-            if key in d:
-                d[key] = sub_cls(**d[key])
-        return cls(**d)
+        subs = dict(video=VideoConfig, audio=AudioConfig, text=TextConfig)
+        return cls(**{k: subs[k](**v) if k in subs else v for k, v in d.items()})
 
 
 # The three latent spaces (Section 2, Eqs. 2-4) and the modalities projected into each.
@@ -219,13 +215,9 @@ class LAVA(nn.Module):
 
     @staticmethod
     def init_weights(module):
-        """Initialise one module (used with `self.apply`); positions are initialised the same way in `__init__`.
-
-        - nn.Linear weights, nn.Embedding weights, learned positions: truncated normal, std 0.02, cut at +-2 std
-          (the BERT / ViT / GPT-2 scale: small enough that the residual stream starts near the input features).
-        - nn.Linear biases: zeros.
-        - nn.LayerNorm: weight ones, bias zeros (identity after normalisation).
-        """
+        """One module (with `self.apply`; positions likewise in `__init__`): Linear and Embedding weights truncated
+        normal, std 0.02 cut at +-2 std (the BERT / ViT / GPT-2 scale: the residual stream starts near the input
+        features), biases 0; LayerNorm weight 1, bias 0 (identity after normalisation)."""
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.trunc_normal_(module.weight, std=0.02, a=-0.04, b=0.04)
             if getattr(module, "bias", None) is not None:
@@ -281,13 +273,12 @@ class LAVA(nn.Module):
         if unknown:
             raise ValueError(f"unknown spaces {sorted(unknown)}; choose from {list(SPACES)}")
         needed = {m for space in spaces for m in SPACES[space]}
-        inputs = {"v": video, "a": audio, "t": tokens}
-        encode = {"v": self.encode_video, "a": self.encode_audio, "t": self.encode_text}
         z = {}
-        for m in ("v", "a", "t"):                     # fixed order: a structural loop, not data-dependent
+        # fixed order: a structural loop, not data-dependent (torch.compile traces it once)
+        for m, x, encode in (("v", video, self.encode_video), ("a", audio, self.encode_audio), ("t", tokens, self.encode_text)):
             if m in needed:
-                if inputs[m] is None:
+                if x is None:
                     raise ValueError(f"spaces {tuple(spaces)} need modality {m!r} but its input is None")
-                z[m] = encode[m](inputs[m])           # (B, width)
+                z[m] = encode(x)                      # (B, width)
         return {space: {m: F.normalize(self.heads[space](z[m]), dim=-1) for m in SPACES[space]}
                 for space in spaces}

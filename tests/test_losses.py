@@ -1,5 +1,7 @@
 """losses.py against brute-force loops over the paper's equations, the masking guarantees, and 2-rank DDP equivalence."""
 import math
+import re
+import textwrap
 
 import pytest
 import torch
@@ -110,13 +112,28 @@ def test_minimum_is_the_simplex_value():
 # masking: no trace of a missing sample
 
 
+def docstring_plain_nce():
+    """plain_nce exactly as losses.py's docstring prints it, compiled from the docstring."""
+    import losses
+    code = re.search(r"\n( {4}def plain_nce.*?)\n\n", losses.__doc__, re.S).group(1)
+    namespace = {"torch": torch, "F": F}
+    exec(textwrap.dedent(code), namespace)
+    return namespace["plain_nce"]
+
+
 @pytest.mark.parametrize("form", FORMS)
 def test_masked_equals_sub_batch(form):
+    """The masked nce equals the docstring's plain_nce (F.cross_entropy / logsumexp) on the valid rows, in value
+    and in the gradients of those rows (the other rows' gradients are 0, test_missing_slots_...)."""
+    plain_nce = docstring_plain_nce()
     for seed in range(10):
-        x, y = unit(12, 8, seed=seed, dtype=torch.float32), unit(12, 8, seed=seed + 1, dtype=torch.float32)
+        x, y = unit(12, 8, seed=seed).requires_grad_(), unit(12, 8, seed=seed + 1).requires_grad_()
         mask = random_mask(12, seed)
-        sub = nce(x[mask], y[mask], None, 0.07, form)
-        assert nce(x, y, mask, 0.07, form).item() == pytest.approx(sub.item(), rel=1e-6)
+        masked, plain = nce(x, y, mask, 0.07, form), plain_nce(x[mask], y[mask], 0.07, form)
+        assert masked.item() == pytest.approx(plain.item(), rel=1e-12)
+        assert masked.item() == pytest.approx(nce(x[mask], y[mask], None, 0.07, form).item(), rel=1e-12)
+        for a, b in zip(torch.autograd.grad(masked, (x, y)), torch.autograd.grad(plain, (x, y))):
+            assert torch.allclose(a, b, rtol=1e-10, atol=1e-14)
 
 
 def test_centroid_masked_equals_sub_batch_of_each_modality():
