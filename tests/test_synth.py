@@ -111,6 +111,12 @@ def test_k700_annotations_and_titles(corpus):
     assert 0 < len(titles) < len(k700)                      # some clips have no title
 
 
+def test_keywords_are_unique_and_never_filler():
+    keywords = [k for n in synth.action_names(12) for k in n["keywords"]]   # the named actions and numbered ones
+    assert len(set(keywords)) == len(keywords)
+    assert not set(keywords) & set(synth.FILLER)    # so a title's class is carried by its keywords only
+
+
 def test_titles_carry_class_keywords_with_noise_and_unicode():
     names = synth.action_names(8)
     rng = np.random.default_rng(0)
