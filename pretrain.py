@@ -17,13 +17,11 @@ Reads only the cache (memory-mapped, videos with split == "train"), never videos
 flipped or not, the log-mel crop aligned with it, the title and presence masks (PretrainClips). Augmentation is a
 function of (seed, epoch, sample index), so a run killed mid-epoch and resumed ends with bitwise the same weights.
 
---batch-size is the GLOBAL batch (all ranks together); each of N ranks takes batch/N and losses.py gathers the
-embeddings so every rank contrasts against the whole global batch. One GPU with 32 is the paper's setting.
-No gradient accumulation: with in-batch negatives it is not equivalent to a larger batch.
+Each of N ranks takes 1/N of the global --batch-size and losses.py gathers the embeddings, so every rank contrasts
+against the whole batch. No gradient accumulation: with in-batch negatives it is not equivalent to a larger batch.
 
 Run folder (README: Pre-training): config.json, log.jsonl, ckpt_last.pt, epoch_XXX.pt, loss.png, tokenizer.bpe.
-A checkpoint's "epoch" is the epoch to continue in (0-based) and "sampler"["step_in_epoch"] the batches of it
-already trained on: epoch_010.pt has epoch 10 and step_in_epoch 0, 10 epochs done.
+A checkpoint's "epoch" and "step_in_epoch" say where to continue: epoch_010.pt has 10 and 0, 10 epochs done.
 """
 import argparse
 import json
@@ -40,6 +38,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm import tqdm
 
 from losses import lava_loss
 from model import LAVA, AudioConfig, LAVAConfig, TextConfig, VideoConfig
@@ -78,8 +77,7 @@ def get_parser():
                    "this node's cores per rank, at most 8)")
     g.add_argument("--seed", type=int, default=0, help="seed of the model init, the sample order and every augmentation")
     g.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N (torchrun: cuda:LOCAL_RANK)")
-    g.add_argument("--threads", type=int, help="CPU only: torch intra-op threads (default: this rank's share of the "
-                   "cores minus --workers, at least 1; more threads than free cores make every step many times slower)")
+    g.add_argument("--threads", type=int, help="CPU only: intra-op threads (default: this rank's cores minus --workers)")
     g = p.add_argument_group("model (preset values unless given)")
     g.add_argument("--model", default="paper", choices=sorted(PRESETS), help="preset of model and training sizes (default: paper)")
     g.add_argument("--width", type=int, help="hidden size of all three encoders (paper 1024)")
@@ -169,9 +167,6 @@ class PretrainClips(Dataset):
     def __getstate__(self):  # DataLoader workers (spawn) and copies get the path, not the open cache
         return dict(self.__dict__, cache=None)
 
-    def __len__(self):
-        return len(self.indices)
-
     def __getitem__(self, key):
         i, epoch = key
         rng = np.random.default_rng([self.seed, epoch, i])
@@ -257,17 +252,16 @@ def to_device(batch, device, trim_pad_id=None):
     trim_pad_id (the CPU's): drop the token columns that are padding in every title (rounded up to a multiple of
     8); padding is masked out of attention and pooling, so the embeddings are the same at a fraction of the cost.
     Off on CUDA, where fixed shapes suit torch.compile and text is a small part of the step."""
-    nb = device.type == "cuda"
     tokens = batch["tokens"]                                         # (b, L) int64
     if trim_pad_id is not None:
         used = (tokens != trim_pad_id).any(dim=0).nonzero()
         length = int(used.max()) + 1 if len(used) else 1
         tokens = tokens[:, :min(tokens.shape[1], -(-length // 8) * 8)]
-    video = batch["video"].to(device, non_blocking=nb).float()      # (b, 16, G, G, F)
-    audio = batch["audio"].to(device, non_blocking=nb)              # (b, n_mels, 256)
-    tokens = tokens.to(device, non_blocking=nb)                     # (b, L') L' <= L
-    has_a = batch["has_audio"].to(device, non_blocking=nb)
-    present = {"a": has_a, "v": torch.ones_like(has_a), "t": batch["has_text"].to(device, non_blocking=nb)}
+    video = batch["video"].to(device, non_blocking=True).float()      # (b, 16, G, G, F)
+    audio = batch["audio"].to(device, non_blocking=True)              # (b, n_mels, 256)
+    tokens = tokens.to(device, non_blocking=True)                     # (b, L') L' <= L
+    has_a = batch["has_audio"].to(device, non_blocking=True)
+    present = {"a": has_a, "v": torch.ones_like(has_a), "t": batch["has_text"].to(device, non_blocking=True)}
     return video, audio, tokens, present
 
 # ----------------------------------------------------------------------------------------------------------
@@ -275,10 +269,9 @@ def to_device(batch, device, trim_pad_id=None):
 
 
 def loss_fn(model, video, audio, tokens, present, spaces, temperature, loss_form, autocast):
-    """LAVA loss of one batch: encoders under `autocast` (bf16 on CUDA), the NCE terms in float32."""
+    """LAVA loss of one batch: encoders under `autocast` (bf16 on CUDA), the NCE terms in float32 (losses.py)."""
     with autocast:
-        emb = model(video, audio, tokens, spaces=spaces)
-    # losses.py compares in float32 whatever the embeddings' dtype: (b, embed_dim) each
+        emb = model(video, audio, tokens, spaces=spaces)  # {space: {modality: (b, embed_dim)}}
     return lava_loss(emb, present, losses=spaces, temperature=temperature, form=loss_form)
 
 
@@ -306,8 +299,7 @@ def make_schedule(warmup_steps, total_steps, lr, min_lr):
 
 def atomic_save(obj, path):
     """torch.save to a temp file in the same folder, fsync, then os.replace: a kill leaves the old file whole."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = Path(path).with_name(f".{Path(path).name}.tmp{os.getpid()}")
     with open(tmp, "wb") as f:
         torch.save(obj, f)
         f.flush()
@@ -332,23 +324,19 @@ def read_log(path):
 
 
 def plot_losses(log_path, png_path):
-    """loss.png: the total and each term against epochs (from log.jsonl)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """loss.png: the total and each term against epochs (from log.jsonl), replaced atomically."""
+    from matplotlib.figure import Figure  # no pyplot: no GUI backend, nothing to close
     recs = read_log(log_path)
-    fig, ax = plt.subplots(figsize=(7, 4))
-    x = [r["epoch_progress"] for r in recs]
+    ax = Figure(figsize=(7, 4), layout="tight").subplots()
     for k in ("loss", "av", "vt", "avt"):
         if recs and k in recs[0]:
-            ax.plot(x, [r[k] for r in recs], label="total" if k == "loss" else k, lw=2 if k == "loss" else 1)
+            ax.plot([r["epoch_progress"] for r in recs], [r[k] for r in recs], label="total" if k == "loss" else k,
+                    lw=2 if k == "loss" else 1)
     ax.set(xlabel="epoch", ylabel="NCE loss", title=f"pre-training loss ({Path(log_path).parent.name})")
     ax.legend()
     ax.grid(alpha=0.3)
-    fig.tight_layout()
     tmp = Path(png_path).with_name(".loss.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
+    ax.figure.savefig(tmp, dpi=100)
     os.replace(tmp, png_path)
 
 # ----------------------------------------------------------------------------------------------------------
@@ -378,8 +366,7 @@ def main(argv=None):
         raise SystemExit(f"--batch-size {args.batch_size} (global) must divide by the {world} ranks")
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     cores = max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))  # this rank's share
-    if args.workers is None:
-        args.workers = max(1, min(8, cores // 2))
+    args.workers = max(1, min(8, cores // 2)) if args.workers is None else args.workers
     if device.type == "cpu":
         # the workers need their cores too: oversubscribed OpenMP threads spin against other processes (README)
         args.threads = args.threads or max(1, cores - args.workers)
@@ -438,16 +425,14 @@ def main(argv=None):
         scheduler.load_state_dict(ckpt["scheduler"])
         step = ckpt["step"]
         if master:
-            print(f"resumed {ckpt_path}: step {step}, epoch {ckpt['epoch'] + 1} after {s['step_in_epoch']} of its "
-                  f"{steps_per_epoch} steps")
+            print(f"resumed {ckpt_path}: step {step}, epoch {ckpt['epoch'] + 1} after {s['step_in_epoch']} of its {steps_per_epoch} steps")
 
     # -------------------------------------------------------------------------------- DDP wrap, compile
     model = raw_model
     if ddp:
-        # No loss scaling: losses.py gathers every rank's embeddings, each rank's loss is the loss of the whole
-        # global batch, and its gather's backward sums the ranks' gradients, so after DDP's averaging the update
-        # is exactly the one-process gradient of the global batch (see losses._AllGather). A Table 2 ablation
-        # leaves encoders/projections without gradients: DDP must be told to expect that.
+        # No loss scaling: each rank's loss is the whole global batch's and the gather's backward sums the ranks'
+        # gradients, so after DDP's averaging the update is the one-process gradient (losses._AllGather). A Table 2
+        # ablation leaves encoders/projections without gradients: DDP must be told to expect that.
         model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None,
                     find_unused_parameters=spaces != ("av", "vt", "avt"))
     if args.compile:
@@ -463,9 +448,8 @@ def main(argv=None):
             model=config.to_dict(), args=vars(args), world_size=world, n_params=n_params,
             train_videos=len(indices), steps_per_epoch=steps_per_epoch, total_steps=total_steps,
             cache_manifest=cache.manifest), indent=2))
-        tok = cache.manifest.get("tokenizer")
-        if tok and (Path(args.cache) / tok).exists():
-            (out / "tokenizer.bpe").write_bytes((Path(args.cache) / tok).read_bytes())
+        if cache.tokenizer is not None:  # what probe.py --zero-shot encodes class names with
+            (out / "tokenizer.bpe").write_bytes((Path(args.cache) / cache.manifest["tokenizer"]).read_bytes())
         # a resumed run forgets the log lines the dead run wrote after its checkpoint
         log_path.write_text("".join(json.dumps(r) + "\n" for r in read_log(log_path) if r["step"] <= step))
         print(f"{n_params / 1e6:.1f}M parameters | {len(indices)} train videos | {steps_per_epoch} steps/epoch of "
@@ -473,63 +457,12 @@ def main(argv=None):
     if ddp:
         dist.barrier()
 
-    def save(name=None):
-        """Write ckpt_last.pt on rank 0, and with `name` a copy under that name too (every call follows a flush(),
-        whose finiteness check keeps a NaN run from overwriting the last good checkpoint)."""
-        if not master:
-            return
-        epoch, step_in_epoch = divmod(step, steps_per_epoch)
-        state = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-                 "scheduler": scheduler.state_dict(), "step": step, "epoch": epoch,
-                 # the only random numbers a step draws are dropout's (the data's come from seeded generators of
-                 # their own); every rank draws the same ones from the same seed, so rank 0's states are all ranks'
-                 "rng": {"torch": torch.get_rng_state(),
-                         "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
-                 "sampler": {"epoch": epoch, "step_in_epoch": step_in_epoch, "steps_per_epoch": steps_per_epoch,
-                             "seed": args.seed, "global_batch": args.batch_size, "n": len(indices)},
-                 "config": {"model": config.to_dict(), "args": vars(args)}, "cache_manifest": cache.manifest}
-        for path in [out / "ckpt_last.pt"] + ([out / name] if name else []):
-            atomic_save(state, path)
-
     # -------------------------------------------------------------------------------- training loop
-    from tqdm import tqdm
     bar = tqdm(total=last_step * args.batch_size, initial=step * args.batch_size, unit="clip", unit_scale=True,
                dynamic_ncols=True, mininterval=1.0, disable=not master or args.no_progress)
-    window = []  # per-step [total, *terms] losses since the last flush (on the device: no sync per step)
+    window = []  # per-step [total, *terms] losses since the last log line (on the device: no sync per step)
     t_window = time.perf_counter()
     last_saved = ckpt["step"] if ckpt else None
-
-    def flush():
-        """Check the losses since the last call are finite, then log their mean on rank 0. Every rank computes the
-        same loss, the global batch's (losses.gather), so all ranks stop at the same step."""
-        nonlocal window, t_window
-        if not window:
-            return
-        epoch = (step - 1) // steps_per_epoch + 1            # 1-based, the epoch the last step was in
-        vals = torch.stack(window).cpu()                     # (n_steps, 1 + len(spaces))
-        dt, n = time.perf_counter() - t_window, len(window)
-        window, t_window = [], time.perf_counter()
-        bad = (~torch.isfinite(vals[:, 0])).nonzero().flatten().tolist()
-        if bad:
-            bar.close()
-            if ddp:
-                dist.destroy_process_group()
-            raise SystemExit(f"non-finite loss {vals[bad[0], 0].item()} at step {step - n + 1 + bad[0]} (epoch {epoch}): "
-                             "stopping. " + (f"The last good checkpoint {out / 'ckpt_last.pt'} (step {last_saved}) is "
-                                             "untouched." if last_saved is not None else "No checkpoint was written before it."))
-        mean = vals.mean(0).tolist()
-        rec = dict(step=step, epoch=epoch, epoch_progress=round(step / steps_per_epoch, 4),
-                   loss=mean[0], **dict(zip(spaces, mean[1:])),
-                   lr=scheduler.get_last_lr()[0], clips_per_s=n * args.batch_size / dt,
-                   mem_gb=(torch.cuda.max_memory_allocated(device) if device.type == "cuda"
-                           else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 1e9,
-                   time=time.time())
-        if master:
-            with open(log_path, "a") as f:
-                f.write(json.dumps(rec) + "\n")
-            bar.write(format_line(rec))
-            sys.stdout.flush()
-
     if ckpt is not None:  # last, after everything that draws random numbers while building
         torch.set_rng_state(ckpt["rng"]["torch"])
         if device.type == "cuda" and ckpt["rng"]["cuda"] is not None:
@@ -546,16 +479,53 @@ def main(argv=None):
             optimizer.zero_grad(set_to_none=True)
             step += 1
             bar.update(args.batch_size)
-            window.append(torch.stack([loss.detach()] + [terms[k].detach() for k in spaces]))  # no sync: on the device
-            end_of_epoch = step % steps_per_epoch == 0
-            save_now = (args.save_every and step % args.save_every == 0) or end_of_epoch or step >= last_step
+            window.append(torch.stack([loss.detach()] + [terms[k].detach() for k in spaces]))
+            epoch, step_in_epoch = divmod(step, steps_per_epoch)  # (epoch + 1, 0) at the end of an epoch
+            save_now = (args.save_every and step % args.save_every == 0) or step_in_epoch == 0 or step >= last_step
+
             if step % args.log_every == 0 or save_now:
-                flush()
-            if save_now:
-                save(f"epoch_{step // steps_per_epoch:03d}.pt" if end_of_epoch and args.keep_epochs else None)
+                # Log the mean since the last line once every step's loss is finite: all ranks compute the same loss,
+                # the global batch's (losses.gather), so all stop at the same step, before a checkpoint is written.
+                vals = torch.stack(window).cpu()                      # (n_steps, 1 + len(spaces))
+                bad = (~torch.isfinite(vals[:, 0])).nonzero().flatten().tolist()
+                shown_epoch = (step - 1) // steps_per_epoch + 1     # 1-based, the epoch of the last step
+                if bad:
+                    if ddp:
+                        dist.destroy_process_group()
+                    raise SystemExit(
+                        f"non-finite loss {vals[bad[0], 0].item()} at step {step - len(vals) + 1 + bad[0]} (epoch "
+                        f"{shown_epoch}): stopping. " + (f"The last good checkpoint {out / 'ckpt_last.pt'} (step "
+                        f"{last_saved}) is untouched." if last_saved is not None else "No checkpoint was written before it."))
+                mean = vals.mean(0).tolist()
+                mem = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
+                       else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # bytes at the peak
+                rec = dict(step=step, epoch=shown_epoch, epoch_progress=round(step / steps_per_epoch, 4), loss=mean[0],
+                           **dict(zip(spaces, mean[1:])), lr=scheduler.get_last_lr()[0], mem_gb=mem / 1e9,
+                           clips_per_s=len(vals) * args.batch_size / (time.perf_counter() - t_window), time=time.time())
+                window, t_window = [], time.perf_counter()
+                if master:
+                    with open(log_path, "a") as f:
+                        f.write(json.dumps(rec) + "\n")
+                    bar.write(format_line(rec))
+                    sys.stdout.flush()
+
+            if save_now:  # ckpt_last.pt, and epoch_XXX.pt (XXX = epochs done) at an epoch's end with --keep-epochs
+                state = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+                         "scheduler": scheduler.state_dict(), "step": step, "epoch": epoch,
+                         # the only random numbers a step draws are dropout's (the data's come from seeded
+                         # generators of their own); every rank draws the same ones, so rank 0's are all ranks'
+                         "rng": {"torch": torch.get_rng_state(),
+                                 "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
+                         "sampler": {"epoch": epoch, "step_in_epoch": step_in_epoch, "steps_per_epoch": steps_per_epoch,
+                                     "seed": args.seed, "global_batch": args.batch_size, "n": len(indices)},
+                         "config": {"model": config.to_dict(), "args": vars(args)}, "cache_manifest": cache.manifest}
+                if master:
+                    atomic_save(state, out / "ckpt_last.pt")
+                    if step_in_epoch == 0 and args.keep_epochs:
+                        atomic_save(state, out / f"epoch_{epoch:03d}.pt")
+                    if step_in_epoch == 0 or step >= last_step:
+                        plot_losses(log_path, out / "loss.png")
                 last_saved = step
-                if master and (end_of_epoch or step >= last_step):
-                    plot_losses(log_path, out / "loss.png")
                 t_window = time.perf_counter()  # clips/s counts training, not checkpoint writes and plots
             if step >= last_step:
                 break
