@@ -308,7 +308,7 @@ def atomic_save(obj, path):
 
 
 def load_checkpoint(path):
-    """A checkpoint written by main's save(), on the CPU (probe.py reads checkpoints through this too)."""
+    """A checkpoint written by main (the state dict in its loop), on the CPU; probe.py reads checkpoints with it."""
     return torch.load(path, map_location="cpu", weights_only=True)
 
 

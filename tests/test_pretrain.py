@@ -1,4 +1,5 @@
-"""pretrain.py: augmentation, sampler, overfitting, the CLI run folder, exact resume after SIGKILL, torchrun, NaN stop.
+"""pretrain.py: augmentation, sampler, the paper's defaults and lr schedule, overfitting, the CLI run folder, exact
+resume after SIGKILL, torchrun (weights and Adam moments of 2 ranks = 1 process), NaN stop.
 
 CLI runs are subprocesses on a conftest cache (24 videos, 20 of them "train", 20 frames, 2x2 grid) with the tiny
 preset and one intra-op thread (2 shared cores: more threads only spin against other processes).
