@@ -15,7 +15,7 @@ NCE on a batch where every sample has both modalities, in plain torch (tests/tes
     def plain_nce(x, y, temperature=0.07, form="symmetric"):    # x, y: (n, D), row i of both = sample i
         logits = x @ y.T / temperature                          # (n, n) s_ij, the positives on the diagonal
         if form == "symmetric":                                 # InfoNCE both ways (CLIP's, the authors' code)
-            labels = torch.arange(len(x))
+            labels = torch.arange(len(x), device=x.device)
             return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
         return logits.flatten().logsumexp(0) - logits.diagonal().logsumexp(0)     # Eq. 1 as printed
 
