@@ -12,20 +12,16 @@
     python prepare.py --root data/k700 --merge
     # the same settings (--size, --backbone, ...) on every call; a re-run of any of them resumes
 
-The inputs of LAVA (Section 3), per video:
-  1. frames at 10 fps (clip_plan, sample_frames): k700 ("pretrain" sampling) keeps C = 1 clip of the central
-     T = --pretrain-frames (20) frames, room for pretrain.py's jitter; ucf101 / hmdb51 / any folder ("eval"
-     sampling) keep C = --test-clips (10) uniformly spaced 16-frame windows, whose union of frames is stored once.
-     Each frame is centre-cropped square and resized to --size, RGB.
-  2. audio (load_audio, log_mel_windows): mono 16 kHz, log-mel (80 bins, n_fft 400, hop 160), A = 256 + 10 (T - 16)
-     frames per clip, so that mel[10 s : 10 s + 256] is centred on video frames s .. s+15.
-  3. video features (build_backbone, FrameEncoder): frozen ImageNet ResNet-18 up to layer4, (G, G, 512) per frame,
-     G = size // 32, stored float16.
-  4. text: the title (titles.csv, else the file's `title` tag) as BPE ids (bpe.py), 128 max (eot + pad).
-main() runs them over a dataset. After it, the machinery that scales them: dataset layouts, decode worker
-processes (frames handed over in shared memory; a crashing decoder costs its own file only), shards (each
-built in a temp folder and renamed, so a run killed at any point, kill -9 included, resumes and ends
-byte-identical to a single run), and FeatureCache, the reader.
+The inputs of LAVA (Section 3), per video, in the order of this file:
+  1. frames at 10 fps, centre-cropped to --size (clip_plan, sample_frames): k700 ("pretrain" sampling) keeps one
+     clip of the central --pretrain-frames (20), room for pretrain.py's jitter; ucf101, hmdb51 and any folder
+     ("eval" sampling) keep --test-clips (10) uniformly spaced 16-frame windows, their distinct frames stored once;
+  2. audio: 16 kHz mono log-mel, 80 bins, a window aligned with each clip (load_audio, log_mel_windows);
+  3. video features: a frozen ImageNet ResNet-18 up to layer4, (G, G, 512) per frame (build_backbone, FrameEncoder);
+  4. text: the title (titles.csv, else the file's `title` tag) as BPE ids (bpe.py, _tokens).
+main() runs them over a dataset; the machinery that scales it comes after (signposted): dataset layouts, decode
+worker processes, shards (each built in a temp folder and renamed, so a run killed at any point, kill -9
+included, resumes and ends byte-identical to a single run) and FeatureCache, the reader.
 """
 import argparse
 import bisect
@@ -88,15 +84,13 @@ def sample_frames(path, targets, size):
     frame numbers, misses (see below), end: seconds up to which frames were seen (when decoding stopped
     early because every target was served, the time of the frame after the last target)).
 
-    A frame is kept for time t when its timestamp (CAP_PROP_POS_MSEC) is <= t and the next one's is > t,
-    so 29.97 fps and variable-frame-rate files land on the right frames. grab() decodes every frame;
-    retrieve() (the colour conversion) runs only for frames that may be kept. OpenCV can only retrieve()
-    the frame just grabbed, before the next timestamp is known, so a frame is retrieved when the next
-    target lies less than one frame interval ahead (the longest seen so far, +1% unless every interval so
-    far was the same): about 1 retrieve per kept frame. A VFR gap longer than all earlier ones can still
-    hide the right frame (grabbed but not retrieved); then a second capture decodes up to that frame again
-    (`misses` counts these, and max_dt grows, so they stay rare). Exact either way: the kept frames never
-    depend on the margins. Rotation metadata is applied (a phone clip shot upside down comes out upright).
+    A frame is kept for time t when its timestamp (CAP_PROP_POS_MSEC) is <= t and the next one's is > t, so
+    29.97 fps and variable-frame-rate files land on the right frames. grab() decodes every frame; retrieve()
+    (the colour conversion) runs only for a frame that may be kept: when the next target lies less than one
+    frame interval ahead (the longest seen so far, +1% unless all were equal), since OpenCV can only retrieve
+    the frame just grabbed. A VFR gap longer than all earlier ones can still hide the right frame; then a
+    fresh capture decodes up to it again (`misses`; rare, as max_dt grows). Exact either way: the kept frames
+    never depend on the margins. Rotation metadata is applied (a phone clip shot upside down comes out upright).
     """
     import cv2
     cap = _open_cv(path)
@@ -160,9 +154,8 @@ def sample_frames(path, targets, size):
 def _square(img, size):
     """Any decoded picture -> RGB uint8 (size, size, 3): centre square, resized.
 
-    Shrinking: an integer box filter (INTER_AREA's fast path, exact k x k averages) down to between 1x
-    and 2x the target, then bilinear; the same anti-aliasing as a plain INTER_AREA resize at a quarter of
-    its cost. Colour conversion comes last, on the small picture.
+    Shrinking: an exact k x k box filter (INTER_AREA's fast path) to between 1x and 2x the target, then bilinear:
+    a plain INTER_AREA resize's anti-aliasing at a quarter of its cost. Colour conversion last, on the small picture.
     """
     import cv2
     h, w = img.shape[:2]
@@ -280,8 +273,6 @@ def _decode_audio(container, path, until=None):
             if until is not None and t is not None and t - v0 > until:
                 break
             x = _frame_mono(frame)
-            if x is None:
-                x = frame.to_ndarray().reshape(len(frame.layout.channels), -1).mean(axis=0, dtype=np.float32)
             if not runs or runs[-1][0] != frame.sample_rate:
                 runs.append([frame.sample_rate, []])
             runs[-1][1].append(x)
@@ -303,37 +294,16 @@ def _decode_audio(container, path, until=None):
     return wave, reason
 
 
-# decoded sample formats -> (numpy dtype, scale to [-1, 1], offset); planar variants end in "p"
-_SAMPLE_FORMATS = {"flt": (np.float32, 1.0, 0), "dbl": (np.float64, 1.0, 0), "s16": (np.int16, 1 / 32768, 0),
-                   "s32": (np.int32, 1 / 2 ** 31, 0), "u8": (np.uint8, 1 / 128, 128)}
-
-
 def _frame_mono(frame):
-    """One decoded PyAV AudioFrame -> (n,) float32, the mean of its channels, read straight from its planes.
-
-    (to_ndarray + AudioResampler per frame cost more than decoding the MP3 itself.) None: a format we do
-    not read this way. The channel mean matches soundfile's reading of the same track; swresample's
-    stereo->mono downmix would scale by 1/sqrt(2) instead and put every mel 0.35 nats off."""
-    name = frame.format.name
-    planar = name.endswith("p") and name[:-1] in _SAMPLE_FORMATS
-    spec = _SAMPLE_FORMATS.get(name[:-1] if planar else name)
-    if spec is None:
-        return None
-    dtype, scale, offset = spec
-    layout = frame.layout
-    n, ch = frame.samples, getattr(layout, "nb_channels", None) or len(layout.channels)
-    if planar:  # in place: the same float32 sums as sum(planes) / ch, without the temporaries
-        planes = frame.planes
-        x = np.frombuffer(planes[0], dtype, count=n).astype(np.float32)
-        for p in planes[1:ch]:
-            x += np.frombuffer(p, dtype, count=n)
-        if ch > 1:
-            x /= ch
-    else:
-        x = np.frombuffer(frame.planes[0], dtype, count=n * ch).reshape(n, ch).mean(axis=1, dtype=np.float32)
-    if scale != 1.0 or offset:
-        return ((x - offset) * scale).astype(np.float32)
-    return x
+    """One decoded PyAV AudioFrame -> (n,) float32 in [-1, 1], the mean of its channels. The mean matches soundfile's
+    reading of the same track; swresample's stereo->mono downmix would scale by 1/sqrt(2), every mel 0.35 nats off."""
+    x = frame.to_ndarray()                       # (channels, n) planar, (1, n * channels) packed
+    if not frame.format.is_planar:
+        x = x.reshape(-1, len(frame.layout.channels)).T
+    mono = x.mean(axis=0, dtype=np.float32)
+    if x.dtype == np.uint8:
+        mono -= 128
+    return mono / {np.dtype(np.int16): 2 ** 15, np.dtype(np.int32): 2 ** 31, np.dtype(np.uint8): 2 ** 7}.get(x.dtype, 1)
 
 
 _RESAMPLERS = {}
@@ -447,10 +417,8 @@ def decode_video(job):
     """
     try:
         return _decode_video(job)
-    except BadVideo as e:
-        return dict(ok=False, reason=str(e))
-    except Exception as e:  # anything else a broken file can make a library raise
-        return dict(ok=False, reason=f"{type(e).__name__}: {e}")
+    except Exception as e:  # BadVideo, or anything else a broken file can make a library raise
+        return dict(ok=False, reason=str(e) if isinstance(e, BadVideo) else f"{type(e).__name__}: {e}")
 
 
 def _decode_video(job):
@@ -649,10 +617,9 @@ def main(argv=None):
 
     # 2. the tokenizer, before any shard (shards store token ids); deterministic, so concurrent shard
     #    jobs that each train it write the same file
-    tokenizer, tok_name = None, None
     titled = [v for v in videos if v["title"]]
+    tokenizer, tok_name = None, "tokenizer.bpe" if titled else None
     if titled:
-        tok_name = "tokenizer.bpe"
         if (out / tok_name).is_file():
             tokenizer = BPETokenizer.load(out / tok_name)
         else:
@@ -673,14 +640,12 @@ def main(argv=None):
         return _merge_and_report(*merge, strict=True)
 
     # 3. this job's shards that are not finished yet; stale temp dirs of earlier (killed) runs go
-    todo = [k for k in range(listing["num_shards"]) if k % args.num_shards == args.shard_index]
-    for k in todo:
-        for stale in out.glob(f".{shard_name(k)}.tmp-*"):
-            shutil.rmtree(stale, ignore_errors=True)
-    done = [k for k in todo if (out / shard_name(k)).is_dir()]
-    todo = [k for k in todo if k not in done]
-    if done:
-        print(f"prepare: {len(done)} finished shard(s) kept, {len(todo)} to go")
+    mine = [k for k in range(listing["num_shards"]) if k % args.num_shards == args.shard_index]
+    for stale in (d for k in mine for d in out.glob(f".{shard_name(k)}.tmp-*")):
+        shutil.rmtree(stale, ignore_errors=True)
+    todo = [k for k in mine if not (out / shard_name(k)).is_dir()]
+    if len(todo) < len(mine):
+        print(f"prepare: {len(mine) - len(todo)} finished shard(s) kept, {len(todo)} to go")
     if not todo:
         return _merge_and_report(*merge)
 
@@ -1179,12 +1144,10 @@ class FeatureCache:
         item["patches"][item["window"]] -> (C,T,G,G,F): the features of every clip's frames (copied out)
         cache.videos[i] -> {"id", "path", "label", "split", "title"};  cache.index(video_id) -> i
 
-    patches are the video's distinct frames, each stored once (a view of the memory map, nothing read yet):
-    index them with the part of window a clip needs, so that only those frames are read.
-
-    The manifest is written last by prepare.py, so its presence means every shard it lists is complete;
-    the shapes and dtypes of each shard are still checked against it so that a hand-edited or mixed-up
-    cache fails here, with the file named, rather than as a shape error deep inside a training step.
+    patches are the video's distinct frames (a view of the memory map, nothing read yet): index them with the
+    part of window a clip needs, so that only those frames are read. The manifest is written last, so it means
+    every shard it lists is complete; each shard's shapes and dtypes are still checked against it, so that a
+    hand-edited or mixed-up cache fails here, with the file named, not deep inside a training step.
     """
 
     def __init__(self, path):
