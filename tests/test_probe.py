@@ -131,28 +131,47 @@ def test_sklearn_estimator_checks(estimator, check):
     check(estimator)
 
 
-def test_hand_written_adam_matches_torch_optim():
-    """The probe's hand-written gradient + Adam step (L2 on the weights, not the bias) against autograd and
-    torch.optim.Adam with the same batch order."""
-    rng = np.random.default_rng(0)
-    X, y = rng.normal(size=(70, 5)), rng.integers(0, 4, 70)
-    p = LinearProbe(epochs=3, lr=1e-2, batch_size=16, weight_decay=0.05, random_state=2).fit(X, y)
+def reference_fit(X, y, epochs, lr, batch_size, weight_decay, seed):
+    """The probe as a reader would write it: zero-initialised W, b on standardised X, torch.optim.Adam (L2 on W, not
+    b), F.cross_entropy, a new batch order each epoch from a generator seeded like LinearProbe's random_state."""
+    k = len(np.unique(y))
     Z = torch.tensor((X - X.mean(0)) / X.std(0), dtype=torch.float32)
-    W = torch.zeros(4, 5, requires_grad=True)
-    b = torch.zeros(4, requires_grad=True)
-    opt = torch.optim.Adam([{"params": [W], "weight_decay": 0.05}, {"params": [b], "weight_decay": 0.0}], lr=1e-2)
-    gen = torch.Generator().manual_seed(int(check_random_state(2).randint(2**31 - 1)))
+    W = torch.zeros(k, X.shape[1], requires_grad=True)
+    b = torch.zeros(k, requires_grad=True)
+    opt = torch.optim.Adam([{"params": [W], "weight_decay": weight_decay}, {"params": [b], "weight_decay": 0.0}], lr=lr)
+    gen = torch.Generator().manual_seed(int(check_random_state(seed).randint(2**31 - 1)))
     yt = torch.tensor(y)
-    for _ in range(3):
-        order = torch.randperm(70, generator=gen)
-        for start in range(0, 70, 16):
-            idx = order[start:start + 16]
+    for _ in range(epochs):
+        order = torch.randperm(len(X), generator=gen)
+        for start in range(0, len(X), batch_size):
+            idx = order[start:start + batch_size]
             loss = torch.nn.functional.cross_entropy(Z[idx] @ W.T + b, yt[idx])
             opt.zero_grad()
             loss.backward()
             opt.step()
-    np.testing.assert_allclose(p.coef_, W.detach().numpy(), atol=2e-5)
-    np.testing.assert_allclose(p.intercept_, b.detach().numpy(), atol=2e-5)
+    return W.detach().numpy(), b.detach().numpy()
+
+
+def test_probe_training_matches_a_reference_adam_loop():
+    """Adam steps with L2 on the weights only, batch order from the seed (a non-default lr and batch)."""
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(70, 5)), rng.integers(0, 4, 70)
+    p = LinearProbe(epochs=3, lr=1e-2, batch_size=16, weight_decay=0.05, random_state=2).fit(X, y)
+    W, b = reference_fit(X, y, epochs=3, lr=1e-2, batch_size=16, weight_decay=0.05, seed=2)
+    np.testing.assert_allclose(p.coef_, W, atol=2e-5)
+    np.testing.assert_allclose(p.intercept_, b, atol=2e-5)
+
+
+def test_the_papers_probe_defaults():
+    """Section 3: "a linear classifier ... using a 1e-4 learning rate and a batch size of 32"; the defaults are
+    those values and are the ones trained with (100 rows: batches of 32, 32, 32, 4)."""
+    assert LinearProbe().get_params()["lr"] == 1e-4 and LinearProbe().get_params()["batch_size"] == 32
+    rng = np.random.default_rng(3)
+    X, y = rng.normal(size=(100, 6)), rng.integers(0, 3, 100)
+    p = LinearProbe(epochs=2).fit(X, y)
+    W, b = reference_fit(X, y, epochs=2, lr=1e-4, batch_size=32, weight_decay=0.0, seed=0)
+    np.testing.assert_allclose(p.coef_, W, atol=1e-7)
+    np.testing.assert_allclose(p.intercept_, b, atol=1e-7)
 
 
 def separable(n_videos, clips, centers, rng, spread=0.3):
@@ -233,15 +252,17 @@ def test_missing_audio_becomes_the_training_mean():
 # ----------------------------------------------------------------------------------------------------------------
 # CLI end to end on a write_feature_cache cache with hand-made split folders
 
-def make_checkpoint(path, cache_dir, grid=2, seed=1, epoch=3, width=32):
+def make_checkpoint(path, cache_dir, grid=2, seed=1, epoch=3, width=32, center_tokens=True, embed_dim=16):
+    """A pretrain.py-style checkpoint of a tiny random LAVA (dropout 0.5, so only eval mode is deterministic)."""
+    from bpe import BPETokenizer
     from model import AudioConfig, LAVA, LAVAConfig, TextConfig, VideoConfig
-    from prepare import BPETokenizer
 
     tok = BPETokenizer.load(Path(cache_dir) / "tokenizer.bpe")
-    size = dict(width=width, depth=1, heads=2)
-    cfg = LAVAConfig(video=VideoConfig(feature_dim=512, frames=16, grid=grid, center_tokens=True, **size),
+    size = dict(width=width, depth=1, heads=2, dropout=0.5)
+    cfg = LAVAConfig(video=VideoConfig(feature_dim=512, frames=16, grid=grid, center_tokens=center_tokens, **size),
                      audio=AudioConfig(frames=256, frames_per_token=16, **size),
-                     text=TextConfig(vocab_size=tok.pad_id + 1, max_len=128, pad_id=tok.pad_id, **size), embed_dim=16)
+                     text=TextConfig(vocab_size=tok.pad_id + 1, max_len=128, pad_id=tok.pad_id, **size),
+                     embed_dim=embed_dim)
     torch.manual_seed(seed)
     model = LAVA(cfg)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -251,6 +272,43 @@ def make_checkpoint(path, cache_dir, grid=2, seed=1, epoch=3, width=32):
                 "cache_manifest": {"backbone": "random"}}, path)
     shutil.copy(Path(cache_dir) / "tokenizer.bpe", path.parent / "tokenizer.bpe")  # as pretrain.py does
     return path
+
+
+def load_model(ckpt):
+    from model import LAVA, LAVAConfig
+
+    state = torch.load(ckpt, weights_only=True)
+    model = LAVA(LAVAConfig.from_dict(state["config"]["model"]))
+    model.load_state_dict(state["model"])
+    return model.eval()
+
+
+@torch.no_grad()
+def direct_embeddings(ckpt, cache_dir):
+    """z_v (N, C, W), z_a (N, C, W), z_t (N, W) by direct encode_* calls on write_feature_cache's raw arrays, with the
+    model in eval mode: clip c of video i is patches[(i * C + c) * T + s : ... + 16] with s = (T - 16) // 2 (the
+    central 16 frames), its mel window audio[i, c, :, 10 s : 10 s + 256]; tokens cut to max_len."""
+    model = load_model(ckpt)
+    manifest = json.loads((Path(cache_dir) / "manifest.json").read_text())
+    C, T = manifest["shapes"]["clips"], manifest["shapes"]["frames"]
+    s = (T - 16) // 2
+    z = {"z_v": [], "z_a": [], "z_t": []}
+    for shard in manifest["shards"]:
+        load = lambda name: np.load(Path(cache_dir) / shard / f"{name}.npy")
+        patches, audio, tokens = load("patches"), load("audio"), load("tokens")
+        n = len(tokens)
+        frames = patches.reshape(n, C, T, *patches.shape[1:])[:, :, s:s + 16]           # (n, C, 16, G, G, F)
+        z["z_v"].append(model.encode_video(torch.tensor(frames.astype(np.float32)).flatten(0, 1)).view(n, C, -1))
+        mel = audio[:, :, :, 10 * s:10 * s + 256].astype(np.float32)                        # (n, C, 80, 256)
+        z_a = model.encode_audio(torch.tensor(mel).flatten(0, 1)).view(n, C, -1)
+        z["z_a"].append(z_a * torch.tensor(load("has_audio"), dtype=torch.float32)[:, None, None])
+        z["z_t"].append(model.encode_text(torch.tensor(tokens[:, :128].astype(np.int64))))
+    return {k: torch.cat(v).numpy() for k, v in z.items()}
+
+
+def stored_embeddings(cache_dir, name):
+    with np.load(Path(cache_dir) / "embeddings" / name) as f:
+        return {k: f[k] for k in f.files}
 
 
 N_VIDEOS, N_CLASSES = 24, 4
@@ -317,6 +375,15 @@ def test_cli_end_to_end_random_and_pretrained(tmp_path, capsys):
     assert p["checkpoint_sha256"] == hashlib.sha256(ckpt.read_bytes()).hexdigest() and p["epoch"] == 3
     assert "zero-shot" in p["mean"] and p["splits"][0]["missing_audio"]["test"] + p["splits"][0]["missing_audio"][
         "train"] == 3
+    # the stored embeddings are the frozen encoders' outputs (eval mode) on each clip's window
+    stored, direct = stored_embeddings(root / "lava_cache", Path(p["embeddings"]).name), direct_embeddings(
+        ckpt, root / "lava_cache")
+    assert stored["ids"].tolist() == [video_id(i) for i in range(N_VIDEOS)]
+    for key in ("z_v", "z_a"):
+        np.testing.assert_allclose(stored[key], direct[key], atol=1e-5)
+    # zero-shot: each split's top-1 is the direct computation's
+    shot = {row["split"]: row["top1"] for row in p["splits"] if row["modalities"] == "zero-shot"}
+    assert shot == {k: pytest.approx(direct_zero_shot_top1(ckpt, direct["z_v"], k)) for k in (1, 2, 3)}
     md = out_p.with_suffix(".md").read_text()
     assert "81.3" in md and "84.3" in md and "AV+VT+AVT" in md and f"{p['mean']['video']:.1f}" in md
     # embeddings: one file per (checkpoint, cache), reused by the next run
@@ -334,6 +401,81 @@ def test_cli_end_to_end_random_and_pretrained(tmp_path, capsys):
     assert "| ucf101 | random | video |" in text and f"{p['mean']['audio+video']:.1f} +- " in text
 
 
+def ucf_test_videos(split):
+    return np.array([i for i in range(N_VIDEOS) if (i // N_CLASSES) % 3 == split - 1])  # make_ucf_root's lists
+
+
+@torch.no_grad()
+def direct_zero_shot_top1(ckpt, z_v, split):
+    """Zero-shot top-1 (%) on make_ucf_root's test list: each class name "class_c" written as "class c" in the five
+    title templates, g_vt of each encoded title L2-normalised, averaged and re-normalised; a video's clips' cosines
+    with each class averaged, argmax."""
+    from bpe import BPETokenizer
+
+    model, tok = load_model(ckpt), BPETokenizer.load(ckpt.parent / "tokenizer.bpe")
+    g_v = torch.nn.functional.normalize(model.heads["vt"](torch.as_tensor(z_v)), dim=-1)
+    test = ucf_test_videos(split)
+    sims = (g_v[test] @ direct_class_embeddings(model, tok).T).mean(1)           # (n, C, K) -> (n, K)
+    return 100 * float((sims.argmax(1).numpy() == test % N_CLASSES).mean())
+
+
+@torch.no_grad()
+def direct_class_embeddings(model, tok, names=[f"class {c}" for c in range(N_CLASSES)]):
+    templates = ("{}", "a video of {}", "{} video", "how to {}", "people {} on youtube")
+    classes = []
+    for name in names:
+        tokens = np.stack([tok.encode_title(t.format(name), max_len=128)[0] for t in templates])
+        g = model.heads["vt"](model.encode_text(torch.tensor(tokens.astype(np.int64))))
+        g = torch.nn.functional.normalize(g, dim=-1).mean(0)
+        classes.append(g / g.norm())
+    return torch.stack(classes)                                                    # (K, E)
+
+
+def test_zero_shot_classifier_and_clip_averaging(tmp_path):
+    from bpe import BPETokenizer
+
+    cache = write_feature_cache(tmp_path / "c", n_videos=4, clips=1, frames=16, grid=2)
+    ckpt = make_checkpoint(tmp_path / "runs/x/ckpt_last.pt", cache, width=16, embed_dim=16)
+    model, tok = load_model(ckpt), BPETokenizer.load(ckpt.parent / "tokenizer.bpe")
+    classes = ["ApplyEyeMakeup", "brush_hair", "YoYo"]
+    np.testing.assert_allclose(probe.zero_shot_classifier(model, tok, classes),
+                               direct_class_embeddings(model, tok, ["apply eye makeup", "brush hair", "yo yo"]),
+                               atol=1e-6)
+    # identity heads, classes e_0, e_1, e_2; video 0's clips: two lean to class 1 (cosine 0.74 vs 0.67 with class 0),
+    # one is class 0 (1.0): the averaged cosines pick class 0, a vote or the first clip class 1
+    for head in model.heads.values():
+        head.weight.data.copy_(torch.eye(16))
+    e = np.eye(16, dtype=np.float32)
+    lean = e[1] + 0.9 * e[0]
+    z_v = np.stack([[lean, lean, e[0]], [e[2], e[2], e[2]]])                        # (2 videos, 3 clips, 16)
+    res = probe.evaluate_zero_shot(model, dict(z_v=z_v), {"test": (np.array([0, 1]), np.array([0, 2]))}, e[:3])
+    assert res["top1"] == 100.0 and res["n_test"] == 2 and res["n_test_clips"] == 6
+
+
+def test_cli_probe_finds_the_class_signal_with_the_papers_probe(tmp_path, monkeypatch):
+    """On a cache whose class offsets reach the embeddings (no center_tokens), the probe is far above chance (25%) on
+    every split and modality, and every probe it trains (selection and refit) uses the paper's lr 1e-4, batch 32."""
+    root = make_ucf_root(tmp_path / "ucf101")
+    ckpt = make_checkpoint(tmp_path / "runs/x/ckpt_last.pt", root / "lava_cache", center_tokens=False)
+    trained = []
+    real = LinearProbe._fit_epochs
+
+    def spy(self, X, y, groups=None):
+        trained.append((self.lr, self.batch_size, len(X)))
+        return real(self, X, y, groups)
+
+    monkeypatch.setattr(LinearProbe, "_fit_epochs", spy)
+    out = tmp_path / "p.json"
+    assert probe.main(["--dataset", "ucf101", "--root", str(root), "--checkpoint", str(ckpt), "--out", str(out)]
+                      + FAST) == 0
+    res = json.loads(out.read_text())
+    assert len(res["splits"]) == 6 and all(row["top1"] >= 75 for row in res["splits"]), res["splits"]
+    # per split and modality: one probe per weight decay of the grid on part of the training rows, then the refit
+    assert len(trained) == 6 * 3 and {(lr, b) for lr, b, _ in trained} == {(1e-4, 32)}
+    assert sorted({n for _, _, n in trained})[-1] == 16 * 2                     # the refit: 16 videos x 2 clips
+    assert res["hyperparameter_grid"]["lr"] == 1e-4 and res["hyperparameter_grid"]["batch_size"] == 32
+
+
 def test_cli_hmdb51_video_only_and_checkpoint_series(tmp_path):
     root = make_hmdb_root(tmp_path / "hmdb51")
     for e in (1, 2):
@@ -344,6 +486,19 @@ def test_cli_hmdb51_video_only_and_checkpoint_series(tmp_path):
     res = json.loads(out.read_text())
     assert [s["epoch"] for s in res["series"]] == [1, 2] and all(set(s["mean"]) == {"video"} for s in res["series"])
     assert res["series"][0]["splits"][0]["n_train"] == 16 and out.with_suffix(".png").stat().st_size > 1000
+    # each point of the series is its checkpoint probed alone, with its own weights
+    strip = lambda rows: [{k: v for k, v in row.items() if k != "time_s"} for row in rows]
+    assert strip(res["series"][0]["splits"]) != strip(res["series"][1]["splits"])
+    for e, point in zip((1, 2), res["series"]):
+        ckpt = tmp_path / f"runs/x/epoch_{e:03d}.pt"
+        alone = tmp_path / f"alone_{e}.json"
+        assert probe.main(["--dataset", "hmdb51", "--root", str(root), "--split", "2", "--checkpoint", str(ckpt),
+                           "--out", str(alone)] + FAST) == 0
+        single = json.loads(alone.read_text())
+        assert point["checkpoint_sha256"] == single["checkpoint_sha256"] == hashlib.sha256(ckpt.read_bytes()).hexdigest()
+        assert strip(point["splits"]) == strip(single["splits"])
+        stored = stored_embeddings(root / "lava_cache", Path(single["embeddings"]).name)
+        np.testing.assert_allclose(stored["z_v"], direct_embeddings(ckpt, root / "lava_cache")["z_v"], atol=1e-5)
 
 
 def test_videos_missing_from_the_cache_error_or_loud_warning(tmp_path, capsys):
@@ -404,6 +559,33 @@ def test_retrieval_metrics_against_brute_force():
     assert probe.retrieval_ranks(np.zeros((4, 4))).tolist() == [4, 4, 4, 4]  # ties count against the query
 
 
+def test_retrieval_of_known_matches(tmp_path):
+    """Embeddings whose true matches are known, projected by identity heads: all pairs right gives R@1 100 and
+    MedR 1; half of the videos paired with another's title/audio gives R@1 = R@10 = 50 (12 orthonormal items: a
+    wrong match scores 0, tied with 11 others, so it ranks 12th) and MedR (1 + 12) / 2. A video's two clips point to
+    e_i + 2 e_(i+1) and e_i - 2 e_(i+1): only the mean of their normalised projections is e_i."""
+    cache = write_feature_cache(tmp_path / "c", n_videos=4, clips=1, frames=20, grid=2)
+    model = load_model(make_checkpoint(tmp_path / "runs/x/ckpt_last.pt", cache, width=16, embed_dim=16))
+    for head in model.heads.values():
+        head.weight.data.copy_(torch.eye(16))
+    n, C = 12, 2
+    e = np.eye(16, dtype=np.float32)[:n]
+    z_v = np.stack([e + 2 * np.roll(e, 1, axis=1), 3 * (e - 2 * np.roll(e, 1, axis=1))], axis=1)   # (n, C, 16)
+    emb = dict(z_v=z_v, z_a=z_v.copy(), z_t=e.copy(), has_audio=np.ones(n, bool), has_text=np.ones(n, bool))
+    val = np.arange(n)
+    right = probe.evaluate_retrieval(model, emb, val)
+    assert set(right) == {"video->text", "text->video", "video->audio", "audio->video"}
+    for m in right.values():
+        assert m == {"R@1": 100.0, "R@5": 100.0, "R@10": 100.0, "MedR": 1.0, "n": n}
+    swapped = np.r_[np.roll(np.arange(6), 1), np.arange(6, n)]          # videos 0-5 get another's title and audio
+    wrong = probe.evaluate_retrieval(model, dict(emb, z_t=e[swapped], z_a=z_v[swapped]), val)
+    for m in wrong.values():
+        assert m == {"R@1": 50.0, "R@5": 50.0, "R@10": 50.0, "MedR": 6.5, "n": n}
+    # a video without a title (or audio) is neither a query nor a gallery item
+    masked = probe.evaluate_retrieval(model, dict(emb, has_text=np.arange(n) != 3), val)
+    assert masked["video->text"]["n"] == n - 1 and masked["video->text"]["R@1"] == 100.0
+
+
 def test_cli_retrieval_masks_missing_modalities(tmp_path):
     cache = write_feature_cache(tmp_path / "k700/lava_cache", n_videos=36, frames=20, grid=2,
                                 missing_audio=(0, 6), missing_text=(12,))
@@ -416,8 +598,22 @@ def test_cli_retrieval_masks_missing_modalities(tmp_path):
     assert res["n_val"] == len(val) == 6
     assert res["retrieval"]["video->text"]["n"] == 5 and res["retrieval"]["text->video"]["n"] == 5   # 12 has no title
     assert res["retrieval"]["video->audio"]["n"] == 4                                                 # 0, 6 no audio
-    for m in res["retrieval"].values():
-        assert 0 <= m["R@1"] <= m["R@5"] <= m["R@10"] <= 100 and 1 <= m["MedR"] <= m["n"]
+    # the stored embeddings: the encoders on the central 16 of 20 frames (s = 2) and mel columns 20..275
+    stored, direct = stored_embeddings(cache, f"{res['checkpoint_sha256'][:16]}_text.npz"), direct_embeddings(ckpt, cache)
+    for key in ("z_v", "z_a", "z_t"):
+        np.testing.assert_allclose(stored[key], direct[key], atol=1e-5)
+    # every direction's metrics from those embeddings, ranked by brute force
+    model, normalize = load_model(ckpt), torch.nn.functional.normalize
+    g = lambda z, space: normalize(model.heads[space](torch.as_tensor(z)), dim=-1)   # (..., E)
+    per_video = lambda z, space: normalize(g(z, space).mean(1), dim=-1).numpy()      # mean over the clips
+    with torch.no_grad():
+        v_t, t = per_video(direct["z_v"][[0, 6, 18, 24, 30]], "vt"), g(direct["z_t"][[0, 6, 18, 24, 30]], "vt").numpy()
+        v_a, a = per_video(direct["z_v"][[12, 18, 24, 30]], "av"), per_video(direct["z_a"][[12, 18, 24, 30]], "av")
+    for name, sim in (("video->text", v_t @ t.T), ("text->video", t @ v_t.T), ("video->audio", v_a @ a.T),
+                      ("audio->video", a @ v_a.T)):
+        ranks = brute_force_ranks(sim)
+        want = {f"R@{k}": 100 * np.mean(ranks <= k) for k in (1, 5, 10)}
+        assert res["retrieval"][name] == pytest.approx(dict(want, MedR=np.median(ranks), n=len(ranks)))
 
 
 def test_random_init_is_fixed_by_the_seed_and_shares_the_config(tmp_path):
