@@ -636,8 +636,8 @@ def main(argv=None):
         print(f"prepare: listing and tokenizer in {out}; now run the shard jobs")
         return 0
     merge = (out, listing, args_dict, shapes, dataset, args.backbone, tok_name)
-    if args.merge:  # exit status 1 while shards are missing, so a SLURM dependency chain notices
-        return _merge_and_report(*merge, strict=True)
+    if args.merge:
+        return merge_shards(*merge, strict=True)
 
     # 3. this job's shards that are not finished yet; stale temp dirs of earlier (killed) runs go
     mine = [k for k in range(listing["num_shards"]) if k % args.num_shards == args.shard_index]
@@ -647,7 +647,7 @@ def main(argv=None):
     if len(todo) < len(mine):
         print(f"prepare: {len(mine) - len(todo)} finished shard(s) kept, {len(todo)} to go")
     if not todo:
-        return _merge_and_report(*merge)
+        return merge_shards(*merge)
 
     # 4. decode workers -> the CNN in this process, in batches that never cross a shard -> each shard's files
     import cv2
@@ -683,7 +683,7 @@ def main(argv=None):
         bar.close()
         results.close()  # stops the decode processes now, also when a shard failed
     _log_run(out, args, encoder, todo, len(jobs), time.perf_counter() - t_start, wait_decode)
-    return _merge_and_report(*merge)
+    return merge_shards(*merge)
 
 
 def _shapes(args, clips, frames):
@@ -707,22 +707,6 @@ def _log_run(out, args, encoder, shards, videos, seconds, wait_decode):
           f"(--workers {args.workers}) and {encoder.wait_s:.1f} s for the CNN ({stats['device']})")
     with open(out / "prepare_runs.jsonl", "a", encoding="utf-8") as f:
         f.write(json.dumps(stats) + "\n")
-
-
-def _merge_and_report(out, listing, args_dict, shapes, dataset, backbone, tok_name, strict=False):
-    missing = merge_shards(out, listing, args_dict, shapes, dataset, backbone, tok_name)
-    if missing:
-        print(f"prepare: {len(missing)} of {listing['num_shards']} shards not finished yet ({missing[0]} ...): "
-              f"the manifest is written once they all exist (run the other shard indices, then --merge)")
-        return 1 if strict else 0  # a shard job that did its part succeeded
-    m = json.loads((out / "manifest.json").read_text())
-    print(f"prepare: cache {out}: {m['num_videos']} videos in {len(m['shards'])} shards, "
-          f"{m['bytes_per_video'] / 2**20:.2f} MiB per video, missing audio {m['missing']['audio']}, "
-          f"missing text {m['missing']['text']}")
-    if m["errors"]:
-        reasons = ", ".join(f"{n} x {r}" for r, n in m["error_reasons"].items())
-        print(f"prepare: {m['errors']} skipped/degraded files ({reasons}); details in {out / 'prepare_errors.jsonl'}")
-    return 0
 
 
 # ====================================================================================================
@@ -888,6 +872,10 @@ def decode_stream(jobs, workers, timeout=None, fn=None):
         yield from map(fn, jobs)
         return
     jobs, pending, nxt, solo_until = list(jobs), deque(), 0, 0
+    if os.path.isdir("/dev/shm") and shutil.disk_usage("/dev/shm").free < 2 * workers * 25e6:
+        print(f"prepare: /dev/shm has {shutil.disk_usage('/dev/shm').free / 1e6:.0f} MB free and the decoded frames pass "
+              f"through it (up to 2 x --workers videos of up to 25 MB): give it room (docker run --shm-size 4g) or "
+              f"lower --workers: the hand-off fails once it is full", file=sys.stderr)
     ex = _spawn_pool(workers)
     try:
         while nxt < len(jobs) or pending:
@@ -1099,14 +1087,16 @@ def _write_atomic(path, text):
     os.replace(tmp, path)
 
 
-def merge_shards(out, listing, args_dict, shapes, dataset, backbone, tokenizer_name):
-    """All shards present -> prepare_errors.jsonl + manifest.json (written last); returns the missing ones. Reads
-    no video."""
-    out = Path(out)
+def merge_shards(out, listing, args_dict, shapes, dataset, backbone, tokenizer_name, strict=False):
+    """All shards present -> prepare_errors.jsonl + manifest.json (written last), a summary printed, exit status 0.
+    Reads no video. Shards missing: says so; exit status 1 if `strict` (--merge: a SLURM dependency chain notices),
+    else 0 (a shard job that did its part succeeded)."""
     names = [shard_name(k) for k in range(listing["num_shards"])]
     missing = [nm for nm in names if not (out / nm).is_dir()]
     if missing:
-        return missing
+        print(f"prepare: {len(missing)} of {len(names)} shards not finished yet ({missing[0]} ...): the manifest "
+              f"is written once they all exist (run the other shard indices, then --merge)")
+        return 1 if strict else 0
     errors = list(listing["errors"])
     kept, num_videos, miss_a, miss_t, nbytes = [], 0, 0, 0, 0
     for nm in names:
@@ -1122,14 +1112,19 @@ def merge_shards(out, listing, args_dict, shapes, dataset, backbone, tokenizer_n
         nbytes += sum((out / nm / f"{key}.npy").stat().st_size for key in (*SHARD_ARRAYS, PATCHES))
     _write_atomic(out / "prepare_errors.jsonl", "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in errors))
     kinds = Counter(e["reason"].split(" '")[0].split(' "')[0].split(": ")[0].split(" (")[0] for e in errors)
-    manifest = dict(format=CACHE_FORMAT, version=CACHE_VERSION, dataset=dataset, config=args_dict,
-                    backbone=backbone, backbone_seed=0 if backbone == "random" else None, shards=kept,
-                    shapes=shapes, num_videos=num_videos, missing=dict(audio=miss_a, text=miss_t),
-                    bytes_per_video=int(round(nbytes / max(num_videos, 1))),
-                    tokenizer=tokenizer_name, listed_videos=len(listing["videos"]), errors=len(errors),
-                    error_reasons=dict(kinds.most_common()))  # "duplicate id 'x' (also y)" -> "duplicate id"
-    _write_atomic(out / "manifest.json", json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
-    return []
+    m = dict(format=CACHE_FORMAT, version=CACHE_VERSION, dataset=dataset, config=args_dict,
+             backbone=backbone, backbone_seed=0 if backbone == "random" else None, shards=kept,
+             shapes=shapes, num_videos=num_videos, missing=dict(audio=miss_a, text=miss_t),
+             bytes_per_video=int(round(nbytes / max(num_videos, 1))),
+             tokenizer=tokenizer_name, listed_videos=len(listing["videos"]), errors=len(errors),
+             error_reasons=dict(kinds.most_common()))  # "duplicate id 'x' (also y)" -> "duplicate id"
+    _write_atomic(out / "manifest.json", json.dumps(m, indent=2, ensure_ascii=False) + "\n")
+    print(f"prepare: cache {out}: {num_videos} videos in {len(kept)} shards, {m['bytes_per_video'] / 2**20:.2f} MiB "
+          f"per video, missing audio {miss_a}, missing text {miss_t}")
+    if errors:
+        reasons = ", ".join(f"{n} x {r}" for r, n in m["error_reasons"].items())
+        print(f"prepare: {len(errors)} skipped/degraded files ({reasons}); details in {out / 'prepare_errors.jsonl'}")
+    return 0
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -590,6 +590,16 @@ def _fragile(job):
     return job
 
 
+def _torch_threads(job):
+    import torch
+    return torch.get_num_threads()
+
+
+def test_decode_workers_run_torch_on_one_thread():
+    # each worker decodes one video on one core; the mel transform must not spread over the others
+    assert list(prepare.decode_stream([0, 1], workers=1, fn=_torch_threads)) == [1, 1]
+
+
 def test_decode_stream_survives_a_crashing_and_a_hanging_decoder():
     jobs = [0, 1, "crash", 3, 4, "hang", 6]
     out = list(prepare.decode_stream(jobs, workers=1, timeout=3, fn=_fragile))
