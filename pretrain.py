@@ -9,19 +9,21 @@
     # two nodes x 8 GPUs: run on every node (NODE_RANK 0 and 1); the run folder and cache on shared storage
     torchrun --nnodes 2 --node_rank $NODE_RANK --nproc_per_node 8 --rdzv_id lava --rdzv_backend c10d \
         --rdzv_endpoint $MASTER_HOST:29500 pretrain.py --data k700 --batch-size 512 --out runs/lava_k700_16gpu
-    # continue a run that died (bitwise the same weights as if it had not, with the same flags)
+    # continue a run that died (on the CPU bitwise the same weights as if it had not, with the same flags)
     python pretrain.py --data k700 --out runs/lava_k700 --resume auto
     # Table 2 ablation: add --losses av  or  --losses av,vt
 
 Reads only the cache (memory-mapped, videos with split == "train"), never videos: per sample a 16-frame window,
 flipped or not, the log-mel crop aligned with it, the title and presence masks (PretrainClips). Augmentation is a
-function of (seed, epoch, sample index), so a run killed mid-epoch and resumed ends with bitwise the same weights.
+function of (seed, epoch, sample index), so a run killed mid-epoch and resumed ends with the same weights (bitwise
+on the CPU; some CUDA backward kernels are not deterministic).
 
 Each of N ranks takes 1/N of the global --batch-size and losses.py gathers the embeddings, so every rank contrasts
 against the whole batch. No gradient accumulation: with in-batch negatives it is not equivalent to a larger batch.
 
 Run folder (README: Pre-training): config.json, log.jsonl, ckpt_last.pt, epoch_XXX.pt, loss.png, tokenizer.bpe.
-A checkpoint's "epoch" and "step_in_epoch" say where to continue: epoch_010.pt has 10 and 0, 10 epochs done.
+A checkpoint's "epoch" and ["sampler"]["step_in_epoch"] say where to continue: epoch_010.pt has 10 and 0 (10 epochs
+done).
 """
 import argparse
 import json
@@ -170,7 +172,8 @@ class PretrainClips(Dataset):
     def __getitem__(self, key):
         i, epoch = key
         rng = np.random.default_rng([self.seed, epoch, i])
-        self.cache = self.cache or FeatureCache(self.cache_path)
+        if self.cache is None:  # opened in the worker process that reads it
+            self.cache = FeatureCache(self.cache_path)
         item = self.cache[self.indices[i]]
         patches, window, audio = item["patches"], item["window"], item["audio"]  # (U, G, G, F) f16, (C, T), (C, n_mels, A) f16
         C, T = window.shape
@@ -299,7 +302,7 @@ def make_schedule(warmup_steps, total_steps, lr, min_lr):
 
 def atomic_save(obj, path):
     """torch.save to a temp file in the same folder, fsync, then os.replace: a kill leaves the old file whole."""
-    tmp = Path(path).with_name(f".{Path(path).name}.tmp{os.getpid()}")
+    tmp = Path(path).with_name(f".{Path(path).name}.tmp")  # one writer (rank 0): a later save replaces a stale one
     with open(tmp, "wb") as f:
         torch.save(obj, f)
         f.flush()
@@ -480,7 +483,7 @@ def main(argv=None):
             step += 1
             bar.update(args.batch_size)
             window.append(torch.stack([loss.detach()] + [terms[k].detach() for k in spaces]))
-            epoch, step_in_epoch = divmod(step, steps_per_epoch)  # (epoch + 1, 0) at the end of an epoch
+            epochs_done, step_in_epoch = divmod(step, steps_per_epoch)
             save_now = (args.save_every and step % args.save_every == 0) or step_in_epoch == 0 or step >= last_step
 
             if step % args.log_every == 0 or save_now:
@@ -490,6 +493,7 @@ def main(argv=None):
                 bad = (~torch.isfinite(vals[:, 0])).nonzero().flatten().tolist()
                 shown_epoch = (step - 1) // steps_per_epoch + 1     # 1-based, the epoch of the last step
                 if bad:
+                    bar.close()
                     if ddp:
                         dist.destroy_process_group()
                     raise SystemExit(
@@ -509,22 +513,26 @@ def main(argv=None):
                     bar.write(format_line(rec))
                     sys.stdout.flush()
 
-            if save_now:  # ckpt_last.pt, and epoch_XXX.pt (XXX = epochs done) at an epoch's end with --keep-epochs
+            # ckpt_last.pt, and epoch_XXX.pt (XXX = epochs done) at an epoch's end with --keep-epochs
+            if save_now and master:
                 state = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-                         "scheduler": scheduler.state_dict(), "step": step, "epoch": epoch,
+                         "scheduler": scheduler.state_dict(), "step": step, "epoch": epochs_done,
                          # the only random numbers a step draws are dropout's (the data's come from seeded
                          # generators of their own); every rank draws the same ones, so rank 0's are all ranks'
                          "rng": {"torch": torch.get_rng_state(),
                                  "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
-                         "sampler": {"epoch": epoch, "step_in_epoch": step_in_epoch, "steps_per_epoch": steps_per_epoch,
-                                     "seed": args.seed, "global_batch": args.batch_size, "n": len(indices)},
+                         "sampler": {"epoch": epochs_done, "step_in_epoch": step_in_epoch,
+                                     "steps_per_epoch": steps_per_epoch, "seed": args.seed,
+                                     "global_batch": args.batch_size, "n": len(indices)},
                          "config": {"model": config.to_dict(), "args": vars(args)}, "cache_manifest": cache.manifest}
-                if master:
-                    atomic_save(state, out / "ckpt_last.pt")
-                    if step_in_epoch == 0 and args.keep_epochs:
-                        atomic_save(state, out / f"epoch_{epoch:03d}.pt")
-                    if step_in_epoch == 0 or step >= last_step:
-                        plot_losses(log_path, out / "loss.png")
+                # the epoch file first: a kill between the two leaves the previous ckpt_last.pt, so the resumed run
+                # redoes these steps and writes the epoch file again (the other order would skip it for good)
+                if step_in_epoch == 0 and args.keep_epochs:
+                    atomic_save(state, out / f"epoch_{epochs_done:03d}.pt")
+                atomic_save(state, out / "ckpt_last.pt")
+                if step_in_epoch == 0 or step >= last_step:
+                    plot_losses(log_path, out / "loss.png")
+            if save_now:
                 last_saved = step
                 t_window = time.perf_counter()  # clips/s counts training, not checkpoint writes and plots
             if step >= last_step:

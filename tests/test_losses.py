@@ -122,18 +122,21 @@ def docstring_plain_nce():
 
 
 @pytest.mark.parametrize("form", FORMS)
-def test_masked_equals_sub_batch(form):
+@pytest.mark.parametrize("dtype, rel, atol", [(torch.float64, 1e-12, 1e-14), (torch.float32, 1e-6, 1e-7)])
+def test_masked_equals_sub_batch(form, dtype, rel, atol):
     """The masked nce equals the docstring's plain_nce (F.cross_entropy / logsumexp) on the valid rows, in value
-    and in the gradients of those rows (the other rows' gradients are 0, test_missing_slots_...)."""
+    and in the gradients of those rows (the other rows' gradients are 0, test_missing_slots_...); float32 is
+    what training computes the losses in."""
     plain_nce = docstring_plain_nce()
     for seed in range(10):
-        x, y = unit(12, 8, seed=seed).requires_grad_(), unit(12, 8, seed=seed + 1).requires_grad_()
+        x = unit(12, 8, seed=seed, dtype=dtype).requires_grad_()
+        y = unit(12, 8, seed=seed + 1, dtype=dtype).requires_grad_()
         mask = random_mask(12, seed)
         masked, plain = nce(x, y, mask, 0.07, form), plain_nce(x[mask], y[mask], 0.07, form)
-        assert masked.item() == pytest.approx(plain.item(), rel=1e-12)
-        assert masked.item() == pytest.approx(nce(x[mask], y[mask], None, 0.07, form).item(), rel=1e-12)
+        assert masked.item() == pytest.approx(plain.item(), rel=rel)
+        assert masked.item() == pytest.approx(nce(x[mask], y[mask], None, 0.07, form).item(), rel=rel)
         for a, b in zip(torch.autograd.grad(masked, (x, y)), torch.autograd.grad(plain, (x, y))):
-            assert torch.allclose(a, b, rtol=1e-10, atol=1e-14)
+            assert torch.allclose(a, b, rtol=100 * rel, atol=atol)
 
 
 def test_centroid_masked_equals_sub_batch_of_each_modality():

@@ -347,3 +347,24 @@ def test_table2_ablation_trains_only_the_requested_terms(feature_cache, tmp_path
     moved = {k for k, v in trained.state_dict().items() if not torch.equal(v, init.state_dict()[k])}
     assert "heads.avt.weight" not in moved and "heads.av.weight" in moved and "heads.vt.weight" in moved
     assert any(k.startswith("text_encoder.") for k in moved)
+
+
+def test_kill_while_writing_an_epoch_file_resumes_and_writes_it(feature_cache, tmp_path, one_thread, monkeypatch):
+    """A run that dies while saving epoch_001.pt leaves a ckpt_last.pt from before that epoch's end, so the resumed
+    run redoes those steps and writes epoch_001.pt (saving ckpt_last.pt first would skip it for good)."""
+    out, save = tmp_path / "run", pretrain.atomic_save
+    common = ["--cache", str(feature_cache), "--model", "tiny", "--out", str(out), "--batch-size", "4", "--epochs",
+              "2", "--keep-epochs", "--save-every", "2", "--workers", "0", "--no-progress", "--threads", "1"]
+
+    def dies_in_epoch_file(obj, path):
+        if Path(path).name == "epoch_001.pt":
+            raise KeyboardInterrupt  # stands in for the kill: nothing after it runs
+        save(obj, path)
+
+    monkeypatch.setattr(pretrain, "atomic_save", dies_in_epoch_file)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain.main(common)
+    assert torch.load(out / "ckpt_last.pt", weights_only=True)["step"] < 5  # 20 train videos / 4 = 5 steps an epoch
+    monkeypatch.setattr(pretrain, "atomic_save", save)
+    pretrain.main(common + ["--resume", "auto"])
+    assert [torch.load(out / f"epoch_{e:03d}.pt", weights_only=True)["step"] for e in (1, 2)] == [5, 10]
