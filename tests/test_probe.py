@@ -20,6 +20,15 @@ from probe import LinearProbe, ProbeError
 DATA = Path(__file__).resolve().parent / "data"
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny matrices: intra-op threads only contend on the shared 2-core test machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # official splits (the real lists, copied from ../shared/data into tests/data)
 
@@ -619,15 +628,17 @@ def test_cli_retrieval_masks_missing_modalities(tmp_path):
 def test_random_init_is_fixed_by_the_seed_and_shares_the_config(tmp_path):
     from argparse import Namespace
 
-    cache = write_feature_cache(tmp_path / "c", n_videos=4, dataset="ucf101", clips=1, frames=16, grid=2)
-    ckpt = make_checkpoint(tmp_path / "runs/x/ckpt_last.pt", cache)
-    manifest = json.loads((cache / "manifest.json").read_text())
-    args = lambda seed: Namespace(checkpoint="random", config_from=str(ckpt), model=None, seed=seed)
-    (m1, i1), (m2, i2), (m3, i3) = (probe.build_model(args(s), manifest) for s in (0, 0, 1))
+    from prepare import FeatureCache
+
+    cache = FeatureCache(write_feature_cache(tmp_path / "c", n_videos=4, dataset="ucf101", clips=1, frames=16, grid=2))
+    ckpt = make_checkpoint(tmp_path / "runs/x/ckpt_last.pt", cache.path)
+    args = lambda seed, model=None, config_from=str(ckpt): Namespace(config_from=config_from, model=model, seed=seed,
+                                                                     device="cpu")
+    (m1, i1), (m2, i2), (m3, i3) = (probe.load_model(args(s), "random", cache) for s in (0, 0, 1))
     assert i1["embedding_key"] == i2["embedding_key"] != i3["embedding_key"]
     assert all(torch.equal(a, b) for a, b in zip(m1.state_dict().values(), m2.state_dict().values()))
-    _, ip = probe.build_model(Namespace(checkpoint=str(ckpt), config_from=None, model=None, seed=0), manifest)
+    _, ip = probe.load_model(args(0, config_from=None), str(ckpt), cache)
     assert ip["model_config"] == i1["model_config"] and ip["embedding_key"] != i1["embedding_key"]
     # a pretrain.py preset: input sizes from the evaluation cache
-    m4, i4 = probe.build_model(Namespace(checkpoint="random", config_from=None, model="tiny", seed=0), manifest)
+    m4, i4 = probe.load_model(args(0, model="tiny", config_from=None), "random", cache)
     assert m4.config.video.grid == 2 and m4.config.video.feature_dim == 512 and i4["config_source"] == "--model tiny"
