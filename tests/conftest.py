@@ -21,7 +21,8 @@ def write_feature_cache(out, n_videos=24, dataset="k700", clips=1, frames=20, gr
     Sample i has label i % num_classes; the video features carry a class-dependent offset so that a probe has
     something to find. Videos listed in `missing_audio` / `missing_text` are marked absent.
     """
-    from prepare import CACHE_FORMAT, CACHE_VERSION, BPETokenizer
+    from bpe import BPETokenizer
+    from prepare import CACHE_FORMAT, CACHE_VERSION
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
