@@ -22,16 +22,10 @@ averaged across all 3 splits"; HMDB-51 video only), in the order of this file:
    counts are videos; a listed video absent from the cache is an error unless --allow-partial), then the mean and
    sample std over splits in a JSON file and a Markdown table beside the paper's Tables 1 and 2.
 
-Results JSON (--out; a .md table goes next to it): task "linear-probe", dataset, root, cache, checkpoint (path or
-"random"), checkpoint_sha256 (null for random), epoch (pre-training epochs done), random_seed, config_source, args
-(every flag), model_config (LAVAConfig.to_dict()), pretrain_args, cache_backbone, cache_shapes, embeddings (the
-.npz path), split_ids, modalities, splits: [{split, modalities, top1 (%), n_train, n_test (videos), n_train_clips,
-n_test_clips, hyperparameters {epochs, weight_decay}, validation_top1, validation_videos, validation (the whole
-grid), missing_audio {train, test}, missing_videos {train, test}, time_s}], mean {"video": %, "audio+video": %, ...},
-std (same keys), n_splits, partial, hyperparameter_grid, missing_audio {videos_in_cache, videos_without_audio,
-treatment}, paper, time_s. --checkpoints writes task "checkpoint-series" with series: [{checkpoint,
-checkpoint_sha256, epoch, mean, std, splits}] and a .png; --retrieval writes task "retrieval" with retrieval:
-{"video->text": {R@1, R@5, R@10, MedR, n}, "text->video", "video->audio", "audio->video"}.
+Results: a JSON file (--out) with every flag, the model config, the checkpoint's sha256 and, per split and modality,
+top-1, video counts and the validation grid (the keys: `evaluate_checkpoint`; --checkpoints: task
+"checkpoint-series" in `main`, plus a .png; --retrieval: R@1/5/10 and median rank per direction, `run_retrieval`),
+and a Markdown table next to it.
 """
 import argparse
 import glob
@@ -133,21 +127,19 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         if self.standardize:
             self.mean_, self.scale_ = X.mean(axis=0, dtype=np.float64), X.std(axis=0, dtype=np.float64)
             self.scale_[self.scale_ < 1e-12] = 1.0  # a constant feature stays 0 instead of dividing by 0
-        device = torch.device(self.device)
-        Z = torch.tensor((X - self.mean_) / self.scale_, dtype=torch.float32, device=device)     # (n, d)
-        labels = torch.tensor(y_index, dtype=torch.int64, device=device)                       # (n,)
+        Z = torch.tensor((X - self.mean_) / self.scale_, dtype=torch.float32, device=self.device)  # (n, d)
+        labels = torch.tensor(y_index, device=self.device)                                       # (n,)
         # Zero init: the problem is convex, so any start reaches the same optimum family, and zeros make the result
         # depend on the data order only.
-        layer = nn.Linear(X.shape[1], len(self.classes_), device=device)
+        layer = nn.Linear(X.shape[1], len(self.classes_), device=self.device)
         nn.init.zeros_(layer.weight)
         nn.init.zeros_(layer.bias)
         # fused: the whole Adam update in one kernel, 1.2x faster steps at UCF-101's size (BENCHMARKS.md, Linear probe)
         optimizer = torch.optim.Adam([dict(params=[layer.weight], weight_decay=float(self.weight_decay)),
                                       dict(params=[layer.bias], weight_decay=0.0)], lr=self.lr, fused=True)
-        seed = check_random_state(self.random_state).randint(2**31 - 1)
-        gen = torch.Generator().manual_seed(int(seed))
+        gen = torch.Generator().manual_seed(int(check_random_state(self.random_state).randint(2**31 - 1)))
         for epoch in range(1, int(self.epochs) + 1):
-            for idx in torch.randperm(len(Z), generator=gen).to(device).split(int(self.batch_size)):
+            for idx in torch.randperm(len(Z), generator=gen).to(self.device).split(int(self.batch_size)):
                 loss = F.cross_entropy(layer(Z[idx]), labels[idx])
                 optimizer.zero_grad()
                 loss.backward()
@@ -199,23 +191,19 @@ def first_appearance(groups):
     if groups.ndim != 1:
         raise ValueError(f"groups must be 1-d (one id per row), got shape {groups.shape}")
     uniq, first, inverse = np.unique(groups, return_index=True, return_inverse=True)
-    order = np.argsort(first, kind="stable")      # uniq index -> rank of first appearance
-    rank = np.empty_like(order)
-    rank[order] = np.arange(len(order))
-    return uniq[order], rank[inverse.reshape(-1)]
+    order = np.argsort(first)                     # positions in uniq, in order of first appearance
+    return uniq[order], np.argsort(order)[inverse.reshape(-1)]
 
 
 def group_mean(values, groups):
-    """values (n, ...) rows averaged within each group -> (keys (g,), means (g, ...)), groups in first-appearance
-    order. This is the paper's "logits are averaged across multiple clips per test set video"."""
+    """values (n, K) rows averaged within each group -> (keys (g,), means (g, K)), groups in first-appearance order.
+    This is the paper's "logits are averaged across multiple clips per test set video"."""
     keys, codes = first_appearance(groups)
-    values = np.asarray(values, dtype=np.float64)
     if len(codes) != len(values):
         raise ValueError(f"groups has {len(codes)} rows but the data has {len(values)}")
-    sums = np.zeros((len(keys),) + values.shape[1:])
+    sums = np.zeros((len(keys), values.shape[1]))
     np.add.at(sums, codes, values)
-    counts = np.bincount(codes, minlength=len(keys)).reshape((-1,) + (1,) * (values.ndim - 1))
-    return keys, sums / counts
+    return keys, sums / np.bincount(codes)[:, None]
 
 
 def group_labels(y, groups):
@@ -456,6 +444,8 @@ def evaluate_retrieval(model, emb, val_idx):
 
 
 def main(argv=None):
+    from prepare import FeatureCache
+
     args = parse_args(argv)
     try:
         if args.summary:
@@ -463,7 +453,7 @@ def main(argv=None):
             print("\n" + "\n".join(str(Path(s)) for s in args.summary))
             return 0
         root = Path(args.root or ("k700" if args.retrieval else args.dataset))
-        cache = open_cache(Path(args.cache) if args.cache else root / "lava_cache")
+        cache = FeatureCache(Path(args.cache) if args.cache else root / "lava_cache")
         if args.retrieval:
             return run_retrieval(args, root, cache)
         t0 = time.time()
@@ -481,7 +471,8 @@ def main(argv=None):
             warnings.warn("HMDB-51 audio+video is not in the paper (most HMDB videos have no audio)")
         grid = dict(epochs=tuple(int(x) for x in args.epochs_grid.split(",")),
                     weight_decay=tuple(float(x) for x in args.weight_decay_grid.split(",")))
-        split_data = {k: read_split(args.dataset, root, k) for k in splits}   # all split files before any heavy work
+        read_split = read_ucf101_split if args.dataset == "ucf101" else read_hmdb51_split
+        split_data = {k: read_split(root, k) for k in splits}   # all split files before any heavy work
         resolved = {k: resolve_split(split_data[k], cache, args.allow_partial, k) for k in splits}
         if not args.checkpoints:
             args.checkpoint = args.checkpoint or str(latest_checkpoint())
@@ -509,7 +500,7 @@ def main(argv=None):
             print(f"epoch {s['epoch']}: " + ", ".join(f"{m} {v:.1f}" for m, v in s["mean"].items()))
         print(f"wrote {out} and {out.with_suffix('.png')}")
         return 0
-    except ProbeError as e:
+    except (ProbeError, FileNotFoundError) as e:  # the user's input: a message, not a traceback
         print(f"probe.py: error: {e}", file=sys.stderr)
         return 2
 
@@ -647,14 +638,6 @@ def read_hmdb51_split(root, split):
     return _check_disjoint(dict(classes=classes, train=rows[1], test=rows[2], unused=rows[0]), folder, split)
 
 
-def read_split(dataset, root, split):
-    """Dispatch to the dataset's reader; see `read_ucf101_split` / `read_hmdb51_split`."""
-    readers = {"ucf101": read_ucf101_split, "hmdb51": read_hmdb51_split}
-    if dataset not in readers:
-        raise ProbeError(f"unknown dataset {dataset!r}: official splits exist for ucf101 and hmdb51")
-    return readers[dataset](root, split)
-
-
 def _lines(path):
     # official lists use CRLF and sometimes trailing spaces; blank lines carry nothing
     return [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -712,15 +695,6 @@ def resolve_split(split_data, cache, allow_partial, split):
     return out, n_missing
 
 
-def open_cache(path):
-    from prepare import FeatureCache
-
-    try:
-        return FeatureCache(path)
-    except FileNotFoundError as e:
-        raise ProbeError(str(e)) from None
-
-
 def latest_checkpoint(runs="runs"):
     """The most recently written runs/*/ckpt_last.pt (the default --checkpoint)."""
     found = sorted(Path(runs).glob("*/ckpt_last.pt"), key=lambda p: p.stat().st_mtime)
@@ -771,7 +745,11 @@ def load_model(args, checkpoint, cache):
         ckpt = read_checkpoint(checkpoint)
         config = LAVAConfig.from_dict(ckpt["config"]["model"])
         if reference is not None and reference != config:
-            diff = [f"{key} {a!r} vs {b!r}" for key, a, b in _flat_diff(config.to_dict(), reference.to_dict())]
+            ours, theirs = config.to_dict(), reference.to_dict()     # {"video": {...}, ..., "embed_dim": int}
+            diff = [f"{m}.{k} {v!r} vs {theirs[m][k]!r}" for m in ("video", "audio", "text")
+                    for k, v in ours[m].items() if v != theirs[m][k]]
+            if ours["embed_dim"] != theirs["embed_dim"]:
+                diff.append(f"embed_dim {ours['embed_dim']} vs {theirs['embed_dim']}")
             raise ProbeError(f"checkpoint {checkpoint} has another model config than --config-from {args.config_from}: "
                              + ", ".join(diff))
         model = LAVA(config)
@@ -807,17 +785,6 @@ def load_model(args, checkpoint, cache):
         warnings.warn(f"the checkpoint was pre-trained on '{info['trained_on']}' backbone features but {cache.path} "
                       f"holds '{cache.manifest.get('backbone')}' features: the encoder has never seen such inputs")
     return model.to(args.device).eval(), info
-
-
-def _flat_diff(a, b, prefix=""):
-    """Nested config dicts -> [(dotted key, a's value, b's value)] where they differ."""
-    out = []
-    for key in sorted(set(a) | set(b)):
-        if isinstance(a.get(key), dict) and isinstance(b.get(key), dict):
-            out += _flat_diff(a[key], b[key], f"{prefix}{key}.")
-        elif a.get(key) != b.get(key):
-            out.append((f"{prefix}{key}", a.get(key), b.get(key)))
-    return out
 
 
 def run_tokenizer(info):
@@ -969,18 +936,16 @@ def parse_args(argv=None):
     from pretrain import PRESETS
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", choices=["ucf101", "hmdb51"],
-                   help="downstream dataset for the linear probe / zero-shot (not needed with --retrieval/--summary)")
-    p.add_argument("--root", help="dataset folder holding the official split lists (default: the dataset's name, "
-                                  "ucf101/ or hmdb51/; k700/ with --retrieval)")
+    p.add_argument("--dataset", choices=["ucf101", "hmdb51"], help="downstream dataset (not with --retrieval/--summary)")
+    p.add_argument("--root", help="dataset folder with the official split lists (default: ucf101/, hmdb51/, or k700/ "
+                                  "with --retrieval)")
     p.add_argument("--cache", help="feature cache written by prepare.py (default: <root>/lava_cache)")
-    p.add_argument("--checkpoint", help="pretrain.py checkpoint, or 'random' for a random-initialised LAVA of the same "
-                                        "config (default: the latest runs/*/ckpt_last.pt)")
-    p.add_argument("--config-from", metavar="CKPT",
-                   help="take the model config from this checkpoint (for --checkpoint random; with a real checkpoint it "
-                        "must match, else an error)")
-    p.add_argument("--model", choices=sorted(PRESETS),
-                   help="config preset for --checkpoint random when there is no --config-from (pretrain.py's presets)")
+    p.add_argument("--checkpoint", help="pretrain.py checkpoint, or 'random' for a random-initialised LAVA "
+                                        "(default: the latest runs/*/ckpt_last.pt)")
+    p.add_argument("--config-from", metavar="CKPT", help="the model config of --checkpoint random (with a real "
+                                                         "checkpoint: must match, else an error)")
+    p.add_argument("--model", choices=sorted(PRESETS), help="pretrain.py's preset for --checkpoint random without "
+                                                            "--config-from")
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the random-init weights, the validation split and the probe's batch order (default 0)")
     group = p.add_mutually_exclusive_group()
@@ -988,31 +953,26 @@ def parse_args(argv=None):
     group.add_argument("--all-splits", action="store_true", help="evaluate splits 1, 2, 3 (the default)")
     p.add_argument("--modalities", help="comma list of video, audio+video, zero-shot (default: video,audio+video for "
                                         "ucf101, video for hmdb51 as in the paper)")
-    p.add_argument("--zero-shot", action="store_true",
-                   help="also classify by cosine between each clip's g_vt video embedding and the class names written "
-                        "as titles (a few templates), encoded with the run's tokenizer.bpe and text encoder")
-    p.add_argument("--checkpoints", metavar="GLOB",
-                   help="evaluate every checkpoint matching GLOB (e.g. 'runs/x/epoch_*.pt') and plot top-1 vs "
-                        "pre-training epoch (Figure 3) to <out>.png")
-    p.add_argument("--retrieval", action="store_true",
-                   help="K700 val retrieval instead of the probe: video->text, text->video (g_vt space), video->audio, "
-                        "audio->video (g_av space); R@1/5/10 and median rank")
+    p.add_argument("--zero-shot", action="store_true", help="also classify by the cosine of each clip's g_vt video "
+                   "embedding with the class names written as titles (the run's tokenizer.bpe and text encoder)")
+    p.add_argument("--checkpoints", metavar="GLOB", help="probe every checkpoint matching GLOB (e.g. 'runs/x/epoch_*.pt') "
+                                                         "and plot top-1 vs pre-training epoch (Figure 3) to <out>.png")
+    p.add_argument("--retrieval", action="store_true", help="K700 val retrieval instead: video<->text (g_vt), "
+                                                            "video<->audio (g_av); R@1/5/10 and median rank")
     p.add_argument("--summary", nargs="+", metavar="FILE", help="print one table of these results JSONs and exit")
-    p.add_argument("--out", help="results JSON (a Markdown table goes next to it as .md; default: "
+    p.add_argument("--out", help="results JSON, a Markdown table next to it as .md (default: "
                                  "<run dir>/probe_<dataset>[_random].json)")
-    p.add_argument("--allow-partial", action="store_true",
-                   help="evaluate although the official lists name videos missing from the cache (loud warning; the "
-                        "counts go into the results)")
+    p.add_argument("--allow-partial", action="store_true", help="evaluate although the official lists name videos "
+                                                                "missing from the cache (loud warning; counts recorded)")
     p.add_argument("--epochs-grid", default="10,30,100,300",
                    help="probe epochs to choose from on the validation part of the training split (default "
                         "10,30,100,300: at lr 1e-4 a small training split needs the long end, a big one the short)")
-    p.add_argument("--weight-decay-grid", default="0,1e-3",
-                   help="probe weight decays (Adam L2 on the weights) to choose from, likewise (default 0,1e-3)")
+    p.add_argument("--weight-decay-grid", default="0,1e-3", help="probe weight decays (Adam L2 on the weights) to "
+                                                                 "choose from, likewise (default 0,1e-3)")
     p.add_argument("--batch-clips", type=int, default=64, help="clips per encoder batch when extracting embeddings")
     p.add_argument("--embeddings-dir", help="where embeddings are stored (default: <cache>/embeddings)")
     p.add_argument("--recompute", action="store_true", help="ignore stored embeddings and extract them again")
-    p.add_argument("--device", default="auto",
-                   help="torch device for the encoders and the probe: auto (cuda if available, as pretrain.py), cpu, cuda, cuda:N")
+    p.add_argument("--device", default="auto", help="encoders and probe: auto (cuda if available), cpu, cuda, cuda:N")
     args = p.parse_args(argv)
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
