@@ -273,36 +273,29 @@ def extract_embeddings(model, cache, batch_clips=64, device="cpu", text=True):
 
     model.eval()
     cfg, shapes = model.config, cache.manifest["shapes"]
-    N, C, T = len(cache), shapes["clips"], shapes["frames"]
-    s = (T - cfg.video.frames) // 2                    # first frame of the window
-    a0, A = MEL_PER_FRAME * s, cfg.audio.frames         # its mel frames
-    W = cfg.video.width
-    z_v = np.zeros((N, C, W), np.float32)
-    z_a = np.zeros((N, C, cfg.audio.width), np.float32)
+    N, C = len(cache), shapes["clips"]
+    s = (shapes["frames"] - cfg.video.frames) // 2      # the window's first frame
+    a0 = MEL_PER_FRAME * s                               # and its first mel column
+    encode = lambda fn, x: fn(torch.from_numpy(x).to(device)).float().cpu().numpy()
+    z_v, z_a = np.zeros((N, C, cfg.video.width), np.float32), np.zeros((N, C, cfg.audio.width), np.float32)
     z_t = np.zeros((N, cfg.text.width), np.float32)
-    has_audio = np.zeros(N, bool)
-    has_text = np.zeros(N, bool)
+    has_audio = np.array([cache[i]["has_audio"] for i in range(N)], bool)
+    has_text = np.array([cache[i]["has_text"] for i in range(N)], bool)
     per_batch = max(1, batch_clips // C)                # videos per batch, so a batch holds about batch_clips clips
     for start in tqdm(range(0, N, per_batch), desc="embeddings", unit="batch", disable=None, file=sys.stderr):
-        stop = min(start + per_batch, N)
-        items = [cache[i] for i in range(start, stop)]
-        b = stop - start
+        rows = np.arange(start, min(start + per_batch, N))
+        items = [cache[i] for i in rows]
         video = np.stack([it["patches"][it["window"][:, s:s + cfg.video.frames]] for it in items])  # (b, C, 16, G, G, F)
-        video = torch.from_numpy(video.astype(np.float32)).to(device)
-        z_v[start:stop] = model.encode_video(video.flatten(0, 1)).float().cpu().view(b, C, W).numpy()
-        has_audio[start:stop] = [it["has_audio"] for it in items]
-        has_text[start:stop] = [it["has_text"] for it in items]
-        rows = [j for j, it in enumerate(items) if it["has_audio"]]
-        if rows:  # videos without audio are not encoded: their z_a stays 0 and is never used as data
-            mel = np.stack([items[j]["audio"][:, :, a0:a0 + A] for j in rows])           # (b', C, 80, 256)
-            mel = torch.from_numpy(mel.astype(np.float32)).to(device)
-            z_a[start + np.array(rows)] = model.encode_audio(mel.flatten(0, 1)).float().cpu().view(
-                len(rows), C, -1).numpy()
-        rows = [j for j, it in enumerate(items) if it["has_text"]] if text else []
-        if rows:
-            tokens = np.stack([items[j]["tokens"][:cfg.text.max_len] for j in rows])       # (b', L)
-            z_t[start + np.array(rows)] = model.encode_text(
-                torch.from_numpy(tokens.astype(np.int64)).to(device)).float().cpu().numpy()
+        z_v[rows] = encode(model.encode_video, video.reshape(-1, *video.shape[2:]).astype(np.float32)).reshape(
+            len(rows), C, -1)
+        # videos without audio (or a title) are not encoded: their z_a (z_t) stays 0 and is never read as data
+        if has_audio[rows].any():
+            mel = np.stack([it["audio"][:, :, a0:a0 + cfg.audio.frames] for it in items if it["has_audio"]])  # (b', C, 80, 256)
+            z_a[rows[has_audio[rows]]] = encode(model.encode_audio, mel.reshape(-1, *mel.shape[2:]).astype(
+                np.float32)).reshape(-1, C, cfg.audio.width)
+        if text and has_text[rows].any():
+            tokens = np.stack([it["tokens"][:cfg.text.max_len] for it in items if it["has_text"]])       # (b', L)
+            z_t[rows[has_text[rows]]] = encode(model.encode_text, tokens.astype(np.int64))
     return dict(z_v=z_v, z_a=z_a, z_t=z_t, has_audio=has_audio, has_text=has_text)
 
 
@@ -857,7 +850,7 @@ def markdown_table(result):
         lines.append(f"| LAVA ({m}), this kit: {ours} | {data} | {mods} | {ucf} | {hmdb} |")
     lines += ["", "Table 2 layout: split-1 top-1 (%).", "", "| Pre-train | Downstream | UCF-101 | HMDB-51 |",
               "| --- | --- | --- | --- |"]
-    lines += [f"| {losses} (paper) | {m} | {paper(ucf)} | {paper(hmdb)} |" for losses, m, ucf, hmdb in PAPER_TABLE2]
+    lines += [f"| {name} (paper) | {m} | {paper(ucf)} | {paper(hmdb)} |" for name, m, ucf, hmdb in PAPER_TABLE2]
     for r in (r for r in result["splits"] if r["split"] == 1):
         ucf, hmdb = cols(f"{r['top1']:.1f}")
         lines.append(f"| {mods} (this kit, {ours}) | {r['modalities']} | {ucf} | {hmdb} |")
