@@ -1,40 +1,71 @@
-"""The whole method end to end on a tiny synthetic corpus, through the command lines a user types.
+"""The method end to end on a small synthetic corpus, through the command lines a user types.
 
-synth.py writes real media files; the design-card commands then run verbatim from the folder holding k700/,
-ucf101/ and hmdb51/ (prepare -> pretrain -> probe with their default paths), and the pre-trained video encoder
-must beat a random-initialised one of the same config on the UCF-like probe. About two minutes on 2 cores.
+synth.py writes real media files; the stage commands then run verbatim from the folder holding k700/, ucf101/
+and hmdb51/, with their default paths (prepare -> pretrain -> probe on all three splits). What README says of
+`make demo` is checked on a corpus a third of the demo's (256 Kinetics-like clips, 72 UCF-like and 72 HMDB-like
+videos of 2 s, 2 test clips each) with the demo's frames and backbone (`--backbone random --size 64`) and the
+`tiny` preset trained longer (the demo's `small` on a corpus this size: a 12.5-point UCF gap for 60% more CPU):
+  * the pre-trained video encoder beats a random-initialised one of the same config, on UCF and on HMDB;
+  * audio+video is high even at random init (the synthetic pitch gives the class away).
+Gaps seen (video, pre-trained minus random init, in points): UCF 26.4, 20.8, 38.9 and HMDB 41.7, 27.1, 35.4 with
+synth seeds 1, 2, 3; with `--lr 0` (pre-training that does nothing) both are 0.0 and the test fails. The audio+video
+gain from pre-training (+12.5, -2.8, +6.9) is within this corpus's noise: it is measured by `make demo` only.
+Stages that do not depend on each other run side by side (the three prepares, the four probes).
 """
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# demo settings (no ImageNet weights offline; 64 px frames give a 2x2 patch grid), kept small for the suite
-PREPARE = ["--backbone", "random", "--size", "64", "--workers", "2", "--test-clips", "2"]
-# the tiny preset trained longer and faster than its default: 60 epochs of 400 clips take about 30 s
-PRETRAIN = ["--model", "tiny", "--epochs", "60", "--batch-size", "64", "--lr", "3e-3", "--warmup-steps", "20",
-            "--no-progress"]
+SYNTH = ["--seed", "1", "--k700-clips", "256", "--k700-val-clips", "8", "--ucf-groups", "3",
+         "--ucf-clips-per-group", "3", "--hmdb-clips-per-class", "9", "--eval-seconds", "2", "--workers", "2"]
+# the demo's frames and backbone (Makefile PREP); each prepare decodes in its own process, the three side by side
+PREPARE = ["--backbone", "random", "--size", "64", "--workers", "0"]
+PRETRAIN = ["--losses", "av,vt,avt", "--model", "tiny", "--epochs", "60", "--batch-size", "64", "--lr", "3e-3",
+            "--warmup-steps", "20"]
+# one intra-op thread per process: the stages that run side by side share the cores instead of fighting for them
+ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+
+
+def start(cwd, script, *args):
+    """Start one stage's CLI as a user would, its output going to a log file (a pipe could fill and stall it)."""
+    log = open(Path(cwd) / f"{script}.{len(list(Path(cwd).glob('*.log')))}.log", "w+")
+    proc = subprocess.Popen([sys.executable, str(ROOT / script), *args], cwd=cwd, env=ENV, text=True,
+                            stdout=log, stderr=subprocess.STDOUT)
+    proc.command, proc.log = f"{script} {' '.join(args)}", log
+    return proc
+
+
+def finish(*procs):
+    """Wait for every process; fail with the output of the first that failed. Returns their outputs."""
+    outputs = []
+    for proc in procs:
+        proc.wait(timeout=600)
+        proc.log.seek(0)
+        outputs.append(proc.log.read())
+        proc.log.close()
+    for proc, output in zip(procs, outputs):
+        assert proc.returncode == 0, f"{proc.command} failed:\n{output[-4000:]}"
+    return outputs
 
 
 def run(cwd, script, *args):
-    """Run one stage's CLI as a user would; fail with its output when it fails."""
-    proc = subprocess.run([sys.executable, str(ROOT / script), *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, f"{script} {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return proc.stdout + proc.stderr
+    return finish(start(cwd, script, *args))[0]
 
 
 def test_pipeline_end_to_end(tmp_path):
-    run(tmp_path, "synth.py", "--out", ".", "--seed", "1", "--k700-clips", "400", "--k700-val-clips", "16",
-        "--ucf-groups", "3", "--ucf-clips-per-group", "3", "--hmdb-clips-per-class", "6", "--workers", "1")
+    run(tmp_path, "synth.py", "--out", ".", *SYNTH)
+    finish(start(tmp_path, "prepare.py", "--root", "k700/", *PREPARE, "--vocab-size", "500"),
+           *(start(tmp_path, "prepare.py", "--root", f"{d}/", *PREPARE, "--test-clips", "2")
+             for d in ("ucf101", "hmdb51")))
     for dataset in ("k700", "ucf101", "hmdb51"):
-        run(tmp_path, "prepare.py", "--root", f"{dataset}/", *PREPARE, "--vocab-size", "500")
         manifest = json.loads((tmp_path / dataset / "lava_cache" / "manifest.json").read_text())
         assert manifest["dataset"] == dataset and manifest["backbone"] == "random"
 
     # `python pretrain.py --losses av,vt,avt`: data defaults to k700/, the run folder to one under runs/
-    log = run(tmp_path, "pretrain.py", "--losses", "av,vt,avt", *PRETRAIN)
+    log = run(tmp_path, "pretrain.py", *PRETRAIN, "--no-progress")
     runs = list((tmp_path / "runs").iterdir())
     assert len(runs) == 1, log
     run_dir = runs[0]
@@ -43,14 +74,18 @@ def test_pipeline_end_to_end(tmp_path):
     losses = [json.loads(line)["loss"] for line in (run_dir / "log.jsonl").read_text().splitlines()]
     assert losses[-1] < 0.7 * losses[0], losses
 
-    # `python probe.py --dataset ucf101 --all-splits`: root defaults to ucf101/, checkpoint to the latest run's
-    run(tmp_path, "probe.py", "--dataset", "ucf101", "--all-splits", "--out", "ucf.json")
-    run(tmp_path, "probe.py", "--dataset", "ucf101", "--all-splits", "--checkpoint", "random",
-        "--config-from", str(run_dir / "ckpt_last.pt"), "--out", "ucf_random.json")
-    run(tmp_path, "probe.py", "--dataset", "hmdb51", "--all-splits", "--out", "hmdb.json")
-
-    ucf, ucf_random, hmdb = (json.loads((tmp_path / f).read_text()) for f in ("ucf.json", "ucf_random.json", "hmdb.json"))
-    for result in (ucf, ucf_random, hmdb):
+    # `python probe.py --dataset ucf101 --all-splits`: root defaults to ucf101/, checkpoint to the latest run's.
+    # The random-init probes keep their embeddings apart, so no two processes write into one folder.
+    random_init = ["--checkpoint", "random", "--config-from", str(run_dir / "ckpt_last.pt")]
+    finish(start(tmp_path, "probe.py", "--dataset", "ucf101", "--all-splits", "--out", "ucf.json"),
+           start(tmp_path, "probe.py", "--dataset", "ucf101", "--all-splits", *random_init, "--out", "ucf_random.json",
+                 "--embeddings-dir", "emb_ucf_random"),
+           start(tmp_path, "probe.py", "--dataset", "hmdb51", "--all-splits", "--out", "hmdb.json"),
+           start(tmp_path, "probe.py", "--dataset", "hmdb51", "--all-splits", *random_init, "--out", "hmdb_random.json",
+                 "--embeddings-dir", "emb_hmdb_random"))
+    names = ("ucf", "ucf_random", "hmdb", "hmdb_random")
+    ucf, ucf_random, hmdb, hmdb_random = results = [json.loads((tmp_path / f"{n}.json").read_text()) for n in names]
+    for result in results:
         assert {"dataset", "checkpoint", "args", "splits", "mean"} <= set(result)
         for row in result["splits"]:
             assert {"split", "modalities", "top1"} <= set(row)
@@ -59,13 +94,16 @@ def test_pipeline_end_to_end(tmp_path):
     assert sorted(row["split"] for row in ucf["splits"] if row["modalities"] == "video") == [1, 2, 3]
     assert set(hmdb["mean"]) == {"video"}
     assert (tmp_path / ucf["checkpoint"]).resolve() == (run_dir / "ckpt_last.pt").resolve()  # relative to the cwd
-    assert ucf_random["checkpoint"] == "random"
+    assert ucf_random["checkpoint"] == hmdb_random["checkpoint"] == "random"
 
-    # the point of the method: unlabelled pre-training on audio and titles teaches the video encoder the classes
-    # that a random-initialised one cannot read from time-averaged appearance (chance 12.5%; a 30+ point gap was
-    # seen on this corpus, so 10 leaves room for the noise of 24 test videos per split)
-    print(f"UCF-like video top-1: pre-trained {ucf['mean']['video']:.1f}, random init {ucf_random['mean']['video']:.1f}")
-    assert ucf["mean"]["video"] >= ucf_random["mean"]["video"] + 10, (ucf["mean"], ucf_random["mean"])
+    # The point of the method: unlabelled pre-training on audio and titles teaches the video encoder the classes
+    # that a random-initialised one cannot read from time-averaged appearance (chance 12.5%; the gaps seen are in
+    # the module docstring: 10 points leaves room for the noise of 24 UCF and 16 HMDB test videos per split)
+    for name, pre, rand in (("ucf101", ucf, ucf_random), ("hmdb51", hmdb, hmdb_random)):
+        print(f"{name} top-1 pre-trained {pre['mean']}, random init {rand['mean']}")
+        assert pre["mean"]["video"] >= rand["mean"]["video"] + 10, (name, pre["mean"], rand["mean"])
+    # audio+video needs no pre-training on this corpus: the pitch names the class (seen: +46, +36, +57 points)
+    assert ucf_random["mean"]["audio+video"] >= ucf_random["mean"]["video"] + 20, ucf_random["mean"]
 
-    table = run(tmp_path, "probe.py", "--summary", "ucf.json", "ucf_random.json", "hmdb.json")
+    table = run(tmp_path, "probe.py", "--summary", *(f"{n}.json" for n in names))
     assert "audio+video" in table and "random" in table
