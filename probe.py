@@ -285,14 +285,14 @@ def extract_embeddings(model, cache, batch_clips=64, device="cpu", text=True):
     for start in tqdm(range(0, N, per_batch), desc="embeddings", unit="batch", disable=None, file=sys.stderr):
         rows = np.arange(start, min(start + per_batch, N))
         items = [cache[i] for i in rows]
-        video = np.stack([it["patches"][it["window"][:, s:s + cfg.video.frames]] for it in items])  # (b, C, 16, G, G, F)
-        z_v[rows] = encode(model.encode_video, video.reshape(-1, *video.shape[2:]).astype(np.float32)).reshape(
-            len(rows), C, -1)
+        video = np.stack([it["patches"][it["window"][:, s:s + cfg.video.frames]] for it in items])
+        video = video.reshape(-1, *video.shape[2:]).astype(np.float32)                             # (b C, 16, G, G, F)
+        z_v[rows] = encode(model.encode_video, video).reshape(len(rows), C, -1)
         # videos without audio (or a title) are not encoded: their z_a (z_t) stays 0 and is never read as data
         if has_audio[rows].any():
-            mel = np.stack([it["audio"][:, :, a0:a0 + cfg.audio.frames] for it in items if it["has_audio"]])  # (b', C, 80, 256)
-            z_a[rows[has_audio[rows]]] = encode(model.encode_audio, mel.reshape(-1, *mel.shape[2:]).astype(
-                np.float32)).reshape(-1, C, cfg.audio.width)
+            mel = np.stack([it["audio"][:, :, a0:a0 + cfg.audio.frames] for it in items if it["has_audio"]])
+            mel = mel.reshape(-1, *mel.shape[2:]).astype(np.float32)                                 # (b' C, 80, 256)
+            z_a[rows[has_audio[rows]]] = encode(model.encode_audio, mel).reshape(-1, C, cfg.audio.width)
         if text and has_text[rows].any():
             tokens = np.stack([it["tokens"][:cfg.text.max_len] for it in items if it["has_text"]])       # (b', L)
             z_t[rows[has_text[rows]]] = encode(model.encode_text, tokens.astype(np.int64))
@@ -451,7 +451,8 @@ def main(argv=None):
             return run_retrieval(args, root, cache)
         t0 = time.time()
         if cache.manifest.get("dataset") not in (args.dataset, "folder"):
-            warnings.warn(f"{cache.path} was prepared as {cache.manifest.get('dataset')!r}, evaluating it as {args.dataset}")
+            warnings.warn(f"{cache.path} was prepared as {cache.manifest.get('dataset')!r}, evaluating it as "
+                          f"{args.dataset}")
         splits = [args.split] if args.split else [1, 2, 3]
         modalities = args.modalities.split(",") if args.modalities else (
             ["video", "audio+video"] if args.dataset == "ucf101" else ["video"])
@@ -480,14 +481,16 @@ def main(argv=None):
         paths = sorted(glob.glob(args.checkpoints))
         if not paths:
             raise ProbeError(f"--checkpoints {args.checkpoints!r} matches no file")
-        series = [evaluate_checkpoint(args, path, root, cache, split_data, resolved, modalities, grid) for path in paths]
+        series = [evaluate_checkpoint(args, path, root, cache, split_data, resolved, modalities, grid)
+                  for path in paths]
         configs = {json.dumps(r["model_config"], sort_keys=True) for r in series}
         if len(configs) > 1:
             raise ProbeError(f"--checkpoints {args.checkpoints!r}: the checkpoints have different model configs")
-        series = [{k: r[k] for k in ("checkpoint", "checkpoint_sha256", "epoch", "mean", "std", "splits")} for r in series]
-        out = write_results(dict(task="checkpoint-series", dataset=args.dataset, checkpoints=args.checkpoints,
-                                 args=vars(args), model_config=json.loads(configs.pop()), series=series,
-                                 time_s=time.time() - t0), args.out or Path(paths[0]).parent / f"probe_{args.dataset}_series.json")
+        series = [{k: r[k] for k in ("checkpoint", "checkpoint_sha256", "epoch", "mean", "std", "splits")}
+                  for r in series]
+        result = dict(task="checkpoint-series", dataset=args.dataset, checkpoints=args.checkpoints, args=vars(args),
+                      model_config=json.loads(configs.pop()), series=series, time_s=time.time() - t0)
+        out = write_results(result, args.out or Path(paths[0]).parent / f"probe_{args.dataset}_series.json")
         plot_series(series, out.with_suffix(".png"), args.dataset)
         for s in series:
             print(f"epoch {s['epoch']}: " + ", ".join(f"{m} {v:.1f}" for m, v in s["mean"].items()))
@@ -530,7 +533,8 @@ def evaluate_checkpoint(args, checkpoint, root, cache, split_data, resolved, mod
         embeddings=emb["path"], split_ids=splits, modalities=modalities, splits=rows, mean=mean, std=std,
         n_splits=len(splits), partial=any(sum(resolved[k][1].values()) for k in splits),
         hyperparameter_grid=dict(grid, lr=LinearProbe().lr, batch_size=LinearProbe().batch_size, standardize=True,
-                                 val_fraction=0.2, val_groups="UCF gXX groups" if args.dataset == "ucf101" else "videos"),
+                                 val_fraction=0.2,
+                                 val_groups="UCF gXX groups" if args.dataset == "ucf101" else "videos"),
         missing_audio=dict(videos_in_cache=len(has), videos_without_audio=int((~has).sum()),
                            treatment=MISSING_AUDIO_TREATMENT),
         paper=dict(table1=PAPER_TABLE1.get(args.dataset), table2_split1=[
@@ -548,11 +552,11 @@ def run_retrieval(args, root, cache):
     if len(val_idx) == 0:
         raise ProbeError(f"{cache.path} has no videos with split == 'val' (retrieval uses K700's held-out val split)")
     metrics = evaluate_retrieval(model, emb, val_idx)
-    result = dict(task="retrieval", dataset=cache.manifest.get("dataset", "k700"), root=str(root), cache=str(cache.path),
-                  checkpoint=info["checkpoint"], checkpoint_sha256=info["checkpoint_sha256"], epoch=info["epoch"],
-                  args=vars(args), model_config=info["model_config"], n_val=int(len(val_idx)),
-                  n_val_with_text=int(emb["has_text"][val_idx].sum()), n_val_with_audio=int(emb["has_audio"][val_idx].sum()),
-                  retrieval=metrics, time_s=time.time() - t0)
+    result = dict(task="retrieval", dataset=cache.manifest.get("dataset", "k700"), root=str(root),
+                  cache=str(cache.path), checkpoint=info["checkpoint"], checkpoint_sha256=info["checkpoint_sha256"],
+                  epoch=info["epoch"], args=vars(args), model_config=info["model_config"], n_val=int(len(val_idx)),
+                  n_val_with_text=int(emb["has_text"][val_idx].sum()),
+                  n_val_with_audio=int(emb["has_audio"][val_idx].sum()), retrieval=metrics, time_s=time.time() - t0)
     out = write_results(result, args.out or Path(info["run_dir"] or "runs") / "retrieval_k700.json")
     lines = ["| direction | R@1 | R@5 | R@10 | MedR | queries |", "| --- | --- | --- | --- | --- | --- |"]
     for d, m in metrics.items():
@@ -723,7 +727,8 @@ def load_model(args, checkpoint, cache):
             source = f"--model {args.model}"
         else:
             latest = latest_checkpoint()
-            config, source = LAVAConfig.from_dict(read_checkpoint(latest)["config"]["model"]), f"config of the latest run {latest}"
+            config = LAVAConfig.from_dict(read_checkpoint(latest)["config"]["model"])
+            source = f"config of the latest run {latest}"
         torch.manual_seed(args.seed)  # the same seed every time: a random baseline is one fixed network
         model = LAVA(config)
         # embeddings key = hash of the weights themselves, so a change in model.py's init never reuses stale files
@@ -764,13 +769,15 @@ def load_model(args, checkpoint, cache):
                     trained_on=(ckpt.get("cache_manifest") or {}).get("backbone"), run_dir=Path(checkpoint).parent)
     info["model_config"] = config.to_dict()
     cfg, shapes = model.config, cache.manifest["shapes"]
-    checks = [(cfg.video.feature_dim != shapes["feature_dim"], f"video feature_dim {cfg.video.feature_dim} vs cache "
-               f"{shapes['feature_dim']}"),
-              (cfg.video.grid != shapes["grid"], f"video grid {cfg.video.grid} vs cache grid {shapes['grid']} (prepare --size)"),
-              (cfg.video.frames > shapes["frames"], f"video frames {cfg.video.frames} > cache frames per clip {shapes['frames']}"),
+    checks = [(cfg.video.feature_dim != shapes["feature_dim"],
+               f"video feature_dim {cfg.video.feature_dim} vs cache {shapes['feature_dim']}"),
+              (cfg.video.grid != shapes["grid"],
+               f"video grid {cfg.video.grid} vs cache grid {shapes['grid']} (prepare --size)"),
+              (cfg.video.frames > shapes["frames"],
+               f"video frames {cfg.video.frames} > cache frames per clip {shapes['frames']}"),
               (cfg.audio.n_mels != shapes["n_mels"], f"audio n_mels {cfg.audio.n_mels} vs cache {shapes['n_mels']}"),
-              (cfg.audio.frames > shapes["audio_frames"], f"audio frames {cfg.audio.frames} > cache audio frames "
-               f"{shapes['audio_frames']}")]
+              (cfg.audio.frames > shapes["audio_frames"],
+               f"audio frames {cfg.audio.frames} > cache audio frames {shapes['audio_frames']}")]
     problems = [message for bad, message in checks if bad]
     if problems:
         raise ProbeError(f"checkpoint {info['checkpoint']} does not fit the cache {cache.path}: " + "; ".join(problems))
@@ -809,7 +816,8 @@ def load_or_extract_embeddings(model, cache, info, batch_clips=64, device="cpu",
             return dict(stored, path=str(path))
         print(f"embeddings: {path} is stale (cache changed); recomputing", file=sys.stderr)
     t0 = time.time()
-    emb = dict(extract_embeddings(model, cache, batch_clips, device, text=text), ids=ids, manifest_sha=np.array(manifest_sha))
+    emb = dict(extract_embeddings(model, cache, batch_clips, device, text=text), ids=ids,
+               manifest_sha=np.array(manifest_sha))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.stem + f".tmp{os.getpid()}.npz")
     np.savez(tmp, **emb)
@@ -858,8 +866,9 @@ def markdown_table(result):
               "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in result["splits"]:
         hp, val = r.get("hyperparameters", {}), r.get("validation_top1")
+        val = "-" if val is None else f"{val:.1f}"
         lines.append(f"| {r['split']} | {r['modalities']} | {r['top1']:.1f} | {r['n_train']} | {r['n_test']} | "
-                     f"{hp.get('epochs', '-')} | {hp.get('weight_decay', '-')} | {'-' if val is None else f'{val:.1f}'} |")
+                     f"{hp.get('epochs', '-')} | {hp.get('weight_decay', '-')} | {val} |")
     ma = result["missing_audio"]
     lines += ["", f"Videos without audio: {ma['videos_without_audio']} of {ma['videos_in_cache']} in the cache"
               + (f"; {ma['treatment']}." if "audio+video" in result["modalities"] else " (video-only probe: unused).")]
@@ -929,7 +938,8 @@ def parse_args(argv=None):
     from pretrain import PRESETS
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", choices=["ucf101", "hmdb51"], help="downstream dataset (not with --retrieval/--summary)")
+    p.add_argument("--dataset", choices=["ucf101", "hmdb51"],
+                   help="downstream dataset (not needed with --retrieval/--summary)")
     p.add_argument("--root", help="dataset folder with the official split lists (default: ucf101/, hmdb51/, or k700/ "
                                   "with --retrieval)")
     p.add_argument("--cache", help="feature cache written by prepare.py (default: <root>/lava_cache)")
@@ -948,15 +958,15 @@ def parse_args(argv=None):
                                         "ucf101, video for hmdb51 as in the paper)")
     p.add_argument("--zero-shot", action="store_true", help="also classify by the cosine of each clip's g_vt video "
                    "embedding with the class names written as titles (the run's tokenizer.bpe and text encoder)")
-    p.add_argument("--checkpoints", metavar="GLOB", help="probe every checkpoint matching GLOB (e.g. 'runs/x/epoch_*.pt') "
-                                                         "and plot top-1 vs pre-training epoch (Figure 3) to <out>.png")
+    p.add_argument("--checkpoints", metavar="GLOB", help="probe every checkpoint matching GLOB (e.g. "
+                   "'runs/x/epoch_*.pt') and plot top-1 vs pre-training epoch (Figure 3) to <out>.png")
     p.add_argument("--retrieval", action="store_true", help="K700 val retrieval instead: video<->text (g_vt), "
                                                             "video<->audio (g_av); R@1/5/10 and median rank")
     p.add_argument("--summary", nargs="+", metavar="FILE", help="print one table of these results JSONs and exit")
     p.add_argument("--out", help="results JSON, a Markdown table next to it as .md (default: "
                                  "<run dir>/probe_<dataset>[_random].json)")
-    p.add_argument("--allow-partial", action="store_true", help="evaluate although the official lists name videos "
-                                                                "missing from the cache (loud warning; counts recorded)")
+    p.add_argument("--allow-partial", action="store_true", help="evaluate although the official lists name "
+                   "videos missing from the cache (loud warning; the counts go into the results)")
     p.add_argument("--epochs-grid", default="10,30,100,300",
                    help="probe epochs to choose from on the validation part of the training split (default "
                         "10,30,100,300: at lr 1e-4 a small training split needs the long end, a big one the short)")
