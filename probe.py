@@ -128,7 +128,7 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
             self.mean_, self.scale_ = X.mean(axis=0, dtype=np.float64), X.std(axis=0, dtype=np.float64)
             self.scale_[self.scale_ < 1e-12] = 1.0  # a constant feature stays 0 instead of dividing by 0
         Z = torch.tensor((X - self.mean_) / self.scale_, dtype=torch.float32, device=self.device)  # (n, d)
-        labels = torch.tensor(y_index, device=self.device)                                       # (n,)
+        labels = torch.tensor(y_index, dtype=torch.int64, device=self.device)                    # (n,)
         # Zero init: the problem is convex, so any start reaches the same optimum family, and zeros make the result
         # depend on the data order only.
         layer = nn.Linear(X.shape[1], len(self.classes_), device=self.device)
