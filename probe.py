@@ -348,10 +348,17 @@ def evaluate_probe(emb, resolved, modality, ids, grid, seed=0, device="cpu", ucf
     Xtr, ytr, gtr = clip_rows(features, tr_idx, tr_y)
     Xte, yte, gte = clip_rows(features, te_idx, te_y)
     split_groups = np.array([ucf_group(ids[i]) for i in gtr]) if ucf_groups else gtr
-    best, table = select_hyperparameters(Xtr, ytr, gtr, split_groups, grid["epochs"], grid["weight_decay"],
-                                         random_state=seed, device=device)
-    probe = LinearProbe(epochs=best["epochs"], weight_decay=best["weight_decay"], random_state=seed, device=device)
-    probe.fit(Xtr, ytr, gtr)
+    # One CPU thread while the probe trains: its steps are tiny (32 rows), and on a busy 2-core machine two threads
+    # made the demo-size selection 20x slower (42-49 vs 2.0 CPU-s, BENCHMARKS.md). The encoders keep every thread.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        best, table = select_hyperparameters(Xtr, ytr, gtr, split_groups, grid["epochs"], grid["weight_decay"],
+                                             random_state=seed, device=device)
+        probe = LinearProbe(epochs=best["epochs"], weight_decay=best["weight_decay"], random_state=seed, device=device)
+        probe.fit(Xtr, ytr, gtr)
+    finally:
+        torch.set_num_threads(threads)
     has = emb["has_audio"].astype(bool)
     return dict(top1=100 * probe.score(Xte, yte, gte), n_train=len(tr_idx), n_test=len(te_idx),
                 n_train_clips=len(Xtr), n_test_clips=len(Xte),

@@ -463,25 +463,28 @@ def test_zero_shot_classifier_and_clip_averaging(tmp_path):
 
 def test_cli_probe_finds_the_class_signal_with_the_papers_probe(tmp_path, monkeypatch):
     """On a cache whose class offsets reach the embeddings (no center_tokens), the probe is far above chance (25%) on
-    every split and modality, and every probe it trains (selection and refit) uses the paper's lr 1e-4, batch 32."""
+    every split and modality, and every probe it trains (selection and refit) uses the paper's lr 1e-4, batch 32, on
+    one CPU thread, leaving the thread count as it was."""
     root = make_ucf_root(tmp_path / "ucf101")
     ckpt = make_checkpoint(tmp_path / "runs/x/ckpt_last.pt", root / "lava_cache", center_tokens=False)
     trained = []
     real = LinearProbe._fit_epochs
 
     def spy(self, X, y, groups=None):
-        trained.append((self.lr, self.batch_size, len(X)))
+        trained.append((self.lr, self.batch_size, len(X), torch.get_num_threads()))
         return real(self, X, y, groups)
 
     monkeypatch.setattr(LinearProbe, "_fit_epochs", spy)
+    torch.set_num_threads(2)  # as on a 2-core machine (one_thread puts the count back)
     out = tmp_path / "p.json"
     assert probe.main(["--dataset", "ucf101", "--root", str(root), "--checkpoint", str(ckpt), "--out", str(out)]
                       + FAST) == 0
     res = json.loads(out.read_text())
     assert len(res["splits"]) == 6 and all(row["top1"] >= 75 for row in res["splits"]), res["splits"]
     # per split and modality: one probe per weight decay of the grid on part of the training rows, then the refit
-    assert len(trained) == 6 * 3 and {(lr, b) for lr, b, _ in trained} == {(1e-4, 32)}
-    assert sorted({n for _, _, n in trained})[-1] == 16 * 2                     # the refit: 16 videos x 2 clips
+    assert len(trained) == 6 * 3 and {(lr, b, threads) for lr, b, _, threads in trained} == {(1e-4, 32, 1)}
+    assert sorted({n for _, _, n, _ in trained})[-1] == 16 * 2                  # the refit: 16 videos x 2 clips
+    assert torch.get_num_threads() == 2
     assert res["hyperparameter_grid"]["lr"] == 1e-4 and res["hyperparameter_grid"]["batch_size"] == 32
 
 
