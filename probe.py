@@ -509,7 +509,7 @@ def main(argv=None):
 
 
 def evaluate_checkpoint(args, checkpoint, root, cache, split_data, resolved, modalities, grid):
-    """Every split x modality for one checkpoint -> the results dict (module docstring)."""
+    """Every split x modality for one checkpoint -> the results dict (a linear-probe JSON, written by main)."""
     model, info = load_model(args, checkpoint, cache)
     emb = load_or_extract_embeddings(model, cache, info, args.batch_clips, args.device, args.embeddings_dir,
                                      args.recompute, text=False)
