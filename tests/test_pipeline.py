@@ -25,14 +25,14 @@ SYNTH = ["--seed", "1", "--k700-clips", "256", "--k700-val-clips", "8", "--ucf-g
 PREPARE = ["--backbone", "random", "--size", "64", "--workers", "0"]
 PRETRAIN = ["--losses", "av,vt,avt", "--model", "tiny", "--epochs", "60", "--batch-size", "64", "--lr", "3e-3",
             "--warmup-steps", "20"]
-# one intra-op thread per process: the stages that run side by side share the cores instead of fighting for them
-ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+# one intra-op thread per process for the stages that run side by side: they share the cores instead of fighting
+SHARED = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
 
 
-def start(cwd, script, *args):
+def start(cwd, script, *args, env=None):
     """Start one stage's CLI as a user would, its output going to a log file (a pipe could fill and stall it)."""
     log = open(Path(cwd) / f"{script}.{len(list(Path(cwd).glob('*.log')))}.log", "w+")
-    proc = subprocess.Popen([sys.executable, str(ROOT / script), *args], cwd=cwd, env=ENV, text=True,
+    proc = subprocess.Popen([sys.executable, str(ROOT / script), *args], cwd=cwd, env=env, text=True,
                             stdout=log, stderr=subprocess.STDOUT)
     proc.command, proc.log = f"{script} {' '.join(args)}", log
     return proc
@@ -57,8 +57,8 @@ def run(cwd, script, *args):
 
 def test_pipeline_end_to_end(tmp_path):
     run(tmp_path, "synth.py", "--out", ".", *SYNTH)
-    finish(start(tmp_path, "prepare.py", "--root", "k700/", *PREPARE, "--vocab-size", "500"),
-           *(start(tmp_path, "prepare.py", "--root", f"{d}/", *PREPARE, "--test-clips", "2")
+    finish(start(tmp_path, "prepare.py", "--root", "k700/", *PREPARE, "--vocab-size", "500", env=SHARED),
+           *(start(tmp_path, "prepare.py", "--root", f"{d}/", *PREPARE, "--test-clips", "2", env=SHARED)
              for d in ("ucf101", "hmdb51")))
     for dataset in ("k700", "ucf101", "hmdb51"):
         manifest = json.loads((tmp_path / dataset / "lava_cache" / "manifest.json").read_text())
@@ -77,12 +77,12 @@ def test_pipeline_end_to_end(tmp_path):
     # `python probe.py --dataset ucf101 --all-splits`: root defaults to ucf101/, checkpoint to the latest run's.
     # The random-init probes keep their embeddings apart, so no two processes write into one folder.
     random_init = ["--checkpoint", "random", "--config-from", str(run_dir / "ckpt_last.pt")]
-    finish(start(tmp_path, "probe.py", "--dataset", "ucf101", "--all-splits", "--out", "ucf.json"),
+    finish(start(tmp_path, "probe.py", "--dataset", "ucf101", "--all-splits", "--out", "ucf.json", env=SHARED),
            start(tmp_path, "probe.py", "--dataset", "ucf101", "--all-splits", *random_init, "--out", "ucf_random.json",
-                 "--embeddings-dir", "emb_ucf_random"),
-           start(tmp_path, "probe.py", "--dataset", "hmdb51", "--all-splits", "--out", "hmdb.json"),
+                 "--embeddings-dir", "emb_ucf_random", env=SHARED),
+           start(tmp_path, "probe.py", "--dataset", "hmdb51", "--all-splits", "--out", "hmdb.json", env=SHARED),
            start(tmp_path, "probe.py", "--dataset", "hmdb51", "--all-splits", *random_init, "--out", "hmdb_random.json",
-                 "--embeddings-dir", "emb_hmdb_random"))
+                 "--embeddings-dir", "emb_hmdb_random", env=SHARED))
     names = ("ucf", "ucf_random", "hmdb", "hmdb_random")
     ucf, ucf_random, hmdb, hmdb_random = results = [json.loads((tmp_path / f"{n}.json").read_text()) for n in names]
     for result in results:
