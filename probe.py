@@ -44,9 +44,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.model_selection import StratifiedGroupKFold
-from sklearn.utils import check_random_state
+from sklearn.utils import check_consistent_length, check_random_state
 from sklearn.utils.multiclass import check_classification_targets
-from sklearn.utils.validation import check_is_fitted
+from sklearn.utils.validation import check_is_fitted, column_or_1d
 
 try:  # scikit-learn >= 1.6
     from sklearn.utils.validation import validate_data
@@ -179,18 +179,14 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
 
     def score(self, X, y, groups=None):
         """Top-1 accuracy in [0, 1]; per video with groups (y per row, one label per video)."""
-        if groups is None:
-            return float(np.mean(self.predict(X) == np.asarray(y)))
-        return float(np.mean(self.predict(X, groups) == group_labels(y, groups)))
+        y = np.asarray(y) if groups is None else group_labels(y, groups)
+        return float(np.mean(self.predict(X, groups) == y))
 
 
 def first_appearance(groups):
     """groups (n,) -> (keys (g,), codes (n,)): the distinct groups in order of first appearance, and each row's
     position in `keys`. E.g. ["b", "a", "b", "c"] -> (["b", "a", "c"], [0, 1, 0, 2])."""
-    groups = np.asarray(groups)
-    if groups.ndim != 1:
-        raise ValueError(f"groups must be 1-d (one id per row), got shape {groups.shape}")
-    uniq, first, inverse = np.unique(groups, return_index=True, return_inverse=True)
+    uniq, first, inverse = np.unique(column_or_1d(groups), return_index=True, return_inverse=True)
     order = np.argsort(first)                     # positions in uniq, in order of first appearance
     return uniq[order], np.argsort(order)[inverse.reshape(-1)]
 
@@ -198,9 +194,8 @@ def first_appearance(groups):
 def group_mean(values, groups):
     """values (n, K) rows averaged within each group -> (keys (g,), means (g, K)), groups in first-appearance order.
     This is the paper's "logits are averaged across multiple clips per test set video"."""
+    check_consistent_length(values, groups)
     keys, codes = first_appearance(groups)
-    if len(codes) != len(values):
-        raise ValueError(f"groups has {len(codes)} rows but the data has {len(values)}")
     sums = np.zeros((len(keys), values.shape[1]))
     np.add.at(sums, codes, values)
     return keys, sums / np.bincount(codes)[:, None]
@@ -208,10 +203,9 @@ def group_mean(values, groups):
 
 def group_labels(y, groups):
     """Per-row labels (n,) -> one label per group (first-appearance order); ValueError if a group's rows disagree."""
+    check_consistent_length(y, groups)
     keys, codes = first_appearance(groups)
     y = np.asarray(y)
-    if len(y) != len(codes):
-        raise ValueError(f"groups has {len(codes)} rows but y has {len(y)}")
     labels = y[np.unique(codes, return_index=True)[1]]  # each group's first row
     if np.any(labels[codes] != y):
         bad = keys[codes[labels[codes] != y].min()]
@@ -762,11 +756,8 @@ def load_model(args, checkpoint, cache):
             model.load_state_dict(ckpt["model"], strict=True)
         except RuntimeError as e:
             raise ProbeError(f"checkpoint {checkpoint}: its weights do not fit its own config ({e})") from None
-        h = hashlib.sha256()
         with open(checkpoint, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        sha = h.hexdigest()
+            sha = hashlib.file_digest(f, "sha256").hexdigest()
         # epochs of pre-training done: pretrain.py stores the epoch to continue in (0-based) and its batches done
         epoch, sampler = ckpt.get("epoch"), ckpt.get("sampler") or {}
         if epoch is not None and sampler.get("steps_per_epoch"):
