@@ -13,19 +13,12 @@ The paper's evaluation (Section 3: "a linear classifier on top of the frozen LAV
 rate and a batch size of 32 ... logits are averaged across multiple clips per test set video. Top-1 accuracy is
 averaged across all 3 splits"; HMDB-51 video only), in the order of this file:
 1. `LinearProbe`, a scikit-learn estimator: one linear layer on standardised clip embeddings, Adam, lr 1e-4, batch
-   32; the paper gives no epoch count or weight decay, so `select_hyperparameters` chooses them on a validation part
-   of the training split (whole UCF groups / whole videos, never the test list) before the refit on all of it.
-2. `extract_embeddings`: every clip of the cache (`prepare.py`, C clips per video) once through the frozen encoders
-   (eval mode, no_grad): z_v for "video", [z_v, z_a] for "audio+video". Stored at `<cache>/embeddings/<key>.npz`,
-   key = the checkpoint's sha256 (random init: the hash of its config and weights), so a rerun costs nothing.
-3. `evaluate_probe` per official split (`ucfTrainTestlist/`, `testTrainMulti_7030_splits/` under the dataset root;
-   counts are videos; a listed video absent from the cache is an error unless --allow-partial), then the mean and
-   sample std over splits in a JSON file and a Markdown table beside the paper's Tables 1 and 2.
-
-Results: a JSON file (--out) with every flag, the model config, the checkpoint's sha256 and, per split and modality,
-top-1, video counts and the validation grid (the keys: `evaluate_checkpoint`; --checkpoints: task
-"checkpoint-series" in `main`, plus a .png; --retrieval: R@1/5/10 and median rank per direction, `run_retrieval`),
-and a Markdown table next to it.
+   32; `select_hyperparameters` chooses the epochs and weight decay the paper does not give.
+2. `extract_embeddings`: every clip of the cache once through the frozen encoders, z_v for "video", [z_v, z_a] for
+   "audio+video" (stored per checkpoint and cache by `load_or_extract_embeddings`).
+3. `evaluate_probe` per official split; zero-shot; then `evaluate_retrieval` for K700.
+4. `main` -> `evaluate_checkpoint` (every split and modality, mean and sample std: the results JSON's keys) ->
+   `evaluate_probe`; the machinery after: split lists, checkpoints, embedding files, results tables, the CLI.
 """
 import argparse
 import glob
@@ -294,10 +287,15 @@ def extract_embeddings(model, cache, batch_clips=64, device="cpu", text=True):
 
 
 @torch.no_grad()
-def project(model, z, space):
-    """Encoder outputs z (..., width) -> L2-normalised g_space(z) (..., embed_dim), the same map as LAVA.forward."""
+def project(model, z, space, clip_mean=False):
+    """Encoder outputs z (..., width) -> L2-normalised g_space(z) (..., embed_dim), the same map as LAVA.forward.
+    clip_mean: z (n, C, width) -> (n, embed_dim), the mean of each row's C projections, re-normalised (as CLIP does)."""
     t = torch.from_numpy(np.ascontiguousarray(z, dtype=np.float32)).to(next(model.parameters()).device)
-    return F.normalize(model.heads[space](t), dim=-1).cpu().numpy()
+    g = F.normalize(model.heads[space](t), dim=-1).cpu().numpy()
+    if clip_mean:
+        g = g.mean(axis=1)
+        g /= np.linalg.norm(g, axis=1, keepdims=True)
+    return g
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -315,8 +313,6 @@ def modality_features(emb, modality, train_idx):
     """
     if modality == "video":
         return emb["z_v"], 0
-    if modality != "audio+video":
-        raise ValueError(modality)
     has = emb["has_audio"].astype(bool)
     z_a = emb["z_a"].copy()
     train_with_audio = train_idx[has[train_idx]]
@@ -367,19 +363,18 @@ def class_title(name):
     return re.sub(r"([A-Z]+)([A-Z][a-z])", r"\1 \2", words).lower().strip()
 
 
+@torch.no_grad()
 def zero_shot_classifier(model, tokenizer, classes, templates=ZERO_SHOT_TEMPLATES):
     """(K, E) L2-normalised class embeddings in the g_vt space: each class name written as a title with every
-    template, encoded by the text encoder, projected, averaged over templates and re-normalised (as CLIP does)."""
+    template, encoded by the text encoder, projected, averaged over templates and re-normalised."""
     cfg = model.config
     if tokenizer.vocab_size != cfg.text.vocab_size:
         raise ProbeError(f"tokenizer has {tokenizer.vocab_size} ids but the checkpoint's text encoder has "
                          f"{cfg.text.vocab_size}: not the run's tokenizer")
     titles = [t.format(class_title(c)) for c in classes for t in templates]
     tokens = np.stack([tokenizer.encode_title(t, max_len=cfg.text.max_len)[0] for t in titles])  # (K*n_t, L)
-    with torch.no_grad():
-        z_t = model.encode_text(torch.from_numpy(tokens.astype(np.int64)).to(next(model.parameters()).device))
-    g = project(model, z_t.float().cpu().numpy(), "vt").reshape(len(classes), len(templates), -1).mean(axis=1)
-    return g / np.linalg.norm(g, axis=1, keepdims=True)                                          # (K, E)
+    z_t = model.encode_text(torch.from_numpy(tokens.astype(np.int64)).to(next(model.parameters()).device))
+    return project(model, z_t.float().cpu().numpy().reshape(len(classes), len(templates), -1), "vt", clip_mean=True)
 
 
 def evaluate_zero_shot(model, emb, resolved, class_emb):
@@ -417,18 +412,14 @@ def evaluate_retrieval(model, emb, val_idx):
     """K700 val retrieval in the shared spaces, each direction on the videos that have both modalities (a missing
     title or audio track is neither a query nor a gallery item). A video with several clips: mean of the clips'
     normalised projections, re-normalised."""
-    def video_level(z, space):                          # (n, C, D) -> (n, E)
-        g = project(model, z, space).mean(axis=1)
-        return g / np.linalg.norm(g, axis=1, keepdims=True)
-
     out = {}
     vt = val_idx[emb["has_text"][val_idx].astype(bool)]
     if len(vt):
-        v, t = video_level(emb["z_v"][vt], "vt"), project(model, emb["z_t"][vt], "vt")
+        v, t = project(model, emb["z_v"][vt], "vt", clip_mean=True), project(model, emb["z_t"][vt], "vt")
         out["video->text"], out["text->video"] = retrieval_metrics(v @ t.T), retrieval_metrics(t @ v.T)
     va = val_idx[emb["has_audio"][val_idx].astype(bool)]
     if len(va):
-        v, a = video_level(emb["z_v"][va], "av"), video_level(emb["z_a"][va], "av")
+        v, a = (project(model, emb[z][va], "av", clip_mean=True) for z in ("z_v", "z_a"))
         out["video->audio"], out["audio->video"] = retrieval_metrics(v @ a.T), retrieval_metrics(a @ v.T)
     return out
 
