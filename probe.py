@@ -210,9 +210,7 @@ def validation_split(y, split_groups, val_fraction=0.2, random_state=0):
     """Hold out about `val_fraction` of the training rows as whole groups, stratified by class (StratifiedGroupKFold,
     first fold) -> (train_rows, val_rows). UCF-101's groups are the "gXX" groups the official splits hold out (so
     validation, like test, sees new actors and scenes), HMDB-51's the videos."""
-    n_groups = len(np.unique(split_groups))
-    if n_groups < 2:
-        raise ValueError("hyper-parameter selection needs at least 2 groups in the training split")
+    n_groups = len(np.unique(split_groups))  # StratifiedGroupKFold itself refuses a single group
     folds = StratifiedGroupKFold(n_splits=max(2, min(round(1 / val_fraction), n_groups)), shuffle=True,
                                  random_state=random_state)
     with warnings.catch_warnings():  # "least populated class has only k members": expected on small splits
@@ -266,8 +264,7 @@ def extract_embeddings(model, cache, batch_clips=64, device="cpu", text=True):
     encode = lambda fn, x: fn(torch.from_numpy(x).to(device)).float().cpu().numpy()
     z_v, z_a = np.zeros((N, C, cfg.video.width), np.float32), np.zeros((N, C, cfg.audio.width), np.float32)
     z_t = np.zeros((N, cfg.text.width), np.float32)
-    has_audio = np.array([cache[i]["has_audio"] for i in range(N)], bool)
-    has_text = np.array([cache[i]["has_text"] for i in range(N)], bool)
+    has_audio, has_text = (np.array([cache[i][k] for i in range(N)], bool) for k in ("has_audio", "has_text"))
     per_batch = max(1, batch_clips // C)                # videos per batch, so a batch holds about batch_clips clips
     for start in tqdm(range(0, N, per_batch), desc="embeddings", unit="batch", disable=None, file=sys.stderr):
         rows = np.arange(start, min(start + per_batch, N))
@@ -757,17 +754,13 @@ def load_model(args, checkpoint, cache):
                     embedding_key=sha[:16], epoch=epoch, pretrain_args=ckpt["config"].get("args"),
                     trained_on=(ckpt.get("cache_manifest") or {}).get("backbone"), run_dir=Path(checkpoint).parent)
     info["model_config"] = config.to_dict()
-    cfg, shapes = model.config, cache.manifest["shapes"]
-    checks = [(cfg.video.feature_dim != shapes["feature_dim"],
-               f"video feature_dim {cfg.video.feature_dim} vs cache {shapes['feature_dim']}"),
-              (cfg.video.grid != shapes["grid"],
-               f"video grid {cfg.video.grid} vs cache grid {shapes['grid']} (prepare --size)"),
-              (cfg.video.frames > shapes["frames"],
-               f"video frames {cfg.video.frames} > cache frames per clip {shapes['frames']}"),
-              (cfg.audio.n_mels != shapes["n_mels"], f"audio n_mels {cfg.audio.n_mels} vs cache {shapes['n_mels']}"),
-              (cfg.audio.frames > shapes["audio_frames"],
-               f"audio frames {cfg.audio.frames} > cache audio frames {shapes['audio_frames']}")]
-    problems = [message for bad, message in checks if bad]
+    v, a, s = config.video, config.audio, cache.manifest["shapes"]
+    problems = [message for bad, message in (
+        (v.feature_dim != s["feature_dim"], f"video feature_dim {v.feature_dim} vs cache {s['feature_dim']}"),
+        (v.grid != s["grid"], f"video grid {v.grid} vs cache grid {s['grid']} (prepare --size)"),
+        (v.frames > s["frames"], f"video frames {v.frames} > cache frames per clip {s['frames']}"),
+        (a.n_mels != s["n_mels"], f"audio n_mels {a.n_mels} vs cache {s['n_mels']}"),
+        (a.frames > s["audio_frames"], f"audio frames {a.frames} > cache audio frames {s['audio_frames']}")) if bad]
     if problems:
         raise ProbeError(f"checkpoint {info['checkpoint']} does not fit the cache {cache.path}: " + "; ".join(problems))
     if info["trained_on"] and info["trained_on"] != cache.manifest.get("backbone"):
