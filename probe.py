@@ -35,6 +35,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from scipy.special import softmax
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.model_selection import StratifiedGroupKFold
 from sklearn.utils import check_consistent_length, check_random_state
@@ -160,10 +161,7 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
 
     def predict_proba(self, X, groups=None):
         """Softmax of the (clip-averaged) logits: (n, K) or (n_videos, K)."""
-        logits = self._logits(X, groups)
-        logits -= logits.max(axis=1, keepdims=True)
-        p = np.exp(logits)
-        return p / p.sum(axis=1, keepdims=True)
+        return softmax(self._logits(X, groups), axis=1)
 
     def predict(self, X, groups=None):
         """Class of the largest (clip-averaged) logit: (n,) or (n_videos,)."""
@@ -272,7 +270,6 @@ def extract_embeddings(model, cache, batch_clips=64, device="cpu", text=True):
         video = np.stack([it["patches"][it["window"][:, s:s + cfg.video.frames]] for it in items])
         video = video.reshape(-1, *video.shape[2:]).astype(np.float32)                             # (b C, 16, G, G, F)
         z_v[rows] = encode(model.encode_video, video).reshape(len(rows), C, -1)
-        # videos without audio (or a title) are not encoded: their z_a (z_t) stays 0 and is never read as data
         if has_audio[rows].any():
             mel = np.stack([it["audio"][:, :, a0:a0 + cfg.audio.frames] for it in items if it["has_audio"]])
             mel = mel.reshape(-1, *mel.shape[2:]).astype(np.float32)                                 # (b' C, 80, 256)
