@@ -966,7 +966,6 @@ SHARD_ARRAYS = {
 # and one array of all the shard's videos' distinct frames' features, video after video: (P, G, G, F) float16.
 # Evaluation windows overlap (10 x 16 frames of a 7 s video are 70 distinct frames), so each is stored once.
 PATCHES, PATCH_DIMS = "patches", ("grid", "grid", "feature_dim")
-NPY_HEADER_BYTES = 128  # patches.npy's header, written last once P is known (see _npy_header)
 
 
 def shard_name(k):
@@ -978,8 +977,7 @@ class ShardWriter:
 
     The CNN sees the shard's frames in order, in batches of exactly --batch-size that never cross a shard, so a
     resumed run batches like a single run and writes the same bytes; each batch's features go straight onto the
-    end of patches.npy (video after video, as the frames came). The small per-video arrays are kept in memory
-    and written at finish().
+    end of patches.npy (video after video, as the frames came). The small per-video arrays are written at finish().
     """
 
     def __init__(self, out, name, shapes, encoder):
@@ -988,13 +986,12 @@ class ShardWriter:
         self.tmp = Path(tempfile.mkdtemp(dir=out, prefix=f".{name}.tmp-{os.getpid()}-"))
         self.patch_shape = tuple(shapes[d] for d in PATCH_DIMS)
         self.patches = open(self.tmp / f"{PATCHES}.npy", "wb")
-        self.patches.write(_npy_header(np.float16, (0,) + self.patch_shape))  # the real header comes last
-        self.num_patches, self.rows, self.errors = 0, [], []
+        self._write_header(0)  # the real one comes last, once P is known
+        self.num_patches, self.filled, self.rows, self.errors = 0, 0, [], []  # filled: frames in encoder.batch
         self.columns = {key: [] for key in SHARD_ARRAYS}  # per-video values, one list per SHARD_ARRAYS entry
-        self.queue, self.queued = deque(), 0  # frames (U, S, S, 3) of each video not yet through the CNN
 
     def add(self, video, tokens, has_text, result):
-        """One decoded video (a decode_video result) into the next row; its frames join the CNN's queue."""
+        """One decoded video (a decode_video result) into the next row; its frames into the CNN's input buffer."""
         if not result["ok"]:
             self.errors.append(dict(path=video["path"], reason=result["reason"], action="skipped"))
             return
@@ -1005,37 +1002,33 @@ class ShardWriter:
                            ("audio", mel if mel is not None else np.zeros((S["clips"], S["n_mels"], S["audio_frames"]))),
                            ("tokens", tokens), ("has_audio", mel is not None), ("has_text", has_text)):
             self.columns[key].append(value)
-        self.num_patches += len(result["frames"])
-        self.queue.append(result["frames"])
-        self.queued += len(result["frames"])
-        while self.queued >= self.encoder.batch_size:
-            self._encode(self.encoder.batch_size)
+        frames = result["frames"]  # (U, S, S, 3) uint8
+        self.num_patches += len(frames)
+        while len(frames):  # a batch may hold the end of one video and the start of the next
+            take = min(len(frames), self.encoder.batch_size - self.filled)
+            self.encoder.batch[self.filled:self.filled + take] = frames[:take]
+            self.filled, frames = self.filled + take, frames[take:]
+            if self.filled == self.encoder.batch_size:
+                self._write_patches()
 
-    def _encode(self, n):
-        """The next n queued frames (possibly of several videos) through the CNN, their features onto patches.npy."""
-        batch, taken = self.encoder.batch, 0  # (batch_size, S, S, 3) uint8
-        while taken < n:
-            frames = self.queue[0]
-            take = min(len(frames), n - taken)
-            batch[taken:taken + take] = frames[:take]
-            if take == len(frames):
-                self.queue.popleft()
-            else:
-                self.queue[0] = frames[take:]
-            taken += take
-        self.queued -= n
-        self._write_patches(self.encoder(n))
+    def _write_patches(self):
+        """The frames in the encoder's input buffer through the CNN, their features onto the end of patches.npy."""
+        self.patches.write(np.ascontiguousarray(self.encoder(self.filled)))  # (n, G, G, F) float16, C order
+        self.filled = 0
 
-    def _write_patches(self, features):
-        self.patches.write(np.ascontiguousarray(features))  # (n, G, G, F) float16, C order: its bytes
+    def _write_header(self, num_patches):
+        # numpy pads an .npy header so that a first axis of up to 21 digits fits in the same bytes: the header
+        # can be rewritten in place at the end, once the file's length is known
+        np.lib.format.write_array_header_1_0(self.patches, dict(
+            descr=np.dtype(np.float16).str, fortran_order=False, shape=(num_patches,) + self.patch_shape))
 
     def finish(self):
-        """The rest of the queue through the CNN, every file written and synced, then the atomic rename."""
-        if self.queued:
-            self._encode(self.queued)
+        """The last frames through the CNN, every file written and synced, then the atomic rename."""
+        if self.filled:
+            self._write_patches()
         with self.patches:
             self.patches.seek(0)
-            self.patches.write(_npy_header(np.float16, (self.num_patches,) + self.patch_shape))
+            self._write_header(self.num_patches)
         for key, (dtype, dims) in SHARD_ARRAYS.items():
             shape = (len(self.rows),) + tuple(self.shapes[d] for d in dims)
             np.save(self.tmp / f"{key}.npy", np.array(self.columns[key], dtype).reshape(shape))
@@ -1060,17 +1053,6 @@ class ShardWriter:
         except OSError:
             pass
         shutil.rmtree(self.tmp, ignore_errors=True)
-
-
-def _npy_header(dtype, shape):
-    """A .npy header (format 1.0) of exactly NPY_HEADER_BYTES bytes, so a file whose length is not known in advance
-    can be written front to back and its header rewritten in place at the end."""
-    text = "{'descr': %r, 'fortran_order': False, 'shape': %r, }" % (
-        np.lib.format.dtype_to_descr(np.dtype(dtype)), tuple(int(d) for d in shape))
-    pad = NPY_HEADER_BYTES - 10 - len(text) - 1  # 10: magic, version, header length; 1: the closing newline
-    if pad < 0:
-        raise ValueError(f"an .npy header for shape {shape} does not fit in {NPY_HEADER_BYTES} bytes")
-    return b"\x93NUMPY\x01\x00" + (NPY_HEADER_BYTES - 10).to_bytes(2, "little") + (text + " " * pad + "\n").encode("latin1")
 
 
 def _fsync_dir(folder):
