@@ -689,9 +689,7 @@ def latest_checkpoint(runs="runs"):
 def read_checkpoint(path):
     from pretrain import load_checkpoint
 
-    if not Path(path).is_file():
-        raise ProbeError(f"checkpoint {path} not found")
-    ckpt = load_checkpoint(path)
+    ckpt = load_checkpoint(path)  # a missing file: FileNotFoundError, which main prints as a message
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model" not in ckpt.get("config", {}):
         raise ProbeError(f"{path} is not a pretrain.py checkpoint (needs 'model' and config['model'])")
     return ckpt
