@@ -26,6 +26,7 @@ included, resumes and ends byte-identical to a single run) and FeatureCache, the
 import argparse
 import bisect
 import csv
+import functools
 import io
 import json
 import math
@@ -282,7 +283,7 @@ def _decode_audio(container, path, until=None):
     parts = []
     for rate, chunks in runs:
         x = torch.from_numpy(np.concatenate(chunks))
-        parts.append((_resample(x, rate) if rate != SAMPLE_RATE else x).numpy())
+        parts.append((_resampler(rate)(x) if rate != SAMPLE_RATE else x).numpy())
     if not parts or not sum(len(p) for p in parts):
         return None, reason or "audio stream decodes to nothing"
     wave = np.concatenate(parts).astype(np.float32)
@@ -306,19 +307,13 @@ def _frame_mono(frame):
     return mono / {np.dtype(np.int16): 2 ** 15, np.dtype(np.int32): 2 ** 31, np.dtype(np.uint8): 2 ** 7}.get(x.dtype, 1)
 
 
-_RESAMPLERS = {}
-
-
-def _resample(x, rate):
-    """(n,) float32 tensor at `rate` -> SAMPLE_RATE: torchaudio.functional.resample's windowed sinc, with
-    the kernel built once per rate (building it costs more than resampling a 10 s clip with it)."""
+@functools.lru_cache(maxsize=None)
+def _resampler(rate):
+    """`rate` -> SAMPLE_RATE on (n,) float32 tensors: torchaudio's windowed sinc, the kernel built once per rate
+    (building it costs more than resampling a 10 s clip with it)."""
     import torch
     import torchaudio
-    rs = _RESAMPLERS.get(rate)
-    if rs is None:
-        rs = _RESAMPLERS[rate] = torchaudio.transforms.Resample(rate, SAMPLE_RATE, dtype=torch.float32)
-    with torch.no_grad():
-        return rs(x)
+    return torchaudio.transforms.Resample(rate, SAMPLE_RATE, dtype=torch.float32)
 
 
 def _load_audio_soundfile(path):
@@ -327,11 +322,11 @@ def _load_audio_soundfile(path):
         data, rate = sf.read(str(path), dtype="float32", always_2d=True)  # (n, channels)
     except Exception as e:
         return None, f"soundfile cannot read {path.name}: {type(e).__name__}: {e}"
-    wave = data.mean(axis=1)
+    wave = data.mean(axis=1)  # (n,) float32
     if rate != SAMPLE_RATE:
         import torch
-        wave = _resample(torch.from_numpy(np.ascontiguousarray(wave, dtype=np.float32)), rate).numpy()
-    return np.ascontiguousarray(wave, dtype=np.float32), None
+        wave = _resampler(rate)(torch.from_numpy(wave)).numpy()
+    return wave, None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -779,15 +774,13 @@ def list_videos(root, dataset, out, workers=0):
         # clips with no titles.csv entry fall back to their own metadata tag (PyAV opens the container)
         missing = [v for v in videos if v["title"] is None]
         paths = [str(root / v["path"]) for v in missing]
+        from contextlib import nullcontext
         from tqdm import tqdm
-        ex = _spawn_pool(workers) if workers > 0 and len(paths) >= 200 else None
-        try:
-            found = ex.map(read_metadata_title, paths, chunksize=16) if ex else map(read_metadata_title, paths)
+        pool = _spawn_pool(workers) if workers > 0 and len(paths) >= 200 else None
+        with pool or nullcontext():
+            found = pool.map(read_metadata_title, paths, chunksize=16) if pool else map(read_metadata_title, paths)
             for v, raw in zip(missing, tqdm(found, total=len(paths), desc="title tags", disable=len(paths) < 200)):
                 v["title"] = _clean_title(raw, v["path"], errors)
-        finally:
-            if ex is not None:
-                ex.shutdown()
 
     videos.sort(key=lambda v: (v["id"], v["path"]))
     unique, seen = [], {}
@@ -816,9 +809,7 @@ def read_titles_csv(path, errors):
     for lineno, row in enumerate(rows, start=2):
         if len(row) <= max(key_col, title_col):
             continue
-        key, field = row[key_col].strip(), row[title_col]
-        raw = field.encode("utf-8", errors="surrogateescape") if any("\udc80" <= c <= "\udcff" for c in field) else field
-        title = _clean_title(raw, f"{path}:{lineno}", errors)
+        key, title = row[key_col].strip(), _clean_title(row[title_col], f"{path}:{lineno}", errors)
         if key in titles:
             errors.append(dict(path=f"{path}:{lineno}", reason=f"duplicate title row (key {key!r})", action="first row kept"))
             continue
@@ -843,12 +834,10 @@ def _clean_title(raw, where, errors):
     """Title text or None; undecodable bytes replaced and whitespace runs (newlines too) folded to a space."""
     if raw is None:
         return None
-    text = raw
-    if isinstance(raw, bytes):
-        text = raw.decode("utf-8", errors="replace")
-        if "\ufffd" in text and "\ufffd" not in raw.decode("utf-8", errors="ignore"):
-            errors.append(dict(path=where, reason="title is not valid UTF-8", action="undecodable bytes replaced by U+FFFD"))
-    return " ".join(text.split()) or None
+    if any("\udc80" <= c <= "\udcff" for c in raw):  # bytes that titles.csv's surrogateescape decoding kept
+        errors.append(dict(path=where, reason="title is not valid UTF-8", action="undecodable bytes replaced by U+FFFD"))
+        raw = raw.encode("utf-8", errors="surrogateescape").decode("utf-8", errors="replace")
+    return " ".join(raw.split()) or None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1188,12 +1177,7 @@ class FeatureCache:
         return len(self.videos)
 
     def __getitem__(self, i):
-        n = len(self.videos)
-        i = int(i)
-        if i < 0:
-            i += n
-        if not 0 <= i < n:
-            raise IndexError(f"index {i} out of range for a cache of {n} videos")
+        i = range(len(self.videos))[i]  # negative i counts from the end; IndexError outside
         s = bisect.bisect_right(self._starts, i) - 1
         a, j = self.shards[s], i - self._starts[s]
         patches = a[PATCHES][int(a["first_patch"][j]):int(a["patch_end"][j])]
