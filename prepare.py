@@ -28,6 +28,7 @@ import bisect
 import csv
 import functools
 import io
+import itertools
 import json
 import math
 import os
@@ -265,7 +266,7 @@ def _decode_audio(container, path, until=None):
         vs = container.streams.video[0]
         v0 = float(vs.start_time * vs.time_base)
     tb = float(stream.time_base) if stream.time_base else None  # float once: Fractions per frame are slow
-    runs, first, reason = [], None, None   # runs: [rate, [mono chunks]] of consecutive same-rate frames
+    chunks, first, reason = [], None, None   # chunks: (sample rate, mono samples) of each frame
     try:
         for frame in container.decode(stream):
             t = frame.pts * tb if frame.pts is not None and tb else None
@@ -273,25 +274,19 @@ def _decode_audio(container, path, until=None):
                 first = t
             if until is not None and t is not None and t - v0 > until:
                 break
-            x = _frame_mono(frame)
-            if not runs or runs[-1][0] != frame.sample_rate:
-                runs.append([frame.sample_rate, []])
-            runs[-1][1].append(x)
+            chunks.append((frame.sample_rate, _frame_mono(frame)))
     except Exception as e:  # broken packets: keep what decoded
         reason = f"audio decoding stopped early: {type(e).__name__}: {e}"
-    # one resampling call per run (torchaudio's windowed sinc; a per-frame resampler costs 4x more)
+    # one resampling call per run of same-rate frames (torchaudio's windowed sinc; per frame costs 4x more)
     parts = []
-    for rate, chunks in runs:
-        x = torch.from_numpy(np.concatenate(chunks))
+    for rate, run in itertools.groupby(chunks, key=lambda chunk: chunk[0]):
+        x = torch.from_numpy(np.concatenate([mono for _, mono in run]))
         parts.append((_resampler(rate)(x) if rate != SAMPLE_RATE else x).numpy())
     if not parts or not sum(len(p) for p in parts):
         return None, reason or "audio stream decodes to nothing"
     wave = np.concatenate(parts).astype(np.float32)
     shift = int(round(((first if first is not None else v0) - v0) * SAMPLE_RATE))
-    if shift > 0:
-        wave = np.concatenate([np.zeros(shift, np.float32), wave])
-    elif shift < 0:
-        wave = wave[-shift:]
+    wave = np.pad(wave, (shift, 0)) if shift > 0 else wave[-shift:]  # zeros in front, or samples dropped
     return wave, reason
 
 
@@ -782,17 +777,15 @@ def list_videos(root, dataset, out, workers=0):
             for v, raw in zip(missing, tqdm(found, total=len(paths), desc="title tags", disable=len(paths) < 200)):
                 v["title"] = _clean_title(raw, v["path"], errors)
 
-    videos.sort(key=lambda v: (v["id"], v["path"]))
-    unique, seen = [], {}
-    for v in videos:
+    unique = {}  # id -> video, in id order
+    for v in sorted(videos, key=lambda v: (v["id"], v["path"])):
         v.pop("youtube_id", None)
-        if v["id"] in seen:
-            errors.append(dict(path=v["path"], reason=f"duplicate id {v['id']!r} (also {seen[v['id']]})",
+        if v["id"] in unique:
+            errors.append(dict(path=v["path"], reason=f"duplicate id {v['id']!r} (also {unique[v['id']]['path']})",
                                action="skipped"))
-            continue
-        seen[v["id"]] = v["path"]
-        unique.append(v)
-    return dataset, unique, errors
+        else:
+            unique[v["id"]] = v
+    return dataset, list(unique.values()), errors
 
 
 def read_titles_csv(path, errors):
@@ -1102,29 +1095,24 @@ def merge_shards(out, listing, args_dict, shapes, dataset, backbone, tokenizer_n
 # the reader: FeatureCache (pretrain.py and probe.py import it)
 
 class FeatureCache:
-    """Read-only view of a finished cache: every shard array memory-mapped, nothing copied.
+    """Read-only view of a finished cache, every shard array memory-mapped (README: Feature cache).
 
-        cache = FeatureCache("data/k700/lava_cache")
         cache[i] -> dict(patches=(U,G,G,F) float16, window=(C,T) int32, frames=(C,) int16,
                          audio=(C,80,A) float16, tokens=(128,) int32, has_audio=bool, has_text=bool)
-        item["patches"][item["window"]] -> (C,T,G,G,F): the features of every clip's frames (copied out)
+        item["patches"][item["window"][c]] -> (T,G,G,F): reads only clip c's frames from the memory map
         cache.videos[i] -> {"id", "path", "label", "split", "title"};  cache.index(video_id) -> i
 
-    patches are the video's distinct frames (a view of the memory map, nothing read yet): index them with the
-    part of window a clip needs, so that only those frames are read. The manifest is written last, so it means
-    every shard it lists is complete; each shard's shapes and dtypes are still checked against it, so that a
-    hand-edited or mixed-up cache fails here, with the file named, not deep inside a training step.
+    The manifest is written last, so every shard it lists is complete; shapes, dtypes and patch indices are still
+    checked, so that a hand-edited or mixed-up cache fails here, with the file named, not inside a training step.
     """
 
     def __init__(self, path):
         self.path = Path(path)
         manifest_path = self.path / "manifest.json"
         if not manifest_path.is_file():
-            hint = ""
-            if any(self.path.glob("shard_*")):
-                hint = (" Shards exist but the run did not finish: re-run the same prepare.py command "
-                        "(finished shards are kept), or `python prepare.py --root ... --merge` once all "
-                        "shard-index jobs are done.")
+            hint = (" Shards exist but the run did not finish: re-run the same prepare.py command (finished shards "
+                    "are kept), or `python prepare.py --root ... --merge` once all shard-index jobs are done."
+                    if any(self.path.glob("shard_*")) else "")
             raise FileNotFoundError(f"{manifest_path} not found: not a finished LAVA feature cache.{hint} "
                                     "Make one with `python prepare.py --root DATASET_DIR --out CACHE_DIR`.")
         self.manifest = json.loads(manifest_path.read_text())
@@ -1133,7 +1121,7 @@ class FeatureCache:
                              f"{self.manifest.get('version')!r}, expected {CACHE_FORMAT!r} version {CACHE_VERSION}: "
                              "made by another prepare.py; build it again with this one into a new --out")
         shapes = self.manifest["shapes"]
-        self.shards, self.videos, starts = [], [], []
+        self.shards, self.videos, self._starts = [], [], []  # _starts: each shard's first video, for bisect
         for name in self.manifest["shards"]:
             shard_dir = self.path / name
             arrays = {}
@@ -1160,10 +1148,9 @@ class FeatureCache:
                                or (windows.max(axis=1, initial=0) >= ends - first).any()):
                 raise ValueError(f"{shard_dir}: first_patch.npy / window.npy do not index {PATCHES}.npy consistently")
             arrays["patch_end"] = ends
-            starts.append(len(self.videos))
+            self._starts.append(len(self.videos))
             self.videos.extend(rows)
             self.shards.append(arrays)
-        self._starts = starts  # global index of each shard's first video, for bisect
         if self.manifest.get("num_videos") not in (None, len(self.videos)):
             raise ValueError(f"{manifest_path}: num_videos {self.manifest['num_videos']} but the shards hold "
                              f"{len(self.videos)}")
