@@ -625,7 +625,7 @@ def main(argv=None):
     if args.list_only:
         print(f"prepare: listing and tokenizer in {out}; now run the shard jobs")
         return 0
-    merge = (out, listing, args_dict, shapes, dataset, args.backbone, tok_name)
+    merge = (out, listing, args_dict, shapes, tok_name)
     if args.merge:
         return merge_shards(*merge, strict=True)
 
@@ -1051,7 +1051,7 @@ def _write_atomic(path, text):
     os.replace(tmp, path)
 
 
-def merge_shards(out, listing, args_dict, shapes, dataset, backbone, tokenizer_name, strict=False):
+def merge_shards(out, listing, args_dict, shapes, tokenizer_name, strict=False):
     """All shards present -> prepare_errors.jsonl + manifest.json (written last), a summary printed, exit status 0.
     Reads no video. Shards missing: says so; exit status 1 if `strict` (--merge: a SLURM dependency chain notices),
     else 0 (a shard job that did its part succeeded)."""
@@ -1076,7 +1076,8 @@ def merge_shards(out, listing, args_dict, shapes, dataset, backbone, tokenizer_n
         nbytes += sum((out / nm / f"{key}.npy").stat().st_size for key in (*SHARD_ARRAYS, PATCHES))
     _write_atomic(out / "prepare_errors.jsonl", "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in errors))
     kinds = Counter(e["reason"].split(" '")[0].split(' "')[0].split(": ")[0].split(" (")[0] for e in errors)
-    m = dict(format=CACHE_FORMAT, version=CACHE_VERSION, dataset=dataset, config=args_dict,
+    backbone = args_dict["backbone"]
+    m = dict(format=CACHE_FORMAT, version=CACHE_VERSION, dataset=args_dict["dataset"], config=args_dict,
              backbone=backbone, backbone_seed=0 if backbone == "random" else None, shards=kept,
              shapes=shapes, num_videos=num_videos, missing=dict(audio=miss_a, text=miss_t),
              bytes_per_video=int(round(nbytes / max(num_videos, 1))),
