@@ -478,7 +478,8 @@ def _train_rate(cfg, batch_size, device, steps=20, warmup=3, compiled=False, com
     """Clips/s of pretrain.py's training step (loss_fn + backward + fused AdamW) on one device-resident batch.
 
     The batch is made as the loader delivers it (f16 video features, f32 log-mel, all modalities present) and
-    moved once, as gpu_anchor.py does; pretrain.py overlaps that copy with compute. Titles: 128 real tokens
+    moved once, as gpu_anchor.py does (pretrain.py copies each batch from pinned memory, non-blocking, on the
+    compute stream: not counted here). Titles: 128 real tokens
     (the anchor's shapes), or `title_tokens` then padding, trimmed on the CPU as pretrain.py does.
     """
     import time
