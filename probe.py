@@ -459,7 +459,8 @@ def main(argv=None):
             result = evaluate_checkpoint(args, args.checkpoint, root, cache, split_data, resolved, modalities, grid)
             result["time_s"] = time.time() - t0
             name = f"probe_{args.dataset}{'_random' if args.checkpoint == 'random' else ''}.json"
-            out = write_results(result, args.out or Path(result.pop("_run_dir") or "runs") / name)
+            run_dir = result.pop("_run_dir")
+            out = write_results(result, args.out or Path(run_dir or "runs") / name)
             print(markdown_table(result))
             print(f"wrote {out} and {out.with_suffix('.md')} ({result['time_s']:.0f} s)")
             return 0

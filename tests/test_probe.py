@@ -380,6 +380,7 @@ def test_cli_end_to_end_random_and_pretrained(tmp_path, capsys):
         assert len(video) == 3 and res["mean"]["video"] == pytest.approx(np.mean(video))
         assert res["std"]["video"] == pytest.approx(np.std(video, ddof=1))
         assert res["missing_audio"]["videos_without_audio"] == 3
+        assert not [k for k in res if k.startswith("_")]  # private keys (_run_dir) stay out of the JSON
     assert r["checkpoint"] == "random" and r["checkpoint_sha256"] is None and r["model_config"] == p["model_config"]
     assert p["checkpoint_sha256"] == hashlib.sha256(ckpt.read_bytes()).hexdigest() and p["epoch"] == 3
     assert "zero-shot" in p["mean"] and p["splits"][0]["missing_audio"]["test"] + p["splits"][0]["missing_audio"][
