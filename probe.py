@@ -687,10 +687,12 @@ def latest_checkpoint(runs="runs"):
     return found[-1]
 
 
-def read_checkpoint(path):
+def read_checkpoint(path, flag="--checkpoint"):
     from pretrain import load_checkpoint
 
-    ckpt = load_checkpoint(path)  # a missing file: FileNotFoundError, which main prints as a message
+    if not Path(path).is_file():  # one line naming the flag, not torch's bare [Errno 2] or IsADirectoryError
+        raise ProbeError(f"{flag}: checkpoint {path} not found" + (" (a directory)" if Path(path).is_dir() else ""))
+    ckpt = load_checkpoint(path)
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model" not in ckpt.get("config", {}):
         raise ProbeError(f"{path} is not a pretrain.py checkpoint (needs 'model' and config['model'])")
     return ckpt
@@ -703,7 +705,7 @@ def load_model(args, checkpoint, cache):
     import pretrain
     from model import LAVA, LAVAConfig
 
-    reference = LAVAConfig.from_dict(read_checkpoint(args.config_from)["config"]["model"]) if args.config_from else None
+    reference = LAVAConfig.from_dict(read_checkpoint(args.config_from, "--config-from")["config"]["model"]) if args.config_from else None
     if checkpoint == "random":
         if reference is not None:
             config, source = reference, f"--config-from {args.config_from}"

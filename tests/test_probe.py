@@ -547,6 +547,13 @@ def test_checkpoint_of_another_config_is_a_clear_error(tmp_path, capsys):
     torch.save(bad, tmp_path / "bad.pt")
     assert probe.main(base + ["--checkpoint", str(tmp_path / "bad.pt")]) == 2
     assert "do not fit its own config" in capsys.readouterr().err
+    # a missing file or a folder: one line naming the flag, no traceback
+    for flag, path in (("--checkpoint", tmp_path / "runs/a"), ("--checkpoint", tmp_path / "no.pt"),
+                       ("--config-from", tmp_path / "no.pt")):
+        extra = ["--checkpoint", "random"] if flag == "--config-from" else []
+        assert probe.main(base + extra + [flag, str(path)]) == 2
+        assert capsys.readouterr().err == f"probe.py: error: {flag}: checkpoint {path} not found" + (
+            " (a directory)\n" if path.is_dir() else "\n")
 
 
 # ----------------------------------------------------------------------------------------------------------------
