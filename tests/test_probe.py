@@ -131,6 +131,9 @@ def test_same_seed_same_probe_and_zero_init_needs_no_other_randomness():
     np.testing.assert_array_equal(a.coef_, b.coef_)
     c = LinearProbe(epochs=4, random_state=6).fit(X, y)
     assert not np.array_equal(a.coef_, c.coef_)  # the seed is the batch order
+    state = torch.get_rng_state()
+    LinearProbe(epochs=1).fit(X, y)
+    assert torch.equal(torch.get_rng_state(), state)  # torch's global generator is left alone
 
 
 @parametrize_with_checks([LinearProbe(epochs=5)])
