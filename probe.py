@@ -873,6 +873,9 @@ def summary_table(paths):
     configs = {}
     for path in paths:
         r = json.loads(Path(path).read_text())
+        if r.get("task") == "checkpoint-series":  # `--summary runs/X/probe_*.json` also matches probe_<ds>_series.json
+            print(f"--summary: skipped {path}, a --checkpoints series (its points: the file's .png)", file=sys.stderr)
+            continue
         if r.get("task") == "retrieval":
             for direction, m in r["retrieval"].items():
                 lines.append(f"| {r['dataset']} val | {r['checkpoint']} | {direction} R@1/5/10 MedR | "

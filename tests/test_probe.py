@@ -492,7 +492,7 @@ def test_cli_probe_finds_the_class_signal_with_the_papers_probe(tmp_path, monkey
     assert res["hyperparameter_grid"]["lr"] == 1e-4 and res["hyperparameter_grid"]["batch_size"] == 32
 
 
-def test_cli_hmdb51_video_only_and_checkpoint_series(tmp_path):
+def test_cli_hmdb51_video_only_and_checkpoint_series(tmp_path, capsys):
     root = make_hmdb_root(tmp_path / "hmdb51")
     for e in (1, 2):
         make_checkpoint(tmp_path / f"runs/x/epoch_{e:03d}.pt", root / "lava_cache", seed=e, epoch=e)
@@ -515,6 +515,11 @@ def test_cli_hmdb51_video_only_and_checkpoint_series(tmp_path):
         assert strip(point["splits"]) == strip(single["splits"])
         stored = stored_embeddings(root / "lava_cache", Path(single["embeddings"]).name)
         np.testing.assert_allclose(stored["z_v"], direct_embeddings(ckpt, root / "lava_cache")["z_v"], atol=1e-5)
+    # --summary over a glob that also holds the series file: the series is skipped with a note
+    capsys.readouterr()
+    assert probe.main(["--summary", str(out), str(tmp_path / "alone_1.json")]) == 0
+    text, err = capsys.readouterr()
+    assert f"skipped {out}, a --checkpoints series" in err and text.count("| hmdb51 |") == 1
 
 
 def test_videos_missing_from_the_cache_error_or_loud_warning(tmp_path, capsys):
