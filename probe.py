@@ -532,6 +532,9 @@ def run_retrieval(args, root, cache):
     t0 = time.time()
     args.checkpoint = args.checkpoint or str(latest_checkpoint())
     model, info = load_model(args, args.checkpoint, cache)
+    if cache.tokenizer and cache.tokenizer.vocab_size != model.config.text.vocab_size:  # else an IndexError
+        raise ProbeError(f"{cache.path}'s tokenizer has {cache.tokenizer.vocab_size} ids but the text encoder of "
+                         f"{info['checkpoint']} has {model.config.text.vocab_size}: not this cache's tokenizer")
     emb = load_or_extract_embeddings(model, cache, info, args.batch_clips, args.device, args.embeddings_dir,
                                      args.recompute, text=True)
     val_idx = np.array([i for i, v in enumerate(cache.videos) if v.get("split") == "val"], dtype=int)
@@ -709,8 +712,9 @@ def load_model(args, checkpoint, cache):
     if checkpoint == "random":
         if reference is not None:
             config, source = reference, f"--config-from {args.config_from}"
-        elif args.model:  # what `pretrain.py --model NAME` trains on a cache of these shapes (no tokenizer: 2 ids)
-            config = pretrain.build_config(argparse.Namespace(**pretrain.PRESETS[args.model]), cache.manifest, None)
+        elif args.model:  # what `pretrain.py --model NAME` trains on this cache (its tokenizer, if any)
+            config = pretrain.build_config(argparse.Namespace(**pretrain.PRESETS[args.model]), cache.manifest,
+                                           cache.tokenizer)
             source = f"--model {args.model}"
         else:
             latest = latest_checkpoint()

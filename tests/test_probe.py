@@ -614,7 +614,7 @@ def test_retrieval_of_known_matches(tmp_path):
     assert masked["video->text"]["n"] == n - 1 and masked["video->text"]["R@1"] == 100.0
 
 
-def test_cli_retrieval_masks_missing_modalities(tmp_path):
+def test_cli_retrieval_masks_missing_modalities(tmp_path, capsys):
     cache = write_feature_cache(tmp_path / "k700/lava_cache", n_videos=36, frames=20, grid=2,
                                 missing_audio=(0, 6), missing_text=(12,))
     ckpt = make_checkpoint(tmp_path / "runs/x/ckpt_last.pt", cache)
@@ -642,6 +642,16 @@ def test_cli_retrieval_masks_missing_modalities(tmp_path):
         ranks = brute_force_ranks(sim)
         want = {f"R@{k}": 100 * np.mean(ranks <= k) for k in (1, 5, 10)}
         assert res["retrieval"][name] == pytest.approx(dict(want, MedR=np.median(ranks), n=len(ranks)))
+    # random init: --model sizes the text table by the cache's tokenizer; a config of another vocabulary: an error
+    args = ["--retrieval", "--root", str(tmp_path / "k700"), "--checkpoint", "random", "--device", "cpu", "--out",
+            str(tmp_path / "random.json")]
+    assert probe.main(args + ["--model", "tiny"]) == 0
+    other = torch.load(ckpt, weights_only=True)
+    other["config"]["model"]["text"].update(vocab_size=50, pad_id=49)
+    torch.save(other, tmp_path / "vocab50.pt")
+    capsys.readouterr()
+    assert probe.main(args + ["--config-from", str(tmp_path / "vocab50.pt")]) == 2
+    assert "has 50: not this cache's tokenizer" in capsys.readouterr().err
 
 
 def test_random_init_is_fixed_by_the_seed_and_shares_the_config(tmp_path):
