@@ -208,8 +208,11 @@ def validation_split(y, split_groups, val_fraction=0.2, random_state=0):
     first fold) -> (train_rows, val_rows). UCF-101's groups are the "gXX" groups the official splits hold out (so
     validation, like test, sees new actors and scenes), HMDB-51's the videos."""
     n_groups = len(np.unique(split_groups))  # StratifiedGroupKFold itself refuses a single group
-    folds = StratifiedGroupKFold(n_splits=max(2, min(round(1 / val_fraction), n_groups)), shuffle=True,
-                                 random_state=random_state)
+    n_splits, largest = max(2, min(round(1 / val_fraction), n_groups)), np.unique(y, return_counts=True)[1].max()
+    if largest < n_splits:  # scikit-learn's "n_splits=5 cannot be greater than the number of members in each class"
+        raise ProbeError(f"the probe's validation split (1/{n_splits} of the training videos of each class) needs "
+                         f"{n_splits} training clips per class; every class here has fewer (at most {largest})")
+    folds = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=random_state)
     with warnings.catch_warnings():  # "least populated class has only k members": expected on small splits
         warnings.simplefilter("ignore", UserWarning)
         return next(folds.split(np.zeros(len(y)), y, split_groups))

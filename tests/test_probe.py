@@ -212,6 +212,9 @@ def test_validation_split_keeps_groups_whole():
         assert len(tr) + len(va) == len(ids) and not set(groups[tr]) & set(groups[va])
         assert set(y[va]) == {0, 1, 2}  # stratified: every class is validated
     assert probe.ucf_group("HandstandPushups/v_HandStandPushups_g08_c01.avi") == "HandstandPushups/g08"
+    # a cache too small for 5 folds in any class: a one-line ProbeError, not scikit-learn's ValueError
+    with pytest.raises(ProbeError, match="needs 5 training clips per class; every class here has fewer .at most 4"):
+        probe.validation_split(np.repeat([0, 1, 2], 4), np.arange(12))
 
 
 def test_hyperparameter_choice_never_sees_test_rows(monkeypatch):
