@@ -11,13 +11,14 @@ a pre-training-epoch series (Figure 3) and K700 retrieval.
 
 The paper's evaluation (Section 3: "a linear classifier on top of the frozen LAVA video encoder using a 1e-4 learning
 rate and a batch size of 32 ... logits are averaged across multiple clips per test set video. Top-1 accuracy is
-averaged across all 3 splits"; HMDB-51 video only), in the order of this file:
+averaged across all 3 splits"; HMDB-51 video only), in the order of this file's sections:
 1. `LinearProbe`, a scikit-learn estimator: one linear layer on standardised clip embeddings, Adam, lr 1e-4, batch
    32; `select_hyperparameters` chooses the epochs and weight decay the paper does not give.
-2. `extract_embeddings`: every clip of the cache once through the frozen encoders, z_v for "video", [z_v, z_a] for
-   "audio+video" (stored per checkpoint and cache by `load_or_extract_embeddings`).
-3. `evaluate_probe` per official split; zero-shot; then `evaluate_retrieval` for K700.
-4. `main` -> `evaluate_checkpoint` (every split and modality, mean and sample std: the results JSON's keys) ->
+2. `extract_embeddings`: every clip of the cache once through the frozen encoders, z_v, z_a and z_t (stored per
+   checkpoint and cache by `load_or_extract_embeddings`).
+3. one official split: `modality_features` (z_v for "video", [z_v, z_a] for "audio+video"), `evaluate_probe`; zero-shot.
+4. `evaluate_retrieval` for K700.
+5. `main` -> `evaluate_checkpoint` (every split and modality, mean and sample std: the results JSON's keys) ->
    `evaluate_probe`; the machinery after: split lists, checkpoints, embedding files, results tables, the CLI.
 """
 import argparse
@@ -63,7 +64,7 @@ MISSING_AUDIO_TREATMENT = ("audio+video: the audio embedding of a video without 
                            "audio half of the probe adds nothing to that video's logits)")
 # zero-shot: class names written as web-video titles (the text LAVA saw in pre-training), averaged over templates
 ZERO_SHOT_TEMPLATES = ("{}", "a video of {}", "{} video", "how to {}", "people {} on youtube")
-MEL_PER_FRAME = 10  # 10 ms mel hop at 10 fps video: frame s starts at mel column 10 s (README, Feature cache)
+LOGIT_ROWS = 8192  # rows per step of LinearProbe's logits: float64 copies of real UCF (95k x 2048) would be 1.5 GB
 
 
 class ProbeError(Exception):
@@ -148,9 +149,9 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         check_is_fitted(self)
         X = validate_data(self, X, reset=False, dtype=[np.float64, np.float32])
         logits = np.empty((X.shape[0], len(self.classes_)))
-        for start in range(0, X.shape[0], 8192):  # chunks: float64 copies of real UCF (95k x 2048) would be 1.5 GB
-            chunk = (np.asarray(X[start:start + 8192], dtype=np.float64) - self.mean_) / self.scale_
-            logits[start:start + 8192] = chunk @ self.coef_.T + self.intercept_
+        for start in range(0, X.shape[0], LOGIT_ROWS):
+            chunk = (np.asarray(X[start:start + LOGIT_ROWS], dtype=np.float64) - self.mean_) / self.scale_
+            logits[start:start + LOGIT_ROWS] = chunk @ self.coef_.T + self.intercept_
         return logits if groups is None else group_mean(logits, groups)[1]
 
     def decision_function(self, X, groups=None):
@@ -252,9 +253,11 @@ def extract_embeddings(model, cache, batch_clips=64, device="cpu", text=True):
     those rows are never read as data.
 
     Window: the central cfg.video.frames frames of each stored clip (frames 0..15 of a 16-frame UCF/HMDB clip; the
-    central 16 of K700's 20) and the mel frames aligned with them (README, Feature cache: mel offset = 10 x frame offset).
+    central 16 of K700's 20) and the mel frames aligned with them (README, Feature cache: mel offset = 10 x frame).
     """
     from tqdm import tqdm
+
+    from pretrain import MEL_PER_FRAME  # 10 ms mel hop at 10 fps: frame s starts at mel column 10 s
 
     model.eval()
     cfg, shapes = model.config, cache.manifest["shapes"]
@@ -309,6 +312,8 @@ def modality_features(emb, modality, train_idx):
     """
     if modality == "video":
         return emb["z_v"], 0
+    if modality != "audio+video":
+        raise ValueError(f"modality_features: unknown modality {modality!r} (video or audio+video)")
     has = emb["has_audio"].astype(bool)
     z_a = emb["z_a"].copy()
     train_with_audio = train_idx[has[train_idx]]
@@ -334,8 +339,8 @@ def evaluate_probe(emb, resolved, modality, ids, grid, seed=0, device="cpu", ucf
     Xtr, ytr, gtr = clip_rows(features, tr_idx, tr_y)
     Xte, yte, gte = clip_rows(features, te_idx, te_y)
     split_groups = np.array([ucf_group(ids[i]) for i in gtr]) if ucf_groups else gtr
-    # One CPU thread while the probe trains: its steps are tiny (32 rows), and on a busy 2-core machine two threads
-    # made the demo-size selection 20x slower (42-49 vs 2.0 CPU-s, BENCHMARKS.md). The encoders keep every thread.
+    # One CPU thread while the probe trains: its steps are tiny (32 rows), so on a busy machine a second thread only
+    # spins, waiting for a core (BENCHMARKS.md, Linear probe training). The encoders keep every thread.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

@@ -258,6 +258,8 @@ def test_missing_audio_becomes_the_training_mean():
     assert n_missing == 2 and feats.shape == (N, C, 7)
     np.testing.assert_allclose(feats[[1, 7], :, 3:], np.broadcast_to(fill, (2, C, 4)))
     np.testing.assert_allclose(feats[:, :, :3], emb["z_v"])
+    with pytest.raises(ValueError, match="unknown modality 'audio'"):  # not silently audio+video
+        probe.modality_features(emb, "audio", train)
     # after the probe's standardisation the imputed audio is 0 exactly when it equals the standardisation mean;
     # with every training row at the same constant it must be 0, not -mean/std
     p = LinearProbe(epochs=1).fit(np.c_[rng.normal(size=(8, 1)), np.full((8, 1), 2.5)], np.arange(8) % 2)
