@@ -266,6 +266,22 @@ def test_missing_audio_becomes_the_training_mean():
     assert p.scale_[1] == 1.0 and p.mean_[1] == 2.5
 
 
+def test_evaluate_probe_restores_the_thread_count_after_an_exception(monkeypatch):
+    seen = []
+
+    def failing_search(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        raise RuntimeError("stop")
+
+    monkeypatch.setattr(probe, "select_hyperparameters", failing_search)
+    emb = dict(z_v=np.zeros((4, 1, 3)), has_audio=np.ones(4, bool))
+    resolved = dict(train=(np.arange(2), np.arange(2)), test=(np.arange(2, 4), np.arange(2)))
+    torch.set_num_threads(2)  # the autouse fixture restores the count it found
+    with pytest.raises(RuntimeError, match="stop"):
+        probe.evaluate_probe(emb, resolved, "video", None, dict(epochs=(1,), weight_decay=(0.0,)))
+    assert seen == [1] and torch.get_num_threads() == 2
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # CLI end to end on a write_feature_cache cache with hand-made split folders
 
