@@ -33,6 +33,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -157,7 +158,7 @@ def _square(img, size):
     """Any decoded picture -> RGB uint8 (size, size, 3): centre square, resized.
 
     Shrinking: an exact k x k box filter (INTER_AREA's fast path) to between 1x and 2x the target, then bilinear:
-    a plain INTER_AREA resize's anti-aliasing at a quarter of its cost. Colour conversion last, on the small picture.
+    a plain INTER_AREA resize's anti-aliasing for less work. Colour conversion last, on the small picture.
     """
     import cv2
     h, w = img.shape[:2]
@@ -277,7 +278,7 @@ def _decode_audio(container, path, until=None):
             chunks.append((frame.sample_rate, _frame_mono(frame)))
     except Exception as e:  # broken packets: keep what decoded
         reason = f"audio decoding stopped early: {type(e).__name__}: {e}"
-    # one resampling call per run of same-rate frames (torchaudio's windowed sinc; per frame costs 4x more)
+    # one resampling call per run of same-rate frames (torchaudio's windowed sinc, whose cost is mostly per call)
     parts = []
     for rate, run in itertools.groupby(chunks, key=lambda chunk: chunk[0]):
         x = torch.from_numpy(np.concatenate([mono for _, mono in run]))
@@ -287,6 +288,8 @@ def _decode_audio(container, path, until=None):
     wave = np.concatenate(parts).astype(np.float32)
     shift = int(round(((first if first is not None else v0) - v0) * SAMPLE_RATE))
     wave = np.pad(wave, (shift, 0)) if shift > 0 else wave[-shift:]  # zeros in front, or samples dropped
+    if not len(wave):
+        return None, reason or "the audio ends before the first video frame"
     return wave, reason
 
 
@@ -305,7 +308,7 @@ def _frame_mono(frame):
 @functools.lru_cache(maxsize=None)
 def _resampler(rate):
     """`rate` -> SAMPLE_RATE on (n,) float32 tensors: torchaudio's windowed sinc, the kernel built once per rate
-    (building it costs more than resampling a 10 s clip with it)."""
+    (building it costs more than using it on a clip)."""
     import torch
     import torchaudio
     return torchaudio.transforms.Resample(rate, SAMPLE_RATE, dtype=torch.float32)
@@ -854,10 +857,11 @@ def decode_stream(jobs, workers, timeout=None, fn=None):
         yield from map(fn, jobs)
         return
     jobs, pending, nxt, solo_until = list(jobs), deque(), 0, 0
-    if os.path.isdir("/dev/shm") and shutil.disk_usage("/dev/shm").free < 2 * workers * 25e6:
-        print(f"prepare: /dev/shm has {shutil.disk_usage('/dev/shm').free / 1e6:.0f} MB free and the decoded frames pass "
-              f"through it (up to 2 x --workers videos of up to 25 MB): give it room (docker run --shm-size 4g) or "
-              f"lower --workers: the hand-off fails once it is full", file=sys.stderr)
+    shm_free = shutil.disk_usage("/dev/shm").free if os.path.isdir("/dev/shm") else math.inf
+    if shm_free < 2 * workers * 25e6:
+        print(f"prepare: /dev/shm has {shm_free / 1e6:.0f} MB free and the decoded frames pass through it (up to "
+              f"2 x --workers videos of up to 25 MB): give it room (docker run --shm-size 4g) or lower --workers; "
+              f"videos that do not fit go through a pipe, slower", file=sys.stderr)
     ex = _spawn_pool(workers)
     try:
         while nxt < len(jobs) or pending:
@@ -900,7 +904,10 @@ def _in_shared_memory(fn, job):
     result = fn(job)
     if isinstance(result, dict) and isinstance(result.get("frames"), np.ndarray):
         import torch
-        result["frames"] = torch.from_numpy(result["frames"])
+        try:  # moved into shared memory here, so that a full /dev/shm costs this video the pipe's speed, not the run
+            result["frames"] = torch.from_numpy(result["frames"]).share_memory_()
+        except (RuntimeError, OSError):
+            pass  # the numpy array goes through the pool's pipe instead
     return result
 
 
@@ -1025,7 +1032,8 @@ class ShardWriter:
         except OSError:
             if not self.final.is_dir():
                 raise
-            # another job (same --shard-index twice) finished this shard first: same bytes, keep theirs
+            # the shard appeared meanwhile (two jobs with the same --shard-index, an unsupported set-up: each removes
+            # the temp folders it finds at its start); same bytes, keep it
             shutil.rmtree(self.tmp, ignore_errors=True)
 
     def abort(self):
@@ -1185,4 +1193,7 @@ class FeatureCache:
 
 
 if __name__ == "__main__":
+    # SIGTERM (timeout, docker stop, a scheduler's requeue) unwinds like Ctrl-C: the unfinished shard's temp folder
+    # is removed, the decode processes are stopped, finished shards stay for the re-run
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     sys.exit(main())

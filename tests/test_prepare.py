@@ -519,7 +519,9 @@ def test_frame_encoder_batches_equal_frames_alone():
     enc.batch[:] = 0
     assert not np.allclose(enc(3), together)
     np.testing.assert_allclose(together, np.stack(alone), rtol=1e-3, atol=1e-3)  # not a view of the buffer
-    assert together.shape == (3, 1, 1, 512) and together.dtype == np.float16 and enc.frames_done == 9
+    enc.batch[:] = frames
+    assert np.array_equal(enc(3), together)  # the same batch, the same bytes: what a byte-identical resume needs
+    assert together.shape == (3, 1, 1, 512) and together.dtype == np.float16 and enc.frames_done == 12
 
 
 def test_bad_inputs_never_stop_a_run(tmp_path):
@@ -633,6 +635,25 @@ def test_decode_stream_hands_frames_over_in_shared_memory(tmp_path):
     stream = prepare.decode_stream(jobs, workers=2)
     assert np.array_equal(next(stream)["frames"], inline[0]["frames"])
     stream.close()
+
+
+def _shm_full(k):
+    """A worker whose shared-memory segments cannot grow past 1 MiB (a file-size limit stands in for a full
+    /dev/shm, whose tmpfs answers the same way); video 1 hands over 6 MB of frames, the others 1 KiB."""
+    import resource
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, resource.RLIM_INFINITY))
+    return dict(ok=True, k=k, frames=np.full((40 if k == 1 else 1, 224 if k == 1 else 16, 224 if k == 1 else 16, 3),
+                                             k, np.uint8))
+
+
+def test_decode_stream_falls_back_to_the_pipe_when_shared_memory_is_full():
+    # a video whose frames do not fit in /dev/shm (docker's 64 MB default) travels through the pool's pipe: the
+    # run goes on and its frames arrive whole, where the hand-off's RuntimeError once stopped the run
+    out = list(prepare.decode_stream([0, 1, 2], workers=2, timeout=60, fn=_shm_full))
+    assert [r["k"] for r in out] == [0, 1, 2] and out[1]["frames"].shape == (40, 224, 224, 3)
+    assert all((r["frames"] == r["k"]).all() for r in out)
+    assert out[0]["frames"].base.is_shared() and not hasattr(out[1]["frames"].base, "is_shared")
 
 
 def test_decode_stream_tears_its_pools_down_before_returning(monkeypatch):

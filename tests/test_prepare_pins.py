@@ -326,6 +326,35 @@ def test_kill_9_then_rerun_equals_one_run_file_for_file(k700_single, tmp_path, w
         shutil.rmtree(out, ignore_errors=True)  # the next test writes to the same --out
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds the decode workers in /proc")
+def test_sigterm_to_the_main_process_stops_its_workers_and_leaves_no_temp_shard(k700_single, tmp_path):
+    """SIGTERM to prepare's main process alone (timeout, docker stop): it unwinds like Ctrl-C, so its decode
+    workers stop, the unfinished shard's temp folder goes, finished shards stay, and the re-run completes the cache."""
+    root, out, single = k700_single
+    proc = subprocess.Popen([sys.executable, str(ROOT / "prepare.py"), "--root", str(root), "--out", str(out),
+                             "--workers", "2", *K700_FLAGS], cwd=ROOT, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while proc.poll() is None and time.time() < deadline and not (mid_run(out) and group_size(proc.pid) >= 2):
+            time.sleep(0.001)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+        deadline = time.time() + 10
+        while group_size(proc.pid) and time.time() < deadline:
+            time.sleep(0.05)
+        assert group_size(proc.pid) == 0, "decode workers outlived the main process"
+        assert not shard_in_progress(out) and sum(map(is_shard, entries(out))) >= 1
+        run_prepare("--root", root, "--out", out, "--workers", "0", *K700_FLAGS)
+        assert_same_cache(out, single)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        shutil.rmtree(out, ignore_errors=True)  # the next test writes to the same --out
+
+
 # ----------------------------------------------------------------------------------------------------
 # 3. timestamps, checked against PyAV on each container
 
@@ -378,3 +407,13 @@ def test_audio_time_zero_is_the_video_streams_start(tmp_path):
     energy = mel.max(axis=0)
     rise = np.flatnonzero(energy > (energy.min() + energy.max()) / 2)[0]
     assert abs(rise - (onset + 0.475) / 0.01) <= 2, (rise, onset)
+
+
+def test_audio_that_ends_before_the_video_starts_is_no_audio_not_silence(tmp_path):
+    """0.5 s of a tone, then a video that starts at 1 s: nothing of the audio is left at t >= 0, which is said as
+    such (prepare_errors.jsonl), not taken for a silent track."""
+    wave = (0.5 * np.sin(2 * np.pi * 440 * np.arange(SR // 2) / SR)).astype(np.float32)
+    path = write_video(tmp_path / "after.mkv", [1000 + 100 * i for i in range(10)], MS, audio=wave, audio_codec="flac")
+    _, v0, a0 = pyav_view(path)
+    assert v0 - a0 > 0.9  # the file is what this test means
+    assert load_audio(path) == (None, "the audio ends before the first video frame")
