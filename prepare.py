@@ -210,12 +210,7 @@ def log_mel_windows(wave, starts, audio_frames):
     the middle of video frames s .. s+15 (each on screen for 100 ms). Samples outside the file are zeros
     (constant padding), so the mel there is log(1e-6), the value of silence.
     """
-    global _MEL
     import torch
-    import torchaudio
-    if _MEL is None:
-        _MEL = torchaudio.transforms.MelSpectrogram(sample_rate=SAMPLE_RATE, n_fft=N_FFT, win_length=N_FFT,
-                                                    hop_length=HOP, n_mels=N_MELS, center=True, pad_mode="constant")
     m0 = FPS * np.asarray(starts, dtype=np.int64) - 47
     lo, hi = int(m0.min()), int(m0.max()) + audio_frames  # mel frames [lo, hi) cover every clip
     # x[f * HOP] is the centre of mel frame lo + f, i.e. sample (lo + f) * HOP - HOP // 2 of the wave
@@ -225,12 +220,17 @@ def log_mel_windows(wave, starts, audio_frames):
     if s1 > s0:
         x[s0 - a:s1 - a] = wave[s0:s1]
     with torch.no_grad():
-        mel = _MEL(torch.from_numpy(x))          # (80, hi - lo)
+        mel = _mel_transform()(torch.from_numpy(x))  # (80, hi - lo)
         mel = torch.log(mel + 1e-6).numpy()
     return np.stack([mel[:, m - lo:m - lo + audio_frames] for m in m0])
 
 
-_MEL = None
+@functools.lru_cache(maxsize=None)
+def _mel_transform():
+    """torchaudio's mel filterbank (80 bins, 25 ms windows, 10 ms hop), built once per process, as _resampler."""
+    import torchaudio
+    return torchaudio.transforms.MelSpectrogram(sample_rate=SAMPLE_RATE, n_fft=N_FFT, win_length=N_FFT,
+                                                hop_length=HOP, n_mels=N_MELS, center=True, pad_mode="constant")
 
 
 def load_audio(path):
