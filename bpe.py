@@ -318,7 +318,7 @@ class BPETokenizer:
         lines += [f"special {name} {256 + len(self.merges) + k}" for k, name in enumerate(BPE_SPECIALS)]
         lines.append(f"merges {len(self.merges)}")
         lines += [f"{a} {b}" for a, b in self.merges]
-        _write_atomic(path, "\n".join(lines) + "\n")
+        write_atomic(path, "\n".join(lines) + "\n")
 
         # vocab file: "id [token]" for bytes, "id [token] <- [a] + [b]" for merges, then the specials
         vlines = [f"# {BPE_FORMAT} vocabulary of {path.name}: {self.vocab_size} ids; tokens in [...], "
@@ -328,7 +328,7 @@ class BPETokenizer:
                    f"[{render_token(self._vocab[b])}]" for k, (a, b) in enumerate(self.merges)]
         vlines += [f"{self.eot_id} {BPE_SPECIALS[0]} (special: end of text)",
                    f"{self.pad_id} {BPE_SPECIALS[1]} (special: padding)"]
-        _write_atomic(path.with_suffix(".vocab"), "\n".join(vlines) + "\n")
+        write_atomic(path.with_suffix(".vocab"), "\n".join(vlines) + "\n")
 
     @classmethod
     def load(cls, path):
@@ -387,7 +387,7 @@ def _surrogatepass_or_replace(exc):
 codecs.register_error(_BPE_ERRORS, _surrogatepass_or_replace)
 
 
-def _write_atomic(path, text):
+def write_atomic(path, text):
     """Write a text file so that readers see all of it or none (temp file + rename)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
