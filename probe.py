@@ -1,12 +1,10 @@
-"""probe.py: the paper's linear evaluation of frozen LAVA encoders on UCF-101 / HMDB-51 (Section 3), plus zero-shot,
-a pre-training-epoch series (Figure 3) and K700 retrieval.
+"""probe.py: the paper's linear evaluation of frozen LAVA encoders on UCF-101 / HMDB-51 (Section 3), and its
+pre-training-epoch series (Figure 3).
 
     python probe.py --dataset ucf101 --all-splits                                   # video and audio+video, 3 splits
     python probe.py --dataset ucf101 --checkpoint random --config-from runs/demo/ckpt_last.pt --all-splits
     python probe.py --dataset hmdb51 --root hmdb51 --checkpoint runs/demo/ckpt_last.pt --split 1 --out hmdb.json
-    python probe.py --dataset ucf101 --zero-shot                                    # + class names as titles
     python probe.py --dataset ucf101 --split 1 --checkpoints 'runs/demo/epoch_*.pt' --out series.json  # + .png
-    python probe.py --retrieval --root k700                                         # K700 val: v->t, t->v, v->a
     python probe.py --summary runs/demo/probe_*.json                                # one table of several results
 
 The paper's evaluation (Section 3: "a linear classifier on top of the frozen LAVA video encoder using a 1e-4 learning
@@ -14,11 +12,9 @@ rate and a batch size of 32 ... logits are averaged across multiple clips per te
 averaged across all 3 splits"; HMDB-51 video only), in the order of this file's sections:
 1. `LinearProbe`, a scikit-learn estimator: one linear layer on standardised clip embeddings, Adam, lr 1e-4, batch
    32; `select_hyperparameters` chooses the epochs and weight decay the paper does not give.
-2. `extract_embeddings`: every clip of the cache once through the frozen encoders, z_v, z_a and z_t (stored per
-   checkpoint and cache by `load_or_extract_embeddings`).
-3. one official split: `modality_features` (z_v for "video", [z_v, z_a] for "audio+video"), `evaluate_probe`; zero-shot.
-4. `evaluate_retrieval` for K700.
-5. `main` -> `evaluate_checkpoint` (every split and modality, mean and sample std: the results JSON's keys) ->
+2. `extract_embeddings`: every clip of the cache once through the frozen encoders (stored per checkpoint and cache).
+3. one official split: `modality_features` (z_v for "video", [z_v, z_a] for "audio+video"), `evaluate_probe`.
+4. `main` -> `evaluate_checkpoint` (every split and modality, mean and sample std: the results JSON's keys) ->
    `evaluate_probe`; the machinery after: split lists, checkpoints, embedding files, results tables, the CLI.
 """
 import argparse
@@ -42,6 +38,12 @@ from sklearn.model_selection import StratifiedGroupKFold
 from sklearn.utils import check_consistent_length, check_random_state
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, column_or_1d
+from tqdm import tqdm
+
+import pretrain
+from bpe import BPETokenizer
+from model import LAVA, LAVAConfig
+from prepare import FeatureCache
 
 try:  # scikit-learn >= 1.6
     from sklearn.utils.validation import validate_data
@@ -57,13 +59,11 @@ PAPER_TABLE2 = [  # split-1 top-1: (pre-training losses, downstream modality, UC
     ("AV+VT+AVT", "video", 81.1, 51.8), ("AV+VT+AVT", "audio+video", 84.2, None),
 ]
 PAPER_TABLE3 = {"video": {1: 73.1, 10: 80.0, 25: 81.3}, "audio+video": {1: 76.0, 10: 82.3, 25: 84.3}}  # UCF vs epochs
-DATASET_NAMES = {"ucf101": "UCF-101", "hmdb51": "HMDB-51", "k700": "K700"}
-MODALITIES = ("video", "audio+video", "zero-shot")
+DATASET_NAMES = {"ucf101": "UCF-101", "hmdb51": "HMDB-51"}
+MODALITIES = ("video", "audio+video")
 MISSING_AUDIO_TREATMENT = ("audio+video: the audio embedding of a video without audio is replaced by the mean audio "
                            "embedding of the split's training videos with audio (0 after standardisation, so the "
                            "audio half of the probe adds nothing to that video's logits)")
-# zero-shot: class names written as web-video titles (the text LAVA saw in pre-training), averaged over templates
-ZERO_SHOT_TEMPLATES = ("{}", "a video of {}", "{} video", "how to {}", "people {} on youtube")
 LOGIT_ROWS = 8192  # rows per step of LinearProbe's logits: float64 copies of real UCF (95k x 2048) would be 1.5 GB
 
 
@@ -76,19 +76,15 @@ class ProbeError(Exception):
 
 
 class LinearProbe(ClassifierMixin, BaseEstimator):
-    """A linear layer on (standardised) frozen features, trained with Adam on the cross-entropy of clip rows.
+    """A linear layer on standardised frozen features, trained with Adam on the cross-entropy of clip rows.
 
-    epochs: passes over the training rows (the paper gives none: `select_hyperparameters` picks it). lr, batch_size:
-    the paper's 1e-4 and 32. weight_decay: Adam's L2 term, on the weights only, not the bias. standardize: subtract
-    the training mean and divide by the training std of each feature, so 1e-4 steps mean the same whatever the
-    encoder's output scale and a constant (imputed) feature becomes exactly 0. random_state: seeds the batch order,
-    the only randomness (the weights start at zero). device: where to train ("cpu", "cuda").
-
-    Fitted: classes_, n_features_in_, mean_ and scale_ (d,), coef_ (K, d) and intercept_ (K,) acting on the
-    standardised features, n_epochs_. Every method takes an optional `groups`, a video id per row: with it the clip
-    logits of each video are averaged before the softmax/argmax, outputs have one row per video in order of first
-    appearance (`first_appearance(groups)[0]`), and `score` compares with each video's one label. (ClassifierMixin
-    comes first in the bases as scikit-learn requires, so its tags override BaseEstimator's.)
+    lr, batch_size: the paper's 1e-4 and 32; epochs: not given (`select_hyperparameters` picks them); weight_decay:
+    Adam's L2 on the weights, not the bias; standardize by the training mean and std, so 1e-4 steps mean the same
+    whatever the encoder's scale and a constant (imputed) feature becomes exactly 0; random_state seeds the batch
+    order, the only randomness (zero init). Fitted: classes_, mean_ and scale_ (d,), coef_ (K, d) and intercept_ (K,)
+    on the standardised features, n_epochs_. Every method takes an optional `groups` (a video id per row): the clip
+    logits of each video are then averaged before the softmax/argmax, one output row per video in first-appearance
+    order. (ClassifierMixin comes first, so its scikit-learn tags override BaseEstimator's.)
     """
 
     def __init__(self, epochs=100, lr=1e-4, batch_size=32, weight_decay=0.0, standardize=True, random_state=0,
@@ -144,8 +140,8 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
             yield epoch
 
     def _logits(self, X, groups=None):
-        # X (n, d) -> logits (n, k) in float64 (or (g, k) averaged per group); row by row identical results
-        # whatever the batch, so predictions do not depend on which other rows are passed with them
+        # X (n, d) -> float64 logits (n, K), or (g, K) averaged per group; computed row by row, so a prediction does
+        # not depend on which other rows come with it
         check_is_fitted(self)
         X = validate_data(self, X, reset=False, dtype=[np.float64, np.float32])
         logits = np.empty((X.shape[0], len(self.classes_)))
@@ -160,11 +156,9 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         return logits[:, 1] - logits[:, 0] if len(self.classes_) == 2 else logits
 
     def predict_proba(self, X, groups=None):
-        """Softmax of the (clip-averaged) logits: (n, K) or (n_videos, K)."""
         return softmax(self._logits(X, groups), axis=1)
 
     def predict(self, X, groups=None):
-        """Class of the largest (clip-averaged) logit: (n,) or (n_videos,)."""
         logits = self._logits(X, groups)  # first: it raises NotFittedError before classes_ is read
         return self.classes_[np.argmax(logits, axis=1)]
 
@@ -221,13 +215,11 @@ def validation_split(y, split_groups, val_fraction=0.2, random_state=0):
 
 def select_hyperparameters(X, y, groups, split_groups=None, epochs_grid=(10, 30, 100, 300),
                            weight_decay_grid=(0.0, 1e-3), val_fraction=0.2, random_state=0, **probe_params):
-    """Choose (epochs, weight_decay) for `LinearProbe` on a validation part of the TRAINING rows only.
-
-    X (n, d), y (n,), groups (n,) video id per clip row, split_groups (n,) the unit held out together (default:
-    groups). For each weight decay one probe is trained for max(epochs_grid) epochs and scored (video top-1, clip
-    logits averaged) after each epoch count in the grid. Returns (best dict(epochs, weight_decay, val_top1,
-    n_val_videos, n_fit_videos), table of all grid points). Ties go to fewer epochs, then the smaller weight decay.
-    """
+    """Choose (epochs, weight_decay) for `LinearProbe` on a validation part of the TRAINING rows only: X (n, d), y (n,),
+    groups (n,) the video of each clip row, split_groups (n,) the unit held out together (default: groups). One probe
+    per weight decay trains for max(epochs_grid) epochs, scored (video top-1) after each epoch count of the grid.
+    -> (best dict(epochs, weight_decay, val_top1, n_val_videos, n_fit_videos), the table of all grid points); ties
+    go to fewer epochs, then the smaller weight decay."""
     groups, y = np.asarray(groups), np.asarray(y)
     tr, va = validation_split(y, groups if split_groups is None else np.asarray(split_groups), val_fraction,
                               random_state)
@@ -249,21 +241,14 @@ def select_hyperparameters(X, y, groups, split_groups=None, epochs_grid=(10, 30,
 @torch.no_grad()
 def extract_embeddings(model, cache, batch_clips=64, device="cpu", text=True):
     """The frozen encoders (eval mode) over every clip of the cache -> dict(z_v (N, C, W), z_a (N, C, W), z_t (N, W),
-    has_audio (N,), has_text (N,)). z_a is 0 where has_audio is False, z_t where has_text is False (or text=False):
-    those rows are never read as data.
-
+    has_audio (N,), has_text (N,)); z_a is 0 where has_audio is False, z_t where has_text is False (or text=False).
     Window: the central cfg.video.frames frames of each stored clip (frames 0..15 of a 16-frame UCF/HMDB clip; the
-    central 16 of K700's 20) and the mel frames aligned with them (README, Feature cache: mel offset = 10 x frame).
-    """
-    from tqdm import tqdm
-
-    from pretrain import MEL_PER_FRAME  # 10 ms mel hop at 10 fps: frame s starts at mel column 10 s
-
+    central 16 of K700's 20) and the mel frames aligned with them (README, Feature cache: mel offset = 10 x frame)."""
     model.eval()
     cfg, shapes = model.config, cache.manifest["shapes"]
     N, C = len(cache), shapes["clips"]
     s = (shapes["frames"] - cfg.video.frames) // 2      # the window's first frame
-    a0 = MEL_PER_FRAME * s                               # and its first mel column
+    a0 = pretrain.MEL_PER_FRAME * s                      # and its first mel column (10 ms hop at 10 fps)
     encode = lambda fn, x: fn(torch.from_numpy(x).to(device)).float().cpu().numpy()
     z_v, z_a = np.zeros((N, C, cfg.video.width), np.float32), np.zeros((N, C, cfg.audio.width), np.float32)
     z_t = np.zeros((N, cfg.text.width), np.float32)
@@ -298,18 +283,15 @@ def project(model, z, space, clip_mean=False):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 3. one split: the linear probe, zero-shot
+# 3. one split: the linear probe on a modality's features
 
 
 def modality_features(emb, modality, train_idx):
-    """(N, C, D) features of a modality setting + count of videos whose audio was imputed.
-
-    video: z_v. audio+video: [z_v, z_a], where a video without audio (about half of real UCF-101) gets the mean z_a of
-    this split's training videos with audio. The training mean over all rows is then that same vector, so after the
-    probe's standardisation the imputed part is exactly 0 and the audio half of the layer adds nothing to that video's
-    logits: the prediction falls back to the video half, instead of reading the encoder's output for silence (an
-    arbitrary, confidently non-neutral point) or zeros (-mean/std after standardisation).
-    """
+    """(N, C, D) features of a modality setting + count of videos whose audio was imputed. video: z_v. audio+video:
+    [z_v, z_a], where a video without audio (about half of real UCF-101) gets the mean z_a of this split's training
+    videos with audio. That is then the training mean, so after the probe's standardisation the imputed part is exactly
+    0 and the audio half adds nothing to that video's logits: the prediction falls back to the video half, instead of
+    reading the encoder's output for silence (arbitrary, confidently non-neutral) or zeros (-mean/std)."""
     if modality == "video":
         return emb["z_v"], 0
     if modality != "audio+video":
@@ -319,10 +301,7 @@ def modality_features(emb, modality, train_idx):
     train_with_audio = train_idx[has[train_idx]]
     if len(train_with_audio) == 0:
         warnings.warn("no training video has audio: audio+video reduces to video")
-        fill = np.zeros(z_a.shape[-1], np.float32)
-    else:
-        fill = z_a[train_with_audio].mean(axis=(0, 1))  # (D,)
-    z_a[~has] = fill
+    z_a[~has] = z_a[train_with_audio].mean(axis=(0, 1)) if len(train_with_audio) else 0.0  # (D,)
     return np.concatenate([emb["z_v"], z_a], axis=-1), int((~has).sum())
 
 
@@ -358,133 +337,54 @@ def evaluate_probe(emb, resolved, modality, ids, grid, seed=0, device="cpu", ucf
                 missing_audio=dict(train=int((~has[tr_idx]).sum()), test=int((~has[te_idx]).sum())))
 
 
-def class_title(name):
-    """Class folder name -> a title-like phrase: 'ApplyEyeMakeup' -> 'apply eye makeup', 'brush_hair' -> 'brush hair'."""
-    words = re.sub(r"([a-z0-9])([A-Z])", r"\1 \2", name.replace("_", " ").replace("-", " "))
-    return re.sub(r"([A-Z]+)([A-Z][a-z])", r"\1 \2", words).lower().strip()
-
-
-@torch.no_grad()
-def zero_shot_classifier(model, tokenizer, classes, templates=ZERO_SHOT_TEMPLATES):
-    """(K, E) L2-normalised class embeddings in the g_vt space: each class name written as a title with every
-    template, encoded by the text encoder, projected, averaged over templates and re-normalised."""
-    cfg = model.config
-    if tokenizer.vocab_size != cfg.text.vocab_size:
-        raise ProbeError(f"tokenizer has {tokenizer.vocab_size} ids but the checkpoint's text encoder has "
-                         f"{cfg.text.vocab_size}: not the run's tokenizer")
-    titles = [t.format(class_title(c)) for c in classes for t in templates]
-    tokens = np.stack([tokenizer.encode_title(t, max_len=cfg.text.max_len)[0] for t in titles])  # (K*n_t, L)
-    z_t = model.encode_text(torch.from_numpy(tokens.astype(np.int64)).to(next(model.parameters()).device))
-    return project(model, z_t.float().cpu().numpy().reshape(len(classes), len(templates), -1), "vt", clip_mean=True)
-
-
-def evaluate_zero_shot(model, emb, resolved, class_emb):
-    """Zero-shot top-1 on one split's test videos: cosine of each clip's g_vt(z_v) with each class embedding,
-    averaged over the video's clips (like the probe's logits), argmax. The training list is not used."""
-    te_idx, te_y = resolved["test"]
-    g_v = project(model, emb["z_v"][te_idx], "vt")            # (n, C, E)
-    sims = (g_v @ class_emb.T).mean(axis=1)                  # (n, K)
-    return dict(top1=100 * float(np.mean(sims.argmax(axis=1) == te_y)), n_train=0, n_test=len(te_idx),
-                n_train_clips=0, n_test_clips=int(te_idx.size * g_v.shape[1]), templates=list(ZERO_SHOT_TEMPLATES))
-
-
 # ----------------------------------------------------------------------------------------------------------------
-# 4. retrieval (K700 val) in the shared spaces
-
-
-def retrieval_ranks(sim):
-    """sim (n, n): row i = query i against every gallery item, the true match on the diagonal -> ranks (n,), 1 = best.
-
-    Ties count against the query (rank = number of gallery items scoring >= the true one), so a constant
-    similarity gets the worst rank n, never a lucky 1.
-    """
-    sim = np.asarray(sim)
-    return (sim >= np.diag(sim)[:, None]).sum(axis=1)
-
-
-def retrieval_metrics(sim):
-    """R@1/5/10 (percent of queries whose match ranks <= K), median rank and n for a (n, n) similarity matrix."""
-    ranks = retrieval_ranks(sim)
-    out = {f"R@{k}": 100 * float(np.mean(ranks <= k)) for k in (1, 5, 10)}
-    return dict(out, MedR=float(np.median(ranks)), n=int(len(ranks)))
-
-
-def evaluate_retrieval(model, emb, val_idx):
-    """K700 val retrieval in the shared spaces, each direction on the videos that have both modalities (a missing
-    title or audio track is neither a query nor a gallery item). A video with several clips: mean of the clips'
-    normalised projections, re-normalised."""
-    out = {}
-    vt = val_idx[emb["has_text"][val_idx].astype(bool)]
-    if len(vt):
-        v, t = project(model, emb["z_v"][vt], "vt", clip_mean=True), project(model, emb["z_t"][vt], "vt")
-        out["video->text"], out["text->video"] = retrieval_metrics(v @ t.T), retrieval_metrics(t @ v.T)
-    va = val_idx[emb["has_audio"][val_idx].astype(bool)]
-    if len(va):
-        v, a = (project(model, emb[z][va], "av", clip_mean=True) for z in ("z_v", "z_a"))
-        out["video->audio"], out["audio->video"] = retrieval_metrics(v @ a.T), retrieval_metrics(a @ v.T)
-    return out
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# 5. the run: main -> evaluate_checkpoint -> evaluate_probe -> LinearProbe.fit, for one checkpoint or a series
+# 4. the run: main -> evaluate_checkpoint -> evaluate_probe -> LinearProbe.fit, for one checkpoint or a series
 
 
 def main(argv=None):
-    from prepare import FeatureCache
-
     args = parse_args(argv)
     try:
         if args.summary:
-            print(summary_table(args.summary))
-            print("\n" + "\n".join(str(Path(s)) for s in args.summary))
+            print(summary_table(args.summary) + "\n\n" + "\n".join(str(Path(s)) for s in args.summary))
             return 0
-        root = Path(args.root or ("k700" if args.retrieval else args.dataset))
-        cache = FeatureCache(Path(args.cache) if args.cache else root / "lava_cache")
-        if args.retrieval:
-            return run_retrieval(args, root, cache)
         t0 = time.time()
+        root = Path(args.root or args.dataset)
+        cache = FeatureCache(Path(args.cache) if args.cache else root / "lava_cache")
         if cache.manifest.get("dataset") not in (args.dataset, "folder"):
             warnings.warn(f"{cache.path} was prepared as {cache.manifest.get('dataset')!r}, evaluating it as "
                           f"{args.dataset}")
-        splits = [args.split] if args.split else [1, 2, 3]
-        modalities = args.modalities.split(",") if args.modalities else (
-            ["video", "audio+video"] if args.dataset == "ucf101" else ["video"])
-        if args.zero_shot and "zero-shot" not in modalities:
-            modalities.append("zero-shot")
-        for m in modalities:
-            if m not in MODALITIES:
-                raise ProbeError(f"--modalities: unknown {m!r}; choose from {MODALITIES}")
+        modalities = (args.modalities or ("video,audio+video" if args.dataset == "ucf101" else "video")).split(",")
+        if set(modalities) - set(MODALITIES):
+            raise ProbeError(f"--modalities: unknown {sorted(set(modalities) - set(MODALITIES))}; choose from "
+                             f"{MODALITIES}")
         if args.dataset == "hmdb51" and "audio+video" in modalities:
             warnings.warn("HMDB-51 audio+video is not in the paper (most HMDB videos have no audio)")
         grid = dict(epochs=tuple(int(x) for x in args.epochs_grid.split(",")),
                     weight_decay=tuple(float(x) for x in args.weight_decay_grid.split(",")))
         read_split = read_ucf101_split if args.dataset == "ucf101" else read_hmdb51_split
-        split_data = {k: read_split(root, k) for k in splits}   # all split files before any heavy work
-        resolved = {k: resolve_split(split_data[k], cache, args.allow_partial, k) for k in splits}
+        split_data = {k: read_split(root, k) for k in ([args.split] if args.split else [1, 2, 3])}  # before heavy work
+        resolved = {k: resolve_split(data, cache, args.allow_partial, k) for k, data in split_data.items()}
         if not args.checkpoints:
             args.checkpoint = args.checkpoint or str(latest_checkpoint())
-            result = evaluate_checkpoint(args, args.checkpoint, root, cache, split_data, resolved, modalities, grid)
-            result["time_s"] = time.time() - t0
+            result, run_dir = evaluate_checkpoint(args, args.checkpoint, root, cache, resolved, modalities, grid)
             name = f"probe_{args.dataset}{'_random' if args.checkpoint == 'random' else ''}.json"
-            run_dir = result.pop("_run_dir")
-            out = write_results(result, args.out or Path(run_dir or "runs") / name)
-            print(markdown_table(result))
-            print(f"wrote {out} and {out.with_suffix('.md')} ({result['time_s']:.0f} s)")
+            out = write_results(result, args.out or Path(run_dir or "runs") / name, t0)
+            print(f"{markdown_table(result)}\nwrote {out} and {out.with_suffix('.md')} ({result['time_s']:.0f} s)")
             return 0
         # Figure 3: every checkpoint of the glob, each with its own weights and embeddings
-        paths = sorted(glob.glob(args.checkpoints))
-        if not paths:
+        series = [evaluate_checkpoint(args, path, root, cache, resolved, modalities, grid)[0]
+                  for path in sorted(glob.glob(args.checkpoints))]
+        if not series:
             raise ProbeError(f"--checkpoints {args.checkpoints!r} matches no file")
-        series = [evaluate_checkpoint(args, path, root, cache, split_data, resolved, modalities, grid)
-                  for path in paths]
         configs = {json.dumps(r["model_config"], sort_keys=True) for r in series}
         if len(configs) > 1:
             raise ProbeError(f"--checkpoints {args.checkpoints!r}: the checkpoints have different model configs")
         series = [{k: r[k] for k in ("checkpoint", "checkpoint_sha256", "epoch", "mean", "std", "splits")}
                   for r in series]
         result = dict(task="checkpoint-series", dataset=args.dataset, checkpoints=args.checkpoints, args=vars(args),
-                      model_config=json.loads(configs.pop()), series=series, time_s=time.time() - t0)
-        out = write_results(result, args.out or Path(paths[0]).parent / f"probe_{args.dataset}_series.json")
+                      model_config=json.loads(configs.pop()), series=series)
+        name = f"probe_{args.dataset}_series.json"
+        out = write_results(result, args.out or Path(series[0]["checkpoint"]).parent / name, t0)
         plot_series(series, out.with_suffix(".png"), args.dataset)
         for s in series:
             print(f"epoch {s['epoch']}: " + ", ".join(f"{m} {v:.1f}" for m, v in s["mean"].items()))
@@ -495,74 +395,37 @@ def main(argv=None):
         return 2
 
 
-def evaluate_checkpoint(args, checkpoint, root, cache, split_data, resolved, modalities, grid):
-    """Every split x modality for one checkpoint -> the results dict (a linear-probe JSON, written by main)."""
+def evaluate_checkpoint(args, checkpoint, root, cache, resolved, modalities, grid):
+    """Every split x modality for one checkpoint -> (the results dict (a linear-probe JSON), the run folder or None)."""
     model, info = load_model(args, checkpoint, cache)
     emb = load_or_extract_embeddings(model, cache, info, args.batch_clips, args.device, args.embeddings_dir,
                                      args.recompute, text=False)
-    splits = list(resolved)
-    if "zero-shot" in modalities:
-        class_emb = zero_shot_classifier(model, run_tokenizer(info), split_data[splits[0]]["classes"])
     rows = []
-    for k in splits:
-        res, n_missing = resolved[k]
+    for k, (res, n_missing) in resolved.items():
         for m in modalities:
             t = time.time()
-            if m == "zero-shot":
-                row = evaluate_zero_shot(model, emb, res, class_emb)
-            else:
-                row = evaluate_probe(emb, res, m, emb["ids"], grid, args.seed, args.device, args.dataset == "ucf101")
+            row = evaluate_probe(emb, res, m, emb["ids"], grid, args.seed, args.device, args.dataset == "ucf101")
             rows.append(dict(split=k, modalities=m, **row, missing_videos=n_missing, time_s=time.time() - t))
-            hp = row.get("hyperparameters")
-            print(f"split {k} {m:12s} top-1 {row['top1']:5.1f}  ({row['n_train']} train / {row['n_test']} test videos"
-                  + (f", epochs {hp['epochs']} wd {hp['weight_decay']}" if hp else "") + ")", file=sys.stderr)
-    mean, std = summarize(rows, modalities)
-    has = emb["has_audio"].astype(bool)
+            hp = row["hyperparameters"]
+            print(f"split {k} {m:12s} top-1 {row['top1']:5.1f}  ({row['n_train']} train / {row['n_test']} test videos, "
+                  f"epochs {hp['epochs']} wd {hp['weight_decay']})", file=sys.stderr)
+    top1 = {m: [r["top1"] for r in rows if r["modalities"] == m] for m in modalities}
+    mean = {m: float(np.mean(v)) for m, v in top1.items()}
+    std = {m: float(np.std(v, ddof=1)) if len(v) > 1 else 0.0 for m, v in top1.items()}  # sample std over splits
+    has, ucf = emb["has_audio"].astype(bool), args.dataset == "ucf101"
     return dict(
         task="linear-probe", dataset=args.dataset, root=str(root), cache=str(cache.path),
         checkpoint=info["checkpoint"], checkpoint_sha256=info["checkpoint_sha256"], epoch=info["epoch"],
         random_seed=info["seed"], config_source=info["config_source"], args=dict(vars(args), checkpoint=checkpoint),
         model_config=info["model_config"], pretrain_args=info["pretrain_args"],
         cache_backbone=cache.manifest.get("backbone"), cache_shapes=cache.manifest.get("shapes"),
-        embeddings=emb["path"], split_ids=splits, modalities=modalities, splits=rows, mean=mean, std=std,
-        n_splits=len(splits), partial=any(sum(resolved[k][1].values()) for k in splits),
+        embeddings=emb["path"], split_ids=list(resolved), modalities=modalities, splits=rows, mean=mean, std=std,
+        n_splits=len(resolved), partial=any(sum(n_missing.values()) for _, n_missing in resolved.values()),
         hyperparameter_grid=dict(grid, lr=LinearProbe().lr, batch_size=LinearProbe().batch_size, standardize=True,
-                                 val_fraction=0.2,
-                                 val_groups="UCF gXX groups" if args.dataset == "ucf101" else "videos"),
+                                 val_fraction=0.2, val_groups="UCF gXX groups" if ucf else "videos"),
         missing_audio=dict(videos_in_cache=len(has), videos_without_audio=int((~has).sum()),
                            treatment=MISSING_AUDIO_TREATMENT),
-        paper=dict(table1=PAPER_TABLE1.get(args.dataset), table2_split1=[
-            dict(pretrain=l, modalities=m, top1=u if args.dataset == "ucf101" else h) for l, m, u, h in PAPER_TABLE2]),
-        _run_dir=info["run_dir"])
-
-
-def run_retrieval(args, root, cache):
-    t0 = time.time()
-    args.checkpoint = args.checkpoint or str(latest_checkpoint())
-    model, info = load_model(args, args.checkpoint, cache)
-    if cache.tokenizer and cache.tokenizer.vocab_size != model.config.text.vocab_size:  # else an IndexError
-        raise ProbeError(f"{cache.path}'s tokenizer has {cache.tokenizer.vocab_size} ids but the text encoder of "
-                         f"{info['checkpoint']} has {model.config.text.vocab_size}: not this cache's tokenizer")
-    emb = load_or_extract_embeddings(model, cache, info, args.batch_clips, args.device, args.embeddings_dir,
-                                     args.recompute, text=True)
-    val_idx = np.array([i for i, v in enumerate(cache.videos) if v.get("split") == "val"], dtype=int)
-    if len(val_idx) == 0:
-        raise ProbeError(f"{cache.path} has no videos with split == 'val' (retrieval uses K700's held-out val split)")
-    metrics = evaluate_retrieval(model, emb, val_idx)
-    result = dict(task="retrieval", dataset=cache.manifest.get("dataset", "k700"), root=str(root),
-                  cache=str(cache.path), checkpoint=info["checkpoint"], checkpoint_sha256=info["checkpoint_sha256"],
-                  epoch=info["epoch"], args=vars(args), model_config=info["model_config"], n_val=int(len(val_idx)),
-                  n_val_with_text=int(emb["has_text"][val_idx].sum()),
-                  n_val_with_audio=int(emb["has_audio"][val_idx].sum()), retrieval=metrics, time_s=time.time() - t0)
-    out = write_results(result, args.out or Path(info["run_dir"] or "runs") / "retrieval_k700.json")
-    lines = ["| direction | R@1 | R@5 | R@10 | MedR | queries |", "| --- | --- | --- | --- | --- | --- |"]
-    for d, m in metrics.items():
-        lines.append(f"| {d} | {m['R@1']:.1f} | {m['R@5']:.1f} | {m['R@10']:.1f} | {m['MedR']:.0f} | {m['n']} |")
-    table = "\n".join(lines)
-    out.with_suffix(".md").write_text(f"# Retrieval on {cache.path} (val split), {info['checkpoint']}\n\n{table}\n")
-    print(table)
-    print(f"wrote {out}")
-    return 0
+        paper=dict(table1=PAPER_TABLE1.get(args.dataset), table2_split1=PAPER_TABLE2)), info["run_dir"]
 
 
 # ================================================================================================================
@@ -570,13 +433,10 @@ def run_retrieval(args, root, cache):
 
 
 def read_ucf101_split(root, split):
-    """UCF-101 split `split` (1..3) from `<root>/ucfTrainTestlist/` -> dict(classes, train, test, unused).
-
-    classes: names in classInd.txt order (1-based there, 0-based here); train/test: lists of (video id, label index)
-    where the id is the list's path, e.g. "HandstandPushups/v_HandStandPushups_g08_c01.avi" (folder and file
-    spell the class differently in the real lists; the id is kept verbatim, the label comes from the folder).
-    Test lines carry no label: it comes from the folder through classInd. CRLF and blank lines are fine.
-    """
+    """UCF-101 split `split` (1..3) from `<root>/ucfTrainTestlist/` -> dict(classes, train, test, unused): classes in
+    classInd.txt order (1-based there, 0-based here); train/test: lists of (video id, label index), the id verbatim,
+    e.g. "HandstandPushups/v_HandStandPushups_g08_c01.avi", the label from the folder (folder and file spell the class
+    differently in the real lists; test lines carry no label). CRLF and blank lines are fine."""
     folder = Path(root) / "ucfTrainTestlist"
     paths = {name: folder / name for name in ("classInd.txt", f"trainlist0{split}.txt", f"testlist0{split}.txt")}
     for path in paths.values():
@@ -609,12 +469,9 @@ def read_ucf101_split(root, split):
 
 
 def read_hmdb51_split(root, split):
-    """HMDB-51 split `split` (1..3) from `<root>/testTrainMulti_7030_splits/<class>_test_split<k>.txt`.
-
-    Lines are `<video>.avi <code>` with code 1 = train, 2 = test, 0 = unused (not evaluated). Classes are the file
-    names' class parts, sorted; ids are "<class>/<video>.avi" as in the cache. Returns dict(classes, train, test,
-    unused) like `read_ucf101_split`.
-    """
+    """HMDB-51 split `split` (1..3) from `<root>/testTrainMulti_7030_splits/<class>_test_split<k>.txt`, lines
+    `<video>.avi <code>`, 1 = train, 2 = test, 0 = unused. Classes: the files' class parts, sorted; ids
+    "<class>/<video>.avi" as in the cache. Returns what `read_ucf101_split` does."""
     folder = Path(root) / "testTrainMulti_7030_splits"
     suffix = f"_test_split{split}.txt"
     files = sorted(folder.glob(f"*{suffix}"))
@@ -658,22 +515,15 @@ def resolve_split(split_data, cache, allow_partial, split):
     """Official (id, label) lists -> ({part: (cache indices, labels)}, {part: number missing}). Missing videos:
     ProbeError with counts, or (--allow-partial) a loud warning. Labels disagreeing with the cache's are an error
     (a cache of another dataset or classInd)."""
-    out, missing = {}, {}
+    known, out, missing = {v["id"] for v in cache.videos}, {}, {}
     for part in ("train", "test"):
-        idx, labels, missing[part] = [], [], []
-        for video_id, label in split_data[part]:
-            try:
-                i = cache.index(video_id)
-            except KeyError:
-                missing[part].append(video_id)
-                continue
-            cached_label = cache.videos[i].get("label")
-            if cached_label is not None and cached_label != split_data["classes"][label]:
-                raise ProbeError(f"{video_id}: the split lists class {split_data['classes'][label]!r}, the cache "
-                                 f"{cache.path} says {cached_label!r}")
-            idx.append(i)
-            labels.append(label)
-        out[part] = (np.array(idx, dtype=int), np.array(labels, dtype=int))
+        missing[part] = [video_id for video_id, _ in split_data[part] if video_id not in known]
+        found = [(cache.index(video_id), label) for video_id, label in split_data[part] if video_id in known]
+        for i, label in found:
+            if cache.videos[i].get("label") not in (None, split_data["classes"][label]):
+                raise ProbeError(f"{cache.videos[i]['id']}: the split lists class {split_data['classes'][label]!r}, "
+                                 f"the cache {cache.path} says {cache.videos[i]['label']!r}")
+        out[part] = (np.array([i for i, _ in found], dtype=int), np.array([y for _, y in found], dtype=int))
     n_missing = {part: len(v) for part, v in missing.items()}
     if any(n_missing.values()):
         msg = (f"split {split}: {n_missing['train']} of {len(split_data['train'])} training and {n_missing['test']} of "
@@ -698,11 +548,9 @@ def latest_checkpoint(runs="runs"):
 
 
 def read_checkpoint(path, flag="--checkpoint"):
-    from pretrain import load_checkpoint
-
     if not Path(path).is_file():  # one line naming the flag, not torch's bare [Errno 2] or IsADirectoryError
         raise ProbeError(f"{flag}: checkpoint {path} not found" + (" (a directory)" if Path(path).is_dir() else ""))
-    ckpt = load_checkpoint(path)
+    ckpt = pretrain.load_checkpoint(path)
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model" not in ckpt.get("config", {}):
         raise ProbeError(f"{path} is not a pretrain.py checkpoint (needs 'model' and config['model'])")
     return ckpt
@@ -712,9 +560,6 @@ def load_model(args, checkpoint, cache):
     """(LAVA in eval mode on args.device, info dict) for a checkpoint path or "random" (a fixed random init, seed
     --seed, of the config of --config-from, of the pretrain.py preset --model sized for this cache, or of the latest
     run). Clear errors for weights that do not fit their config or a config that does not fit the cache."""
-    import pretrain
-    from model import LAVA, LAVAConfig
-
     reference = (LAVAConfig.from_dict(read_checkpoint(args.config_from, "--config-from")["config"]["model"])
                  if args.config_from else None)
     if checkpoint == "random":
@@ -733,8 +578,7 @@ def load_model(args, checkpoint, cache):
         # embeddings key = hash of the weights themselves, so a change in model.py's init never reuses stale files
         h = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode())
         for name, tensor in model.state_dict().items():
-            h.update(name.encode())
-            h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+            h.update(name.encode() + tensor.detach().cpu().contiguous().numpy().tobytes())
         info = dict(checkpoint="random", checkpoint_sha256=None, seed=args.seed, config_source=source,
                     embedding_key="random-" + h.hexdigest()[:16], epoch=0, pretrain_args=None, trained_on=None,
                     run_dir=Path(args.config_from).parent if args.config_from else None)
@@ -742,13 +586,11 @@ def load_model(args, checkpoint, cache):
         ckpt = read_checkpoint(checkpoint)
         config = LAVAConfig.from_dict(ckpt["config"]["model"])
         if reference is not None and reference != config:
-            ours, theirs = config.to_dict(), reference.to_dict()     # {"video": {...}, ..., "embed_dim": int}
-            diff = [f"{m}.{k} {v!r} vs {theirs[m][k]!r}" for m in ("video", "audio", "text")
-                    for k, v in ours[m].items() if v != theirs[m][k]]
-            if ours["embed_dim"] != theirs["embed_dim"]:
-                diff.append(f"embed_dim {ours['embed_dim']} vs {theirs['embed_dim']}")
+            ours, theirs = ({f"{m}.{k}": v for m, sub in c.to_dict().items() for k, v in
+                             (sub.items() if isinstance(sub, dict) else [("", sub)])} for c in (config, reference))
             raise ProbeError(f"checkpoint {checkpoint} has another model config than --config-from {args.config_from}: "
-                             + ", ".join(diff))
+                             + ", ".join(f"{k.rstrip('.')} {v!r} vs {theirs[k]!r}" for k, v in ours.items()
+                                         if v != theirs[k]))
         model = LAVA(config)
         try:
             model.load_state_dict(ckpt["model"], strict=True)
@@ -780,23 +622,18 @@ def load_model(args, checkpoint, cache):
 
 
 def run_tokenizer(info):
-    """The run's tokenizer.bpe, which pretrain.py copies into the run folder (for --zero-shot)."""
-    from bpe import BPETokenizer
-
+    """The run's tokenizer.bpe, which pretrain.py copies into the run folder."""
     path = Path(info["run_dir"]) / "tokenizer.bpe" if info.get("run_dir") else None
     if path is None or not path.is_file():
-        raise ProbeError(f"--zero-shot needs the pre-training run's tokenizer.bpe (looked in {path or 'no run folder'}; "
+        raise ProbeError(f"the pre-training run's tokenizer.bpe is needed (looked in {path or 'no run folder'}; "
                          f"with --checkpoint random pass --config-from the run's checkpoint)")
     return BPETokenizer.load(path)
 
 
 def load_or_extract_embeddings(model, cache, info, batch_clips=64, device="cpu", directory=None, recompute=False,
                                text=True):
-    """`extract_embeddings` + ids (N,) and path, from disk when this (checkpoint, cache) pair was done before.
-
-    The file records the cache manifest's hash; a cache re-prepared since then invalidates it. Files with text
-    embeddings (retrieval) and without (the probe) are kept apart, so neither is mistaken for the other.
-    """
+    """`extract_embeddings` + ids (N,) and path, from disk when this (checkpoint, cache) pair was done before. The file
+    records the cache manifest's hash (a re-prepared cache invalidates it); files with and without text are apart."""
     path = Path(directory or Path(cache.path) / "embeddings") / f"{info['embedding_key']}{'_text' if text else ''}.npz"
     manifest_sha = hashlib.sha256(json.dumps(cache.manifest, sort_keys=True).encode()).hexdigest()
     ids = np.array([v["id"] for v in cache.videos])
@@ -818,14 +655,8 @@ def load_or_extract_embeddings(model, cache, info, batch_clips=64, device="cpu",
     return dict(emb, path=str(path))
 
 
-def summarize(rows, modalities):
-    """rows: [{split, modalities, top1, ...}] -> (mean, std) dicts per modality (sample std over splits, 0 for one)."""
-    mean, std = {}, {}
-    for m in modalities:
-        vals = [r["top1"] for r in rows if r["modalities"] == m]
-        if vals:
-            mean[m], std[m] = float(np.mean(vals)), float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
-    return mean, std
+def mean_std(result, m):
+    return f"{result['mean'][m]:.1f} +- {result['std'][m]:.1f}"
 
 
 def markdown_table(result):
@@ -836,40 +667,35 @@ def markdown_table(result):
     mods = "none" if random_init else "+".join(x.strip().upper() for x in losses.split(",")) if losses else "?"
     data = "-" if random_init else (result.get("pretrain_args") or {}).get("data", "?")
     paper = lambda x: "-" if x is None else str(x)  # the paper's numbers as printed (74.91 stays 74.91)
-    cols = lambda cell: (cell, "-") if ds == "ucf101" else ("-", cell)     # (UCF, HMDB) columns
+    cols = lambda cell: f"{cell} | -" if ds == "ucf101" else f"- | {cell}"     # the UCF | HMDB columns
     lines = [f"# Linear probe: {DATASET_NAMES.get(ds, ds)}, {ours}", "",
              f"Table 1 layout: top-1 (%) averaged over splits {result['split_ids']}"
              f" (ours: mean +- sample std; paper: 3-split mean).", "",
              "| Method | Pre-train data | Mod. | UCF | HMDB |", "| --- | --- | --- | --- | --- |"]
-    for m in ("video", "audio+video"):
-        ucf, hmdb = (PAPER_TABLE1[d].get(m) for d in ("ucf101", "hmdb51"))
-        lines.append(f"| LAVA* ({'video only' if m == 'video' else m}), paper | K700 (0.1) | AVT | {paper(ucf)} | "
-                     f"{paper(hmdb)} |")
-    for m in (m for m in result["modalities"] if m in result["mean"]):
-        ucf, hmdb = cols(f"{result['mean'][m]:.1f} +- {result['std'][m]:.1f}")
-        lines.append(f"| LAVA ({m}), this kit: {ours} | {data} | {mods} | {ucf} | {hmdb} |")
+    lines += [f"| LAVA* ({'video only' if m == 'video' else m}), paper | K700 (0.1) | AVT | "
+              f"{paper(PAPER_TABLE1['ucf101'].get(m))} | {paper(PAPER_TABLE1['hmdb51'].get(m))} |" for m in MODALITIES]
+    lines += [f"| LAVA ({m}), this kit: {ours} | {data} | {mods} | {cols(mean_std(result, m))} |"
+              for m in result["modalities"] if m in result["mean"]]
     lines += ["", "Table 2 layout: split-1 top-1 (%).", "", "| Pre-train | Downstream | UCF-101 | HMDB-51 |",
               "| --- | --- | --- | --- |"]
     lines += [f"| {name} (paper) | {m} | {paper(ucf)} | {paper(hmdb)} |" for name, m, ucf, hmdb in PAPER_TABLE2]
-    for r in (r for r in result["splits"] if r["split"] == 1):
-        ucf, hmdb = cols(f"{r['top1']:.1f}")
-        lines.append(f"| {mods} (this kit, {ours}) | {r['modalities']} | {ucf} | {hmdb} |")
+    lines += [f"| {mods} (this kit, {ours}) | {r['modalities']} | {cols(format(r['top1'], '.1f'))} |"
+              for r in result["splits"] if r["split"] == 1]
     lines += ["", "| split | modality | top-1 | train videos | test videos | epochs | weight decay | val top-1 |",
               "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in result["splits"]:
-        hp, val = r.get("hyperparameters", {}), r.get("validation_top1")
-        val = "-" if val is None else f"{val:.1f}"
+        hp = r["hyperparameters"]
         lines.append(f"| {r['split']} | {r['modalities']} | {r['top1']:.1f} | {r['n_train']} | {r['n_test']} | "
-                     f"{hp.get('epochs', '-')} | {hp.get('weight_decay', '-')} | {val} |")
+                     f"{hp['epochs']} | {hp['weight_decay']} | {r['validation_top1']:.1f} |")
     ma = result["missing_audio"]
     lines += ["", f"Videos without audio: {ma['videos_without_audio']} of {ma['videos_in_cache']} in the cache"
               + (f"; {ma['treatment']}." if "audio+video" in result["modalities"] else " (video-only probe: unused).")]
     return "\n".join(lines) + "\n"
 
 
-def write_results(result, out):
-    """Write the JSON (atomically) and, for a linear probe, the Markdown table next to it (same name, .md)."""
-    out = Path(out)
+def write_results(result, out, t0):
+    """Write the JSON (atomically, with time_s since t0) and, for a linear probe, the Markdown table beside it (.md)."""
+    out, result["time_s"] = Path(out), time.time() - t0
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text(json.dumps(result, indent=2, default=lambda x: x.item() if isinstance(x, np.generic) else str(x)))
@@ -881,27 +707,20 @@ def write_results(result, out):
 
 def summary_table(paths):
     """One Markdown table of several results JSONs (dataset, checkpoint, modality, mean +- std)."""
-    lines = ["| dataset | checkpoint | modality | top-1 mean +- std | splits | paper |", "| --- | --- | --- | --- | --- | --- |"]
+    lines = ["| dataset | checkpoint | modality | top-1 mean +- std | splits | paper |", "|" + " --- |" * 6]
     configs = {}
     for path in paths:
         r = json.loads(Path(path).read_text())
-        if r.get("task") == "checkpoint-series":  # `--summary runs/X/probe_*.json` also matches probe_<ds>_series.json
-            print(f"--summary: skipped {path}, a --checkpoints series (its points: the file's .png)", file=sys.stderr)
-            continue
-        if r.get("task") == "retrieval":
-            for direction, m in r["retrieval"].items():
-                lines.append(f"| {r['dataset']} val | {r['checkpoint']} | {direction} R@1/5/10 MedR | "
-                             f"{m['R@1']:.1f} / {m['R@5']:.1f} / {m['R@10']:.1f} / {m['MedR']:.0f} | n={m['n']} | - |")
+        if r.get("task") != "linear-probe":  # `--summary runs/X/probe_*.json` also matches probe_<ds>_series.json
+            kind = "a --checkpoints series (its points: the file's .png)" if "series" in r else "not a probe result"
+            print(f"--summary: skipped {path}, {kind}", file=sys.stderr)
             continue
         configs.setdefault(r["dataset"], set()).add(json.dumps(r.get("model_config"), sort_keys=True))
-        for m, mean in r["mean"].items():
-            n = len({s["split"] for s in r["splits"] if s["modalities"] == m})
-            paper = PAPER_TABLE1.get(r["dataset"], {}).get(m)
-            lines.append(f"| {r['dataset']} | {r['checkpoint']} | {m} | {mean:.1f} +- {r['std'][m]:.1f} | {n} | "
-                         f"{'-' if paper is None else paper} |")
-    for ds, cfgs in configs.items():
-        if len(cfgs) > 1:
-            lines.append(f"\nWARNING: the {ds} results come from different model configs: not a like-for-like comparison")
+        lines += [f"| {r['dataset']} | {r['checkpoint']} | {m} | {mean_std(r, m)} | "
+                  f"{len({s['split'] for s in r['splits'] if s['modalities'] == m})} | "
+                  f"{PAPER_TABLE1.get(r['dataset'], {}).get(m, '-')} |" for m in r["mean"]]
+    lines += [f"\nWARNING: the {ds} results come from different model configs: not a like-for-like comparison"
+              for ds, cfgs in configs.items() if len(cfgs) > 1]
     return "\n".join(lines)
 
 
@@ -912,12 +731,12 @@ def plot_series(series, out_png, dataset):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for m, color in zip(MODALITIES, ("tab:blue", "tab:green", "tab:purple")):
+    for m, color in zip(MODALITIES, ("tab:blue", "tab:green")):
         pts = [(s["epoch"], s["mean"][m], s["std"][m]) for s in series if m in s["mean"] and s["epoch"] is not None]
         if pts:
             e, y, sd = map(np.array, zip(*sorted(pts)))
             ax.errorbar(e, y, yerr=sd, marker="o", capsize=3, color=color, label=f"this kit: {m}")
-        if dataset == "ucf101" and m in PAPER_TABLE3:  # the paper's Table 3 / Figure 3 points, same colour, dashed
+        if dataset == "ucf101":  # the paper's Table 3 / Figure 3 points, same colour, dashed
             pe, py = zip(*sorted(PAPER_TABLE3[m].items()))
             ax.plot(pe, py, "--", marker="s", alpha=0.5, color=color, label=f"paper (real UCF-101): {m}")
     ax.set(xlabel="pre-training epochs", ylabel="top-1 (%)",
@@ -930,33 +749,25 @@ def plot_series(series, out_png, dataset):
 
 
 def parse_args(argv=None):
-    from pretrain import PRESETS
-
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", choices=["ucf101", "hmdb51"],
-                   help="downstream dataset (not needed with --retrieval/--summary)")
-    p.add_argument("--root", help="dataset folder with the official split lists (default: ucf101/, hmdb51/, or k700/ "
-                                  "with --retrieval)")
+    p.add_argument("--dataset", choices=["ucf101", "hmdb51"], help="downstream dataset (not needed with --summary)")
+    p.add_argument("--root", help="dataset folder with the official split lists (default: ucf101/ or hmdb51/)")
     p.add_argument("--cache", help="feature cache written by prepare.py (default: <root>/lava_cache)")
     p.add_argument("--checkpoint", help="pretrain.py checkpoint, or 'random' for a random-initialised LAVA "
                                         "(default: the latest runs/*/ckpt_last.pt)")
     p.add_argument("--config-from", metavar="CKPT", help="the model config of --checkpoint random (with a real "
                                                          "checkpoint: must match, else an error)")
-    p.add_argument("--model", choices=sorted(PRESETS), help="pretrain.py's preset for --checkpoint random without "
-                                                            "--config-from")
+    p.add_argument("--model", choices=sorted(pretrain.PRESETS),
+                   help="pretrain.py's preset for --checkpoint random without --config-from")
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the random-init weights, the validation split and the probe's batch order (default 0)")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--split", type=int, choices=[1, 2, 3], help="evaluate one official split")
     group.add_argument("--all-splits", action="store_true", help="evaluate splits 1, 2, 3 (the default)")
-    p.add_argument("--modalities", help="comma list of video, audio+video, zero-shot (default: video,audio+video for "
-                                        "ucf101, video for hmdb51 as in the paper)")
-    p.add_argument("--zero-shot", action="store_true", help="also classify by the cosine of each clip's g_vt video "
-                   "embedding with the class names written as titles (the run's tokenizer.bpe and text encoder)")
+    p.add_argument("--modalities", help="comma list of video, audio+video (default: video,audio+video for ucf101, "
+                                        "video for hmdb51 as in the paper)")
     p.add_argument("--checkpoints", metavar="GLOB", help="probe every checkpoint matching GLOB (e.g. "
                    "'runs/x/epoch_*.pt') and plot top-1 vs pre-training epoch (Figure 3) to <out>.png")
-    p.add_argument("--retrieval", action="store_true", help="K700 val retrieval instead: video<->text (g_vt), "
-                                                            "video<->audio (g_av); R@1/5/10 and median rank")
     p.add_argument("--summary", nargs="+", metavar="FILE", help="print one table of these results JSONs and exit")
     p.add_argument("--out", help="results JSON, a Markdown table next to it as .md (default: "
                                  "<run dir>/probe_<dataset>[_random].json)")
@@ -974,8 +785,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if not args.summary and not args.retrieval and not args.dataset:
-        p.error("--dataset is required (except with --retrieval or --summary)")
+    if not args.summary and not args.dataset:
+        p.error("--dataset is required (except with --summary)")
     return args
 
 

@@ -1,6 +1,6 @@
 """probe.py: official split parsing on the real lists, the LinearProbe estimator (clip averaging, sklearn
 conformance, Adam update, separable data), leakage-free hyper-parameter choice, the CLI end to end on a small cache,
-bad input, and retrieval metrics against brute force."""
+bad input."""
 import hashlib
 import json
 import shutil
@@ -390,7 +390,7 @@ def test_cli_end_to_end_random_and_pretrained(tmp_path, capsys):
     base = ["--dataset", "ucf101", "--root", str(root)] + FAST
     assert probe.main(base + ["--all-splits", "--checkpoint", "random", "--config-from", str(ckpt), "--out",
                               str(out_r)]) == 0
-    assert probe.main(base + ["--checkpoint", str(ckpt), "--out", str(out_p), "--zero-shot"]) == 0  # default: 3 splits
+    assert probe.main(base + ["--checkpoint", str(ckpt), "--out", str(out_p)]) == 0  # default: 3 splits
     r, p = json.loads(out_r.read_text()), json.loads(out_p.read_text())
     for res in (r, p):
         for key in ("dataset", "checkpoint", "checkpoint_sha256", "args", "model_config", "splits", "mean", "std"):
@@ -398,7 +398,7 @@ def test_cli_end_to_end_random_and_pretrained(tmp_path, capsys):
         assert res["dataset"] == "ucf101" and set(res["mean"]) >= {"video", "audio+video"}
         for row in res["splits"]:
             assert {"split", "modalities", "top1", "n_train", "n_test"} <= set(row)
-            assert (row["n_test"], row["n_train"] if row["modalities"] != "zero-shot" else 16) == (8, 16)  # videos
+            assert (row["n_test"], row["n_train"]) == (8, 16)  # videos
             assert 0 <= row["top1"] <= 100
         video = [row["top1"] for row in res["splits"] if row["modalities"] == "video"]
         assert len(video) == 3 and res["mean"]["video"] == pytest.approx(np.mean(video))
@@ -407,17 +407,13 @@ def test_cli_end_to_end_random_and_pretrained(tmp_path, capsys):
         assert not [k for k in res if k.startswith("_")]  # private keys (_run_dir) stay out of the JSON
     assert r["checkpoint"] == "random" and r["checkpoint_sha256"] is None and r["model_config"] == p["model_config"]
     assert p["checkpoint_sha256"] == hashlib.sha256(ckpt.read_bytes()).hexdigest() and p["epoch"] == 3
-    assert "zero-shot" in p["mean"] and p["splits"][0]["missing_audio"]["test"] + p["splits"][0]["missing_audio"][
-        "train"] == 3
+    assert p["splits"][0]["missing_audio"]["test"] + p["splits"][0]["missing_audio"]["train"] == 3
     # the stored embeddings are the frozen encoders' outputs (eval mode) on each clip's window
     stored, direct = stored_embeddings(root / "lava_cache", Path(p["embeddings"]).name), direct_embeddings(
         ckpt, root / "lava_cache")
     assert stored["ids"].tolist() == [video_id(i) for i in range(N_VIDEOS)]
     for key in ("z_v", "z_a"):
         np.testing.assert_allclose(stored[key], direct[key], atol=1e-5)
-    # zero-shot: each split's top-1 is the direct computation's
-    shot = {row["split"]: row["top1"] for row in p["splits"] if row["modalities"] == "zero-shot"}
-    assert shot == {k: pytest.approx(direct_zero_shot_top1(ckpt, direct["z_v"], k)) for k in (1, 2, 3)}
     md = out_p.with_suffix(".md").read_text()
     assert "81.3" in md and "84.3" in md and "AV+VT+AVT" in md and f"{p['mean']['video']:.1f}" in md
     # embeddings: one file per (checkpoint, cache), reused by the next run
@@ -427,63 +423,11 @@ def test_cli_end_to_end_random_and_pretrained(tmp_path, capsys):
     assert probe.main(base + ["--checkpoint", str(ckpt), "--split", "1", "--out", str(tmp_path / "q.json")]) == 0
     assert "(cached)" in capsys.readouterr().err
     q = json.loads((tmp_path / "q.json").read_text())
-    assert [s["top1"] for s in q["splits"]] == [s["top1"] for s in p["splits"] if s["split"] == 1
-                                                 and s["modalities"] != "zero-shot"]
+    assert [s["top1"] for s in q["splits"]] == [s["top1"] for s in p["splits"] if s["split"] == 1]
     # the summary table of several results files
     assert probe.main(["--summary", str(out_p), str(out_r)]) == 0
     text = capsys.readouterr().out
     assert "| ucf101 | random | video |" in text and f"{p['mean']['audio+video']:.1f} +- " in text
-
-
-def ucf_test_videos(split):
-    return np.array([i for i in range(N_VIDEOS) if (i // N_CLASSES) % 3 == split - 1])  # make_ucf_root's lists
-
-
-@torch.no_grad()
-def direct_zero_shot_top1(ckpt, z_v, split):
-    """Zero-shot top-1 (%) on make_ucf_root's test list: each class name "class_c" written as "class c" in the five
-    title templates, g_vt of each encoded title L2-normalised, averaged and re-normalised; a video's clips' cosines
-    with each class averaged, argmax."""
-    from bpe import BPETokenizer
-
-    model, tok = load_model(ckpt), BPETokenizer.load(ckpt.parent / "tokenizer.bpe")
-    g_v = torch.nn.functional.normalize(model.heads["vt"](torch.as_tensor(z_v)), dim=-1)
-    test = ucf_test_videos(split)
-    sims = (g_v[test] @ direct_class_embeddings(model, tok).T).mean(1)           # (n, C, K) -> (n, K)
-    return 100 * float((sims.argmax(1).numpy() == test % N_CLASSES).mean())
-
-
-@torch.no_grad()
-def direct_class_embeddings(model, tok, names=[f"class {c}" for c in range(N_CLASSES)]):
-    templates = ("{}", "a video of {}", "{} video", "how to {}", "people {} on youtube")
-    classes = []
-    for name in names:
-        tokens = np.stack([tok.encode_title(t.format(name), max_len=128)[0] for t in templates])
-        g = model.heads["vt"](model.encode_text(torch.tensor(tokens.astype(np.int64))))
-        g = torch.nn.functional.normalize(g, dim=-1).mean(0)
-        classes.append(g / g.norm())
-    return torch.stack(classes)                                                    # (K, E)
-
-
-def test_zero_shot_classifier_and_clip_averaging(tmp_path):
-    from bpe import BPETokenizer
-
-    cache = write_feature_cache(tmp_path / "c", n_videos=4, clips=1, frames=16, grid=2)
-    ckpt = make_checkpoint(tmp_path / "runs/x/ckpt_last.pt", cache, width=16, embed_dim=16)
-    model, tok = load_model(ckpt), BPETokenizer.load(ckpt.parent / "tokenizer.bpe")
-    classes = ["ApplyEyeMakeup", "brush_hair", "YoYo"]
-    np.testing.assert_allclose(probe.zero_shot_classifier(model, tok, classes),
-                               direct_class_embeddings(model, tok, ["apply eye makeup", "brush hair", "yo yo"]),
-                               atol=1e-6)
-    # identity heads, classes e_0, e_1, e_2; video 0's clips: two lean to class 1 (cosine 0.74 vs 0.67 with class 0),
-    # one is class 0 (1.0): the averaged cosines pick class 0, a vote or the first clip class 1
-    for head in model.heads.values():
-        head.weight.data.copy_(torch.eye(16))
-    e = np.eye(16, dtype=np.float32)
-    lean = e[1] + 0.9 * e[0]
-    z_v = np.stack([[lean, lean, e[0]], [e[2], e[2], e[2]]])                        # (2 videos, 3 clips, 16)
-    res = probe.evaluate_zero_shot(model, dict(z_v=z_v), {"test": (np.array([0, 1]), np.array([0, 2]))}, e[:3])
-    assert res["top1"] == 100.0 and res["n_test"] == 2 and res["n_test_clips"] == 6
 
 
 def test_cli_probe_finds_the_class_signal_with_the_papers_probe(tmp_path, monkeypatch):
@@ -583,96 +527,6 @@ def test_checkpoint_of_another_config_is_a_clear_error(tmp_path, capsys):
         assert probe.main(base + extra + [flag, str(path)]) == 2
         assert capsys.readouterr().err == f"probe.py: error: {flag}: checkpoint {path} not found" + (
             " (a directory)\n" if path.is_dir() else "\n")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# retrieval
-
-def brute_force_ranks(sim):
-    ranks = []
-    for i in range(len(sim)):
-        order = sorted(range(len(sim)), key=lambda j: -sim[i][j])
-        ranks.append(order.index(i) + 1)
-    return np.array(ranks)
-
-
-def test_retrieval_metrics_against_brute_force():
-    rng = np.random.default_rng(0)
-    sim = rng.normal(size=(37, 37)) + 2.0 * np.eye(37) * rng.random(37)  # continuous: no ties
-    ranks = brute_force_ranks(sim)
-    np.testing.assert_array_equal(probe.retrieval_ranks(sim), ranks)
-    m = probe.retrieval_metrics(sim)
-    for k in (1, 5, 10):
-        assert m[f"R@{k}"] == pytest.approx(100 * sum(r <= k for r in ranks) / 37)
-    assert m["MedR"] == sorted(ranks)[18] and m["n"] == 37
-    assert probe.retrieval_ranks(np.zeros((4, 4))).tolist() == [4, 4, 4, 4]  # ties count against the query
-
-
-def test_retrieval_of_known_matches(tmp_path):
-    """Embeddings whose true matches are known, projected by identity heads: all pairs right gives R@1 100 and
-    MedR 1; half of the videos paired with another's title/audio gives R@1 = R@10 = 50 (12 orthonormal items: a
-    wrong match scores 0, tied with 11 others, so it ranks 12th) and MedR (1 + 12) / 2. A video's two clips point to
-    e_i + 2 e_(i+1) and e_i - 2 e_(i+1): only the mean of their normalised projections is e_i."""
-    cache = write_feature_cache(tmp_path / "c", n_videos=4, clips=1, frames=20, grid=2)
-    model = load_model(make_checkpoint(tmp_path / "runs/x/ckpt_last.pt", cache, width=16, embed_dim=16))
-    for head in model.heads.values():
-        head.weight.data.copy_(torch.eye(16))
-    n, C = 12, 2
-    e = np.eye(16, dtype=np.float32)[:n]
-    z_v = np.stack([e + 2 * np.roll(e, 1, axis=1), 3 * (e - 2 * np.roll(e, 1, axis=1))], axis=1)   # (n, C, 16)
-    emb = dict(z_v=z_v, z_a=z_v.copy(), z_t=e.copy(), has_audio=np.ones(n, bool), has_text=np.ones(n, bool))
-    val = np.arange(n)
-    right = probe.evaluate_retrieval(model, emb, val)
-    assert set(right) == {"video->text", "text->video", "video->audio", "audio->video"}
-    for m in right.values():
-        assert m == {"R@1": 100.0, "R@5": 100.0, "R@10": 100.0, "MedR": 1.0, "n": n}
-    swapped = np.r_[np.roll(np.arange(6), 1), np.arange(6, n)]          # videos 0-5 get another's title and audio
-    wrong = probe.evaluate_retrieval(model, dict(emb, z_t=e[swapped], z_a=z_v[swapped]), val)
-    for m in wrong.values():
-        assert m == {"R@1": 50.0, "R@5": 50.0, "R@10": 50.0, "MedR": 6.5, "n": n}
-    # a video without a title (or audio) is neither a query nor a gallery item
-    masked = probe.evaluate_retrieval(model, dict(emb, has_text=np.arange(n) != 3), val)
-    assert masked["video->text"]["n"] == n - 1 and masked["video->text"]["R@1"] == 100.0
-
-
-def test_cli_retrieval_masks_missing_modalities(tmp_path, capsys):
-    cache = write_feature_cache(tmp_path / "k700/lava_cache", n_videos=36, frames=20, grid=2,
-                                missing_audio=(0, 6), missing_text=(12,))
-    ckpt = make_checkpoint(tmp_path / "runs/x/ckpt_last.pt", cache)
-    out = tmp_path / "ret.json"
-    assert probe.main(["--retrieval", "--root", str(tmp_path / "k700"), "--checkpoint", str(ckpt), "--out", str(out),
-                       "--device", "cpu"]) == 0
-    res = json.loads(out.read_text())
-    val = [i for i in range(36) if i % 6 == 0]                  # write_feature_cache: every 6th video is val
-    assert res["n_val"] == len(val) == 6
-    assert res["retrieval"]["video->text"]["n"] == 5 and res["retrieval"]["text->video"]["n"] == 5   # 12 has no title
-    assert res["retrieval"]["video->audio"]["n"] == 4                                                 # 0, 6 no audio
-    # the stored embeddings: the encoders on the central 16 of 20 frames (s = 2) and mel columns 20..275
-    stored, direct = stored_embeddings(cache, f"{res['checkpoint_sha256'][:16]}_text.npz"), direct_embeddings(ckpt, cache)
-    for key in ("z_v", "z_a", "z_t"):
-        np.testing.assert_allclose(stored[key], direct[key], atol=1e-5)
-    # every direction's metrics from those embeddings, ranked by brute force
-    model, normalize = load_model(ckpt), torch.nn.functional.normalize
-    g = lambda z, space: normalize(model.heads[space](torch.as_tensor(z)), dim=-1)   # (..., E)
-    per_video = lambda z, space: normalize(g(z, space).mean(1), dim=-1).numpy()      # mean over the clips
-    with torch.no_grad():
-        v_t, t = per_video(direct["z_v"][[0, 6, 18, 24, 30]], "vt"), g(direct["z_t"][[0, 6, 18, 24, 30]], "vt").numpy()
-        v_a, a = per_video(direct["z_v"][[12, 18, 24, 30]], "av"), per_video(direct["z_a"][[12, 18, 24, 30]], "av")
-    for name, sim in (("video->text", v_t @ t.T), ("text->video", t @ v_t.T), ("video->audio", v_a @ a.T),
-                      ("audio->video", a @ v_a.T)):
-        ranks = brute_force_ranks(sim)
-        want = {f"R@{k}": 100 * np.mean(ranks <= k) for k in (1, 5, 10)}
-        assert res["retrieval"][name] == pytest.approx(dict(want, MedR=np.median(ranks), n=len(ranks)))
-    # random init: --model sizes the text table by the cache's tokenizer; a config of another vocabulary: an error
-    args = ["--retrieval", "--root", str(tmp_path / "k700"), "--checkpoint", "random", "--device", "cpu", "--out",
-            str(tmp_path / "random.json")]
-    assert probe.main(args + ["--model", "tiny"]) == 0
-    other = torch.load(ckpt, weights_only=True)
-    other["config"]["model"]["text"].update(vocab_size=50, pad_id=49)
-    torch.save(other, tmp_path / "vocab50.pt")
-    capsys.readouterr()
-    assert probe.main(args + ["--config-from", str(tmp_path / "vocab50.pt")]) == 2
-    assert "has 50: not this cache's tokenizer" in capsys.readouterr().err
 
 
 def test_random_init_is_fixed_by_the_seed_and_shares_the_config(tmp_path):
