@@ -28,6 +28,64 @@ import time
 import warnings
 from pathlib import Path
 
+
+def parse_args(argv=None):
+    """The command line, stdlib only: --help and flag errors answer before torch is imported."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", choices=["ucf101", "hmdb51"], help="downstream dataset (not needed with --embed, "
+                   "--search or --summary)")
+    p.add_argument("--root", help="dataset folder with the official split lists, or your videos' folder with --embed/"
+                   "--search (default: ucf101/ or hmdb51/)")
+    p.add_argument("--cache", help="feature cache written by prepare.py (default: <root>/lava_cache)")
+    p.add_argument("--checkpoint", help="pretrain.py checkpoint, or 'random' for a random-initialised LAVA "
+                                        "(default: the latest runs/*/ckpt_last.pt)")
+    p.add_argument("--config-from", metavar="CKPT", help="the model config of --checkpoint random (with a real "
+                                                         "checkpoint: must match, else an error; default: none)")
+    p.add_argument("--model", help="pretrain.py's preset (tiny, small, paper) for --checkpoint random without "
+                                   "--config-from (default: the latest run's config)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the random-init weights, the validation split and the probe's batch order (default 0)")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--split", type=int, choices=[1, 2, 3], help="evaluate one official split")
+    group.add_argument("--all-splits", action="store_true", help="evaluate splits 1, 2, 3 (the default)")
+    p.add_argument("--modalities", help="comma list of video, audio+video (default: video,audio+video for ucf101, "
+                                        "video for hmdb51 as in the paper)")
+    p.add_argument("--checkpoints", metavar="GLOB", help="probe every checkpoint matching GLOB (e.g. "
+                   "'runs/x/epoch_*.pt') and plot top-1 vs pre-training epoch (Figure 3) to <out>.png")
+    p.add_argument("--summary", nargs="+", metavar="FILE", help="print one table of these results JSONs and exit")
+    p.add_argument("--embed", action="store_true", help="write every video's embeddings (z_v, z_a, z_t per clip "
+                   "and per video, each latent space's projections, the checkpoint's sha256) to one .npz (default "
+                   "--out: <cache>/embeddings/embed_<checkpoint sha256[:16]>.npz)")
+    p.add_argument("--search", metavar="QUERY", help="print the videos whose g_vt video embedding is closest to "
+                   "the text QUERY (the run's tokenizer.bpe and text encoder)")
+    p.add_argument("--top", type=int, default=10, help="videos --search prints (default 10)")
+    p.add_argument("--out", help="results JSON, a Markdown table next to it as .md (default: "
+                                 "<run dir>/probe_<dataset>[_random].json)")
+    p.add_argument("--overwrite", action="store_true", help="replace an --out that holds a result of another scope "
+                   "(dataset, splits, modalities, checkpoint); by default that is an error")
+    p.add_argument("--allow-partial", action="store_true", help="evaluate although the official lists name "
+                   "videos missing from the cache (loud warning; the counts go into the results)")
+    p.add_argument("--epochs-grid", default="10,30,100,300",
+                   help="probe epochs to choose from on the validation part of the training split (default "
+                        "10,30,100,300: at lr 1e-4 a small training split needs the long end, a big one the short)")
+    p.add_argument("--weight-decay-grid", default="0,1e-3", help="probe weight decays (Adam L2 on the weights) to "
+                                                                 "choose from, likewise (default 0,1e-3)")
+    p.add_argument("--batch-clips", type=int, default=64, help="clips per encoder batch for embeddings (default 64)")
+    p.add_argument("--embeddings-dir", help="where embeddings are stored (default: <cache>/embeddings)")
+    p.add_argument("--recompute", action="store_true", help="ignore stored embeddings and extract them again")
+    p.add_argument("--device", default="auto", help="encoders and probe: auto (cuda if available), cpu, cuda, "
+                                                    "cuda:N (default auto)")
+    args = p.parse_args(argv)
+    if not (args.summary or args.embed or args.search or args.dataset):
+        p.error("--dataset is required (except with --embed, --search or --summary)")
+    if (args.embed or args.search) and not (args.root or args.cache):
+        p.error("--embed and --search need --root (your videos' folder) or --cache")
+    return args
+
+
+if __name__ == "__main__":
+    ARGS = parse_args()  # --help and flag errors answer before torch loads (its import takes seconds)
+
 import numpy as np
 import torch
 import torch.nn as nn
@@ -42,7 +100,7 @@ from tqdm import tqdm
 
 import pretrain
 from bpe import BPETokenizer
-from model import LAVA, LAVAConfig
+from model import LAVA, SPACES, LAVAConfig
 from prepare import FeatureCache
 
 try:  # scikit-learn >= 1.6
@@ -214,12 +272,13 @@ def validation_split(y, split_groups, val_fraction=0.2, random_state=0):
 
 
 def select_hyperparameters(X, y, groups, split_groups=None, epochs_grid=(10, 30, 100, 300),
-                           weight_decay_grid=(0.0, 1e-3), val_fraction=0.2, random_state=0, **probe_params):
+                           weight_decay_grid=(0.0, 1e-3), val_fraction=0.2, random_state=0, progress=None,
+                           **probe_params):
     """Choose (epochs, weight_decay) for `LinearProbe` on a validation part of the TRAINING rows only: X (n, d), y (n,),
     groups (n,) the video of each clip row, split_groups (n,) the unit held out together (default: groups). One probe
     per weight decay trains for max(epochs_grid) epochs, scored (video top-1) after each epoch count of the grid.
     -> (best dict(epochs, weight_decay, val_top1, n_val_videos, n_fit_videos), the table of all grid points); ties
-    go to fewer epochs, then the smaller weight decay."""
+    go to fewer epochs, then the smaller weight decay. progress: a prefix ("split 1 video") of a line per grid point."""
     groups, y = np.asarray(groups), np.asarray(y)
     tr, va = validation_split(y, groups if split_groups is None else np.asarray(split_groups), val_fraction,
                               random_state)
@@ -230,6 +289,9 @@ def select_hyperparameters(X, y, groups, split_groups=None, epochs_grid=(10, 30,
             if epoch in epochs_grid:
                 table.append(dict(epochs=epoch, weight_decay=wd,
                                   val_top1=100 * probe.score(X[va], y[va], groups[va])))
+                if progress:  # real UCF-101 on a CPU: minutes per point
+                    print(f"{progress}: wd {wd}, epoch {epoch}/{max(epochs_grid)}, val top-1 "
+                          f"{table[-1]['val_top1']:.1f}", file=sys.stderr)
     best = max(table, key=lambda r: (r["val_top1"], -r["epochs"], -r["weight_decay"]))
     return dict(best, n_val_videos=len(np.unique(groups[va])), n_fit_videos=len(np.unique(groups[tr]))), table
 
@@ -239,9 +301,9 @@ def select_hyperparameters(X, y, groups, split_groups=None, epochs_grid=(10, 30,
 
 
 @torch.no_grad()
-def extract_embeddings(model, cache, batch_clips=64, device="cpu", text=True):
-    """The frozen encoders (eval mode) over every clip of the cache -> dict(z_v (N, C, W), z_a (N, C, W), z_t (N, W),
-    has_audio (N,), has_text (N,)); z_a is 0 where has_audio is False, z_t where has_text is False (or text=False).
+def extract_embeddings(model, cache, batch_clips=64, device="cpu"):
+    """The frozen encoders (eval mode) over every clip of the cache -> dict(z_v (N, C, W), z_a (N, C, W), has_audio
+    (N,)); z_a is 0 where has_audio is False. (Titles: `encode_titles`, with the run's tokenizer.)
     Window: the central cfg.video.frames frames of each stored clip (frames 0..15 of a 16-frame UCF/HMDB clip; the
     central 16 of K700's 20) and the mel frames aligned with them (README, Feature cache: mel offset = 10 x frame)."""
     model.eval()
@@ -251,8 +313,7 @@ def extract_embeddings(model, cache, batch_clips=64, device="cpu", text=True):
     a0 = pretrain.MEL_PER_FRAME * s                      # and its first mel column (10 ms hop at 10 fps)
     encode = lambda fn, x: fn(torch.from_numpy(x).to(device)).float().cpu().numpy()
     z_v, z_a = np.zeros((N, C, cfg.video.width), np.float32), np.zeros((N, C, cfg.audio.width), np.float32)
-    z_t = np.zeros((N, cfg.text.width), np.float32)
-    has_audio, has_text = (np.array([cache[i][k] for i in range(N)], bool) for k in ("has_audio", "has_text"))
+    has_audio = np.array([cache[i]["has_audio"] for i in range(N)], bool)
     per_batch = max(1, batch_clips // C)                # videos per batch, so a batch holds about batch_clips clips
     for start in tqdm(range(0, N, per_batch), desc="embeddings", unit="batch", disable=None, file=sys.stderr):
         rows = np.arange(start, min(start + per_batch, N))
@@ -264,10 +325,7 @@ def extract_embeddings(model, cache, batch_clips=64, device="cpu", text=True):
             mel = np.stack([it["audio"][:, :, a0:a0 + cfg.audio.frames] for it in items if it["has_audio"]])
             mel = mel.reshape(-1, *mel.shape[2:]).astype(np.float32)                                 # (b' C, 80, 256)
             z_a[rows[has_audio[rows]]] = encode(model.encode_audio, mel).reshape(-1, C, cfg.audio.width)
-        if text and has_text[rows].any():
-            tokens = np.stack([it["tokens"][:cfg.text.max_len] for it in items if it["has_text"]])       # (b', L)
-            z_t[rows[has_text[rows]]] = encode(model.encode_text, tokens.astype(np.int64))
-    return dict(z_v=z_v, z_a=z_a, z_t=z_t, has_audio=has_audio, has_text=has_text)
+    return dict(z_v=z_v, z_a=z_a, has_audio=has_audio)
 
 
 @torch.no_grad()
@@ -280,6 +338,19 @@ def project(model, z, space, clip_mean=False):
         g = g.mean(axis=1)
         g /= np.linalg.norm(g, axis=1, keepdims=True)
     return g
+
+
+@torch.no_grad()
+def encode_titles(model, tokenizer, titles, batch=256):
+    """Titles -> z_t (n, W): the run's tokenizer as prepare.py applies it (128 ids, cut to the text encoder's
+    max_len as pre-training does), then the text encoder. A tokenizer of another vocabulary is a ProbeError."""
+    cfg = model.config.text
+    if tokenizer.vocab_size != cfg.vocab_size:
+        raise ProbeError(f"the run's tokenizer has {tokenizer.vocab_size} ids but the text encoder {cfg.vocab_size}")
+    tokens = np.stack([tokenizer.encode_title(t, max_len=128)[0][:cfg.max_len] for t in titles]).astype(np.int64)
+    device = next(model.parameters()).device
+    return np.concatenate([model.encode_text(torch.from_numpy(tokens[i:i + batch]).to(device)).float().cpu().numpy()
+                           for i in range(0, len(tokens), batch)])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -311,7 +382,7 @@ def clip_rows(features, idx, labels):
     return features[idx].reshape(len(idx) * C, -1), np.repeat(labels, C), np.repeat(idx, C)
 
 
-def evaluate_probe(emb, resolved, modality, ids, grid, seed=0, device="cpu", ucf_groups=False):
+def evaluate_probe(emb, resolved, modality, ids, grid, seed=0, device="cpu", ucf_groups=False, progress=None):
     """Train and test one linear probe on one split; returns a results row (top-1 in percent, videos counted)."""
     (tr_idx, tr_y), (te_idx, te_y) = resolved["train"], resolved["test"]
     features, _ = modality_features(emb, modality, tr_idx)
@@ -324,7 +395,7 @@ def evaluate_probe(emb, resolved, modality, ids, grid, seed=0, device="cpu", ucf
     torch.set_num_threads(1)
     try:
         best, table = select_hyperparameters(Xtr, ytr, gtr, split_groups, grid["epochs"], grid["weight_decay"],
-                                             random_state=seed, device=device)
+                                             random_state=seed, progress=progress, device=device)
         probe = LinearProbe(epochs=best["epochs"], weight_decay=best["weight_decay"], random_state=seed, device=device)
         probe.fit(Xtr, ytr, gtr)
     finally:
@@ -342,7 +413,8 @@ def evaluate_probe(emb, resolved, modality, ids, grid, seed=0, device="cpu", ucf
 
 
 def main(argv=None):
-    args = parse_args(argv)
+    args = argv if isinstance(argv, argparse.Namespace) else parse_args(argv)
+    args.device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     try:
         if args.summary:
             print(summary_table(args.summary) + "\n\n" + "\n".join(str(Path(s)) for s in args.summary))
@@ -350,6 +422,15 @@ def main(argv=None):
         t0 = time.time()
         root = Path(args.root or args.dataset)
         cache = FeatureCache(Path(args.cache) if args.cache else root / "lava_cache")
+        if args.embed or args.search:  # any cache, labels and splits or not (README: Your own videos)
+            model, info = load_model(args, args.checkpoint or str(latest_checkpoint()), cache)
+            emb = load_or_extract_embeddings(model, cache, info, args.batch_clips, args.device, args.embeddings_dir,
+                                             args.recompute)
+            if args.embed:
+                embed(args, cache, model, info, emb)
+            if args.search:
+                search(args, cache, model, info, emb)
+            return 0
         if cache.manifest.get("dataset") not in (args.dataset, "folder"):
             warnings.warn(f"{cache.path} was prepared as {cache.manifest.get('dataset')!r}, evaluating it as "
                           f"{args.dataset}")
@@ -364,27 +445,33 @@ def main(argv=None):
         read_split = read_ucf101_split if args.dataset == "ucf101" else read_hmdb51_split
         split_data = {k: read_split(root, k) for k in ([args.split] if args.split else [1, 2, 3])}  # before heavy work
         resolved = {k: resolve_split(data, cache, args.allow_partial, k) for k, data in split_data.items()}
+        scope = dict(dataset=args.dataset, split_ids=list(resolved), modalities=modalities)
         if not args.checkpoints:
             args.checkpoint = args.checkpoint or str(latest_checkpoint())
-            result, run_dir = evaluate_checkpoint(args, args.checkpoint, root, cache, resolved, modalities, grid)
+            model, info = load_model(args, args.checkpoint, cache)
             name = f"probe_{args.dataset}{'_random' if args.checkpoint == 'random' else ''}.json"
-            out = write_results(result, args.out or Path(run_dir or "runs") / name, t0)
+            out = Path(args.out or Path(info["run_dir"] or "runs") / name)
+            check_scope(out, dict(scope, task="linear-probe", checkpoint=info["checkpoint"]), args.overwrite)
+            result = evaluate_checkpoint(args, model, info, root, cache, resolved, modalities, grid)
+            write_results(result, out, t0)
             print(f"{markdown_table(result)}\nwrote {out} and {out.with_suffix('.md')} ({result['time_s']:.0f} s)")
             return 0
         # Figure 3: every checkpoint of the glob, each with its own weights and embeddings
-        series = [evaluate_checkpoint(args, path, root, cache, resolved, modalities, grid)[0]
-                  for path in sorted(glob.glob(args.checkpoints))]
-        if not series:
+        paths = sorted(glob.glob(args.checkpoints))
+        if not paths:
             raise ProbeError(f"--checkpoints {args.checkpoints!r} matches no file")
+        out = Path(args.out or Path(paths[0]).parent / f"probe_{args.dataset}_series.json")
+        check_scope(out, dict(scope, task="checkpoint-series", checkpoints=args.checkpoints), args.overwrite)
+        series = [evaluate_checkpoint(args, *load_model(args, path, cache), root, cache, resolved, modalities, grid)
+                  for path in paths]
         configs = {json.dumps(r["model_config"], sort_keys=True) for r in series}
         if len(configs) > 1:
             raise ProbeError(f"--checkpoints {args.checkpoints!r}: the checkpoints have different model configs")
         series = [{k: r[k] for k in ("checkpoint", "checkpoint_sha256", "epoch", "mean", "std", "splits")}
                   for r in series]
-        result = dict(task="checkpoint-series", dataset=args.dataset, checkpoints=args.checkpoints, args=vars(args),
+        result = dict(scope, task="checkpoint-series", checkpoints=args.checkpoints, args=vars(args),
                       model_config=json.loads(configs.pop()), series=series)
-        name = f"probe_{args.dataset}_series.json"
-        out = write_results(result, args.out or Path(series[0]["checkpoint"]).parent / name, t0)
+        write_results(result, out, t0)
         plot_series(series, out.with_suffix(".png"), args.dataset)
         for s in series:
             print(f"epoch {s['epoch']}: " + ", ".join(f"{m} {v:.1f}" for m, v in s["mean"].items()))
@@ -395,16 +482,16 @@ def main(argv=None):
         return 2
 
 
-def evaluate_checkpoint(args, checkpoint, root, cache, resolved, modalities, grid):
-    """Every split x modality for one checkpoint -> (the results dict (a linear-probe JSON), the run folder or None)."""
-    model, info = load_model(args, checkpoint, cache)
+def evaluate_checkpoint(args, model, info, root, cache, resolved, modalities, grid):
+    """Every split x modality for one checkpoint (`load_model`) -> the results dict (a linear-probe JSON)."""
     emb = load_or_extract_embeddings(model, cache, info, args.batch_clips, args.device, args.embeddings_dir,
-                                     args.recompute, text=False)
+                                     args.recompute)
     rows = []
     for k, (res, n_missing) in resolved.items():
         for m in modalities:
             t = time.time()
-            row = evaluate_probe(emb, res, m, emb["ids"], grid, args.seed, args.device, args.dataset == "ucf101")
+            row = evaluate_probe(emb, res, m, emb["ids"], grid, args.seed, args.device, args.dataset == "ucf101",
+                                 progress=f"split {k} {m}")
             rows.append(dict(split=k, modalities=m, **row, missing_videos=n_missing, time_s=time.time() - t))
             hp = row["hyperparameters"]
             print(f"split {k} {m:12s} top-1 {row['top1']:5.1f}  ({row['n_train']} train / {row['n_test']} test videos, "
@@ -416,7 +503,7 @@ def evaluate_checkpoint(args, checkpoint, root, cache, resolved, modalities, gri
     return dict(
         task="linear-probe", dataset=args.dataset, root=str(root), cache=str(cache.path),
         checkpoint=info["checkpoint"], checkpoint_sha256=info["checkpoint_sha256"], epoch=info["epoch"],
-        random_seed=info["seed"], config_source=info["config_source"], args=dict(vars(args), checkpoint=checkpoint),
+        random_seed=info["seed"], config_source=info["config_source"], args=vars(args),
         model_config=info["model_config"], pretrain_args=info["pretrain_args"],
         cache_backbone=cache.manifest.get("backbone"), cache_shapes=cache.manifest.get("shapes"),
         embeddings=emb["path"], split_ids=list(resolved), modalities=modalities, splits=rows, mean=mean, std=std,
@@ -425,7 +512,41 @@ def evaluate_checkpoint(args, checkpoint, root, cache, resolved, modalities, gri
                                  val_fraction=0.2, val_groups="UCF gXX groups" if ucf else "videos"),
         missing_audio=dict(videos_in_cache=len(has), videos_without_audio=int((~has).sum()),
                            treatment=MISSING_AUDIO_TREATMENT),
-        paper=dict(table1=PAPER_TABLE1.get(args.dataset), table2_split1=PAPER_TABLE2)), info["run_dir"]
+        paper=dict(table1=PAPER_TABLE1.get(args.dataset), table2_split1=PAPER_TABLE2))
+
+
+def embed(args, cache, model, info, emb):
+    """--embed: every video's embeddings in one .npz. Per clip (N, C, W) and per video (clip mean, (N, W)): z_v, z_a
+    (0 where has_audio is False); z_t (N, W) of each title (0 where has_text is False); and g_<space>_<m> (N, E),
+    each latent space's L2-normalised projection of each of its modalities (video and audio: the mean of the clips'
+    projections, re-normalised), 0 where the modality is missing. R@k in a space is then `g_vt_v @ g_vt_t.T`."""
+    titles = np.array([v.get("title") or "" for v in cache.videos])
+    z = dict(v=emb["z_v"], a=emb["z_a"], t=np.zeros((len(cache), model.config.text.width), np.float32))
+    has = dict(v=np.ones(len(cache), bool), a=emb["has_audio"].astype(bool), t=titles != "")
+    if has["t"].any():
+        z["t"][has["t"]] = encode_titles(model, run_tokenizer(info), titles[has["t"]])
+    out = dict(ids=emb["ids"], paths=np.array([v["path"] for v in cache.videos]), titles=titles, has_audio=has["a"],
+               has_text=has["t"], z_v=z["v"], z_a=z["a"], z_t=z["t"], z_v_video=z["v"].mean(1),
+               z_a_video=z["a"].mean(1),
+               checkpoint=np.array(info["checkpoint"]), checkpoint_sha256=np.array(info["checkpoint_sha256"] or ""))
+    for space, modalities in SPACES.items():
+        for m in modalities:
+            out[f"g_{space}_{m}"] = np.zeros((len(cache), model.config.embed_dim), np.float32)
+            out[f"g_{space}_{m}"][has[m]] = project(model, z[m][has[m]], space, clip_mean=m != "t")
+    path = Path(args.out or Path(cache.path) / "embeddings" / f"embed_{info['embedding_key']}.npz")
+    save_npz(path, out)
+    print(f"wrote {path}: {len(cache)} videos, {int(has['a'].sum())} with audio, {int(has['t'].sum())} with a title")
+
+
+def search(args, cache, model, info, emb):
+    """--search: the text query through the run's tokenizer, the text encoder and g_vt, against each video's g_vt
+    video embedding (the mean of its clips' projections, re-normalised); prints the --top videos by cosine."""
+    query = project(model, encode_titles(model, run_tokenizer(info), [args.search]), "vt")[0]      # (E,)
+    scores = project(model, emb["z_v"], "vt", clip_mean=True) @ query                           # (N,)
+    print(f"{'rank':>4}  {'score':>7}  video")
+    for rank, i in enumerate(np.argsort(-scores, kind="stable")[:args.top], 1):
+        title = cache.videos[i].get("title")
+        print(f"{rank:4d}  {scores[i]:7.4f}  {cache.videos[i]['path']}" + (f"  ({title})" if title else ""))
 
 
 # ================================================================================================================
@@ -550,7 +671,10 @@ def latest_checkpoint(runs="runs"):
 def read_checkpoint(path, flag="--checkpoint"):
     if not Path(path).is_file():  # one line naming the flag, not torch's bare [Errno 2] or IsADirectoryError
         raise ProbeError(f"{flag}: checkpoint {path} not found" + (" (a directory)" if Path(path).is_dir() else ""))
-    ckpt = pretrain.load_checkpoint(path)
+    try:
+        ckpt = pretrain.load_checkpoint(path)
+    except Exception as e:  # torch's zip reader and unpickler raise many kinds; none is worth a traceback
+        raise ProbeError(f"{flag}: {path} is truncated or not a checkpoint ({type(e).__name__})") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model" not in ckpt.get("config", {}):
         raise ProbeError(f"{path} is not a pretrain.py checkpoint (needs 'model' and config['model'])")
     return ckpt
@@ -566,6 +690,8 @@ def load_model(args, checkpoint, cache):
         if reference is not None:
             config, source = reference, f"--config-from {args.config_from}"
         elif args.model:  # what `pretrain.py --model NAME` trains on this cache (its tokenizer, if any)
+            if args.model not in pretrain.PRESETS:
+                raise ProbeError(f"--model {args.model!r}: choose from {sorted(pretrain.PRESETS)}")
             config = pretrain.build_config(argparse.Namespace(**pretrain.PRESETS[args.model]), cache.manifest,
                                            cache.tokenizer)
             source = f"--model {args.model}"
@@ -630,11 +756,10 @@ def run_tokenizer(info):
     return BPETokenizer.load(path)
 
 
-def load_or_extract_embeddings(model, cache, info, batch_clips=64, device="cpu", directory=None, recompute=False,
-                               text=True):
+def load_or_extract_embeddings(model, cache, info, batch_clips=64, device="cpu", directory=None, recompute=False):
     """`extract_embeddings` + ids (N,) and path, from disk when this (checkpoint, cache) pair was done before. The file
-    records the cache manifest's hash (a re-prepared cache invalidates it); files with and without text are apart."""
-    path = Path(directory or Path(cache.path) / "embeddings") / f"{info['embedding_key']}{'_text' if text else ''}.npz"
+    records the cache manifest's hash: a cache re-prepared since then invalidates it."""
+    path = Path(directory or Path(cache.path) / "embeddings") / f"{info['embedding_key']}.npz"
     manifest_sha = hashlib.sha256(json.dumps(cache.manifest, sort_keys=True).encode()).hexdigest()
     ids = np.array([v["id"] for v in cache.videos])
     if path.is_file() and not recompute:
@@ -645,12 +770,8 @@ def load_or_extract_embeddings(model, cache, info, batch_clips=64, device="cpu",
             return dict(stored, path=str(path))
         print(f"embeddings: {path} is stale (cache changed); recomputing", file=sys.stderr)
     t0 = time.time()
-    emb = dict(extract_embeddings(model, cache, batch_clips, device, text=text), ids=ids,
-               manifest_sha=np.array(manifest_sha))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + f".tmp{os.getpid()}.npz")
-    np.savez(tmp, **emb)
-    os.replace(tmp, path)  # atomic: a crashed run never leaves half a file that a later run would trust
+    emb = dict(extract_embeddings(model, cache, batch_clips, device), ids=ids, manifest_sha=np.array(manifest_sha))
+    save_npz(path, emb)
     print(f"embeddings: {len(cache)} videos in {time.time() - t0:.1f} s -> {path}", file=sys.stderr)
     return dict(emb, path=str(path))
 
@@ -691,6 +812,27 @@ def markdown_table(result):
     lines += ["", f"Videos without audio: {ma['videos_without_audio']} of {ma['videos_in_cache']} in the cache"
               + (f"; {ma['treatment']}." if "audio+video" in result["modalities"] else " (video-only probe: unused).")]
     return "\n".join(lines) + "\n"
+
+
+def check_scope(out, scope, overwrite):
+    """A results file is replaced only by a run of the same scope (task, dataset, splits, modalities, checkpoint)."""
+    if overwrite or not out.is_file():
+        return
+    try:
+        old = json.loads(out.read_text())
+    except ValueError:
+        old = None
+    old = old if isinstance(old, dict) else {}
+    if any(old.get(k) != v for k, v in scope.items()):
+        diff = ", ".join(f"{k} {old.get(k)!r}" for k, v in scope.items() if old.get(k) != v)
+        raise ProbeError(f"{out} holds a result of another scope ({diff}): --overwrite replaces it, or another --out")
+
+
+def save_npz(path, arrays):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + f".tmp{os.getpid()}.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)  # atomic: a crashed run never leaves half a file that a later run would trust
 
 
 def write_results(result, out, t0):
@@ -748,47 +890,5 @@ def plot_series(series, out_png, dataset):
     plt.close(fig)
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", choices=["ucf101", "hmdb51"], help="downstream dataset (not needed with --summary)")
-    p.add_argument("--root", help="dataset folder with the official split lists (default: ucf101/ or hmdb51/)")
-    p.add_argument("--cache", help="feature cache written by prepare.py (default: <root>/lava_cache)")
-    p.add_argument("--checkpoint", help="pretrain.py checkpoint, or 'random' for a random-initialised LAVA "
-                                        "(default: the latest runs/*/ckpt_last.pt)")
-    p.add_argument("--config-from", metavar="CKPT", help="the model config of --checkpoint random (with a real "
-                                                         "checkpoint: must match, else an error)")
-    p.add_argument("--model", choices=sorted(pretrain.PRESETS),
-                   help="pretrain.py's preset for --checkpoint random without --config-from")
-    p.add_argument("--seed", type=int, default=0,
-                   help="seed of the random-init weights, the validation split and the probe's batch order (default 0)")
-    group = p.add_mutually_exclusive_group()
-    group.add_argument("--split", type=int, choices=[1, 2, 3], help="evaluate one official split")
-    group.add_argument("--all-splits", action="store_true", help="evaluate splits 1, 2, 3 (the default)")
-    p.add_argument("--modalities", help="comma list of video, audio+video (default: video,audio+video for ucf101, "
-                                        "video for hmdb51 as in the paper)")
-    p.add_argument("--checkpoints", metavar="GLOB", help="probe every checkpoint matching GLOB (e.g. "
-                   "'runs/x/epoch_*.pt') and plot top-1 vs pre-training epoch (Figure 3) to <out>.png")
-    p.add_argument("--summary", nargs="+", metavar="FILE", help="print one table of these results JSONs and exit")
-    p.add_argument("--out", help="results JSON, a Markdown table next to it as .md (default: "
-                                 "<run dir>/probe_<dataset>[_random].json)")
-    p.add_argument("--allow-partial", action="store_true", help="evaluate although the official lists name "
-                   "videos missing from the cache (loud warning; the counts go into the results)")
-    p.add_argument("--epochs-grid", default="10,30,100,300",
-                   help="probe epochs to choose from on the validation part of the training split (default "
-                        "10,30,100,300: at lr 1e-4 a small training split needs the long end, a big one the short)")
-    p.add_argument("--weight-decay-grid", default="0,1e-3", help="probe weight decays (Adam L2 on the weights) to "
-                                                                 "choose from, likewise (default 0,1e-3)")
-    p.add_argument("--batch-clips", type=int, default=64, help="clips per encoder batch when extracting embeddings")
-    p.add_argument("--embeddings-dir", help="where embeddings are stored (default: <cache>/embeddings)")
-    p.add_argument("--recompute", action="store_true", help="ignore stored embeddings and extract them again")
-    p.add_argument("--device", default="auto", help="encoders and probe: auto (cuda if available), cpu, cuda, cuda:N")
-    args = p.parse_args(argv)
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if not args.summary and not args.dataset:
-        p.error("--dataset is required (except with --summary)")
-    return args
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(ARGS))
