@@ -1,11 +1,13 @@
-"""probe.py: the paper's linear evaluation of frozen LAVA encoders on UCF-101 / HMDB-51 (Section 3), and its
-pre-training-epoch series (Figure 3).
+"""probe.py: the paper's linear evaluation of frozen LAVA encoders on UCF-101 / HMDB-51 (Section 3), its
+pre-training-epoch series (Figure 3), and the embeddings of any cache (your own videos) with a text search over them.
 
     python probe.py --dataset ucf101 --all-splits                                   # video and audio+video, 3 splits
     python probe.py --dataset ucf101 --checkpoint random --config-from runs/demo/ckpt_last.pt --all-splits
     python probe.py --dataset hmdb51 --root hmdb51 --checkpoint runs/demo/ckpt_last.pt --split 1 --out hmdb.json
     python probe.py --dataset ucf101 --split 1 --checkpoints 'runs/demo/epoch_*.pt' --out series.json  # + .png
     python probe.py --summary runs/demo/probe_*.json                                # one table of several results
+    python probe.py --embed --root myvids --checkpoint runs/x/ckpt_last.pt          # one .npz of all embeddings
+    python probe.py --search "a dog catching a frisbee" --root myvids --checkpoint runs/x/ckpt_last.pt
 
 The paper's evaluation (Section 3: "a linear classifier on top of the frozen LAVA video encoder using a 1e-4 learning
 rate and a batch size of 32 ... logits are averaged across multiple clips per test set video. Top-1 accuracy is
@@ -15,7 +17,8 @@ averaged across all 3 splits"; HMDB-51 video only), in the order of this file's 
 2. `extract_embeddings`: every clip of the cache once through the frozen encoders (stored per checkpoint and cache).
 3. one official split: `modality_features` (z_v for "video", [z_v, z_a] for "audio+video"), `evaluate_probe`.
 4. `main` -> `evaluate_checkpoint` (every split and modality, mean and sample std: the results JSON's keys) ->
-   `evaluate_probe`; the machinery after: split lists, checkpoints, embedding files, results tables, the CLI.
+   `evaluate_probe`; `embed` and `search` (beyond the paper); the machinery after: split lists, checkpoints,
+   embedding files, results tables.
 """
 import argparse
 import glob
