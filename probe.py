@@ -11,14 +11,10 @@ pre-training-epoch series (Figure 3), and the embeddings of any cache (your own 
 
 The paper's evaluation (Section 3: "a linear classifier on top of the frozen LAVA video encoder using a 1e-4 learning
 rate and a batch size of 32 ... logits are averaged across multiple clips per test set video. Top-1 accuracy is
-averaged across all 3 splits"; HMDB-51 video only), in the order of this file's sections:
-1. `LinearProbe`, a scikit-learn estimator: one linear layer on standardised clip embeddings, Adam, lr 1e-4, batch
-   32; `select_hyperparameters` chooses the epochs and weight decay the paper does not give.
-2. `extract_embeddings`: every clip of the cache once through the frozen encoders (stored per checkpoint and cache).
-3. one official split: `modality_features` (z_v for "video", [z_v, z_a] for "audio+video"), `evaluate_probe`.
-4. `main` -> `evaluate_checkpoint` (every split and modality, mean and sample std: the results JSON's keys) ->
-   `evaluate_probe`; `embed` and `search` (beyond the paper); the machinery after: split lists, checkpoints,
-   embedding files, results tables.
+averaged across all 3 splits"; HMDB-51 video only), in this file's order: 1. `LinearProbe`, a scikit-learn
+estimator, and `select_hyperparameters` (the epochs and weight decay the paper does not give); 2.
+`extract_embeddings` (every clip once through the frozen encoders); 3. `evaluate_probe` on one official split; 4.
+`main` -> `evaluate_checkpoint` -> `evaluate_probe`, `embed` and `search`; then the machinery.
 """
 import argparse
 import glob
@@ -42,10 +38,8 @@ def parse_args(argv=None):
     p.add_argument("--cache", help="feature cache written by prepare.py (default: <root>/lava_cache)")
     p.add_argument("--checkpoint", help="pretrain.py checkpoint, or 'random' for a random-initialised LAVA "
                                         "(default: the latest runs/*/ckpt_last.pt)")
-    p.add_argument("--config-from", metavar="CKPT", help="the model config of --checkpoint random (with a real "
-                                                         "checkpoint: must match, else an error; default: none)")
-    p.add_argument("--model", help="pretrain.py's preset (tiny, small, paper) for --checkpoint random without "
-                                   "--config-from (default: the latest run's config)")
+    p.add_argument("--config-from", metavar="CKPT", help="the checkpoint whose model config --checkpoint random "
+                   "takes (default: the latest runs/*/ckpt_last.pt)")
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the random-init weights, the validation split and the probe's batch order (default 0)")
     group = p.add_mutually_exclusive_group()
@@ -98,19 +92,13 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.model_selection import StratifiedGroupKFold
 from sklearn.utils import check_consistent_length, check_random_state
 from sklearn.utils.multiclass import check_classification_targets
-from sklearn.utils.validation import check_is_fitted, column_or_1d
+from sklearn.utils.validation import check_is_fitted, column_or_1d, validate_data
 from tqdm import tqdm
 
 import pretrain
 from bpe import BPETokenizer
 from model import LAVA, SPACES, LAVAConfig
 from prepare import FeatureCache
-
-try:  # scikit-learn >= 1.6
-    from sklearn.utils.validation import validate_data
-except ImportError:  # older scikit-learn (requirements allow >= 1.4): the same check as a method
-    def validate_data(estimator, *args, **kwargs):
-        return estimator._validate_data(*args, **kwargs)
 
 # The paper's numbers, for the tables beside ours.
 PAPER_TABLE1 = {"ucf101": {"video": 81.3, "audio+video": 84.3}, "hmdb51": {"video": 50.1}}  # 3-split mean top-1
@@ -361,13 +349,13 @@ def encode_titles(model, tokenizer, titles, batch=256):
 
 
 def modality_features(emb, modality, train_idx):
-    """(N, C, D) features of a modality setting + count of videos whose audio was imputed. video: z_v. audio+video:
+    """(N, C, D) features of a modality setting. video: z_v. audio+video:
     [z_v, z_a], where a video without audio (about half of real UCF-101) gets the mean z_a of this split's training
     videos with audio. That is then the training mean, so after the probe's standardisation the imputed part is exactly
     0 and the audio half adds nothing to that video's logits: the prediction falls back to the video half, instead of
     reading the encoder's output for silence (arbitrary, confidently non-neutral) or zeros (-mean/std)."""
     if modality == "video":
-        return emb["z_v"], 0
+        return emb["z_v"]
     if modality != "audio+video":
         raise ValueError(f"modality_features: unknown modality {modality!r} (video or audio+video)")
     has = emb["has_audio"].astype(bool)
@@ -376,7 +364,7 @@ def modality_features(emb, modality, train_idx):
     if len(train_with_audio) == 0:
         warnings.warn("no training video has audio: audio+video reduces to video")
     z_a[~has] = z_a[train_with_audio].mean(axis=(0, 1)) if len(train_with_audio) else 0.0  # (D,)
-    return np.concatenate([emb["z_v"], z_a], axis=-1), int((~has).sum())
+    return np.concatenate([emb["z_v"], z_a], axis=-1)
 
 
 def clip_rows(features, idx, labels):
@@ -388,7 +376,7 @@ def clip_rows(features, idx, labels):
 def evaluate_probe(emb, resolved, modality, ids, grid, seed=0, device="cpu", ucf_groups=False, progress=None):
     """Train and test one linear probe on one split; returns a results row (top-1 in percent, videos counted)."""
     (tr_idx, tr_y), (te_idx, te_y) = resolved["train"], resolved["test"]
-    features, _ = modality_features(emb, modality, tr_idx)
+    features = modality_features(emb, modality, tr_idx)
     Xtr, ytr, gtr = clip_rows(features, tr_idx, tr_y)
     Xte, yte, gte = clip_rows(features, te_idx, te_y)
     split_groups = np.array([ucf_group(ids[i]) for i in gtr]) if ucf_groups else gtr
@@ -453,9 +441,9 @@ def main(argv=None):
             args.checkpoint = args.checkpoint or str(latest_checkpoint())
             model, info = load_model(args, args.checkpoint, cache)
             name = f"probe_{args.dataset}{'_random' if args.checkpoint == 'random' else ''}.json"
-            out = Path(args.out or Path(info["run_dir"] or "runs") / name)
+            out = Path(args.out or Path(info["run_dir"]) / name)
             check_scope(out, dict(scope, task="linear-probe", checkpoint=info["checkpoint"]), args.overwrite)
-            result = evaluate_checkpoint(args, model, info, root, cache, resolved, modalities, grid)
+            result = evaluate_checkpoint(args, model, info, cache, resolved, modalities, grid)
             write_results(result, out, t0)
             print(f"{markdown_table(result)}\nwrote {out} and {out.with_suffix('.md')} ({result['time_s']:.0f} s)")
             return 0
@@ -465,7 +453,7 @@ def main(argv=None):
             raise ProbeError(f"--checkpoints {args.checkpoints!r} matches no file")
         out = Path(args.out or Path(paths[0]).parent / f"probe_{args.dataset}_series.json")
         check_scope(out, dict(scope, task="checkpoint-series", checkpoints=args.checkpoints), args.overwrite)
-        series = [evaluate_checkpoint(args, *load_model(args, path, cache), root, cache, resolved, modalities, grid)
+        series = [evaluate_checkpoint(args, *load_model(args, path, cache), cache, resolved, modalities, grid)
                   for path in paths]
         configs = {json.dumps(r["model_config"], sort_keys=True) for r in series}
         if len(configs) > 1:
@@ -485,7 +473,7 @@ def main(argv=None):
         return 2
 
 
-def evaluate_checkpoint(args, model, info, root, cache, resolved, modalities, grid):
+def evaluate_checkpoint(args, model, info, cache, resolved, modalities, grid):
     """Every split x modality for one checkpoint (`load_model`) -> the results dict (a linear-probe JSON)."""
     emb = load_or_extract_embeddings(model, cache, info, args.batch_clips, args.device, args.embeddings_dir,
                                      args.recompute)
@@ -504,13 +492,11 @@ def evaluate_checkpoint(args, model, info, root, cache, resolved, modalities, gr
     std = {m: float(np.std(v, ddof=1)) if len(v) > 1 else 0.0 for m, v in top1.items()}  # sample std over splits
     has, ucf = emb["has_audio"].astype(bool), args.dataset == "ucf101"
     return dict(
-        task="linear-probe", dataset=args.dataset, root=str(root), cache=str(cache.path),
-        checkpoint=info["checkpoint"], checkpoint_sha256=info["checkpoint_sha256"], epoch=info["epoch"],
-        random_seed=info["seed"], config_source=info["config_source"], args=vars(args),
-        model_config=info["model_config"], pretrain_args=info["pretrain_args"],
-        cache_backbone=cache.manifest.get("backbone"), cache_shapes=cache.manifest.get("shapes"),
-        embeddings=emb["path"], split_ids=list(resolved), modalities=modalities, splits=rows, mean=mean, std=std,
-        n_splits=len(resolved), partial=any(sum(n_missing.values()) for _, n_missing in resolved.values()),
+        task="linear-probe", dataset=args.dataset, cache=str(cache.path), checkpoint=info["checkpoint"],
+        checkpoint_sha256=info["checkpoint_sha256"], epoch=info["epoch"], config_source=info["config_source"],
+        args=vars(args), model_config=info["model_config"], pretrain_args=info["pretrain_args"],
+        cache_manifest=cache.manifest, embeddings=emb["path"], split_ids=list(resolved), modalities=modalities,
+        splits=rows, mean=mean, std=std, partial=any(sum(n.values()) for _, n in resolved.values()),
         hyperparameter_grid=dict(grid, lr=LinearProbe().lr, batch_size=LinearProbe().batch_size, standardize=True,
                                  val_fraction=0.2, val_groups="UCF gXX groups" if ucf else "videos"),
         missing_audio=dict(videos_in_cache=len(has), videos_without_audio=int((~has).sum()),
@@ -667,7 +653,7 @@ def latest_checkpoint(runs="runs"):
     """The most recently written runs/*/ckpt_last.pt (the default --checkpoint)."""
     found = sorted(Path(runs).glob("*/ckpt_last.pt"), key=lambda p: p.stat().st_mtime)
     if not found:
-        raise ProbeError(f"no {runs}/*/ckpt_last.pt: pass --checkpoint PATH (or 'random' with --config-from/--model)")
+        raise ProbeError(f"no {runs}/*/ckpt_last.pt: pass --checkpoint PATH (or 'random' with --config-from)")
     return found[-1]
 
 
@@ -684,42 +670,14 @@ def read_checkpoint(path, flag="--checkpoint"):
 
 
 def load_model(args, checkpoint, cache):
-    """(LAVA in eval mode on args.device, info dict) for a checkpoint path or "random" (a fixed random init, seed
-    --seed, of the config of --config-from, of the pretrain.py preset --model sized for this cache, or of the latest
-    run). Clear errors for weights that do not fit their config or a config that does not fit the cache."""
-    reference = (LAVAConfig.from_dict(read_checkpoint(args.config_from, "--config-from")["config"]["model"])
-                 if args.config_from else None)
-    if checkpoint == "random":
-        if reference is not None:
-            config, source = reference, f"--config-from {args.config_from}"
-        elif args.model:  # what `pretrain.py --model NAME` trains on this cache (its tokenizer, if any)
-            if args.model not in pretrain.PRESETS:
-                raise ProbeError(f"--model {args.model!r}: choose from {sorted(pretrain.PRESETS)}")
-            config = pretrain.build_config(argparse.Namespace(**pretrain.PRESETS[args.model]), cache.manifest,
-                                           cache.tokenizer)
-            source = f"--model {args.model}"
-        else:
-            latest = latest_checkpoint()
-            config = LAVAConfig.from_dict(read_checkpoint(latest)["config"]["model"])
-            source = f"config of the latest run {latest}"
-        torch.manual_seed(args.seed)  # the same seed every time: a random baseline is one fixed network
-        model = LAVA(config)
-        # embeddings key = hash of the weights themselves, so a change in model.py's init never reuses stale files
-        h = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode())
-        for name, tensor in model.state_dict().items():
-            h.update(name.encode() + tensor.detach().cpu().contiguous().numpy().tobytes())
-        info = dict(checkpoint="random", checkpoint_sha256=None, seed=args.seed, config_source=source,
-                    embedding_key="random-" + h.hexdigest()[:16], epoch=0, pretrain_args=None, trained_on=None,
-                    run_dir=Path(args.config_from).parent if args.config_from else None)
-    else:
+    """(LAVA in eval mode on args.device, info dict) for a checkpoint path or "random": a fixed random init (seed
+    --seed) of the config of --config-from, else of the latest run. Clear errors for weights that do not fit their
+    config or a config that does not fit the cache."""
+    if checkpoint != "random":
+        if args.config_from:
+            raise ProbeError("--config-from gives the config of --checkpoint random; a checkpoint has its own")
         ckpt = read_checkpoint(checkpoint)
         config = LAVAConfig.from_dict(ckpt["config"]["model"])
-        if reference is not None and reference != config:
-            ours, theirs = ({f"{m}.{k}": v for m, sub in c.to_dict().items() for k, v in
-                             (sub.items() if isinstance(sub, dict) else [("", sub)])} for c in (config, reference))
-            raise ProbeError(f"checkpoint {checkpoint} has another model config than --config-from {args.config_from}: "
-                             + ", ".join(f"{k.rstrip('.')} {v!r} vs {theirs[k]!r}" for k, v in ours.items()
-                                         if v != theirs[k]))
         model = LAVA(config)
         try:
             model.load_state_dict(ckpt["model"], strict=True)
@@ -734,6 +692,18 @@ def load_model(args, checkpoint, cache):
         info = dict(checkpoint=str(checkpoint), checkpoint_sha256=sha, seed=None, config_source="checkpoint",
                     embedding_key=sha[:16], epoch=epoch, pretrain_args=ckpt["config"].get("args"),
                     trained_on=(ckpt.get("cache_manifest") or {}).get("backbone"), run_dir=Path(checkpoint).parent)
+    else:
+        source = args.config_from or latest_checkpoint()
+        config = LAVAConfig.from_dict(read_checkpoint(source, "--config-from")["config"]["model"])
+        torch.manual_seed(args.seed)  # the same seed every time: a random baseline is one fixed network
+        model = LAVA(config)
+        # embeddings key = hash of the weights themselves, so a change in model.py's init never reuses stale files
+        h = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode())
+        for name, tensor in model.state_dict().items():
+            h.update(name.encode() + tensor.detach().cpu().contiguous().numpy().tobytes())
+        info = dict(checkpoint="random", checkpoint_sha256=None, seed=args.seed, config_source=f"config of {source}",
+                    embedding_key="random-" + h.hexdigest()[:16], epoch=0, pretrain_args=None, trained_on=None,
+                    run_dir=Path(source).parent)
     info["model_config"] = config.to_dict()
     v, a, s = config.video, config.audio, cache.manifest["shapes"]
     problems = [message for bad, message in (
@@ -752,10 +722,9 @@ def load_model(args, checkpoint, cache):
 
 def run_tokenizer(info):
     """The run's tokenizer.bpe, which pretrain.py copies into the run folder."""
-    path = Path(info["run_dir"]) / "tokenizer.bpe" if info.get("run_dir") else None
-    if path is None or not path.is_file():
-        raise ProbeError(f"the pre-training run's tokenizer.bpe is needed (looked in {path or 'no run folder'}; "
-                         f"with --checkpoint random pass --config-from the run's checkpoint)")
+    path = Path(info["run_dir"]) / "tokenizer.bpe"
+    if not path.is_file():
+        raise ProbeError(f"the pre-training run's tokenizer.bpe is needed: {path} not found")
     return BPETokenizer.load(path)
 
 

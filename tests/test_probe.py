@@ -253,9 +253,9 @@ def test_missing_audio_becomes_the_training_mean():
     emb["has_audio"][[1, 7]] = False                      # 1 is a training video, 7 a test video
     emb["z_a"][[1, 7]] = 0.0
     train = np.arange(6)
-    feats, n_missing = probe.modality_features(emb, "audio+video", train)
+    feats = probe.modality_features(emb, "audio+video", train)
     fill = emb["z_a"][[0, 2, 3, 4, 5]].mean(axis=(0, 1))  # training videos with audio only
-    assert n_missing == 2 and feats.shape == (N, C, 7)
+    assert feats.shape == (N, C, 7)
     np.testing.assert_allclose(feats[[1, 7], :, 3:], np.broadcast_to(fill, (2, C, 4)))
     np.testing.assert_allclose(feats[:, :, :3], emb["z_v"])
     with pytest.raises(ValueError, match="unknown modality 'audio'"):  # not silently audio+video
@@ -512,7 +512,7 @@ def test_checkpoint_of_another_config_is_a_clear_error(tmp_path, capsys):
     assert "does not fit the cache" in capsys.readouterr().err
     ok = make_checkpoint(tmp_path / "runs/c/ckpt_last.pt", root / "lava_cache")
     assert probe.main(base + ["--checkpoint", str(ok), "--config-from", str(other)]) == 2
-    assert "another model config" in capsys.readouterr().err
+    assert "--config-from gives the config of --checkpoint random" in capsys.readouterr().err
     # weights that do not fit the config they carry
     bad = torch.load(ok, weights_only=True)
     bad["config"]["model"]["video"]["width"] = bad["config"]["model"]["audio"]["width"] = 16
@@ -529,20 +529,20 @@ def test_checkpoint_of_another_config_is_a_clear_error(tmp_path, capsys):
             " (a directory)\n" if path.is_dir() else "\n")
 
 
-def test_random_init_is_fixed_by_the_seed_and_shares_the_config(tmp_path):
+def test_random_init_is_fixed_by_the_seed_and_shares_the_config(tmp_path, monkeypatch):
     from argparse import Namespace
 
     from prepare import FeatureCache
 
     cache = FeatureCache(write_feature_cache(tmp_path / "c", n_videos=4, dataset="ucf101", clips=1, frames=16, grid=2))
     ckpt = make_checkpoint(tmp_path / "runs/x/ckpt_last.pt", cache.path)
-    args = lambda seed, model=None, config_from=str(ckpt): Namespace(config_from=config_from, model=model, seed=seed,
-                                                                     device="cpu")
+    args = lambda seed, config_from=str(ckpt): Namespace(config_from=config_from, seed=seed, device="cpu")
     (m1, i1), (m2, i2), (m3, i3) = (probe.load_model(args(s), "random", cache) for s in (0, 0, 1))
     assert i1["embedding_key"] == i2["embedding_key"] != i3["embedding_key"]
     assert all(torch.equal(a, b) for a, b in zip(m1.state_dict().values(), m2.state_dict().values()))
     _, ip = probe.load_model(args(0, config_from=None), str(ckpt), cache)
     assert ip["model_config"] == i1["model_config"] and ip["embedding_key"] != i1["embedding_key"]
-    # a pretrain.py preset: input sizes from the evaluation cache
-    m4, i4 = probe.load_model(args(0, model="tiny", config_from=None), "random", cache)
-    assert m4.config.video.grid == 2 and m4.config.video.feature_dim == 512 and i4["config_source"] == "--model tiny"
+    # without --config-from: the latest runs/*/ckpt_last.pt's config, the same network for the same seed
+    monkeypatch.chdir(tmp_path)
+    m4, i4 = probe.load_model(args(0, config_from=None), "random", cache)
+    assert i4["embedding_key"] == i1["embedding_key"] and i4["config_source"] == "config of runs/x/ckpt_last.pt"
