@@ -1,39 +1,134 @@
-"""Pre-train LAVA (paper Section 3) on a prepare.py feature cache: one file, CPU or one GPU or torchrun.
+r"""Pre-train LAVA (paper Section 3) on a prepare.py feature cache: one file, CPU or one GPU or torchrun.
 
     # CPU demo (the Makefile's: small preset on the demo corpus's cache)
     python pretrain.py --data demo/k700 --model small --device cpu --out runs/demo
     # one GPU, the paper's run on Kinetics-700: batch 32, Adam lr 1e-5, cosine, 25 epochs, tau 0.07
     python pretrain.py --data k700 --out runs/lava_k700 --losses av,vt,avt --compile
     # one node, 8 GPUs (--batch-size is the GLOBAL batch: 256 = 8 GPUs x 32, negatives gathered across GPUs)
-    torchrun --standalone --nproc_per_node 8 pretrain.py --data k700 --batch-size 256 --out runs/lava_k700_8gpu --compile
+    torchrun --standalone --nproc_per_node 8 pretrain.py --data k700 --batch-size 256 --out runs/k700_8gpu --compile
     # two nodes x 8 GPUs: run on every node (NODE_RANK 0 and 1); the run folder and cache on shared storage
     torchrun --nnodes 2 --node_rank $NODE_RANK --nproc_per_node 8 --rdzv_id lava --rdzv_backend c10d \
         --rdzv_endpoint $MASTER_HOST:29500 pretrain.py --data k700 --batch-size 512 --out runs/lava_k700_16gpu
-    # continue a run that died (on the CPU bitwise the same weights as if it had not, with the same flags)
-    python pretrain.py --data k700 --out runs/lava_k700 --resume auto
-    # Table 2 ablation: add --losses av  or  --losses av,vt
+    # your own videos, after `python prepare.py --root myvids`: every video of a folder cache is training data
+    python pretrain.py --data myvids --model small --out runs/myvids
 
-Reads only the cache (memory-mapped, videos with split == "train"), never videos: per sample a 16-frame window,
-flipped or not, the log-mel crop aligned with it, the title and presence masks (PretrainClips). Augmentation is a
-function of (seed, epoch, sample index), so a run killed mid-epoch and resumed ends with the same weights (bitwise
-on the CPU; some CUDA backward kernels are not deterministic).
-
-Each of N ranks takes 1/N of the global --batch-size and losses.py gathers the embeddings, so every rank contrasts
-against the whole batch. No gradient accumulation: with in-batch negatives it is not equivalent to a larger batch.
+Reads only the cache (PretrainClips: Kinetics' split "train" or all of a folder cache), never videos; augmentation
+is a function of (seed, epoch, sample index), so a stopped run continues to the same weights (bitwise on the CPU).
+No gradient accumulation: with in-batch negatives it is not equivalent to a larger batch.
 
 Run folder (README: Pre-training): config.json, log.jsonl, ckpt_last.pt, epoch_XXX.pt, loss.png, tokenizer.bpe.
-A checkpoint's "epoch" and ["sampler"]["step_in_epoch"] say where to continue: epoch_010.pt has 10 and 0 (10 epochs
-done).
+The same command continues the run in --out (with other flags: --resume auto; --restart starts over); Ctrl-C or
+SIGTERM ends the step in progress and saves it (exit 130 / 143). Messages and log.jsonl number epochs from 1 ("epoch
+E, step S": step S is in epoch E); a checkpoint's "epoch" counts those done: epoch_010.pt is at "epoch 10, step ..".
 """
 import argparse
 import json
 import math
 import os
 import resource
+import signal
 import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
+
+CLIP_FRAMES = 16      # video frames per training clip (paper: 16 x 224 x 224 at 10 fps)
+AUDIO_FRAMES = 256    # log-mel frames per training clip (paper: [80, 256])
+MEL_PER_FRAME = 10    # 10 ms mel hop at 10 fps video: frame s starts at mel column 10 * s (README: Feature cache)
+
+# ----------------------------------------------------------------------------------------------------------
+# config: presets, every value of which is also a flag of its own (--width ... --epochs) that overrides it
+
+PRESETS = {
+    # Section 3: three 4-layer transformers of hidden size 1024; batch 32, Adam 1e-5, cosine, 25 epochs.
+    # Heads (16), the 512-d joint space and no warmup are ours: the paper does not give them.
+    "paper": dict(width=1024, depth=4, heads=16, embed_dim=512, dropout=0.0, center_tokens=False,
+                  audio_frames_per_token=1, batch_size=32, lr=1e-5, epochs=25, warmup_steps=0),
+    # the demo's (shared/notes/demo-corpus.md: width 128, 2 layers, 4 heads, batch 64, 20 epochs, centred
+    # tokens: +40 points on the synthetic corpus); the learning rate is ours, 1e-5 would barely move in 250 steps
+    "small": dict(width=128, depth=2, heads=4, embed_dim=128, dropout=0.0, center_tokens=True, audio_frames_per_token=8,
+                  batch_size=64, lr=1e-3, epochs=20, warmup_steps=20),
+    # for tests and smoke runs: an epoch of a few hundred clips in seconds on the CPU
+    "tiny": dict(width=32, depth=1, heads=2, embed_dim=32, dropout=0.0, center_tokens=True, audio_frames_per_token=16,
+                 batch_size=16, lr=1e-3, epochs=2, warmup_steps=0),
+}
+# flags that do not change the weights: a run continued with other values of these is the same run
+RUN_ONLY = {"data", "out", "resume", "restart", "workers", "device", "threads", "compile", "compile_mode",
+            "log_every", "save_every", "keep_epochs", "no_progress"}
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help keeps the docstring's lines and shows every default; a preset's flag lists each preset's value."""
+
+    def _get_help_string(self, action):
+        if action.dest in PRESETS["paper"]:
+            return f"{action.help} (" + ", ".join(f"{m} {p[action.dest]}" for m, p in PRESETS.items()) + ")"
+        return action.help if action.default is None else super()._get_help_string(action)  # None: said in words
+
+
+def parse_args(argv=None):
+    """The flags, with preset values filled into those left unset and --losses in canonical order (stdlib only)."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    g = p.add_argument_group("data and run folder")
+    g.add_argument("--data", default="k700", help="dataset folder, Kinetics-700 or your own videos (prepare.py --root)")
+    g.add_argument("--cache", help="feature cache written by prepare.py (default: DATA/lava_cache)")
+    g.add_argument("--out", help="run folder; a run there is continued (default: runs/lava_<time>, --resume's folder)")
+    g.add_argument("--resume", help="checkpoint to continue with these flags; auto: OUT/ckpt_last.pt (default: none)")
+    g.add_argument("--restart", action="store_true", help="start over in an --out that holds a run, replacing it")
+    g.add_argument("--workers", type=int, help="DataLoader processes per rank, 0: none (default: half its cores, <= 8)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the model init, the sample order and the augmentation")
+    g.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda, cuda:N (torchrun: LOCAL_RANK)")
+    g.add_argument("--threads", type=int, help="CPU: intra-op threads (default: this rank's cores minus --workers)")
+    g = p.add_argument_group("model (the --model preset's values unless given)")
+    g.add_argument("--model", default="paper", choices=sorted(PRESETS), help="preset of the values listed after each "
+                   "flag below: tiny also trains at batch 16 and lr 1e-3, small at 64 and 1e-3")
+    g.add_argument("--width", type=int, help="hidden size of all three encoders")
+    g.add_argument("--depth", type=int, help="transformer layers per encoder")
+    g.add_argument("--heads", type=int, help="attention heads per layer")
+    g.add_argument("--embed-dim", type=int, help="size of the joint spaces the projections g_av, g_vt, g_avt map to")
+    g.add_argument("--dropout", type=float, help="dropout inside the encoders")
+    g.add_argument("--center-tokens", action=argparse.BooleanOptionalAction, help="subtract each clip's mean token")
+    g.add_argument("--audio-frames-per-token", type=int, help="mel frames per audio token (paper: 1, an MLP per frame)")
+    g = p.add_argument_group("training (the --model preset's values unless given)")
+    g.add_argument("--losses", default="av,vt,avt", help="comma list of av, vt, avt (Table 2 ablation: av  or  av,vt)")
+    g.add_argument("--epochs", type=int, help="epochs over the training videos")
+    g.add_argument("--batch-size", type=int, help="GLOBAL batch over all ranks; must divide by the number of ranks")
+    g.add_argument("--lr", type=float, help="peak learning rate")
+    g.add_argument("--min-lr", type=float, default=0.0, help="learning rate at the end of the cosine")
+    g.add_argument("--warmup-steps", type=int, help="linear warmup steps before the cosine")
+    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW decay of >= 2-d weights (0: Adam)")
+    g.add_argument("--temperature", type=float, default=0.07, help="NCE temperature tau (the paper's)")
+    g.add_argument("--loss-form", default="symmetric", choices=["symmetric", "paper_eq1"],
+                   help="NCE form (losses.nce): symmetric InfoNCE (the authors' code) or Eq. 1 as printed")
+    g.add_argument("--audio-noise", type=float, default=0.1, help="std of the Gaussian noise added to the log-mel")
+    g.add_argument("--no-flip", action="store_true", help="turn off the horizontal flip of the patch grid")
+    g.add_argument("--compile", action="store_true", help="torch.compile the forward (checkpoints: the plain module)")
+    g.add_argument("--compile-mode", help="torch.compile mode, e.g. max-autotune-no-cudagraphs (default: torch's)")
+    g.add_argument("--max-steps", type=int, help="stop after this many steps (default: all; the cosine spans --epochs)")
+    g = p.add_argument_group("logging and checkpoints")
+    g.add_argument("--log-every", type=int, default=20, help="steps per log line (and check the loss is finite)")
+    g.add_argument("--save-every", type=int, default=2000, help="steps between ckpt_last.pt saves, besides every "
+                   "epoch's (0 = epochs only; a paper-size checkpoint with Adam state is ~2.4 GB)")
+    g.add_argument("--keep-epochs", action="store_true", help="keep epoch_XXX.pt after every epoch (probe.py's series)")
+    g.add_argument("--no-progress", action="store_true", help="no tqdm bar (log lines still print)")
+    args = p.parse_args(argv)
+    vars(args).update({k: v for k, v in PRESETS[args.model].items() if getattr(args, k) is None})
+    names = [s.strip() for s in args.losses.split(",") if s.strip()]
+    if not names or set(names) - {"av", "vt", "avt"}:
+        p.error(f"--losses: expected a comma list of av, vt, avt, got {args.losses!r}")
+    args.losses = ",".join(s for s in ("av", "vt", "avt") if s in names)  # canonical order
+    args.cache = args.cache or str(Path(args.data) / "lava_cache")
+    return args
+
+
+def fail(message):
+    """A user's error: one line on stderr and exit 2, argparse's code for bad input (no traceback)."""
+    print(f"pretrain: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+if __name__ == "__main__":
+    ARGS = parse_args()  # --help and flag errors answer before torch loads (its import takes seconds)
 
 import numpy as np
 import torch
@@ -46,88 +141,6 @@ from losses import lava_loss
 from model import LAVA, AudioConfig, LAVAConfig, TextConfig, VideoConfig
 from prepare import FeatureCache
 
-CLIP_FRAMES = 16      # video frames per training clip (paper: 16 x 224 x 224 at 10 fps)
-AUDIO_FRAMES = 256    # log-mel frames per training clip (paper: [80, 256])
-MEL_PER_FRAME = 10    # 10 ms mel hop at 10 fps video: frame s starts at mel column 10 * s (README: Feature cache)
-
-# ----------------------------------------------------------------------------------------------------------
-# config: presets, every value of which is also a flag of its own (--width ... --epochs) that overrides it
-
-PRESETS = {
-    # Section 3: three 4-layer transformers of hidden size 1024; batch 32, Adam 1e-5, cosine, 25 epochs.
-    # Heads (16), the 512-d joint space and no warmup are ours: the paper does not give them.
-    "paper": dict(width=1024, depth=4, heads=16, embed_dim=512, dropout=0.0, center_tokens=False, audio_frames_per_token=1,
-                  batch_size=32, lr=1e-5, epochs=25, warmup_steps=0),
-    # the demo's (shared/notes/demo-corpus.md: width 128, 2 layers, 4 heads, batch 64, 20 epochs, centred
-    # tokens: +40 points on the synthetic corpus); the learning rate is ours, 1e-5 would barely move in 250 steps
-    "small": dict(width=128, depth=2, heads=4, embed_dim=128, dropout=0.0, center_tokens=True, audio_frames_per_token=8,
-                  batch_size=64, lr=1e-3, epochs=20, warmup_steps=20),
-    # for tests and smoke runs: an epoch of a few hundred clips in seconds on the CPU
-    "tiny": dict(width=32, depth=1, heads=2, embed_dim=32, dropout=0.0, center_tokens=True, audio_frames_per_token=16,
-                 batch_size=16, lr=1e-3, epochs=2, warmup_steps=0),
-}
-
-
-def get_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    g = p.add_argument_group("data and run folder")
-    g.add_argument("--data", default="k700", help="K700 dataset folder (default: k700); the cache is DATA/lava_cache")
-    g.add_argument("--cache", help="feature cache written by prepare.py (default: DATA/lava_cache)")
-    g.add_argument("--out", help="run folder (default: runs/lava_<timestamp>, or the --resume file's folder)")
-    g.add_argument("--resume", help="checkpoint to continue from, or 'auto' = OUT/ckpt_last.pt if it exists")
-    g.add_argument("--workers", type=int, help="DataLoader processes per rank, 0 = the main process (default: half "
-                   "this node's cores per rank, at most 8)")
-    g.add_argument("--seed", type=int, default=0, help="seed of the model init, the sample order and every augmentation")
-    g.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N (torchrun: cuda:LOCAL_RANK)")
-    g.add_argument("--threads", type=int, help="CPU only: intra-op threads (default: this rank's cores minus --workers)")
-    g = p.add_argument_group("model (preset values unless given)")
-    g.add_argument("--model", default="paper", choices=sorted(PRESETS), help="preset of model and training sizes (default: paper)")
-    g.add_argument("--width", type=int, help="hidden size of all three encoders (paper 1024)")
-    g.add_argument("--depth", type=int, help="transformer layers per encoder (paper 4)")
-    g.add_argument("--heads", type=int, help="attention heads per layer")
-    g.add_argument("--embed-dim", type=int, help="size of the joint spaces the projections g_av, g_vt, g_avt map to")
-    g.add_argument("--dropout", type=float, help="dropout inside the encoders")
-    g.add_argument("--center-tokens", action=argparse.BooleanOptionalAction,
-                   help="subtract each clip's mean patch token before the video encoder (label-free; see the notes)")
-    g.add_argument("--audio-frames-per-token", type=int,
-                   help="mel frames per audio token (paper 1: the MLP per frame; the CPU presets group 8 or 16)")
-    g = p.add_argument_group("training (preset values unless given)")
-    g.add_argument("--losses", default="av,vt,avt", help="comma list of av, vt, avt (Table 2 ablation: av  or  av,vt)")
-    g.add_argument("--epochs", type=int, help="epochs over the train split (paper 25)")
-    g.add_argument("--batch-size", type=int, help="GLOBAL batch over all ranks; must divide by the number of ranks (paper 32)")
-    g.add_argument("--lr", type=float, help="peak learning rate (paper 1e-5)")
-    g.add_argument("--min-lr", type=float, default=0.0, help="learning rate at the end of the cosine")
-    g.add_argument("--warmup-steps", type=int, help="linear warmup steps before the cosine")
-    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW decoupled decay of >= 2-d weights (0 = the paper's Adam)")
-    g.add_argument("--temperature", type=float, default=0.07, help="NCE temperature tau (paper 0.07)")
-    g.add_argument("--loss-form", default="symmetric", choices=["symmetric", "paper_eq1"],
-                   help="NCE form (losses.nce): symmetric InfoNCE (the authors' code) or Eq. 1 as printed")
-    g.add_argument("--audio-noise", type=float, default=0.1, help="std of the Gaussian noise added to the log-mel")
-    g.add_argument("--no-flip", action="store_true", help="turn off the horizontal flip of the patch grid")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model's forward (checkpoints keep the plain module)")
-    g.add_argument("--compile-mode", help="torch.compile mode, e.g. max-autotune-no-cudagraphs (default: torch's)")
-    g.add_argument("--max-steps", type=int, help="stop after this many optimizer steps in all (the schedule still spans --epochs)")
-    g = p.add_argument_group("logging and checkpoints")
-    g.add_argument("--log-every", type=int, default=20, help="steps per log.jsonl line (also checks the loss is finite)")
-    g.add_argument("--save-every", type=int, default=2000, help="steps between ckpt_last.pt saves, besides every "
-                   "epoch's (0 = epochs only; a paper-size checkpoint with Adam state is ~2.4 GB)")
-    g.add_argument("--keep-epochs", action="store_true", help="keep epoch_XXX.pt after every epoch (probe's pre-training-length series)")
-    g.add_argument("--no-progress", action="store_true", help="no tqdm bar (log lines still print)")
-    return p
-
-
-def resolve_args(args):
-    """Fill preset values into flags left unset and normalise --losses; returns args (changed in place)."""
-    for k, v in PRESETS[args.model].items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
-    names = [s.strip() for s in args.losses.split(",") if s.strip()]
-    if not names or set(names) - {"av", "vt", "avt"}:
-        raise SystemExit(f"--losses: expected a comma list of av, vt, avt, got {args.losses!r}")
-    args.losses = ",".join(s for s in ("av", "vt", "avt") if s in names)  # canonical order
-    args.cache = args.cache or str(Path(args.data) / "lava_cache")
-    return args
-
 
 def build_config(args, manifest, tokenizer):
     """LAVAConfig for this cache: input shapes from the manifest, sizes from the (preset-filled) flags."""
@@ -139,7 +152,8 @@ def build_config(args, manifest, tokenizer):
     return LAVAConfig(
         video=VideoConfig(feature_dim=shapes["feature_dim"], frames=CLIP_FRAMES, grid=shapes["grid"],
                           center_tokens=args.center_tokens, **size),
-        audio=AudioConfig(n_mels=shapes["n_mels"], frames=AUDIO_FRAMES, frames_per_token=args.audio_frames_per_token, **size),
+        audio=AudioConfig(n_mels=shapes["n_mels"], frames=AUDIO_FRAMES, frames_per_token=args.audio_frames_per_token,
+                          **size),
         text=TextConfig(vocab_size=pad_id + 1, max_len=shapes["max_tokens"], pad_id=pad_id, **size),
         embed_dim=args.embed_dim)
 
@@ -157,8 +171,7 @@ class PretrainClips(Dataset):
 
     Horizontal flip (p = 0.5) reverses the W axis of the G x G patch grid: the grid mirrors exactly, each patch's
     feature only approximately (ResNet filters are not mirror-symmetric). The paper's pixel space-crop cannot be
-    done on cached features without changing the token count, so there is none. Randomness comes from a generator
-    seeded by (seed, epoch, i): the same augmentation whatever worker loads the sample, resumed or not.
+    done on cached features without changing the token count, so there is none.
     """
 
     def __init__(self, cache_path, indices, seed=0, flip=True, audio_noise=0.1):
@@ -175,18 +188,14 @@ class PretrainClips(Dataset):
         if self.cache is None:  # opened in the worker process that reads it
             self.cache = FeatureCache(self.cache_path)
         item = self.cache[self.indices[i]]
-        patches, window, audio = item["patches"], item["window"], item["audio"]  # (U, G, G, F) f16, (C, T), (C, n_mels, A) f16
+        patches, window, audio = item["patches"], item["window"], item["audio"]  # (U,G,G,F) f16, (C,T), (C,n_mels,A)
         C, T = window.shape
-        if T < CLIP_FRAMES:
-            raise ValueError(f"cache clips have {T} frames, pre-training needs {CLIP_FRAMES}")
         # draws in a fixed order (clip, start, flip, noise) so every value is a function of (seed, epoch, i)
         c = int(rng.integers(C))
         real = int(min(max(int(item["frames"][c]), 1), T))  # frames past `real` repeat the last one
         s = int(rng.integers(max(real, CLIP_FRAMES) - CLIP_FRAMES + 1))
         flip = bool(rng.random() < 0.5) and self.flip
-        a0 = MEL_PER_FRAME * s
-        if a0 + AUDIO_FRAMES > audio.shape[-1]:
-            raise ValueError(f"cache audio has {audio.shape[-1]} mel frames, a start at frame {s} needs {a0 + AUDIO_FRAMES}")
+        a0 = MEL_PER_FRAME * s  # prepare.py keeps T >= 16 frames and the 10 (T - 16) + 256 mel columns all starts need
 
         v = patches[window[c, s:s + CLIP_FRAMES]]            # (16, G, G, F): only these frames read from the map
         if flip:
@@ -232,11 +241,20 @@ class ResumableSampler(Sampler):
 
 
 def train_indices(cache):
-    """Global cache indices of the videos pre-training may use: split == "train" (K700's val is for retrieval)."""
-    idx = [i for i, v in enumerate(cache.videos) if v.get("split") == "train"]
+    """Global cache indices of the videos pre-training may use: Kinetics' split "train" (its val is for retrieval),
+    or every video of a folder cache (your own, unlabelled). UCF-101 and HMDB-51 are the probe's: refused."""
+    dataset = cache.manifest.get("dataset")
+    if dataset in ("ucf101", "hmdb51"):
+        fail(f"pre-training needs a Kinetics (or your own videos') cache; {cache.path} is a {dataset} cache (it is for "
+             "probe.py)")
+    idx = [i for i, v in enumerate(cache.videos) if dataset == "folder" or v.get("split") == "train"]
     if not idx:
-        raise SystemExit(f"{cache.manifest.get('dataset')} cache has no videos with split == 'train' to pre-train on")
+        fail(f"{cache.path} ({dataset}) has no videos with split == 'train' to pre-train on")
     return idx
+
+
+def ignore_sigint(worker_id):  # DataLoader workers leave Ctrl-C (sent to the process group) to the main process
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def make_loader(dataset, sampler, workers, device, seed):
@@ -246,7 +264,7 @@ def make_loader(dataset, sampler, workers, device, seed):
         pin_memory=device.type == "cuda", persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
         # worker base seeds come from this generator, not from the global RNG the model uses, so the model's RNG
         # stream is the same whether the run was resumed or not (the samples themselves use no worker RNG)
-        generator=torch.Generator().manual_seed(seed))
+        generator=torch.Generator().manual_seed(seed), worker_init_fn=ignore_sigint)
 
 
 def to_device(batch, device, trim_pad_id=None):
@@ -300,23 +318,36 @@ def make_schedule(warmup_steps, total_steps, lr, min_lr):
 # machinery: checkpoints written atomically, the log and its plot
 
 
-def atomic_save(obj, path):
-    """torch.save to a temp file in the same folder, fsync, then os.replace: a kill leaves the old file whole."""
-    tmp = Path(path).with_name(f".{Path(path).name}.tmp")  # one writer (rank 0): a later save replaces a stale one
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def atomic_save(path, write):
+    """write(file) into a temp file in the same folder, fsync, then os.replace: a kill leaves the old file whole,
+    an exception (a second Ctrl-C) no temp file. One writer, rank 0: after kill -9 the next save replaces it."""
+    tmp = Path(path).with_name(f".{Path(path).name}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def load_checkpoint(path):
-    """A checkpoint written by main (the state dict in its loop), on the CPU; probe.py reads checkpoints with it."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """A checkpoint written by main (the state dict in its loop), on the CPU; probe.py reads checkpoints with it.
+    A missing, truncated or foreign file raises FileNotFoundError or ValueError with a one-line message."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"checkpoint {path} not found" + (" (a directory)" if Path(path).is_dir() else ""))
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated zip, a text file, a pickle of classes weights_only refuses
+        raise ValueError(f"{path} is not a readable checkpoint: truncated or corrupt ({type(e).__name__})") from None
+    if not isinstance(ckpt, dict) or not {"model", "config", "step"} <= ckpt.keys():
+        raise ValueError(f"{path} is not a pretrain.py checkpoint (needs 'model', 'config' and 'step')")
+    return ckpt
 
 
 def format_line(rec):
-    """One fixed format, e.g. `epoch 3 step 120 | loss 2.3104 (av 1.1000 vt 0.9000 avt 0.3104) | lr 1.0e-05 | 812 clips/s`."""
+    """One format: `epoch 3 step 120 | loss 2.3104 (av 1.1000 vt 0.9000 avt 0.3104) | lr 1.0e-05 | 812 clips/s`."""
     terms = " ".join(f"{k} {rec[k]:.4f}" for k in ("av", "vt", "avt") if k in rec)
     return (f"epoch {rec['epoch']} step {rec['step']} | loss {rec['loss']:.4f} ({terms}) | lr {rec['lr']:.1e} | "
             f"{rec['clips_per_s']:.0f} clips/s")
@@ -338,9 +369,7 @@ def plot_losses(log_path, png_path):
     ax.set(xlabel="epoch", ylabel="NCE loss", title=f"pre-training loss ({Path(log_path).parent.name})")
     ax.legend()
     ax.grid(alpha=0.3)
-    tmp = Path(png_path).with_name(".loss.tmp.png")
-    ax.figure.savefig(tmp, dpi=100)
-    os.replace(tmp, png_path)
+    atomic_save(png_path, lambda f: ax.figure.savefig(f, format="png", dpi=100))
 
 # ----------------------------------------------------------------------------------------------------------
 # main: config, DDP setup, data, model, optimizer, compile, loop
@@ -348,12 +377,12 @@ def plot_losses(log_path, png_path):
 
 def main(argv=None):
     # -------------------------------------------------------------------------------- config
-    args = resolve_args(get_parser().parse_args(argv))
+    args = argv if isinstance(argv, argparse.Namespace) else parse_args(argv)
     spaces = tuple(args.losses.split(","))
 
     # -------------------------------------------------------------------------------- DDP setup, device
     # torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; a plain `python pretrain.py` is rank 0 of 1
-    rank, world, local_rank = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
+    rank, world, local_rank = (int(os.getenv(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
     ddp, master = world > 1, rank == 0
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -366,7 +395,7 @@ def main(argv=None):
     if ddp:
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     if args.batch_size % world:
-        raise SystemExit(f"--batch-size {args.batch_size} (global) must divide by the {world} ranks")
+        fail(f"--batch-size {args.batch_size} (global) must divide by the {world} ranks")
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     cores = max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))  # this rank's share
     args.workers = max(1, min(8, cores // 2)) if args.workers is None else args.workers
@@ -375,38 +404,50 @@ def main(argv=None):
         args.threads = args.threads or max(1, cores - args.workers)
         torch.set_num_threads(args.threads)
 
-    # -------------------------------------------------------------------------------- run folder, resume
+    # -------------------------------------------------------------------------------- run folder: continue or refuse
+    explicit = args.resume not in (None, "auto")
     if args.out is None:
         stamp = [time.strftime("%Y%m%d-%H%M%S")]
         if ddp:  # every rank must name the same folder
             dist.broadcast_object_list(stamp, src=0)
-        args.out = str(Path(args.resume).parent) if args.resume not in (None, "auto") else f"runs/lava_{stamp[0]}"
-    out = Path(args.out)
-    ckpt_path = Path(args.resume) if args.resume not in (None, "auto") else None
-    if args.resume == "auto" and (out / "ckpt_last.pt").exists():
-        ckpt_path = out / "ckpt_last.pt"
-    elif master and args.resume == "auto":
-        print(f"--resume auto: no {out / 'ckpt_last.pt'}, starting from scratch")
-    elif master and args.resume is None and (out / "ckpt_last.pt").exists():
-        print(f"warning: starting from scratch in {out}, its ckpt_last.pt will be replaced (--resume auto continues it)")
-    ckpt = load_checkpoint(ckpt_path) if ckpt_path else None
+        args.out = str(Path(args.resume).parent) if explicit else f"runs/lava_{stamp[0]}"
+    out, ckpt = Path(args.out), None
+    last = out / "ckpt_last.pt"
+    # --resume PATH, or the run in --out: the same command continues it, with other settings only when asked
+    ckpt_path = None if args.restart else Path(args.resume) if explicit else last if last.exists() else None
+    if ckpt_path is not None:
+        try:
+            ckpt = load_checkpoint(ckpt_path)
+        except (OSError, ValueError) as e:
+            fail(f"--resume: {e}" if args.resume else f"{out} holds a run: {e}; start over with --restart")
+    if ckpt is not None and args.resume is None:
+        theirs = ckpt["config"]["args"]
+        diff = [f"--{k.replace('_', '-')} {theirs.get(k)} (now {v})" for k, v in sorted(vars(args).items())
+                if k not in RUN_ONLY and theirs.get(k) != v]
+        if diff:
+            fail(f"{out} holds a run with other settings: {', '.join(diff)}; --resume auto continues it with these, "
+                 "--restart starts over (replacing it), or use another --out")
 
     # -------------------------------------------------------------------------------- data
-    cache = FeatureCache(args.cache)
+    try:
+        cache = FeatureCache(args.cache)
+    except (OSError, ValueError) as e:  # missing (names prepare.py --root ...), unfinished or of another format
+        fail(e)
     indices = train_indices(cache)
     sampler = ResumableSampler(len(indices), args.batch_size, rank, world, args.seed)
     steps_per_epoch = sampler.steps_per_epoch
     if steps_per_epoch == 0:
-        raise SystemExit(f"{len(indices)} training videos are fewer than one batch of {args.batch_size}")
+        fail(f"{len(indices)} training videos are fewer than one batch of {args.batch_size}")
     dataset = PretrainClips(args.cache, indices, seed=args.seed, flip=not args.no_flip, audio_noise=args.audio_noise)
     loader = make_loader(dataset, sampler, args.workers, device, args.seed)
     total_steps = args.epochs * steps_per_epoch
     last_step = min(total_steps, args.max_steps or total_steps)
+    position = lambda step: f"epoch {(step - 1) // steps_per_epoch + 1}, step {step}"  # as log lines: 1-based epoch
 
     # -------------------------------------------------------------------------------- model
     config = build_config(args, cache.manifest, cache.tokenizer)
     if cache.tokenizer is None and spaces != ("av",):
-        raise SystemExit(f"--losses {args.losses} needs titles, but {args.cache} has no tokenizer: use --losses av")
+        fail(f"--losses {args.losses} needs titles, but {args.cache} has no tokenizer: use --losses av")
     torch.manual_seed(args.seed)  # same init on every rank (DDP also broadcasts rank 0's weights)
     raw_model = LAVA(config).to(device)  # checkpoints save raw_model: no DDP "module." or compile "_orig_mod."
 
@@ -416,19 +457,18 @@ def main(argv=None):
         optimizer, make_schedule(args.warmup_steps, total_steps, args.lr, args.min_lr))
     step = 0  # optimizer steps done; the epoch and the batches of it done are divmod(step, steps_per_epoch)
     if ckpt is not None:
-        if ckpt["config"]["model"] != config.to_dict():
-            raise SystemExit(f"{ckpt_path} was trained with another model config; pass the same --model / size flags:\n"
-                             f"checkpoint {ckpt['config']['model']}\nflags      {config.to_dict()}")
         s = ckpt["sampler"]
+        if ckpt["config"]["model"] != config.to_dict():
+            fail(f"{ckpt_path} holds another model than these flags and cache make: pass its --model and size flags")
         if (s["seed"], s["global_batch"], s["n"]) != (args.seed, args.batch_size, len(indices)):
-            raise SystemExit(f"{ckpt_path}: resume needs the same --seed, --batch-size and cache "
-                             f"(checkpoint seed {s['seed']} batch {s['global_batch']} videos {s['n']})")
+            fail(f"{ckpt_path}: continuing needs the same --seed, --batch-size and cache "
+                 f"(checkpoint seed {s['seed']} batch {s['global_batch']} videos {s['n']})")
         raw_model.load_state_dict(ckpt["model"], strict=True)
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         step = ckpt["step"]
         if master:
-            print(f"resumed {ckpt_path}: step {step}, epoch {ckpt['epoch'] + 1} after {s['step_in_epoch']} of its {steps_per_epoch} steps")
+            print(f"continuing {out} from {position(step)} of {last_step}")
 
     # -------------------------------------------------------------------------------- DDP wrap, compile
     model = raw_model
@@ -446,17 +486,20 @@ def main(argv=None):
     log_path = out / "log.jsonl"
     if master:
         out.mkdir(parents=True, exist_ok=True)
+        if args.restart and last.exists():
+            print(f"--restart: replacing the run in {out}")
+            for old in [last, *out.glob("epoch_*.pt"), out / "loss.png"]:
+                old.unlink(missing_ok=True)
         n_params = sum(p.numel() for p in raw_model.parameters())
         (out / "config.json").write_text(json.dumps(dict(
-            model=config.to_dict(), args=vars(args), world_size=world, n_params=n_params,
-            train_videos=len(indices), steps_per_epoch=steps_per_epoch, total_steps=total_steps,
-            cache_manifest=cache.manifest), indent=2))
+            model=config.to_dict(), args=vars(args), world_size=world, n_params=n_params, train_videos=len(indices),
+            steps_per_epoch=steps_per_epoch, total_steps=total_steps, cache_manifest=cache.manifest), indent=2))
         if cache.tokenizer is not None:  # what probe.py --zero-shot encodes class names with
             (out / "tokenizer.bpe").write_bytes((Path(args.cache) / cache.manifest["tokenizer"]).read_bytes())
-        # a resumed run forgets the log lines the dead run wrote after its checkpoint
+        # a continued run forgets the log lines the stopped run wrote after its checkpoint
         log_path.write_text("".join(json.dumps(r) + "\n" for r in read_log(log_path) if r["step"] <= step))
         print(f"{n_params / 1e6:.1f}M parameters | {len(indices)} train videos | {steps_per_epoch} steps/epoch of "
-              f"{args.batch_size} clips ({world} rank(s) x {sampler.local_batch}) | {device} | losses {args.losses} | {out}")
+              f"{args.batch_size} clips ({world} rank(s) x {sampler.local_batch}) | {device} | {args.losses} | {out}")
     if ddp:
         dist.barrier()
 
@@ -470,79 +513,100 @@ def main(argv=None):
         torch.set_rng_state(ckpt["rng"]["torch"])
         if device.type == "cuda" and ckpt["rng"]["cuda"] is not None:
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
-    while step < last_step:
-        sampler.set_epoch(*divmod(step, steps_per_epoch))     # this epoch's order, from the batch it stopped at
-        model.train()
-        for batch in loader:
-            video, audio, tokens, present = to_device(batch, device, trim_pad_id)
-            loss, terms = loss_fn(model, video, audio, tokens, present, spaces, args.temperature, args.loss_form, autocast)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            bar.update(args.batch_size)
-            window.append(torch.stack([loss.detach()] + [terms[k].detach() for k in spaces]))
-            epochs_done, step_in_epoch = divmod(step, steps_per_epoch)
-            save_now = (args.save_every and step % args.save_every == 0) or step_in_epoch == 0 or step >= last_step
+    # Ctrl-C / SIGTERM: the step in progress ends, saved as a --save-every one is (so continuing is exact); torchrun's
+    # ranks would stop at different steps and hang in the gather, so they stop at once, as after a second Ctrl-C
+    signals = []
 
-            if step % args.log_every == 0 or save_now:
-                # Log the mean since the last line once every step's loss is finite: all ranks compute the same loss,
-                # the global batch's (losses.gather), so all stop at the same step, before a checkpoint is written.
-                vals = torch.stack(window).cpu()                      # (n_steps, 1 + len(spaces))
-                bad = (~torch.isfinite(vals[:, 0])).nonzero().flatten().tolist()
-                shown_epoch = (step - 1) // steps_per_epoch + 1     # 1-based, the epoch of the last step
-                if bad:
-                    bar.close()
-                    if ddp:
-                        dist.destroy_process_group()
-                    raise SystemExit(
-                        f"non-finite loss {vals[bad[0], 0].item()} at step {step - len(vals) + 1 + bad[0]} (epoch "
-                        f"{shown_epoch}): stopping. " + (f"The last good checkpoint {out / 'ckpt_last.pt'} (step "
-                        f"{last_saved}) is untouched." if last_saved is not None else "No checkpoint was written before it."))
-                mean = vals.mean(0).tolist()
-                mem = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
-                       else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # bytes at the peak
-                rec = dict(step=step, epoch=shown_epoch, epoch_progress=round(step / steps_per_epoch, 4), loss=mean[0],
-                           **dict(zip(spaces, mean[1:])), lr=scheduler.get_last_lr()[0], mem_gb=mem / 1e9,
-                           clips_per_s=len(vals) * args.batch_size / (time.perf_counter() - t_window), time=time.time())
-                window, t_window = [], time.perf_counter()
-                if master:
-                    with open(log_path, "a") as f:
-                        f.write(json.dumps(rec) + "\n")
-                    bar.write(format_line(rec))
-                    sys.stdout.flush()
+    def on_signal(signum, frame):
+        signals.append(signum)
+        if ddp or len(signals) > 1:
+            raise KeyboardInterrupt
+    handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while step < last_step and not signals:
+            sampler.set_epoch(*divmod(step, steps_per_epoch))     # this epoch's order, from the batch it stopped at
+            model.train()
+            for batch in loader:
+                video, audio, tokens, present = to_device(batch, device, trim_pad_id)
+                loss, terms = loss_fn(model, video, audio, tokens, present, spaces, args.temperature, args.loss_form,
+                                      autocast)
+                loss.backward()
+                lr = optimizer.param_groups[0]["lr"]  # the lr this step used (the log's; the scheduler moves on)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                bar.update(args.batch_size)
+                window.append(torch.stack([loss.detach()] + [terms[k].detach() for k in spaces]))
+                epochs_done, step_in_epoch = divmod(step, steps_per_epoch)
+                save_now = ((args.save_every and step % args.save_every == 0) or step_in_epoch == 0
+                            or step >= last_step or bool(signals))
 
-            # ckpt_last.pt, and epoch_XXX.pt (XXX = epochs done) at an epoch's end with --keep-epochs
-            if save_now and master:
-                state = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-                         "scheduler": scheduler.state_dict(), "step": step, "epoch": epochs_done,
-                         # the only random numbers a step draws are dropout's (the data's come from seeded
-                         # generators of their own); every rank draws the same ones, so rank 0's are all ranks'
-                         "rng": {"torch": torch.get_rng_state(),
-                                 "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
-                         "sampler": {"epoch": epochs_done, "step_in_epoch": step_in_epoch,
-                                     "steps_per_epoch": steps_per_epoch, "seed": args.seed,
-                                     "global_batch": args.batch_size, "n": len(indices)},
-                         "config": {"model": config.to_dict(), "args": vars(args)}, "cache_manifest": cache.manifest}
-                # the epoch file first: a kill between the two leaves the previous ckpt_last.pt, so the resumed run
-                # redoes these steps and writes the epoch file again (the other order would skip it for good)
-                if step_in_epoch == 0 and args.keep_epochs:
-                    atomic_save(state, out / f"epoch_{epochs_done:03d}.pt")
-                atomic_save(state, out / "ckpt_last.pt")
-                if step_in_epoch == 0 or step >= last_step:
-                    plot_losses(log_path, out / "loss.png")
-            if save_now:
-                last_saved = step
-                t_window = time.perf_counter()  # clips/s counts training, not checkpoint writes and plots
-            if step >= last_step:
-                break
-    bar.close()
+                if step % args.log_every == 0 or save_now:
+                    # Log the mean since the last line once every step's loss is finite: all ranks compute the same
+                    # loss, the global batch's (losses.gather), so all stop at the same step, before a checkpoint.
+                    vals = torch.stack(window).cpu()                      # (n_steps, 1 + len(spaces))
+                    bad = (~torch.isfinite(vals[:, 0])).nonzero().flatten().tolist()
+                    if bad:
+                        if ddp:
+                            dist.destroy_process_group()
+                        raise SystemExit(
+                            f"non-finite loss {vals[bad[0], 0].item()} at {position(step - len(vals) + 1 + bad[0])}: "
+                            "stopping. " + (f"The last good checkpoint {last} (step {last_saved}) is untouched."
+                                            if last_saved is not None else "No checkpoint was written before it."))
+                    mean = vals.mean(0).tolist()
+                    mem = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
+                           else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # bytes at the peak
+                    rec = dict(step=step, epoch=epochs_done + (step_in_epoch > 0),  # 1-based: the epoch of this step
+                               epoch_progress=round(step / steps_per_epoch, 4), loss=mean[0],
+                               **dict(zip(spaces, mean[1:])), lr=lr, mem_gb=mem / 1e9, time=time.time(),
+                               clips_per_s=len(vals) * args.batch_size / (time.perf_counter() - t_window))
+                    window, t_window = [], time.perf_counter()
+                    if master:
+                        with open(log_path, "a") as f:
+                            f.write(json.dumps(rec) + "\n")
+                        bar.write(format_line(rec))
+                        sys.stdout.flush()
+
+                # ckpt_last.pt, and epoch_XXX.pt (XXX = epochs done) at an epoch's end with --keep-epochs
+                if save_now and master:
+                    state = dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(), step=step,
+                                 scheduler=scheduler.state_dict(), epoch=epochs_done, cache_manifest=cache.manifest,
+                                 # the only random numbers a step draws are dropout's (the data's come from seeded
+                                 # generators of their own); every rank draws the same ones, so rank 0's are all ranks'
+                                 rng=dict(torch=torch.get_rng_state(),
+                                          cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None),
+                                 sampler=dict(epoch=epochs_done, step_in_epoch=step_in_epoch, seed=args.seed,
+                                              steps_per_epoch=steps_per_epoch, global_batch=args.batch_size,
+                                              n=len(indices)),
+                                 config=dict(model=config.to_dict(), args=vars(args)))
+                    # the epoch file first: a kill between the two leaves the previous ckpt_last.pt, so the continued
+                    # run redoes these steps and writes the epoch file again (the other order would skip it for good)
+                    if step_in_epoch == 0 and args.keep_epochs:
+                        atomic_save(out / f"epoch_{epochs_done:03d}.pt", lambda f: torch.save(state, f))
+                    atomic_save(last, lambda f: torch.save(state, f))
+                    if step_in_epoch == 0 or step >= last_step:
+                        plot_losses(log_path, out / "loss.png")
+                if save_now:  # clips/s counts training, not checkpoint writes and plots
+                    last_saved, t_window = step, time.perf_counter()
+                if step >= last_step or signals:
+                    break
+    except KeyboardInterrupt:  # torchrun's ranks, or a second Ctrl-C: the same command continues from the last save
+        signals = signals or [signal.SIGINT]
+    finally:
+        bar.close()
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+    if signals:
+        if master:
+            where = f"continues from {last} ({position(last_saved)})" if last_saved is not None else "starts over"
+            print(f"pretrain: interrupted at {position(step)}; the same command {where}", file=sys.stderr)
+        raise SystemExit(128 + signals[0])  # 130 for SIGINT, 143 for SIGTERM, as a shell reports them
     if master:
-        print(f"done: step {step}, checkpoint {out / 'ckpt_last.pt'}")
+        print(f"done: step {step}, checkpoint {last}")
     if ddp:
         dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main()
+    main(ARGS)

@@ -143,7 +143,7 @@ def cosine(lr, warmup, total, step):
 
 def test_paper_defaults_and_the_learning_rate_schedule():
     """No flags = Section 3's run: batch 32, Adam at lr 1e-5, a cosine schedule, 25 epochs, tau 0.07, all losses."""
-    args = pretrain.resolve_args(pretrain.get_parser().parse_args([]))
+    args = pretrain.parse_args([])
     assert (args.model, args.batch_size, args.lr, args.epochs, args.temperature) == ("paper", 32, 1e-5, 25, 0.07)
     assert (args.losses, args.warmup_steps, args.min_lr, args.weight_decay) == ("av,vt,avt", 0, 0.0, 0.0)
     # the optimizer is Adam: 3 steps of make_optimizer's leave the weights and moments of torch.optim.Adam(lr=1e-5)
@@ -177,7 +177,7 @@ def test_paper_defaults_and_the_learning_rate_schedule():
 
 def test_tiny_model_overfits_one_batch(feature_cache, one_thread):
     torch.manual_seed(0)
-    args = pretrain.resolve_args(pretrain.get_parser().parse_args(["--cache", str(feature_cache), "--model", "tiny"]))
+    args = pretrain.parse_args(["--cache", str(feature_cache), "--model", "tiny"])
     cache = FeatureCache(feature_cache)
     model = LAVA(pretrain.build_config(args, cache.manifest, cache.tokenizer))
     ds = pretrain.PretrainClips(feature_cache, pretrain.train_indices(cache))
@@ -211,8 +211,9 @@ def test_cli_run_folder_and_loss_decreases(feature_cache, tmp_path):
     assert [r["step"] for r in log] == list(range(1, 31))
     for key in ("epoch", "loss", "av", "vt", "avt", "lr", "clips_per_s", "mem_gb"):
         assert all(np.isfinite(r[key]) for r in log), key
-    # the lr column, logged after each step (the lr of the next one): the cosine from 3e-3 to 0 over the 30 steps
-    assert [r["lr"] for r in log] == pytest.approx([cosine(3e-3, 0, 30, r["step"]) for r in log], rel=1e-9, abs=1e-15)
+    # the lr column: the lr each step used, on the cosine from 3e-3 to 0 over the 30 steps (0-based step = step - 1)
+    assert [r["lr"] for r in log] == pytest.approx([cosine(3e-3, 0, 30, r["step"] - 1) for r in log], rel=1e-9, abs=1e-15)
+    assert log[0]["lr"] == 3e-3
     first, last = np.mean([r["loss"] for r in log[:5]]), np.mean([r["loss"] for r in log[-5:]])  # epochs 1, 6
     assert last < 0.85 * first, (first, last)
     config = json.loads((out / "config.json").read_text())
@@ -225,7 +226,19 @@ def test_cli_run_folder_and_loss_decreases(feature_cache, tmp_path):
     assert first_epoch["step"] == 5 and first_epoch["epoch"] == 1
 
 
-def test_sigkill_mid_epoch_then_resume_is_bitwise_identical(feature_cache, tmp_path, one_thread):
+def assert_same_run(ref, run_dir):
+    """ckpt_last.pt's weights and Adam moments, and every logged loss, bitwise those of the run in `ref`."""
+    want, got = torch.load(ref / "ckpt_last.pt", weights_only=True), torch.load(run_dir / "ckpt_last.pt", weights_only=True)
+    assert_same_state(want["model"], got["model"])
+    assert want["optimizer"]["state"].keys() == got["optimizer"]["state"].keys()
+    for k in want["optimizer"]["state"]:
+        assert_same_state(want["optimizer"]["state"][k], got["optimizer"]["state"][k])
+    # the continued log has every step once, and its losses match the uninterrupted run's bitwise
+    assert [r["step"] for r in read_log(run_dir)] == list(range(1, 21))
+    assert [r["loss"] for r in read_log(run_dir)] == [r["loss"] for r in read_log(ref)]
+
+
+def test_sigkill_or_ctrl_c_then_the_same_command_continues_bitwise(feature_cache, tmp_path, one_thread):
     # 10 steps per epoch; dropout makes the RNG state part of what a resume must restore
     common = ["--cache", feature_cache, "--model", "tiny", "--batch-size", 2, "--epochs", 2, "--dropout", 0.1,
               "--warmup-steps", 4, "--log-every", 1, "--save-every", 3, "--no-progress", "--threads", 1]
@@ -260,19 +273,41 @@ def test_sigkill_mid_epoch_then_resume_is_bitwise_identical(feature_cache, tmp_p
     assert ckpt_step is not None and 11 <= ckpt_step < 20, "the run was not caught mid-epoch"
     assert proc.returncode == -signal.SIGKILL
 
-    proc = run(*common, "--out", killed, "--resume", "auto", "--workers", 1)
-    assert f"resumed {killed / 'ckpt_last.pt'}: step {ckpt_step}" in proc.stdout
-    want, got = torch.load(ref / "ckpt_last.pt", weights_only=True), torch.load(killed / "ckpt_last.pt", weights_only=True)
-    assert_same_state(want["model"], got["model"])
-    assert want["optimizer"]["state"].keys() == got["optimizer"]["state"].keys()
-    for k in want["optimizer"]["state"]:
-        assert_same_state(want["optimizer"]["state"][k], got["optimizer"]["state"][k])
-    # the resumed log has every step once, and its losses match the uninterrupted run's bitwise
-    ref_log, log = read_log(ref), read_log(killed)
-    assert [r["step"] for r in log] == list(range(1, 21))
+    # the same command again (--workers does not change the weights) continues it; the message's epoch is the log's
+    proc = run(*common, "--out", killed, "--workers", 1)
+    assert f"continuing {killed} from epoch 2, step {ckpt_step} of 20\n" in proc.stdout
+    assert_same_run(ref, killed)
     # 4 warm-up steps, then the cosine to 0 at step 20 (tiny preset lr 1e-3)
-    assert [r["lr"] for r in ref_log] == pytest.approx([cosine(1e-3, 4, 20, r["step"]) for r in ref_log], abs=1e-15)
-    assert [r["loss"] for r in log] == [r["loss"] for r in ref_log]
+    ref_log = read_log(ref)
+    assert [r["lr"] for r in ref_log] == pytest.approx([cosine(1e-3, 4, 20, r["step"] - 1) for r in ref_log], abs=1e-15)
+
+    # Ctrl-C (SIGINT to the process group, the DataLoader workers too, as a terminal sends it) once a step is logged:
+    # the step in progress ends and is saved, one line, exit 130; the same command then continues to the same weights
+    stopped = tmp_path / "stopped"
+    command = [sys.executable, str(ROOT / "pretrain.py"), *map(str, common), "--out", str(stopped), "--workers", "2"]
+    proc = subprocess.Popen(command, env=ENV, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 90
+        while time.time() < deadline and not ((stopped / "log.jsonl").exists() and read_log(stopped)):
+            time.sleep(0.005)
+        os.kill(proc.pid, signal.SIGSTOP)  # the signal is then handled within a step, not after the run ended
+        assert read_log(stopped)[-1]["step"] < 20
+        os.killpg(proc.pid, signal.SIGINT)
+        os.kill(proc.pid, signal.SIGCONT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    stop = re.fullmatch(r"pretrain: interrupted at epoch (\d), step (\d+); the same command continues from (\S+) "
+                        r"\(epoch \1, step \2\)\n", err)
+    assert stop and Path(stop[3]) == stopped / "ckpt_last.pt", err
+    assert torch.load(stopped / "ckpt_last.pt", weights_only=True)["step"] == int(stop[2])
+    assert not [p.name for p in stopped.iterdir() if p.name.startswith(".")]  # no temp file left
+    proc = run(*common, "--out", stopped, "--workers", 2)
+    assert f"continuing {stopped} from epoch {stop[1]}, step {stop[2]} of 20\n" in proc.stdout
+    assert_same_run(ref, stopped)
 
 
 def test_torchrun_two_gloo_ranks_match_one_process(feature_cache, tmp_path, one_thread):
@@ -327,7 +362,7 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, one_threa
                        "--epochs", "2", "--log-every", "5", "--save-every", "1", "--workers", "0", "--no-progress",
                        "--threads", "1"])
     msg = str(stop.value.code)
-    assert re.search(r"non-finite loss (nan|inf|-inf) at step 3 ", msg) and "(step 2) is untouched" in msg, msg
+    assert re.search(r"non-finite loss (nan|inf|-inf) at epoch 1, step 3: ", msg) and "(step 2) is untouched" in msg, msg
     ckpt, model = load_model(out / "ckpt_last.pt")
     assert ckpt["step"] == 2 and all(torch.isfinite(p).all() for p in model.state_dict().values())
     assert all(r["step"] <= 2 for r in read_log(out))
@@ -356,15 +391,105 @@ def test_kill_while_writing_an_epoch_file_resumes_and_writes_it(feature_cache, t
     common = ["--cache", str(feature_cache), "--model", "tiny", "--out", str(out), "--batch-size", "4", "--epochs",
               "2", "--keep-epochs", "--save-every", "2", "--workers", "0", "--no-progress", "--threads", "1"]
 
-    def dies_in_epoch_file(obj, path):
+    def dies_in_epoch_file(path, write):
         if Path(path).name == "epoch_001.pt":
-            raise KeyboardInterrupt  # stands in for the kill: nothing after it runs
-        save(obj, path)
+            raise KeyboardInterrupt  # stands in for the kill (or a second Ctrl-C): nothing after it runs
+        save(path, write)
 
     monkeypatch.setattr(pretrain, "atomic_save", dies_in_epoch_file)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(SystemExit) as stop:
         pretrain.main(common)
+    assert stop.value.code == 130
     assert torch.load(out / "ckpt_last.pt", weights_only=True)["step"] < 5  # 20 train videos / 4 = 5 steps an epoch
     monkeypatch.setattr(pretrain, "atomic_save", save)
     pretrain.main(common + ["--resume", "auto"])
     assert [torch.load(out / f"epoch_{e:03d}.pt", weights_only=True)["step"] for e in (1, 2)] == [5, 10]
+
+
+def test_sigterm_inside_the_plot_redraw_saves_then_the_same_command_continues(feature_cache, tmp_path, one_thread,
+                                                                             monkeypatch, capsys):
+    """SIGTERM while loss.png is drawn (at epoch 1's end): the run stops after that step with exit 143 and one line;
+    the same command continues from its checkpoint and ends where an uninterrupted run would."""
+    out, plot = tmp_path / "run", pretrain.plot_losses
+    common = ["--cache", str(feature_cache), "--model", "tiny", "--out", str(out), "--batch-size", "4", "--epochs",
+              "2", "--workers", "0", "--no-progress", "--threads", "1"]
+
+    def plot_then_sigterm(log_path, png_path):
+        os.kill(os.getpid(), signal.SIGTERM)
+        plot(log_path, png_path)  # goes on: the handler only notes the signal
+
+    monkeypatch.setattr(pretrain, "plot_losses", plot_then_sigterm)
+    with pytest.raises(SystemExit) as stop:
+        pretrain.main(common)
+    assert stop.value.code == 143
+    assert capsys.readouterr().err == (f"pretrain: interrupted at epoch 1, step 5; the same command continues from "
+                                       f"{out / 'ckpt_last.pt'} (epoch 1, step 5)\n")
+    assert torch.load(out / "ckpt_last.pt", weights_only=True)["step"] == 5 and (out / "loss.png").is_file()
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # put back for whatever runs next in this process
+    monkeypatch.setattr(pretrain, "plot_losses", plot)
+    pretrain.main(common)
+    assert f"continuing {out} from epoch 1, step 5 of 10\n" in capsys.readouterr().out
+    assert [r["step"] for r in read_log(out)] == [5, 10]  # a line at each save (--log-every 20)
+
+
+def test_a_run_in_out_continues_or_refuses_and_restart_replaces_it(feature_cache, tmp_path, one_thread, capsys):
+    out = tmp_path / "run"
+    common = ["--cache", str(feature_cache), "--model", "tiny", "--out", str(out), "--workers", "0", "--no-progress",
+              "--threads", "1", "--log-every", "1"]
+    # one epoch of one step (20 train videos, batch 16): its log line has the lr it trained at, not the cosine's end
+    pretrain.main(common + ["--epochs", "1", "--keep-epochs"])
+    assert [(r["step"], r["lr"]) for r in read_log(out)] == [(1, 1e-3)]
+    assert "lr 1.0e-03" in capsys.readouterr().out
+    pretrain.main(common + ["--epochs", "1"])   # the same settings: continued (finished: nothing to do)
+    assert f"continuing {out} from epoch 1, step 1 of 1\n" in capsys.readouterr().out
+
+    def refused(*flags):
+        with pytest.raises(SystemExit) as stop:
+            pretrain.main(common + list(flags))
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and err.count("\n") == 1 and err.startswith("pretrain: "), err
+        return err
+
+    err = refused("--epochs", "3", "--lr", "2e-3")   # other settings: refused, nothing touched
+    assert "--epochs 1 (now 3), --lr 0.001 (now 0.002)" in err and "--resume auto" in err and "--restart" in err
+    assert torch.load(out / "ckpt_last.pt", weights_only=True)["step"] == 1
+    pretrain.main(common + ["--epochs", "3", "--restart"])  # starts over: the old run's files go
+    assert f"--restart: replacing the run in {out}\n" in capsys.readouterr().out
+    assert not (out / "epoch_001.pt").exists() and [r["step"] for r in read_log(out)] == [1, 2, 3]
+    assert torch.load(out / "ckpt_last.pt", weights_only=True)["step"] == 3
+
+    # --resume on a missing file, a truncated checkpoint, a text file named .pt; a run folder with a corrupt one
+    (tmp_path / "half.pt").write_bytes((out / "ckpt_last.pt").read_bytes()[:5000])
+    (tmp_path / "notes.pt").write_text("not a checkpoint")
+    assert refused("--resume", str(tmp_path / "missing.pt")).endswith("missing.pt not found\n")
+    for bad in ("half.pt", "notes.pt"):
+        assert "is not a readable checkpoint" in refused("--resume", str(tmp_path / bad))
+    (out / "ckpt_last.pt").write_bytes((tmp_path / "half.pt").read_bytes())
+    assert "--restart" in refused("--epochs", "3")
+
+
+def test_cache_kinds_folder_trains_on_all_probe_caches_and_missing_ones_refused(tmp_path, one_thread, capsys):
+    folder = write_feature_cache(tmp_path / "myvids" / "lava_cache", dataset="folder")  # split None: your own videos
+    pretrain.main(["--data", str(tmp_path / "myvids"), "--model", "tiny", "--out", str(tmp_path / "run"),
+                   "--max-steps", "1", "--workers", "0", "--no-progress", "--threads", "1"])
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["train_videos"] == 24
+    assert pretrain.train_indices(FeatureCache(folder)) == list(range(24))
+    ucf = write_feature_cache(tmp_path / "ucf101" / "lava_cache", dataset="ucf101")
+    for data, want in ((ucf.parent, f"pre-training needs a Kinetics (or your own videos') cache; {ucf} is a ucf101 "
+                                    "cache (it is for probe.py)\n"),
+                       (tmp_path / "nothing", "python prepare.py --root")):
+        with pytest.raises(SystemExit) as stop:
+            pretrain.main(["--data", str(data), "--model", "tiny", "--out", str(tmp_path / "no"), "--workers", "0"])
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and err.count("\n") == 1 and want in err, err
+
+
+def test_help_shows_defaults_and_presets_before_torch_loads():
+    proc = subprocess.run([sys.executable, "-X", "importtime", str(ROOT / "pretrain.py"), "--help"], env=ENV,
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "| torch" not in proc.stderr and "numpy" not in proc.stderr
+    help_text = " ".join(proc.stdout.split())                            # argparse wraps at the terminal width
+    for shown in ("(default: 0.07)", "(default: 2000)", "(paper 32, small 64, tiny 16)", "(paper 1e-05, small 0.001, "
+                  "tiny 0.001)", "(default: k700)", "tiny also trains at batch 16 and lr 1e-3"):
+        assert shown in help_text, shown
+    assert "--rdzv_backend c10d \\\n        --rdzv_endpoint" in proc.stdout  # the docstring's line break kept
