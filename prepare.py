@@ -1,33 +1,25 @@
 """prepare.py: a video dataset folder -> a feature cache that pretrain.py and probe.py read (README: Feature cache).
 
-    # CPU demo (tests and the Makefile use this: no ImageNet weights needed, small frames)
-    python prepare.py --root demo/k700 --backbone random --size 64 --workers 2
-    # one GPU, ImageNet ResNet-18 (weights from the torch hub cache or --backbone-weights PATH)
-    python prepare.py --root data/k700 --out data/k700/lava_cache --workers 12 --batch-size 512
-    python prepare.py --root data/ucf101 && python prepare.py --root data/hmdb51
-    # a SLURM array of 16 jobs over one dataset: list + tokenizer once, the array, then the merge (it reads
-    # only the shards' small files and writes the manifest; nothing is decoded again)
-    python prepare.py --root data/k700 --list-only
+    python prepare.py --root demo/k700 --backbone random --size 64 --workers 2   # CPU demo: no ImageNet weights
+    python prepare.py --root data/k700 --workers 12 --batch-size 512   # a GPU; ImageNet weights from the hub cache
+    python prepare.py --root data/k700 --list-only   # across jobs: the listing + tokenizer once, the shards, the merge
     sbatch --array=0-15 --wrap 'python prepare.py --root data/k700 --num-shards 16 --shard-index $SLURM_ARRAY_TASK_ID'
-    python prepare.py --root data/k700 --merge
-    # the same settings (--size, --backbone, ...) on every call; a re-run of any of them resumes
+    python prepare.py --root data/k700 --merge       # the same settings on every call; any re-run resumes
 
 The inputs of LAVA (Section 3), per video, in the order of this file:
-  1. frames at 10 fps, centre-cropped to --size (clip_plan, sample_frames): k700 ("pretrain" sampling) keeps one
-     clip of the central --pretrain-frames (20), room for pretrain.py's jitter; ucf101, hmdb51 and any folder
-     ("eval" sampling) keep --test-clips (10) uniformly spaced 16-frame windows, their distinct frames stored once;
+  1. frames at 10 fps, centre-cropped to --size (clip_plan, sample_frames): k700 keeps one clip of the central
+     --pretrain-frames (20), room for pretrain.py's jitter; ucf101, hmdb51 and any folder keep --test-clips (10)
+     uniformly spaced 16-frame windows, their distinct frames stored once;
   2. audio: 16 kHz mono log-mel, 80 bins, a window aligned with each clip (load_audio, log_mel_windows);
   3. video features: a frozen ImageNet ResNet-18 up to layer4, (G, G, 512) per frame (build_backbone, FrameEncoder);
   4. text: the title (titles.csv, else the file's `title` tag) as BPE ids (bpe.py, _tokens).
-main() runs them over a dataset; the machinery that scales it comes after (signposted): dataset layouts, decode
-worker processes, shards (each built in a temp folder and renamed, so a run killed at any point, kill -9
-included, resumes and ends byte-identical to a single run) and FeatureCache, the reader.
+main() runs them over a dataset; then the machinery: layouts, decode workers, shards (built in a temp folder and
+renamed: a run killed at any point, kill -9 included, resumes to a single run's bytes) and FeatureCache, the reader.
 """
 import argparse
-import bisect
+import contextlib
 import csv
 import functools
-import io
 import itertools
 import json
 import math
@@ -43,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bpe import BPETokenizer
+from bpe import BPETokenizer, write_atomic
 
 CACHE_FORMAT, CACHE_VERSION = "lava-cache", 2
 FPS = 10                                  # the paper's clips: 16 frames at 10 fps
@@ -52,12 +44,9 @@ MAX_TOKENS, FEATURE_DIM, EVAL_FRAMES = 128, 512, 16
 TIME_TOL = 1e-5                           # s; frame timestamps are exact rationals printed as doubles
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 VIDEO_EXTS = {".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".mpeg", ".flv", ".3gp", ".ogv", ".wmv"}
-AUDIO_EXTS = {".wav", ".flac"}
 
 
-# ====================================================================================================
-# The method, one video at a time
-# ----------------------------------------------------------------------------------------------------
+# ==================================== The method, one video at a time ====================================
 # 1. frames: which 10 fps frames, then OpenCV decodes the file once and keeps the frame on screen at each time
 
 def clip_plan(num_frames, clips, frames, sampling):
@@ -80,20 +69,15 @@ def clip_plan(num_frames, clips, frames, sampling):
 
 
 def sample_frames(path, targets, size):
-    """Decode `path` once and return the source frames on screen at times targets / 10 s.
+    """Decode `path` once; return the source frames on screen at times targets / 10 s (targets: sorted (U,) grid
+    indices): (frames uint8 (U, size, size, 3) RGB, real (U,) bool (False: past the end, the last frame repeated),
+    src (U,) source frame numbers, misses, end: seconds up to which frames were seen).
 
-    targets: sorted (U,) 10 fps grid indices. Returns (frames uint8 (U, size, size, 3) RGB, real (U,) bool
-    (False: the time is past the end of the video, so the last frame is repeated), src (U,) int source
-    frame numbers, misses (see below), end: seconds up to which frames were seen (when decoding stopped
-    early because every target was served, the time of the frame after the last target)).
-
-    A frame is kept for time t when its timestamp (CAP_PROP_POS_MSEC) is <= t and the next one's is > t, so
-    29.97 fps and variable-frame-rate files land on the right frames. grab() decodes every frame; retrieve()
-    (the colour conversion) runs only for a frame that may be kept: when the next target lies less than one
-    frame interval ahead (the longest seen so far, +1% unless all were equal), since OpenCV can only retrieve
-    the frame just grabbed. A VFR gap longer than all earlier ones can still hide the right frame; then a
-    fresh capture decodes up to it again (`misses`; rare, as max_dt grows). Exact either way: the kept frames
-    never depend on the margins. Rotation metadata is applied (a phone clip shot upside down comes out upright).
+    The frame for time t is the one whose timestamp (CAP_PROP_POS_MSEC) is <= t while the next one's is > t, so
+    29.97 fps and variable-rate files land on the right frames. grab() decodes every frame; retrieve() (the colour
+    conversion) runs only when the next target lies within one frame interval (the longest seen, +1% unless all
+    were equal), as OpenCV retrieves only the frame just grabbed. A VFR gap longer than any before can hide the
+    right frame: a fresh capture decodes up to it again (`misses`). The kept frames never depend on the margins.
     """
     import cv2
     cap = _open_cv(path)
@@ -101,35 +85,26 @@ def sample_frames(path, targets, size):
         raise BadVideo("OpenCV cannot open it (not a video, no video stream, or unreadable)")
     fps_meta = cap.get(cv2.CAP_PROP_FPS)
     fps_meta = fps_meta if fps_meta and math.isfinite(fps_meta) and 0 < fps_meta < 1000 else 25.0
-    times = np.asarray(targets, dtype=np.float64) / FPS
-    n = len(times)
-    out = np.empty((n, size, size, 3), np.uint8)
-    real, src = np.zeros(n, bool), np.full(n, -1, np.int64)
+    times, n = np.asarray(targets, dtype=np.float64) / FPS, len(targets)
+    out, real, src = np.empty((n, size, size, 3), np.uint8), np.zeros(n, bool), np.full(n, -1, np.int64)
     i, j, misses = 0, -1, 0            # i: next target to serve; j: number of the frame just grabbed
     prev_pts, max_dt, min_dt = None, 0.0, math.inf   # frame intervals seen so far
-    cand, cand_src = None, -1          # the most recently retrieved frame (processed) and its number
-    buf = None                         # retrieve()'s full-size picture, reused (_square copies out of it)
+    cand, cand_src, buf = None, -1, None  # the last retrieved frame (squared), its number; retrieve()'s reused buffer
     try:
-        while i < n:
-            if not cap.grab():
-                break
+        while i < n and cap.grab():
             j += 1
             pts = cap.get(cv2.CAP_PROP_POS_MSEC) / 1000.0
-            if prev_pts is not None:
-                if not pts > prev_pts:  # missing or non-monotonic timestamps: assume the nominal rate
-                    pts = prev_pts + 1.0 / fps_meta
-                max_dt = max(max_dt, pts - prev_pts)
-                min_dt = min(min_dt, pts - prev_pts)
+            if prev_pts is not None:  # missing or non-monotonic timestamps: the nominal rate
+                pts = pts if pts > prev_pts else prev_pts + 1.0 / fps_meta
+                max_dt, min_dt = max(max_dt, pts - prev_pts), min(min_dt, pts - prev_pts)
             prev_pts = pts
             if times[i] < pts - TIME_TOL and cand_src != j - 1:
-                if j == 0:  # targets before the first timestamp: the first frame is the nearest
-                    ok, img = cap.retrieve(buf)
-                    buf = img if ok else None
-                else:       # frame j-1 was on screen but not retrieved (a VFR gap longer than any before)
-                    ok, img = _nth_frame(path, j - 1)
-                    misses += 1
+                # j > 0: frame j-1 was on screen but not retrieved (a VFR gap longer than any before), so decode up
+                # to it again; j == 0: targets before the first timestamp get the first frame
+                ok, img = _nth_frame(path, j - 1) if j else cap.retrieve()
+                misses += j > 0
                 if ok and img is not None:
-                    cand, cand_src = _square(img, size), (j if j == 0 else j - 1)
+                    cand, cand_src = _square(img, size), max(j - 1, 0)
             while i < n and times[i] < pts - TIME_TOL and cand is not None:
                 out[i], real[i], src[i] = cand, True, cand_src
                 i += 1
@@ -137,10 +112,9 @@ def sample_frames(path, targets, size):
             # target is not needed (25 fps: 1 retrieve per kept frame instead of 1.5); else a 1% margin
             margin = max_dt - TIME_TOL if max_dt - min_dt < TIME_TOL else 1.01 * max_dt + TIME_TOL
             if i < n and (max_dt == 0.0 or times[i] - pts < margin) and cand_src != j:
-                ok, img = cap.retrieve(buf)
-                buf = img if ok else None
-                if ok and img is not None:
-                    cand, cand_src = _square(img, size), j
+                ok, buf = cap.retrieve(buf)
+                if ok and buf is not None:
+                    cand, cand_src = _square(buf, size), j
     finally:
         cap.release()
     if cand is None:
@@ -155,17 +129,12 @@ def sample_frames(path, targets, size):
 
 
 def _square(img, size):
-    """Any decoded picture -> RGB uint8 (size, size, 3): centre square, resized.
-
-    Shrinking: an exact k x k box filter (INTER_AREA's fast path) to between 1x and 2x the target, then bilinear:
-    a plain INTER_AREA resize's anti-aliasing for less work. Colour conversion last, on the small picture.
-    """
+    """Any decoded picture -> RGB uint8 (size, size, 3): centre square, resized. Shrinking: an exact k x k box
+    filter (INTER_AREA's fast path) to 1-2x the target, then bilinear: INTER_AREA's anti-aliasing for less work."""
     import cv2
     h, w = img.shape[:2]
     m = min(h, w)
-    y, x = (h - m) // 2, (w - m) // 2
-    img = img[y:y + m, x:x + m]
-    k = m // size
+    img, k = img[(h - m) // 2:(h - m) // 2 + m, (w - m) // 2:(w - m) // 2 + m], m // size
     if k >= 2:
         n = (m // k) * k                       # trim a few edge pixels so the box filter tiles exactly
         o = (m - n) // 2
@@ -174,12 +143,11 @@ def _square(img, size):
         img = cv2.resize(img, (size, size), interpolation=cv2.INTER_LINEAR)
     if img.ndim == 2:  # grayscale from a backend that hands gray through
         return cv2.cvtColor(img, cv2.COLOR_GRAY2RGB)
-    return cv2.cvtColor(img, cv2.COLOR_BGRA2RGB if img.shape[2] == 4 else cv2.COLOR_BGR2RGB)
+    return cv2.cvtColor(img, cv2.COLOR_BGRA2RGB if img.shape[2] == 4 else cv2.COLOR_BGR2RGB)  # on the small picture
 
 
 def _open_cv(path):
-    """cv2.VideoCapture on the FFmpeg backend, one decoder thread (a worker decodes one video per core), rotation
-    applied: OpenCV >= 4.5 applies the display matrix by default (CAP_PROP_ORIENTATION_AUTO); we set it explicitly.
+    """cv2.VideoCapture on FFmpeg, one decoder thread (a worker decodes one video per core), rotation applied.
     FFmpeg's full probe: a short one (probesize 32) shifted Matroska frame times by the B-frame reorder delay."""
     import cv2
     cap = cv2.VideoCapture(str(path), cv2.CAP_FFMPEG, [cv2.CAP_PROP_N_THREADS, 1])
@@ -188,13 +156,10 @@ def _open_cv(path):
 
 
 def _nth_frame(path, n):
-    """(ok, BGR picture) of frame number n (0-based, decode order of grab()) from a fresh capture."""
+    """(ok, BGR picture) of frame number n (0-based, grab() order) from a fresh capture."""
     cap = _open_cv(path)
     try:
-        for _ in range(n + 1):
-            if not cap.grab():
-                return False, None
-        return cap.retrieve()
+        return cap.retrieve() if all(cap.grab() for _ in range(n + 1)) else (False, None)
     finally:
         cap.release()
 
@@ -234,45 +199,56 @@ def _mel_transform():
 
 
 def load_audio(path):
-    """(wave float32 (n,) 16 kHz mono with t = 0 at the first video frame, or None, reason or None).
-
-    The audio of one file on its own (a video, or a .wav/.flac); prepare opens each video once and calls
-    _decode_audio from decode_video. Decoding errors midway keep what was decoded (reason set).
-    """
+    """(wave float32 (n,) 16 kHz mono with t = 0 at the first video frame, or None, reason or None) of one file,
+    a video or a .wav/.flac. Decoding errors midway keep what was decoded (reason set)."""
     import av
     path = Path(path)
-    if path.suffix.lower() in AUDIO_EXTS:
-        return _load_audio_soundfile(path)
     try:
-        container = av.open(str(path), metadata_errors="replace")
+        with av.open(str(path), metadata_errors="replace") as container:
+            return _decode_audio(container, path, *_demux(container)[1:])
     except Exception as e:
-        return None, f"cannot open for audio: {type(e).__name__}: {e}"
-    with container:
-        return _decode_audio(container, path)
+        return None, f"cannot read its audio: {type(e).__name__}: {e}"
 
 
-def _decode_audio(container, path, until=None):
-    """load_audio on an open PyAV container. `until`: stop once this many seconds are in hand (pre-training needs
-    only the central clip's audio). The offset between the audio and video streams' start times is applied
-    (zeros in front or samples dropped), since OpenCV counts frame times from the video stream's start."""
-    import torch
-    if not container.streams.audio:
-        for ext in (".wav", ".flac", ".WAV", ".FLAC"):  # a sidecar track next to a silent video
-            if path.with_suffix(ext).is_file():
-                return _load_audio_soundfile(path.with_suffix(ext))
-        return None, "no audio stream"
-    stream = container.streams.audio[0]
-    v0 = 0.0
-    if container.streams.video and container.streams.video[0].start_time is not None:
-        vs = container.streams.video[0]
-        v0 = float(vs.start_time * vs.time_base)
-    tb = float(stream.time_base) if stream.time_base else None  # float once: Fractions per frame are slow
-    chunks, first, reason = [], None, None   # chunks: (sample rate, mono samples) of each frame
+def _demux(container):
+    """One pass over the file's packets, nothing decoded: (seconds of video from the first video packet's time to
+    the end of the last one, or None; the first audio stream's packets; reason or None). The last packet lasts its
+    stated duration, else (FLV states none) the median interval. A demuxing error keeps the packets before it."""
+    streams = container.streams.video[:1] + container.streams.audio[:1]
+    video, audio, reason = [], [], None  # video: (time, duration) of each packet, in the stream's time base
     try:
-        for frame in container.decode(stream):
+        for packet in container.demux(*streams):
+            t = packet.pts if packet.pts is not None else packet.dts
+            if packet.stream.type == "audio" and packet.size:
+                audio.append(packet)
+            elif packet.stream.type == "video" and t is not None:  # None: the demuxer's final empty packet
+                video.append((int(t), int(packet.duration or 0)))
+    except Exception as e:  # broken packets: keep what came before
+        reason = f"audio decoding stopped early: {type(e).__name__}: {e}"
+    if not video:
+        return None, audio, reason
+    times = np.sort([t for t, _ in video])
+    last_time, last_duration = max(video)
+    last_duration = last_duration or (int(np.median(np.diff(times))) if len(times) > 1 else 0)
+    return float((last_time - int(times[0]) + last_duration) * streams[0].time_base) or None, audio, reason
+
+
+def _decode_audio(container, path, packets, reason=None, until=None):
+    """The audio packets of _demux -> load_audio's (wave, reason). `until`: stop once this many seconds are in hand
+    (pre-training needs only the central clip's audio). The offset between the audio and video streams' start
+    times is applied (zeros in front or samples dropped), since OpenCV counts frame times from the video's start."""
+    import torch
+    if not container.streams.audio:  # a sidecar track next to a silent video?
+        sidecar = [path.with_suffix(e) for e in (".wav", ".flac", ".WAV", ".FLAC") if path.with_suffix(e).is_file()]
+        return load_audio(sidecar[0]) if sidecar and container.streams.video else (None, "no audio stream")
+    stream, vs = container.streams.audio[0], (container.streams.video or [None])[0]
+    v0 = float(vs.start_time * vs.time_base) if vs is not None and vs.start_time is not None else 0.0
+    tb = float(stream.time_base) if stream.time_base else None  # float once: Fractions per frame are slow
+    chunks, first = [], None   # chunks: (sample rate, mono samples) of each frame; first: the first frame's time
+    try:
+        for frame in (f for packet in [*packets, None] for f in stream.decode(packet)):  # None flushes the decoder
             t = frame.pts * tb if frame.pts is not None and tb else None
-            if first is None and t is not None:
-                first = t
+            first = t if first is None else first
             if until is not None and t is not None and t - v0 > until:
                 break
             chunks.append((frame.sample_rate, _frame_mono(frame)))
@@ -294,8 +270,8 @@ def _decode_audio(container, path, until=None):
 
 
 def _frame_mono(frame):
-    """One decoded PyAV AudioFrame -> (n,) float32 in [-1, 1], the mean of its channels. The mean matches soundfile's
-    reading of the same track; swresample's stereo->mono downmix would scale by 1/sqrt(2), every mel 0.35 nats off."""
+    """A PyAV AudioFrame -> (n,) float32 in [-1, 1], the mean of its channels (swresample's stereo->mono downmix
+    would scale by 1/sqrt(2), every mel 0.35 nats off)."""
     x = frame.to_ndarray()                       # (channels, n) planar, (1, n * channels) packed
     if not frame.format.is_planar:
         x = x.reshape(-1, len(frame.layout.channels)).T
@@ -307,24 +283,11 @@ def _frame_mono(frame):
 
 @functools.lru_cache(maxsize=None)
 def _resampler(rate):
-    """`rate` -> SAMPLE_RATE on (n,) float32 tensors: torchaudio's windowed sinc, the kernel built once per rate
-    (building it costs more than using it on a clip)."""
+    """`rate` -> SAMPLE_RATE on (n,) float32 tensors: torchaudio's windowed sinc, built once per rate (building it
+    costs more than using it on a clip)."""
     import torch
     import torchaudio
     return torchaudio.transforms.Resample(rate, SAMPLE_RATE, dtype=torch.float32)
-
-
-def _load_audio_soundfile(path):
-    import soundfile as sf
-    try:
-        data, rate = sf.read(str(path), dtype="float32", always_2d=True)  # (n, channels)
-    except Exception as e:
-        return None, f"soundfile cannot read {path.name}: {type(e).__name__}: {e}"
-    wave = data.mean(axis=1)  # (n,) float32
-    if rate != SAMPLE_RATE:
-        import torch
-        wave = _resampler(rate)(torch.from_numpy(wave)).numpy()
-    return wave, None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -341,20 +304,18 @@ def build_backbone(kind, weights_path, device):
             net = torchvision.models.resnet18(weights=None)
     else:
         net = torchvision.models.resnet18(weights=None)
-        url = torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url
-        path = Path(weights_path) if weights_path else Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name
+        url, hub = torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url, Path(torch.hub.get_dir()) / "checkpoints"
+        path = Path(weights_path) if weights_path else hub / Path(url).name
         if not path.is_file():
-            raise SystemExit(
-                f"ImageNet ResNet-18 weights not found at {path}.\n  Get them (needs internet once): "
-                f"python -c \"import torchvision; torchvision.models.resnet18(weights='IMAGENET1K_V1')\"\n"
-                f"  (downloads {url} into {Path(torch.hub.get_dir()) / 'checkpoints'}), or copy that file and pass "
-                f"--backbone-weights PATH,\n  or pass --backbone random for a demo (recorded in the manifest; "
-                f"results are then not ImageNet ones).")
+            raise SystemExit(f"ImageNet ResNet-18 weights not found at {path}.\n  Get them (needs internet once): "
+                             f"python -c \"import torchvision; torchvision.models.resnet18(weights='IMAGENET1K_V1')\"\n"
+                             f"  (downloads {url} into {hub}), or copy that file and pass --backbone-weights PATH,\n"
+                             "  or pass --backbone random for a demo (recorded in the manifest: not ImageNet results).")
         try:
             net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         except Exception as e:
-            raise SystemExit(f"cannot load ResNet-18 weights from {path}: {type(e).__name__}: {e}\n"
-                             f"  Pass --backbone-weights with torchvision's resnet18-f37072fd.pth, or --backbone random.")
+            raise SystemExit(f"cannot load ResNet-18 weights from {path}: {type(e).__name__}: {e}\n  Pass "
+                             "--backbone-weights with torchvision's resnet18-f37072fd.pth, or --backbone random.")
     body = torch.nn.Sequential(*list(net.children())[:-2])  # conv1 .. layer4: (B,3,S,S) -> (B,512,S/32,S/32)
     body.eval().requires_grad_(False)
     return body.to(device=device, memory_format=torch.channels_last)
@@ -366,18 +327,17 @@ class FrameEncoder:
         enc.batch[:n] = frames   # (batch_size, S, S, 3) uint8 input buffer, filled in place
         features = enc(n)        # (n, G, G, 512) float16 numpy of its first n frames
 
-    On CUDA the input buffer is pinned, so the upload is a straight DMA, and the CNN runs in bf16 (tensor
-    cores; the features are stored as float16 anyway); exact float32 on the CPU.
+    On CUDA the input buffer is pinned (the upload is a straight DMA) and the CNN runs in bf16 (tensor cores; the
+    features are stored as float16 anyway); exact float32 on the CPU.
     """
 
     def __init__(self, kind, weights_path, device, size, batch_size):
         import torch
-        self.device = torch.device(device)
+        self.device, self.batch_size = torch.device(device), batch_size
         self.cuda = self.device.type == "cuda"
         self.net = build_backbone(kind, weights_path, self.device)
-        self.mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1) * 255
-        self.std = torch.tensor(IMAGENET_STD, device=self.device).view(1, 3, 1, 1) * 255
-        self.batch_size = batch_size
+        self.mean, self.std = (torch.tensor(v, device=self.device).view(1, 3, 1, 1) * 255
+                               for v in (IMAGENET_MEAN, IMAGENET_STD))
         self.host = torch.empty((batch_size, size, size, 3), dtype=torch.uint8, pin_memory=self.cuda)
         self.batch = self.host.numpy()  # a numpy view of the same memory
         self.frames_done, self.wait_s = 0, 0.0  # frames encoded, seconds spent here: the CNN's share of the run
@@ -416,13 +376,12 @@ def decode_video(job):
 
 def _decode_video(job):
     import av
-    path = Path(job["path"])
-    if not path.is_file():
-        return dict(ok=False, reason="file not found")
-    if path.stat().st_size == 0:
-        return dict(ok=False, reason="zero-byte file")
-    notes = []
-    # PyAV opens the file once: the stated duration plans the clips, then the audio they need is decoded
+    path, notes = Path(job["path"]), []
+    if not path.is_file() or path.stat().st_size == 0:
+        raise BadVideo("zero-byte file" if path.is_file() else "file not found")
+    # PyAV reads the packets once: the video's times give its duration, which places the clips, whose audio is
+    # then decoded. The duration a header states can be a bit-rate estimate (MPEG-PS, TS, FLV: a 3 s MPEG-PS
+    # file said 0.05 s); a measured one shorter than the stated one means a truncated file
     try:
         container = av.open(str(path), metadata_errors="replace")
     except Exception as e:
@@ -430,22 +389,26 @@ def _decode_video(job):
     with container:
         if not container.streams.video:
             raise BadVideo("no video stream")
-        duration = _duration(container, path)
+        duration, packets, reason = _demux(container)
+        stated = container.duration / 1e6 if container.duration else None  # AV_TIME_BASE units
         if duration is None:
-            notes.append(("duration unknown from the container", "clips planned on 1 s"))
-            duration = 1.0
+            notes.append(("duration unknown from the packets", "clips planned on the stated duration, else 1 s"))
+            duration = stated or 1.0
+        elif stated and duration < stated - 0.5:
+            notes.append((f"video packets end at {duration:.2f} s of the {stated:.2f} s its container states "
+                          "(truncated?)", "clips planned on the packets"))
         K = max(1, math.ceil(duration * FPS - 1e-6))  # grid frames k with k/10 s < duration
         targets, index, starts = clip_plan(K, job["clips"], job["frames"], job["sampling"])
         # audio up to the end of the last mel crop (+ one FFT window): see log_mel_windows
         until = ((FPS * int(starts.max()) - 47 + job["audio_frames"]) * HOP + N_FFT) / SAMPLE_RATE
-        wave, reason = _decode_audio(container, path, until)
+        wave, reason = _decode_audio(container, path, packets, reason, until)
 
     frames, real, _, _, end = sample_frames(path, targets, job["size"])
     if not real.all() and end < duration - 0.5:
-        # the stream stops well before the duration its header states (a truncated download): plan the
-        # clips again on what is really there, so they hold frames rather than repeats of the last one
-        notes.append((f"video decodes to {end:.2f} s of the {duration:.2f} s its container states "
-                      "(truncated?)", "clips planned on the decodable part"))
+        # the frames stop well before the packets do (undecodable data): plan the clips again on what decodes,
+        # so they hold frames rather than repeats of the last one
+        notes.append((f"video decodes to {end:.2f} s of its {duration:.2f} s (truncated?)",
+                      "clips planned on the decodable part"))
         K = max(1, math.ceil(end * FPS - 1e-6))
         targets, index, starts = clip_plan(K, job["clips"], job["frames"], job["sampling"])
         frames, real, _, _, end = sample_frames(path, targets, job["size"])
@@ -453,64 +416,17 @@ def _decode_video(job):
     if int(real.sum()) <= 1 and len(real) > 1:
         notes.append(("a single decodable frame", "repeated over the clip"))
 
-    mel = None
     if wave is not None and float(np.abs(wave).max(initial=0.0)) < 1e-4:
         wave, reason = None, "silent audio track"
-    if wave is not None:
-        mel = log_mel_windows(wave, starts, job["audio_frames"]).astype(np.float16)
-        if reason:
-            notes.append((reason, "audio kept up to the error"))
-    elif reason:
-        notes.append((reason, "has_audio False"))
+    mel = None if wave is None else log_mel_windows(wave, starts, job["audio_frames"]).astype(np.float16)
+    if reason:
+        notes.append((reason, "has_audio False" if mel is None else "audio kept up to the error"))
     return dict(ok=True, frames=frames, index=index.astype(np.int32), nreal=nreal, mel=mel, notes=notes)
 
 
-# Containers whose header or index states the exact duration (PyAV format names). For the others (MPEG-PS/TS, FLV,
-# raw streams) FFmpeg may only estimate it from the bit rate, which can be far off on short clips (a 3 s MPEG-PS
-# file: 0.05 s, which put every clip at its start), so their duration is measured from the packets.
-STATED_DURATION_FORMATS = {"mov", "mp4", "matroska", "webm", "avi", "asf", "ogg"}
-
-
-def _duration(container, path):
-    """Seconds of video: the stated duration (video stream's, else the container's) where the format states it
-    exactly, else measured from the video packets' timestamps (demuxed, not decoded), else the stated one
-    whatever it is worth; None if nothing is known."""
-    vs = container.streams.video[0]
-    stated = (float(vs.duration * vs.time_base) if vs.duration and vs.time_base
-              else float(container.duration / 1e6) if container.duration else None)  # AV_TIME_BASE units
-    if stated is not None and set(container.format.name.split(",")) & STATED_DURATION_FORMATS:
-        return stated
-    return _packet_duration(path) or stated
-
-
-def _packet_duration(path):
-    """Seconds from the first video packet's time to the end of the last one, read with a fresh demuxer (the
-    caller's container keeps its position for the audio), or None. The last packet lasts its stated duration,
-    else (FLV states none) the median packet interval. A demuxing error keeps the packets read before it."""
-    import av
-    packets, time_base = [], None  # (time, duration) of every video packet, in the stream's time base
-    try:
-        with av.open(str(path), metadata_errors="replace") as c:
-            vs = c.streams.video[0]
-            time_base = vs.time_base
-            for packet in c.demux(vs):
-                t = packet.pts if packet.pts is not None else packet.dts
-                if t is not None:  # None: the demuxer's final empty packet
-                    packets.append((int(t), int(packet.duration or 0)))
-    except Exception:
-        pass
-    if len(packets) < 2 or not time_base:
-        return None
-    times = np.sort([t for t, _ in packets])
-    last_time, last_duration = max(packets)
-    last_duration = last_duration or int(np.median(np.diff(times)))
-    return float((last_time - int(times[0]) + last_duration) * time_base)
-
-
 def _tokens(tokenizer, title, vocab_size):
-    """4. text: (128,) int32 ids and whether there is a title; an empty or missing title is all padding.
-
-    Without a tokenizer (UCF-101, HMDB-51) the pad id is vocab_size - 1, the text encoder's default."""
+    """4. text: (128,) int32 ids and whether there is a title; an empty or missing title is all padding (without a
+    tokenizer, UCF-101 and HMDB-51, the pad id is vocab_size - 1, the text encoder's default)."""
     if tokenizer is None or not title:
         pad = tokenizer.pad_id if tokenizer is not None else vocab_size - 1
         return np.full(MAX_TOKENS, pad, np.int32), False
@@ -522,59 +438,61 @@ def _tokens(tokenizer, title, vocab_size):
 # main: a dataset folder -> listing -> tokenizer -> shards (decode workers -> CNN -> shard files) -> manifest
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--root", required=True, type=Path, help="dataset folder (k700/, ucf101/, hmdb51/ layout, or any folder of videos)")
-    p.add_argument("--out", type=Path, default=None, help="cache folder (default: ROOT/lava_cache)")
-    p.add_argument("--dataset", default="auto", choices=["auto", "k700", "ucf101", "hmdb51", "folder"],
-                   help="layout of --root (default: detected from the folder)")
-    p.add_argument("--sampling", default="auto", choices=["auto", "pretrain", "eval"],
-                   help="pretrain: 1 central clip of --pretrain-frames; eval: --test-clips windows of 16 frames "
-                        "(default: pretrain for k700, eval otherwise)")
-    p.add_argument("--pretrain-frames", type=int, default=20,
-                   help="frames (10 fps) kept per pre-training video, >= 16 so pretrain can jitter a 16-frame window")
-    p.add_argument("--test-clips", type=int, default=10, help="uniformly spaced 16-frame clips per evaluation video")
-    p.add_argument("--size", type=int, default=224, help="frame side in pixels after resize + centre crop (multiple of 32)")
-    p.add_argument("--backbone", default="imagenet", choices=["imagenet", "random"],
-                   help="frozen ResNet-18 weights: ImageNet (paper) or random init under seed 0 (demo/tests)")
-    p.add_argument("--backbone-weights", type=Path, default=None,
-                   help="path of torchvision's resnet18-f37072fd.pth (default: the torch hub cache)")
-    p.add_argument("--device", default="auto", help="torch device for the CNN: auto (cuda if available), cpu, cuda, cuda:1")
-    p.add_argument("--batch-size", type=int, default=256, help="frames per CNN batch")
-    p.add_argument("--workers", type=int, default=max(0, min(16, (os.cpu_count() or 1) - 1)),
-                   help="decode processes (0: decode in the main process)")
-    p.add_argument("--video-timeout", type=float, default=600,
-                   help="seconds one video may take to decode before it is skipped (with --workers > 0)")
-    p.add_argument("--shard-size", type=int, default=256, help="videos per shard")
-    p.add_argument("--num-shards", type=int, default=1, help="split the shards over this many jobs (a SLURM array)")
-    p.add_argument("--shard-index", type=int, default=0, help="this job's index: it builds the shards k with k %% num-shards == index")
-    p.add_argument("--merge", action="store_true", help="only write the manifest from finished shards (after all shard jobs)")
-    p.add_argument("--list-only", action="store_true",
-                   help="only list the videos (listing.json) and train the tokenizer, so shard jobs need not each scan")
-    p.add_argument("--vocab-size", type=int, default=48000, help="BPE vocabulary size (trained on train-split titles)")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=_Help)
+    add = p.add_argument
+    add("--root", required=True, type=Path, help="dataset folder: k700/, ucf101/, hmdb51/ or any folder of videos")
+    add("--out", type=Path, help="cache folder (default: ROOT/lava_cache)")
+    add("--dataset", default="auto", choices=["auto", "k700", "ucf101", "hmdb51", "folder"], help="layout of --root")
+    add("--sampling", default="auto", choices=["auto", "pretrain", "eval"],
+        help="pretrain: 1 central clip of --pretrain-frames; eval: --test-clips windows (auto: pretrain for k700)")
+    add("--pretrain-frames", type=int, default=20, help="10 fps frames per pre-training video (>= 16: room to jitter)")
+    add("--test-clips", type=int, default=10, help="uniformly spaced 16-frame clips per evaluation video")
+    add("--size", type=int, default=224, help="frame side after resize + centre crop (a multiple of 32)")
+    add("--backbone", default="imagenet", choices=["imagenet", "random"],
+        help="frozen ResNet-18 weights: ImageNet (paper) or random init under seed 0 (demo, tests)")
+    add("--backbone-weights", type=Path, help="torchvision's resnet18-f37072fd.pth (default: the torch hub cache)")
+    add("--device", default="auto", help="torch device for the CNN (auto: cuda if available)")
+    add("--batch-size", type=int, default=256, help="frames per CNN batch")
+    add("--workers", type=int, default=max(0, min(16, (os.cpu_count() or 1) - 1)), help="decode processes (0: none)")
+    add("--video-timeout", type=float, default=600, help="seconds one video may take to decode (with --workers)")
+    add("--shard-size", type=int, default=256, help="videos per shard")
+    add("--num-shards", type=int, default=1, help="split the shards over this many jobs (a SLURM array)")
+    add("--shard-index", type=int, default=0, help="this job builds the shards k with k %% num-shards == index")
+    add("--merge", action="store_true", help="only write the manifest, after all shard jobs")
+    add("--list-only", action="store_true", help="only list the videos and train the tokenizer")
+    add("--vocab-size", type=int, default=48000, help="BPE vocabulary (trained on train-split titles)")
     args = p.parse_args(argv)
-    if args.size % 32 or args.size < 32:
-        p.error(f"--size {args.size}: must be a positive multiple of 32 (ResNet-18 downsamples by 32)")
-    if args.pretrain_frames < 16:
-        p.error("--pretrain-frames must be >= 16 (the model's clip length)")
-    if args.test_clips < 1 or args.shard_size < 1 or args.batch_size < 1:
-        p.error("--test-clips, --shard-size and --batch-size must be >= 1")
-    if not 0 <= args.shard_index < args.num_shards:
-        p.error(f"--shard-index {args.shard_index} must be in [0, --num-shards {args.num_shards})")
+    for bad, why in ((args.size % 32 or args.size < 32, f"--size {args.size}: must be a positive multiple of 32 "
+                      "(ResNet-18 downsamples by 32)"),
+                     (args.pretrain_frames < 16, "--pretrain-frames must be >= 16 (the model's clip length)"),
+                     (min(args.test_clips, args.shard_size, args.batch_size) < 1,
+                      "--test-clips, --shard-size and --batch-size must be >= 1"),
+                     (not 0 <= args.shard_index < args.num_shards,
+                      f"--shard-index {args.shard_index} must be in [0, --num-shards {args.num_shards})")):
+        if bad:
+            p.error(why)
     return args
 
 
+class _Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help keeps the docstring's layout and shows every default that is set."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def main(argv=None):
-    args = parse_args(argv)
+    args = parse_args(argv)  # then the "auto" values resolved:
     root, out = args.root, args.out or args.root / "lava_cache"
     try:
-        dataset = args.dataset if args.dataset != "auto" else detect_layout(root)
+        dataset = args.dataset = args.dataset if args.dataset != "auto" else detect_layout(root)
     except ValueError as e:
         raise SystemExit(f"prepare.py: {e}")
-    sampling = args.sampling if args.sampling != "auto" else ("pretrain" if dataset == "k700" else "eval")
+    sampling = args.sampling = args.sampling if args.sampling != "auto" else "pretrain" if dataset == "k700" else "eval"
     clips, frames = (1, args.pretrain_frames) if sampling == "pretrain" else (args.test_clips, EVAL_FRAMES)
     shapes = _shapes(args, clips, frames)
+    args.out = out
     args_dict = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    args_dict.update(dataset=dataset, sampling=sampling, out=str(out))
     out.mkdir(parents=True, exist_ok=True)
 
     # 0. the settings that decide the bytes (clips and frames, not the flags: --test-clips does not matter to
@@ -582,49 +500,38 @@ def main(argv=None):
     content = dict(cache_version=CACHE_VERSION, dataset=dataset, sampling=sampling, clips=clips, frames=frames,
                    size=args.size, backbone=args.backbone, backbone_weights=args_dict["backbone_weights"],
                    vocab_size=args.vocab_size, shard_size=args.shard_size)
-    cfg_path = out / "prepare_config.json"
-    if cfg_path.is_file():
-        old = json.loads(cfg_path.read_text())
-        diff = {k: (old.get(k), v) for k, v in content.items() if old.get(k) != v}
-        if diff:
-            raise SystemExit(f"prepare.py: {out} was made with other settings {diff} (old, new); "
-                             f"use another --out or delete it")
-    else:
-        _write_atomic(cfg_path, json.dumps(content, indent=2) + "\n")
+    old = json.loads((out / "prepare_config.json").read_text()) if (out / "prepare_config.json").is_file() else content
+    diff = {k: (old.get(k), v) for k, v in content.items() if old.get(k) != v}
+    if diff:
+        raise SystemExit(f"prepare.py: {out} was made with other settings {diff} (old, new); "
+                         f"use another --out or delete it")
+    write_atomic(out / "prepare_config.json", json.dumps(content, indent=2) + "\n")
 
     # 1. the listing, frozen at the first run so every re-run and every shard job sees the same shards
-    listing_path = out / "listing.json"
-    if listing_path.is_file():
-        listing = json.loads(listing_path.read_text(encoding="utf-8"))
-        print(f"prepare: {len(listing['videos'])} videos from {listing_path} (delete it to re-scan {root})")
+    if (out / "listing.json").is_file():
+        listing = json.loads((out / "listing.json").read_text(encoding="utf-8"))
+        print(f"prepare: {len(listing['videos'])} videos from {out / 'listing.json'} (delete it to re-scan {root})")
     else:
         try:
             _, videos, errors = list_videos(root, dataset, out, args.workers)
         except ValueError as e:
             raise SystemExit(f"prepare.py: {e}")
-        listing = dict(dataset=dataset, videos=videos, errors=errors,
-                       num_shards=math.ceil(len(videos) / args.shard_size))
-        _write_atomic(listing_path, json.dumps(listing, ensure_ascii=False) + "\n")
+        listing = dict(dataset=dataset, videos=videos, errors=errors, num_shards=-(-len(videos) // args.shard_size))
+        write_atomic(out / "listing.json", json.dumps(listing, ensure_ascii=False) + "\n")
         print(f"prepare: {len(videos)} {dataset} videos under {root} ({len(errors)} listing notes)")
     videos = listing["videos"]
 
-    # 2. the tokenizer, before any shard (shards store token ids); deterministic, so concurrent shard
-    #    jobs that each train it write the same file
-    titled = [v for v in videos if v["title"]]
-    tokenizer, tok_name = None, "tokenizer.bpe" if titled else None
-    if titled:
-        if (out / tok_name).is_file():
-            tokenizer = BPETokenizer.load(out / tok_name)
-        else:
-            # train-split titles only (val is held out for retrieval); a layout without splits uses them all
-            train_titles = ([v["title"] for v in titled if v["split"] in ("train", None)]
-                            or [v["title"] for v in titled])
-            t0 = time.time()
-            tokenizer = BPETokenizer()
-            tokenizer.train(train_titles, args.vocab_size)
-            tokenizer.save(out / tok_name)  # .bpe then .vocab, each written atomically
-            print(f"prepare: BPE tokenizer, vocab {tokenizer.vocab_size}, trained on {len(train_titles)} "
-                  f"titles in {time.time() - t0:.1f} s")
+    # 2. the tokenizer, before any shard (shards store token ids), on train-split titles only (val is held out for
+    #    retrieval; a layout without splits uses them all); deterministic, so shard jobs that each train it agree
+    titles = [v["title"] for v in videos if v["title"]]
+    tok_name = "tokenizer.bpe" if titles else None
+    tokenizer = BPETokenizer.load(out / tok_name) if titles and (out / tok_name).is_file() else None
+    if titles and tokenizer is None:
+        titles = [v["title"] for v in videos if v["title"] and v["split"] in ("train", None)] or titles
+        t0, tokenizer = time.time(), BPETokenizer()
+        tokenizer.train(titles, args.vocab_size)
+        tokenizer.save(out / tok_name)  # .bpe then .vocab, each written atomically
+        print(f"prepare: BPE tokenizer, vocab {tokenizer.vocab_size}, {len(titles)} titles, {time.time() - t0:.1f} s")
     if args.list_only:
         print(f"prepare: listing and tokenizer in {out}; now run the shard jobs")
         return 0
@@ -632,32 +539,44 @@ def main(argv=None):
     if args.merge:
         return merge_shards(*merge, strict=True)
 
-    # 3. this job's shards that are not finished yet; stale temp dirs of earlier (killed) runs go
+    # 3. this job's shards that are not finished yet; stale temp folders of earlier (killed) runs go
     mine = [k for k in range(listing["num_shards"]) if k % args.num_shards == args.shard_index]
     for stale in (d for k in mine for d in out.glob(f".{shard_name(k)}.tmp-*")):
         shutil.rmtree(stale, ignore_errors=True)
     todo = [k for k in mine if not (out / shard_name(k)).is_dir()]
     if len(todo) < len(mine):
         print(f"prepare: {len(mine) - len(todo)} finished shard(s) kept, {len(todo)} to go")
-    if not todo:
-        return merge_shards(*merge)
+    if todo:
+        _build_shards(args, [(k, videos[k * args.shard_size:(k + 1) * args.shard_size]) for k in todo], tokenizer,
+                      shapes)
+    return merge_shards(*merge)
 
-    # 4. decode workers -> the CNN in this process, in batches that never cross a shard -> each shard's files
+
+def _shapes(args, clips, frames):
+    return dict(clips=clips, frames=frames, grid=args.size // 32, feature_dim=FEATURE_DIM, n_mels=N_MELS,
+                audio_frames=256 + 10 * (frames - 16), max_tokens=MAX_TOKENS)
+
+
+def _build_shards(args, shards, tokenizer, shapes):
+    """4. decode workers -> the CNN in this process, in batches that never cross a shard -> each shard's files. The
+    run's log (printed, and a line of CACHE/prepare_runs.jsonl) says whether the main process waited for decoded
+    videos (more --workers would help, if there are cores for them) or for the CNN."""
     import cv2
+    import platform
     import torch
     from tqdm import tqdm
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     encoder = FrameEncoder(args.backbone, args.backbone_weights, device, args.size, args.batch_size)
     cv2.setNumThreads(1)  # as in the decode workers (_worker_init); with --workers 0 decoding runs here
-    job = dict(size=args.size, clips=clips, frames=frames, sampling=sampling, audio_frames=shapes["audio_frames"])
-    batches = [(k, videos[k * args.shard_size:(k + 1) * args.shard_size]) for k in todo]
-    jobs = [dict(job, path=str(root / v["path"])) for _, vs in batches for v in vs]
+    job = dict(size=args.size, clips=shapes["clips"], frames=shapes["frames"], sampling=args.sampling,
+               audio_frames=shapes["audio_frames"])
+    jobs = [dict(job, path=str(args.root / v["path"])) for _, vs in shards for v in vs]
     results = decode_stream(jobs, args.workers, args.video_timeout)
-    bar = tqdm(total=len(jobs), unit="video", desc=f"prepare {dataset}", dynamic_ncols=True, smoothing=0.05)
+    bar = tqdm(total=len(jobs), unit="video", desc=f"prepare {args.dataset}", dynamic_ncols=True, smoothing=0.05)
     n_err, t_start, wait_decode, writer = 0, time.perf_counter(), 0.0, None
     try:
-        for k, vs in batches:
-            writer = ShardWriter(out, shard_name(k), shapes, encoder)
+        for k, vs in shards:
+            writer = ShardWriter(args.out, shard_name(k), shapes, encoder)
             for v in vs:
                 t0 = time.perf_counter()
                 result = next(results)
@@ -667,44 +586,27 @@ def main(argv=None):
                 bar.update(1)
                 bar.set_postfix(skipped=n_err, shard=k, refresh=False)
             writer.finish()
-            writer = None
     except BaseException:
-        if writer is not None:  # the unfinished shard's temp folder goes; finished shards are in place
+        if writer is not None:  # the unfinished shard's temp folder goes (after finish() there is none)
             writer.abort()
         raise
     finally:
         bar.close()
         results.close()  # stops the decode processes now, also when a shard failed
-    _log_run(out, args, encoder, todo, len(jobs), time.perf_counter() - t_start, wait_decode)
-    return merge_shards(*merge)
-
-
-def _shapes(args, clips, frames):
-    return dict(clips=clips, frames=frames, grid=args.size // 32, feature_dim=FEATURE_DIM, n_mels=N_MELS,
-                audio_frames=256 + 10 * (frames - 16), max_tokens=MAX_TOKENS)
-
-
-def _log_run(out, args, encoder, shards, videos, seconds, wait_decode):
-    """Where this run's time went, printed and appended to CACHE/prepare_runs.jsonl. The main process waits either
-    for decoded videos (more --workers would help, if there are cores for them) or for the CNN."""
-    import platform
-    import torch
+    seconds, frames = time.perf_counter() - t_start, encoder.frames_done
     stats = dict(finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), host=platform.node(),
-                 device=torch.cuda.get_device_name(encoder.device) if encoder.cuda else str(encoder.device),
-                 workers=args.workers, batch_size=args.batch_size, size=args.size, shards=shards, videos=videos,
-                 frames=encoder.frames_done, seconds=round(seconds, 2),
-                 frames_per_s=round(encoder.frames_done / max(seconds, 1e-9), 1),
+                 device=torch.cuda.get_device_name(encoder.device) if encoder.cuda else device,
+                 workers=args.workers, batch_size=args.batch_size, size=args.size, shards=[k for k, _ in shards],
+                 videos=len(jobs), frames=frames, seconds=round(seconds, 2), frames_per_s=round(frames / seconds, 1),
                  wait_decode_s=round(wait_decode, 2), wait_cnn_s=round(encoder.wait_s, 2))
-    print(f"prepare: {videos} videos, {stats['frames']:,} frames through the CNN in {seconds:.1f} s "
-          f"({stats['frames_per_s']:,.0f} frames/s); the main process waited {wait_decode:.1f} s for decoding "
-          f"(--workers {args.workers}) and {encoder.wait_s:.1f} s for the CNN ({stats['device']})")
-    with open(out / "prepare_runs.jsonl", "a", encoding="utf-8") as f:
+    print(f"prepare: {len(jobs)} videos, {frames:,} frames through the CNN in {seconds:.1f} s ({frames / seconds:,.0f} "
+          f"frames/s); the main process waited {wait_decode:.1f} s for decoding (--workers {args.workers}) and "
+          f"{encoder.wait_s:.1f} s for the CNN ({stats['device']})")
+    with open(args.out / "prepare_runs.jsonl", "a", encoding="utf-8") as f:
         f.write(json.dumps(stats) + "\n")
 
 
-# ====================================================================================================
-# Machinery that scales the method
-# ----------------------------------------------------------------------------------------------------
+# ================================ Machinery that scales the method =================================
 # dataset layouts -> a list of videos {"id", "path", "label", "split", "title"}
 
 LAYOUTS = {  # what each reader expects under --root; printed when the root matches none of them
@@ -719,97 +621,88 @@ LAYOUTS = {  # what each reader expects under --root; printed when the root matc
 def detect_layout(root):
     """Name of the layout under `root` (see LAYOUTS); ValueError naming every layout when there is none."""
     root = Path(root)
-    layouts = "\n".join(f"  {name:7s} {text}" for name, text in LAYOUTS.items())
-    if not root.is_dir():
-        raise ValueError(f"--root {root} is not a directory. Expected one of:\n" + layouts)
     if (root / "UCF-101").is_dir():
         return "ucf101"
     if (root / "videos").is_dir() and (root / "testTrainMulti_7030_splits").is_dir():
         return "hmdb51"
     if (root / "train").is_dir() or (root / "val").is_dir():
         return "k700"
-    if next(_video_files(root), None) is not None:
+    if root.is_dir() and next(_video_files(root), None) is not None:
         return "folder"
-    raise ValueError(f"--root {root} holds no videos in any layout prepare.py reads. Expected one of:\n" + layouts)
+    why = "holds no videos in any layout prepare.py reads" if root.is_dir() else "is not a directory"
+    layouts = "\n".join(f"  {name:7s} {text}" for name, text in LAYOUTS.items())
+    raise ValueError(f"--root {root} {why}. Expected one of:\n{layouts}")
 
 
 def _video_files(folder, skip=()):
     """Video files under `folder`, recursively, in sorted order (deterministic shard contents)."""
     skip = {Path(s).resolve() for s in skip}
     for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and (Path(dirpath) / d).resolve() not in skip)
-        for name in sorted(filenames):
-            if Path(name).suffix.lower() in VIDEO_EXTS and not name.startswith("."):
-                yield Path(dirpath) / name
+        dirnames[:] = sorted(d for d in dirnames if d[0] != "." and (Path(dirpath) / d).resolve() not in skip)
+        names = sorted(f for f in filenames if f[0] != "." and Path(f).suffix.lower() in VIDEO_EXTS)
+        yield from (Path(dirpath) / f for f in names)
 
 
 def list_videos(root, dataset, out, workers=0):
-    """(videos sorted by id with titles filled in, errors). Duplicate ids keep the first path."""
+    """(dataset, videos sorted by id with titles filled in, errors). Duplicate ids keep the first path."""
     root, errors, videos = Path(root), [], []
-    if dataset == "auto":
-        dataset = detect_layout(root)
+    dataset = detect_layout(root) if dataset == "auto" else dataset
     sub = {"k700": ["train", "val"], "ucf101": ["UCF-101"], "hmdb51": ["videos"], "folder": ["."]}[dataset]
     if not any((root / d).is_dir() for d in sub):
         raise ValueError(f"--root {root} is not a {dataset} folder: expected {LAYOUTS[dataset]}")
     for d in sub:
         for f in _video_files(root / d, skip=[out]):
-            rel, under = f.relative_to(root), f.relative_to(root / d)
-            v = dict(id=under.as_posix(), path=rel.as_posix(), split=None, title=None,
+            under = f.relative_to(root / d)
+            v = dict(id=under.as_posix(), path=f.relative_to(root).as_posix(), split=None, title=None,
                      label=under.parts[0] if len(under.parts) > 1 or dataset != "folder" else None)
-            if dataset == "k700":  # <youtube_id>_<start>_<end>: youtube ids hold "_" themselves, so split from the right
+            if dataset == "k700":  # <youtube_id>_<start>_<end>; youtube ids hold "_" themselves: split from the right
                 parts = f.stem.rsplit("_", 2)
                 v.update(id=f.stem, split=d, label=under.parts[0] if len(under.parts) == 2 else None,
-                         youtube_id=parts[0] if len(parts) == 3 and parts[1].isdigit() and parts[2].isdigit() else f.stem)
+                         youtube_id=parts[0] if len(parts) == 3 and (parts[1] + parts[2]).isdigit() else f.stem)
             videos.append(v)
     if not videos:
         raise ValueError(f"--root {root} ({dataset} layout) holds no video files. Expected:\n  {LAYOUTS[dataset]}")
-
     if dataset in ("k700", "folder"):  # UCF-101 and HMDB-51 ship no titles
         table = read_titles_csv(root / "titles.csv", errors) if (root / "titles.csv").is_file() else {}
         for v in videos:
-            v["title"] = next((table[k] for k in (v.get("youtube_id"), v["path"], v["id"], Path(v["path"]).stem)
-                               if k and k in table), None)
-        # clips with no titles.csv entry fall back to their own metadata tag (PyAV opens the container)
-        missing = [v for v in videos if v["title"] is None]
-        paths = [str(root / v["path"]) for v in missing]
-        from contextlib import nullcontext
+            keys = (v.get("youtube_id"), v["path"], v["id"], Path(v["path"]).stem)
+            v["title"] = next((table[k] for k in keys if k in table), None)
+        # a clip with no titles.csv row falls back to its own metadata tag (PyAV opens each file: workers for many)
         from tqdm import tqdm
-        pool = _spawn_pool(workers) if workers > 0 and len(paths) >= 200 else None
-        with pool or nullcontext():
-            found = pool.map(read_metadata_title, paths, chunksize=16) if pool else map(read_metadata_title, paths)
-            for v, raw in zip(missing, tqdm(found, total=len(paths), desc="title tags", disable=len(paths) < 200)):
-                v["title"] = _clean_title(raw, v["path"], errors)
-
+        missing = [v for v in videos if v["title"] is None]
+        tags = decode_stream([str(root / v["path"]) for v in missing], workers if len(missing) >= 200 else 0,
+                             fn=read_metadata_title)
+        for v, raw in zip(missing, tqdm(tags, total=len(missing), desc="title tags", disable=len(missing) < 200)):
+            v["title"] = _clean_title(raw, v["path"], errors)
     unique = {}  # id -> video, in id order
     for v in sorted(videos, key=lambda v: (v["id"], v["path"])):
         v.pop("youtube_id", None)
         if v["id"] in unique:
             errors.append(dict(path=v["path"], reason=f"duplicate id {v['id']!r} (also {unique[v['id']]['path']})",
                                action="skipped"))
-        else:
-            unique[v["id"]] = v
+        unique.setdefault(v["id"], v)
     return dataset, list(unique.values()), errors
 
 
 def read_titles_csv(path, errors):
     """titles.csv -> {key: title}; key column `youtube_id`, `path` or `id`, then `title`; csv-quoted."""
-    # decode per field rather than per file so one bad row degrades one title, not the whole csv
-    rows = csv.reader(io.StringIO(Path(path).read_bytes().decode("utf-8", errors="surrogateescape"), newline=""))
-    header = [h.strip().lstrip("\ufeff").lower() for h in next(rows, [])]  # a BOM from spreadsheet exports
+    # surrogateescape: a row's bad bytes degrade that title (_clean_title reports it), not the whole file
+    with open(path, encoding="utf-8", errors="surrogateescape", newline="") as f:
+        rows = list(csv.reader(f))
+    header = [h.strip().lstrip("\ufeff").lower() for h in (rows or [[]])[0]]  # a BOM from spreadsheet exports
     if "title" not in header:
-        errors.append(dict(path=str(path), reason="titles.csv has no `title` column in its header", action="file ignored"))
+        errors.append(dict(path=str(path), reason="titles.csv has no `title` column in its header",
+                           action="file ignored"))
         return {}
-    key_col = next((header.index(k) for k in ("youtube_id", "path", "id") if k in header), 0)
-    title_col = header.index("title")
+    key, title = next((header.index(k) for k in ("youtube_id", "path", "id") if k in header), 0), header.index("title")
     titles = {}
-    for lineno, row in enumerate(rows, start=2):
-        if len(row) <= max(key_col, title_col):
+    for lineno, row in enumerate(rows[1:], start=2):
+        if len(row) <= max(key, title):
             continue
-        key, title = row[key_col].strip(), _clean_title(row[title_col], f"{path}:{lineno}", errors)
-        if key in titles:
-            errors.append(dict(path=f"{path}:{lineno}", reason=f"duplicate title row (key {key!r})", action="first row kept"))
-            continue
-        titles[key] = title
+        if row[key].strip() in titles:
+            errors.append(dict(path=f"{path}:{lineno}", reason=f"duplicate title row (key {row[key].strip()!r})",
+                               action="first row kept"))
+        titles.setdefault(row[key].strip(), _clean_title(row[title], f"{path}:{lineno}", errors))
     return titles
 
 
@@ -818,10 +711,8 @@ def read_metadata_title(path):
     import av
     try:
         with av.open(str(path), metadata_errors="replace") as c:
-            title = c.metadata.get("title") or c.metadata.get("TITLE")
-            if not title and c.streams.video:
-                title = c.streams.video[0].metadata.get("title")
-            return title
+            tags = [c.metadata, *(s.metadata for s in c.streams.video[:1])]
+            return next((m[k] for m in tags for k in ("title", "TITLE") if m.get(k)), None)
     except Exception:  # unreadable files are reported once, by the decoder
         return None
 
@@ -831,7 +722,8 @@ def _clean_title(raw, where, errors):
     if raw is None:
         return None
     if any("\udc80" <= c <= "\udcff" for c in raw):  # bytes that titles.csv's surrogateescape decoding kept
-        errors.append(dict(path=where, reason="title is not valid UTF-8", action="undecodable bytes replaced by U+FFFD"))
+        errors.append(dict(path=where, reason="title is not valid UTF-8",
+                           action="undecodable bytes replaced by U+FFFD"))
         raw = raw.encode("utf-8", errors="surrogateescape").decode("utf-8", errors="replace")
     return " ".join(raw.split()) or None
 
@@ -840,28 +732,21 @@ def _clean_title(raw, where, errors):
 # decode worker processes
 
 def decode_stream(jobs, workers, timeout=None, fn=None):
-    """fn(job) (default decode_video) for each job, yielded in job order (so shards and CNN batches never depend on
-    which process finished first).
-
-    workers > 0: that many spawned processes, at most 2 x workers videos in flight. The decoded frames come back as
-    torch tensors, which the pool's queue (multiprocessing's ForkingPickler, for which torch registers tensors)
-    hands over in shared memory: the main process maps them instead of unpickling 10-25 MB per video. A worker
-    that dies (a decoder crash) or runs past `timeout` seconds breaks the pool: it is killed, and the videos that
-    were in flight run again one at a time, so the failure is pinned on its own file (skipped, reason in
-    prepare_errors.jsonl) and the others come out as in any run.
-    """
+    """fn(job) (default decode_video) for each job, in job order (shards never depend on which process finished
+    first). workers > 0: that many spawned processes, at most 2 x workers jobs in flight, the frames handed over as
+    torch tensors in shared memory (mapped, not copied). A worker that dies (a decoder crash) or runs past `timeout`
+    seconds breaks the pool: it is killed and the jobs in flight run again one at a time, so the failure is pinned
+    on its own file (skipped) and the others come out as in any run."""
     from concurrent.futures import TimeoutError as FutureTimeout
     from concurrent.futures.process import BrokenProcessPool
     fn = fn or decode_video
     if workers <= 0:
         yield from map(fn, jobs)
         return
+    if os.path.isdir("/dev/shm") and shutil.disk_usage("/dev/shm").free < 2 * workers * 25e6:
+        print("prepare: /dev/shm is short of room for 2 x --workers videos of up to 25 MB: videos that do not fit go "
+              "through a pipe, slower (docker run --shm-size 4g, or fewer --workers)", file=sys.stderr)
     jobs, pending, nxt, solo_until = list(jobs), deque(), 0, 0
-    shm_free = shutil.disk_usage("/dev/shm").free if os.path.isdir("/dev/shm") else math.inf
-    if shm_free < 2 * workers * 25e6:
-        print(f"prepare: /dev/shm has {shm_free / 1e6:.0f} MB free and the decoded frames pass through it (up to "
-              f"2 x --workers videos of up to 25 MB): give it room (docker run --shm-size 4g) or lower --workers; "
-              f"videos that do not fit go through a pipe, slower", file=sys.stderr)
     ex = _spawn_pool(workers)
     try:
         while nxt < len(jobs) or pending:
@@ -869,8 +754,8 @@ def decode_stream(jobs, workers, timeout=None, fn=None):
                 try:
                     pending.append((nxt, ex.submit(_in_shared_memory, fn, jobs[nxt])))
                     nxt += 1
-                except BrokenProcessPool:  # a worker died while we were away: the pool refuses work
-                    if pending:            # (with videos in flight, the first one's result() below raises it)
+                except BrokenProcessPool:  # a worker died while we were away: with jobs in flight, result() below
+                    if pending:            # says so; else a fresh pool
                         break
                     _kill_pool(ex)
                     ex = _spawn_pool(workers)
@@ -880,47 +765,43 @@ def decode_stream(jobs, workers, timeout=None, fn=None):
             except (BrokenProcessPool, FutureTimeout) as e:
                 _kill_pool(ex)
                 ex = _spawn_pool(workers)
-                if len(pending) == 1:  # it ran alone: it is the culprit
-                    why = (f"decoding took longer than --video-timeout {timeout} s" if isinstance(e, FutureTimeout)
-                           else "the decoder crashed (worker process died)")
-                    result = dict(ok=False, reason=why)
-                else:                  # run everything that was in flight again, one at a time
+                if len(pending) > 1:  # run everything that was in flight again, one at a time
                     nxt, solo_until = i, pending[-1][0] + 1
                     pending.clear()
                     continue
+                result = dict(ok=False, reason=f"decoding took longer than --video-timeout {timeout} s"
+                              if isinstance(e, FutureTimeout) else "the decoder crashed (worker process died)")
             pending.popleft()
             if isinstance(result, dict) and hasattr(result.get("frames"), "numpy"):
                 result["frames"] = result["frames"].numpy()  # a view of the shared memory, no copy
             yield result
     finally:
-        if pending:  # stopped early: videos in flight, maybe a hung decoder
+        if pending:  # stopped early: jobs in flight, maybe a hung decoder
             _kill_pool(ex)
         else:
             ex.shutdown()
 
 
 def _in_shared_memory(fn, job):
-    """Worker side of decode_stream: fn(job) with its frames as a torch tensor (pickled into shared memory)."""
+    """Worker side of decode_stream: fn(job), its frames moved into shared memory here, so that a full /dev/shm
+    costs this video the pipe's speed (the numpy array is pickled instead), not the run."""
     result = fn(job)
     if isinstance(result, dict) and isinstance(result.get("frames"), np.ndarray):
         import torch
-        try:  # moved into shared memory here, so that a full /dev/shm costs this video the pipe's speed, not the run
+        with contextlib.suppress(RuntimeError, OSError):
             result["frames"] = torch.from_numpy(result["frames"]).share_memory_()
-        except (RuntimeError, OSError):
-            pass  # the numpy array goes through the pool's pipe instead
     return result
 
 
 def _spawn_pool(workers):
+    """Decode processes, spawned: forking a process that holds torch/OpenMP thread pools can deadlock the child."""
     import torch.multiprocessing
     from concurrent.futures import ProcessPoolExecutor
-    # spawn: forking a process that already holds torch/OpenMP thread pools can deadlock the child
     return ProcessPoolExecutor(workers, mp_context=torch.multiprocessing.get_context("spawn"), initializer=_worker_init)
 
 
 def _worker_init():
-    """Each decode process does one thing at a time: no nested thread pools fighting over the cores (torch, for
-    the mel, reads OMP_NUM_THREADS when first imported; a worker starts without it)."""
+    """One thing at a time per decode process: no nested thread pools (torch reads OMP_NUM_THREADS on import)."""
     import cv2
     cv2.setNumThreads(1)
     os.environ["OMP_NUM_THREADS"] = "1"
@@ -928,15 +809,12 @@ def _worker_init():
 
 
 def _kill_pool(ex):
-    """Stop a pool now, running (or hung) decoders included, which shutdown() alone would wait for. Returns once
-    the pool's manager thread has finished: one still tearing down at interpreter exit races CPython's exit hook,
-    which then prints a stray "Bad file descriptor"."""
-    try:
+    """Stop a pool now, hung decoders included (shutdown() alone waits for them), and return once its manager thread
+    is done: one still tearing down at exit races CPython's exit hook ("Bad file descriptor"). Never raises."""
+    with contextlib.suppress(Exception):  # never mask the error that is leaving, nor fail a finished run
         for p in list((ex._processes or {}).values()):
             p.kill()
         ex.shutdown(wait=True, cancel_futures=True)
-    except Exception as e:  # never mask the error that is leaving, nor fail a finished run
-        print(f"prepare: stopping the decode processes: {type(e).__name__}: {e} (ignored)", file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -961,23 +839,25 @@ def shard_name(k):
     return f"shard_{k:05d}"
 
 
+def _jsonl(rows):
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+
+
 class ShardWriter:
     """One shard, built in a temp folder and renamed into place by finish(): complete or absent.
 
     The CNN sees the shard's frames in order, in batches of exactly --batch-size that never cross a shard, so a
     resumed run batches like a single run and writes the same bytes; each batch's features go straight onto the
-    end of patches.npy (video after video, as the frames came). The small per-video arrays are written at finish().
+    end of patches.npy. The small per-video arrays are written at finish().
     """
 
     def __init__(self, out, name, shapes, encoder):
         self.final, self.shapes, self.encoder = Path(out) / name, shapes, encoder
         # a folder of its own (pid + random suffix): an aborted writer's files can never be taken for another's
         self.tmp = Path(tempfile.mkdtemp(dir=out, prefix=f".{name}.tmp-{os.getpid()}-"))
-        self.patch_shape = tuple(shapes[d] for d in PATCH_DIMS)
         self.patches = open(self.tmp / f"{PATCHES}.npy", "wb")
-        self._write_header(0)  # the real one comes last, once P is known
+        self._write_header(0)  # rewritten by finish(), once P is known
         self.num_patches, self.filled, self.rows, self.errors = 0, 0, [], []  # filled: frames in encoder.batch
-        self.columns = {key: [] for key in SHARD_ARRAYS}  # per-video values, one list per SHARD_ARRAYS entry
 
     def add(self, video, tokens, has_text, result):
         """One decoded video (a decode_video result) into the next row; its frames into the CNN's input buffer."""
@@ -985,12 +865,10 @@ class ShardWriter:
             self.errors.append(dict(path=video["path"], reason=result["reason"], action="skipped"))
             return
         self.errors += [dict(path=video["path"], reason=r, action=a) for r, a in result["notes"]]
-        self.rows.append(video)
         mel, S = result["mel"], self.shapes
-        for key, value in (("first_patch", self.num_patches), ("window", result["index"]), ("frames", result["nreal"]),
-                           ("audio", mel if mel is not None else np.zeros((S["clips"], S["n_mels"], S["audio_frames"]))),
-                           ("tokens", tokens), ("has_audio", mel is not None), ("has_text", has_text)):
-            self.columns[key].append(value)
+        self.rows.append((video, dict(first_patch=self.num_patches, window=result["index"], frames=result["nreal"],
+                                      audio=np.zeros((S["clips"], S["n_mels"], S["audio_frames"])) if mel is None
+                                      else mel, tokens=tokens, has_audio=mel is not None, has_text=has_text)))
         frames = result["frames"]  # (U, S, S, 3) uint8
         self.num_patches += len(frames)
         while len(frames):  # a batch may hold the end of one video and the start of the next
@@ -1008,8 +886,8 @@ class ShardWriter:
     def _write_header(self, num_patches):
         # numpy pads an .npy header so that a first axis of up to 21 digits fits in the same bytes: the header
         # can be rewritten in place at the end, once the file's length is known
-        np.lib.format.write_array_header_1_0(self.patches, dict(
-            descr=np.dtype(np.float16).str, fortran_order=False, shape=(num_patches,) + self.patch_shape))
+        shape = (num_patches, *(self.shapes[d] for d in PATCH_DIMS))
+        np.lib.format.write_array_header_1_0(self.patches, dict(descr="<f2", fortran_order=False, shape=shape))
 
     def finish(self):
         """The last frames through the CNN, every file written and synced, then the atomic rename."""
@@ -1019,29 +897,23 @@ class ShardWriter:
             self.patches.seek(0)
             self._write_header(self.num_patches)
         for key, (dtype, dims) in SHARD_ARRAYS.items():
-            shape = (len(self.rows),) + tuple(self.shapes[d] for d in dims)
-            np.save(self.tmp / f"{key}.npy", np.array(self.columns[key], dtype).reshape(shape))
-        with open(self.tmp / "videos.jsonl", "w", encoding="utf-8") as f:
-            for v in self.rows:
-                f.write(json.dumps({k: v[k] for k in ("id", "path", "label", "split", "title")}, ensure_ascii=False) + "\n")
-        with open(self.tmp / "errors.jsonl", "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(e, ensure_ascii=False) + "\n" for e in self.errors)
+            shape = (len(self.rows), *(self.shapes[d] for d in dims))
+            np.save(self.tmp / f"{key}.npy", np.array([row[key] for _, row in self.rows], dtype).reshape(shape))
+        videos = [{k: v[k] for k in ("id", "path", "label", "split", "title")} for v, _ in self.rows]
+        (self.tmp / "videos.jsonl").write_text(_jsonl(videos), encoding="utf-8")
+        (self.tmp / "errors.jsonl").write_text(_jsonl(self.errors), encoding="utf-8")
         _fsync_dir(self.tmp)
         try:
             os.replace(self.tmp, self.final)  # atomic: the shard exists complete or not at all
-        except OSError:
+        except OSError:  # it appeared meanwhile (two jobs with the same --shard-index, unsupported): same bytes
             if not self.final.is_dir():
                 raise
-            # the shard appeared meanwhile (two jobs with the same --shard-index, an unsupported set-up: each removes
-            # the temp folders it finds at its start); same bytes, keep it
             shutil.rmtree(self.tmp, ignore_errors=True)
 
     def abort(self):
         """The run failed before finish(): remove the temp folder. Never raises (an error is already leaving)."""
-        try:
+        with contextlib.suppress(OSError):
             self.patches.close()  # flushes its buffer: fails again if the disk is still full
-        except OSError:
-            pass
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
@@ -1051,48 +923,31 @@ def _fsync_dir(folder):
             os.fsync(fh.fileno())
 
 
-def _write_atomic(path, text):
-    """Write a small text file so that readers (and a re-run after kill -9) see all of it or none."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8", newline="\n")
-    os.replace(tmp, path)
-
-
 def merge_shards(out, listing, args_dict, shapes, tokenizer_name, strict=False):
-    """All shards present -> prepare_errors.jsonl + manifest.json (written last), a summary printed, exit status 0.
-    Reads no video. Shards missing: says so; exit status 1 if `strict` (--merge: a SLURM dependency chain notices),
-    else 0 (a shard job that did its part succeeded)."""
+    """All shards present -> prepare_errors.jsonl + manifest.json (written last), a summary printed; reads no video.
+    Shards missing: says so, exit status 1 if `strict` (--merge: a SLURM dependency chain notices), else 0."""
     names = [shard_name(k) for k in range(listing["num_shards"])]
     missing = [nm for nm in names if not (out / nm).is_dir()]
     if missing:
         print(f"prepare: {len(missing)} of {len(names)} shards not finished yet ({missing[0]} ...): the manifest "
               f"is written once they all exist (run the other shard indices, then --merge)")
         return 1 if strict else 0
-    errors = list(listing["errors"])
-    kept, num_videos, miss_a, miss_t, nbytes = [], 0, 0, 0, 0
+    errors, num_videos, miss_a, miss_t, nbytes = list(listing["errors"]), 0, 0, 0, 0
     for nm in names:
-        with open(out / nm / "errors.jsonl", encoding="utf-8") as f:
-            errors += [json.loads(line) for line in f if line.strip()]
+        errors += [json.loads(line) for line in (out / nm / "errors.jsonl").read_text("utf-8").splitlines() if line]
         has_audio, has_text = np.load(out / nm / "has_audio.npy"), np.load(out / nm / "has_text.npy")
-        if len(has_audio) == 0:
-            continue
-        kept.append(nm)
-        num_videos += len(has_audio)
-        miss_a += int((~has_audio).sum())
-        miss_t += int((~has_text).sum())
+        num_videos, miss_a, miss_t = num_videos + len(has_audio), miss_a + sum(~has_audio), miss_t + sum(~has_text)
         nbytes += sum((out / nm / f"{key}.npy").stat().st_size for key in (*SHARD_ARRAYS, PATCHES))
-    _write_atomic(out / "prepare_errors.jsonl", "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in errors))
+    write_atomic(out / "prepare_errors.jsonl", _jsonl(errors))
     kinds = Counter(e["reason"].split(" '")[0].split(' "')[0].split(": ")[0].split(" (")[0] for e in errors)
-    backbone = args_dict["backbone"]
     m = dict(format=CACHE_FORMAT, version=CACHE_VERSION, dataset=args_dict["dataset"], config=args_dict,
-             backbone=backbone, backbone_seed=0 if backbone == "random" else None, shards=kept,
-             shapes=shapes, num_videos=num_videos, missing=dict(audio=miss_a, text=miss_t),
-             bytes_per_video=int(round(nbytes / max(num_videos, 1))),
-             tokenizer=tokenizer_name, listed_videos=len(listing["videos"]), errors=len(errors),
+             backbone=args_dict["backbone"], backbone_seed=0 if args_dict["backbone"] == "random" else None,
+             shards=names, shapes=shapes, num_videos=num_videos, missing=dict(audio=int(miss_a), text=int(miss_t)),
+             bytes_per_video=round(nbytes / max(num_videos, 1)), tokenizer=tokenizer_name,
+             listed_videos=len(listing["videos"]), errors=len(errors),
              error_reasons=dict(kinds.most_common()))  # "duplicate id 'x' (also y)" -> "duplicate id"
-    _write_atomic(out / "manifest.json", json.dumps(m, indent=2, ensure_ascii=False) + "\n")
-    print(f"prepare: cache {out}: {num_videos} videos in {len(kept)} shards, {m['bytes_per_video'] / 2**20:.2f} MiB "
+    write_atomic(out / "manifest.json", json.dumps(m, indent=2, ensure_ascii=False) + "\n")
+    print(f"prepare: cache {out}: {num_videos} videos in {len(names)} shards, {m['bytes_per_video'] / 2**20:.2f} MiB "
           f"per video, missing audio {miss_a}, missing text {miss_t}")
     if errors:
         reasons = ", ".join(f"{n} x {r}" for r, n in m["error_reasons"].items())
@@ -1119,77 +974,65 @@ class FeatureCache:
         self.path = Path(path)
         manifest_path = self.path / "manifest.json"
         if not manifest_path.is_file():
-            hint = (" Shards exist but the run did not finish: re-run the same prepare.py command (finished shards "
-                    "are kept), or `python prepare.py --root ... --merge` once all shard-index jobs are done."
-                    if any(self.path.glob("shard_*")) else "")
-            raise FileNotFoundError(f"{manifest_path} not found: not a finished LAVA feature cache.{hint} "
-                                    "Make one with `python prepare.py --root DATASET_DIR --out CACHE_DIR`.")
-        self.manifest = json.loads(manifest_path.read_text())
-        if self.manifest.get("format") != CACHE_FORMAT or self.manifest.get("version") != CACHE_VERSION:
-            raise ValueError(f"{manifest_path}: format {self.manifest.get('format')!r} version "
-                             f"{self.manifest.get('version')!r}, expected {CACHE_FORMAT!r} version {CACHE_VERSION}: "
-                             "made by another prepare.py; build it again with this one into a new --out")
-        shapes = self.manifest["shapes"]
-        self.shards, self.videos, self._starts = [], [], []  # _starts: each shard's first video, for bisect
-        for name in self.manifest["shards"]:
-            shard_dir = self.path / name
-            arrays = {}
+            raise FileNotFoundError(f"{manifest_path} not found: " + (
+                "the run did not finish: re-run the same prepare.py command (finished shards are kept), or --merge "
+                "once all shard jobs are done" if any(self.path.glob("shard_*")) else "not a finished LAVA feature "
+                "cache; make one with `python prepare.py --root DATASET_DIR --out CACHE_DIR`"))
+        self.manifest = m = json.loads(manifest_path.read_text())
+        if m.get("format") != CACHE_FORMAT or m.get("version") != CACHE_VERSION:
+            raise ValueError(f"{manifest_path}: format {m.get('format')!r} version {m.get('version')!r}, expected "
+                             f"{CACHE_FORMAT!r} version {CACHE_VERSION}: made by another prepare.py; build it again "
+                             "with this one into a new --out")
+        shapes, self.shards, self.videos, self._starts = m["shapes"], [], [], []  # _starts: each shard's first video
+        for folder in (self.path / name for name in m["shards"]):
+            arrays = {}  # (n, *dims) memory maps (patches: (P, *dims)), paged in on access
             for key, (dtype, dims) in {**SHARD_ARRAYS, PATCHES: (np.float16, PATCH_DIMS)}.items():
-                file = shard_dir / f"{key}.npy"
+                file, want = folder / f"{key}.npy", tuple(shapes[d] for d in dims)
                 if not file.is_file():
                     raise FileNotFoundError(f"{file} missing (listed in {manifest_path})")
-                arr = np.load(file, mmap_mode="r")  # (n, *dims) (patches: (P, *dims)), paged in on access
-                want = tuple(shapes[d] for d in dims)
-                if arr.dtype != dtype or arr.shape[1:] != want:
-                    raise ValueError(f"{file}: {arr.dtype} {arr.shape}, manifest says {np.dtype(dtype)} (n, {want})")
-                arrays[key] = arr
-            with open(shard_dir / "videos.jsonl", encoding="utf-8") as f:
-                rows = [json.loads(line) for line in f if line.strip()]
-            counts = {len(rows)} | {len(arrays[key]) for key in SHARD_ARRAYS}
-            if len(counts) != 1:
-                raise ValueError(f"{shard_dir}: arrays and videos.jsonl disagree on the number of videos {counts}")
-            # each row's patches run from its first_patch to the next row's (the last: to P); every window
-            # index must fall inside them, or a clip would silently read another video's frames
+                arrays[key] = a = np.load(file, mmap_mode="r")
+                if a.dtype != dtype or a.shape[1:] != want:
+                    raise ValueError(f"{file}: {a.dtype} {a.shape}, manifest says {np.dtype(dtype)} (n, {want})")
+            rows = [json.loads(line) for line in (folder / "videos.jsonl").read_text("utf-8").splitlines() if line]
+            if len({len(rows)} | {len(arrays[key]) for key in SHARD_ARRAYS}) != 1:
+                raise ValueError(f"{folder}: arrays and videos.jsonl disagree on the number of videos")
+            # each row's patches run from its first_patch to the next row's (the last: to P); every window index
+            # must fall inside them, or a clip would silently read another video's frames
             first = np.asarray(arrays["first_patch"])
-            ends = np.append(first[1:], len(arrays[PATCHES]))
+            arrays["patch_end"] = ends = np.append(first[1:], len(arrays[PATCHES]))
             windows = np.asarray(arrays["window"]).reshape(len(first), shapes["clips"] * shapes["frames"])
             if len(first) and (first[0] != 0 or (ends < first).any() or (windows < 0).any()
-                               or (windows.max(axis=1, initial=0) >= ends - first).any()):
-                raise ValueError(f"{shard_dir}: first_patch.npy / window.npy do not index {PATCHES}.npy consistently")
-            arrays["patch_end"] = ends
+                               or (windows.max(axis=1) >= ends - first).any()):
+                raise ValueError(f"{folder}: first_patch.npy / window.npy do not index {PATCHES}.npy consistently")
             self._starts.append(len(self.videos))
-            self.videos.extend(rows)
+            self.videos += rows
             self.shards.append(arrays)
-        if self.manifest.get("num_videos") not in (None, len(self.videos)):
-            raise ValueError(f"{manifest_path}: num_videos {self.manifest['num_videos']} but the shards hold "
-                             f"{len(self.videos)}")
+        if m.get("num_videos") not in (None, len(self.videos)):
+            raise ValueError(f"{manifest_path}: num_videos {m['num_videos']} but the shards hold {len(self.videos)}")
         self._index = {}
         for i, row in enumerate(self.videos):
             self._index.setdefault(row["id"], i)  # prepare.py drops duplicate ids; first wins regardless
-        tok = self.manifest.get("tokenizer")
-        self.tokenizer = BPETokenizer.load(self.path / tok) if tok else None
+        self.tokenizer = BPETokenizer.load(self.path / m["tokenizer"]) if m.get("tokenizer") else None
 
     def __len__(self):
         return len(self.videos)
 
     def __getitem__(self, i):
         i = range(len(self.videos))[i]  # negative i counts from the end; IndexError outside
-        s = bisect.bisect_right(self._starts, i) - 1
+        s = int(np.searchsorted(self._starts, i, side="right")) - 1  # the shard holding video i
         a, j = self.shards[s], i - self._starts[s]
         patches = a[PATCHES][int(a["first_patch"][j]):int(a["patch_end"][j])]
         return dict(patches=patches, window=a["window"][j], frames=a["frames"][j], audio=a["audio"][j],
                     tokens=a["tokens"][j], has_audio=bool(a["has_audio"][j]), has_text=bool(a["has_text"][j]))
 
     def index(self, video_id):
-        try:
-            return self._index[video_id]
-        except KeyError:
-            raise KeyError(f"video id {video_id!r} is not in the cache {self.path}") from None
+        if video_id not in self._index:
+            raise KeyError(f"video id {video_id!r} is not in the cache {self.path}")
+        return self._index[video_id]
 
     def __repr__(self):
-        m = self.manifest
-        return (f"FeatureCache({str(self.path)!r}, dataset={m.get('dataset')!r}, videos={len(self)}, "
-                f"backbone={m.get('backbone')!r}, shapes={m.get('shapes')})")
+        return (f"FeatureCache({str(self.path)!r}, dataset={self.manifest.get('dataset')!r}, videos={len(self)}, "
+                f"backbone={self.manifest.get('backbone')!r}, shapes={self.manifest.get('shapes')})")
 
 
 if __name__ == "__main__":
