@@ -16,10 +16,9 @@ Reads only the cache (PretrainClips: Kinetics' split "train" or all of a folder 
 is a function of (seed, epoch, sample index), so a stopped run continues to the same weights (bitwise on the CPU).
 No gradient accumulation: with in-batch negatives it is not equivalent to a larger batch.
 
-Run folder (README: Pre-training): config.json, log.jsonl, ckpt_last.pt, epoch_XXX.pt, loss.png, tokenizer.bpe.
-The same command continues the run in --out (with other flags: --resume auto; --restart starts over); Ctrl-C or
-SIGTERM ends the step in progress and saves it (exit 130 / 143). Messages and log.jsonl number epochs from 1 ("epoch
-E, step S": step S is in epoch E); a checkpoint's "epoch" counts those done: epoch_010.pt is at "epoch 10, step ..".
+Run folder (README: Pre-training): config.json, log.jsonl, ckpt_last.pt, epoch_XXX.pt, loss.png, tokenizer.bpe. The
+same command continues the run in --out (other flags: --resume auto, or --restart); Ctrl-C or SIGTERM saves the step
+in progress (exit 130 / 143). "epoch E, step S": step S is in epoch E (from 1); checkpoints' "epoch" counts those done.
 """
 import argparse
 import json
@@ -44,17 +43,15 @@ PRESETS = {
     # Heads (16), the 512-d joint space and no warmup are ours: the paper does not give them.
     "paper": dict(width=1024, depth=4, heads=16, embed_dim=512, dropout=0.0, center_tokens=False,
                   audio_frames_per_token=1, batch_size=32, lr=1e-5, epochs=25, warmup_steps=0),
-    # the demo's (shared/notes/demo-corpus.md: width 128, 2 layers, 4 heads, batch 64, 20 epochs, centred
-    # tokens: +40 points on the synthetic corpus); the learning rate is ours, 1e-5 would barely move in 250 steps
+    # the demo's (shared/notes/demo-corpus.md; centring: +40 points there); our lr: 1e-5 would barely move in 250 steps
     "small": dict(width=128, depth=2, heads=4, embed_dim=128, dropout=0.0, center_tokens=True, audio_frames_per_token=8,
                   batch_size=64, lr=1e-3, epochs=20, warmup_steps=20),
     # for tests and smoke runs: an epoch of a few hundred clips in seconds on the CPU
     "tiny": dict(width=32, depth=1, heads=2, embed_dim=32, dropout=0.0, center_tokens=True, audio_frames_per_token=16,
                  batch_size=16, lr=1e-3, epochs=2, warmup_steps=0),
 }
-# flags that do not change the weights: a run continued with other values of these is the same run
 RUN_ONLY = {"data", "out", "resume", "restart", "workers", "device", "threads", "compile", "compile_mode",
-            "log_every", "save_every", "keep_epochs", "no_progress"}
+            "log_every", "save_every", "keep_epochs", "no_progress"}  # flags that leave the weights as they are
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -121,8 +118,7 @@ def parse_args(argv=None):
     return args
 
 
-def fail(message):
-    """A user's error: one line on stderr and exit 2, argparse's code for bad input (no traceback)."""
+def fail(message):  # a user's error: one line on stderr and exit 2, argparse's code for bad input (no traceback)
     print(f"pretrain: {message}", file=sys.stderr)
     raise SystemExit(2)
 
@@ -333,8 +329,7 @@ def atomic_save(path, write):
 
 
 def load_checkpoint(path):
-    """A checkpoint written by main (the state dict in its loop), on the CPU; probe.py reads checkpoints with it.
-    A missing, truncated or foreign file raises FileNotFoundError or ValueError with a one-line message."""
+    """A checkpoint of main's (probe.py reads them with it) on the CPU; a bad file: a one-line OSError or ValueError."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"checkpoint {path} not found" + (" (a directory)" if Path(path).is_dir() else ""))
     try:
@@ -412,7 +407,7 @@ def main(argv=None):
             dist.broadcast_object_list(stamp, src=0)
         args.out = str(Path(args.resume).parent) if explicit else f"runs/lava_{stamp[0]}"
     out, ckpt = Path(args.out), None
-    last = out / "ckpt_last.pt"
+    last, log_path = out / "ckpt_last.pt", out / "log.jsonl"
     # --resume PATH, or the run in --out: the same command continues it, with other settings only when asked
     ckpt_path = None if args.restart else Path(args.resume) if explicit else last if last.exists() else None
     if ckpt_path is not None:
@@ -442,7 +437,7 @@ def main(argv=None):
     loader = make_loader(dataset, sampler, args.workers, device, args.seed)
     total_steps = args.epochs * steps_per_epoch
     last_step = min(total_steps, args.max_steps or total_steps)
-    position = lambda step: f"epoch {(step - 1) // steps_per_epoch + 1}, step {step}"  # as log lines: 1-based epoch
+    position = lambda step: f"epoch {-(-step // steps_per_epoch)}, step {step}"  # as in the log: the ceil, from 1
 
     # -------------------------------------------------------------------------------- model
     config = build_config(args, cache.manifest, cache.tokenizer)
@@ -461,8 +456,7 @@ def main(argv=None):
         if ckpt["config"]["model"] != config.to_dict():
             fail(f"{ckpt_path} holds another model than these flags and cache make: pass its --model and size flags")
         if (s["seed"], s["global_batch"], s["n"]) != (args.seed, args.batch_size, len(indices)):
-            fail(f"{ckpt_path}: continuing needs the same --seed, --batch-size and cache "
-                 f"(checkpoint seed {s['seed']} batch {s['global_batch']} videos {s['n']})")
+            fail(f"{ckpt_path} needs --seed {s['seed']}, --batch-size {s['global_batch']} and {s['n']} cache videos")
         raw_model.load_state_dict(ckpt["model"], strict=True)
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
@@ -483,7 +477,6 @@ def main(argv=None):
     trim_pad_id = config.text.pad_id if device.type == "cpu" else None  # see to_device
 
     # -------------------------------------------------------------------------------- run folder files
-    log_path = out / "log.jsonl"
     if master:
         out.mkdir(parents=True, exist_ok=True)
         if args.restart and last.exists():
@@ -506,8 +499,7 @@ def main(argv=None):
     # -------------------------------------------------------------------------------- training loop
     bar = tqdm(total=last_step * args.batch_size, initial=step * args.batch_size, unit="clip", unit_scale=True,
                dynamic_ncols=True, mininterval=1.0, disable=not master or args.no_progress)
-    window = []  # per-step [total, *terms] losses since the last log line (on the device: no sync per step)
-    t_window = time.perf_counter()
+    window, t_window = [], time.perf_counter()  # per-step [total, *terms] losses since the last log line (no sync)
     last_saved = ckpt["step"] if ckpt else None
     if ckpt is not None:  # last, after everything that draws random numbers while building
         torch.set_rng_state(ckpt["rng"]["torch"])
@@ -525,7 +517,6 @@ def main(argv=None):
     try:
         while step < last_step and not signals:
             sampler.set_epoch(*divmod(step, steps_per_epoch))     # this epoch's order, from the batch it stopped at
-            model.train()
             for batch in loader:
                 video, audio, tokens, present = to_device(batch, device, trim_pad_id)
                 loss, terms = loss_fn(model, video, audio, tokens, present, spaces, args.temperature, args.loss_form,
@@ -548,8 +539,6 @@ def main(argv=None):
                     vals = torch.stack(window).cpu()                      # (n_steps, 1 + len(spaces))
                     bad = (~torch.isfinite(vals[:, 0])).nonzero().flatten().tolist()
                     if bad:
-                        if ddp:
-                            dist.destroy_process_group()
                         raise SystemExit(
                             f"non-finite loss {vals[bad[0], 0].item()} at {position(step - len(vals) + 1 + bad[0])}: "
                             "stopping. " + (f"The last good checkpoint {last} (step {last_saved}) is untouched."
@@ -557,9 +546,8 @@ def main(argv=None):
                     mean = vals.mean(0).tolist()
                     mem = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
                            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # bytes at the peak
-                    rec = dict(step=step, epoch=epochs_done + (step_in_epoch > 0),  # 1-based: the epoch of this step
-                               epoch_progress=round(step / steps_per_epoch, 4), loss=mean[0],
-                               **dict(zip(spaces, mean[1:])), lr=lr, mem_gb=mem / 1e9, time=time.time(),
+                    rec = dict(step=step, epoch=-(-step // steps_per_epoch), epoch_progress=step / steps_per_epoch,
+                               loss=mean[0], **dict(zip(spaces, mean[1:])), lr=lr, mem_gb=mem / 1e9, time=time.time(),
                                clips_per_s=len(vals) * args.batch_size / (time.perf_counter() - t_window))
                     window, t_window = [], time.perf_counter()
                     if master:
@@ -597,6 +585,8 @@ def main(argv=None):
         bar.close()
         for s, handler in handlers.items():
             signal.signal(s, handler)
+        if ddp:
+            dist.destroy_process_group()
     if signals:
         if master:
             where = f"continues from {last} ({position(last_saved)})" if last_saved is not None else "starts over"
@@ -604,8 +594,6 @@ def main(argv=None):
         raise SystemExit(128 + signals[0])  # 130 for SIGINT, 143 for SIGTERM, as a shell reports them
     if master:
         print(f"done: step {step}, checkpoint {last}")
-    if ddp:
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

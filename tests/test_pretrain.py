@@ -49,6 +49,13 @@ def read_log(run_dir):
     return [json.loads(line) for line in (Path(run_dir) / "log.jsonl").read_text().splitlines()]
 
 
+def last_logged_step(run_dir):
+    """The step of a running run's last whole log line (0 before any): a line being written is skipped."""
+    path = Path(run_dir) / "log.jsonl"
+    lines = [l for l in path.read_text().splitlines() if l.endswith("}")] if path.exists() else []
+    return json.loads(lines[-1])["step"] if lines else 0
+
+
 def load_model(path):
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     model = LAVA(LAVAConfig.from_dict(ckpt["config"]["model"]))
@@ -255,10 +262,7 @@ def test_sigkill_or_ctrl_c_then_the_same_command_continues_bitwise(feature_cache
         deadline = time.time() + 90
         while time.time() < deadline and proc.poll() is None:
             time.sleep(0.005)
-            if not (killed / "log.jsonl").exists() or not (killed / "ckpt_last.pt").exists():
-                continue
-            log = [l for l in (killed / "log.jsonl").read_text().splitlines() if l.endswith("}")]
-            if not log or json.loads(log[-1])["step"] < 11:
+            if not (killed / "ckpt_last.pt").exists() or last_logged_step(killed) < 11:
                 continue
             proc.send_signal(signal.SIGSTOP)
             ckpt = torch.load(killed / "ckpt_last.pt", map_location="cpu", weights_only=True)
@@ -289,10 +293,10 @@ def test_sigkill_or_ctrl_c_then_the_same_command_continues_bitwise(feature_cache
                             start_new_session=True)
     try:
         deadline = time.time() + 90
-        while time.time() < deadline and not ((stopped / "log.jsonl").exists() and read_log(stopped)):
+        while time.time() < deadline and last_logged_step(stopped) == 0:
             time.sleep(0.005)
         os.kill(proc.pid, signal.SIGSTOP)  # the signal is then handled within a step, not after the run ended
-        assert read_log(stopped)[-1]["step"] < 20
+        assert 0 < last_logged_step(stopped) < 20
         os.killpg(proc.pid, signal.SIGINT)
         os.kill(proc.pid, signal.SIGCONT)
         _, err = proc.communicate(timeout=60)
