@@ -482,8 +482,29 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpF
 
 
 def main(argv=None):
-    args = parse_args(argv)  # then the "auto" values resolved:
-    root, out = args.root, args.out or args.root / "lava_cache"
+    """prepare.py's command line; Ctrl-C or SIGTERM ends it with one line and exit status 128 + the signal's number
+    (130, 143: what schedulers read), the unfinished shard's temp folder removed, the decode workers stopped."""
+    args = parse_args(argv)
+    args.out = args.out or args.root / "lava_cache"
+    try:
+        return _prepare(args)
+    except KeyboardInterrupt as e:  # Ctrl-C (the decode workers ignore it), or SIGTERM (Interrupted, in __main__)
+        listing, done = args.out / "listing.json", len(list(args.out.glob("shard_*")))
+        total = f" of {json.loads(listing.read_text())['num_shards']}" if listing.is_file() else ""
+        print(f"prepare: interrupted with {done}{total} shards finished; the same command continues", file=sys.stderr)
+        raise SystemExit(128 + (e.args[0] if isinstance(e, Interrupted) else signal.SIGINT)) from None
+
+
+class Interrupted(KeyboardInterrupt):
+    """A signal (SIGTERM: timeout, docker stop, a scheduler's requeue) that unwinds prepare like Ctrl-C."""
+
+
+def _interrupt(signum, frame):
+    raise Interrupted(signum)
+
+
+def _prepare(args):
+    root, out = args.root, args.out  # then the "auto" values resolved:
     try:
         dataset = args.dataset = args.dataset if args.dataset != "auto" else detect_layout(root)
     except ValueError as e:
@@ -491,20 +512,24 @@ def main(argv=None):
     sampling = args.sampling = args.sampling if args.sampling != "auto" else "pretrain" if dataset == "k700" else "eval"
     clips, frames = (1, args.pretrain_frames) if sampling == "pretrain" else (args.test_clips, EVAL_FRAMES)
     shapes = _shapes(args, clips, frames)
-    args.out = out
     args_dict = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    out.mkdir(parents=True, exist_ok=True)
+    if args.backbone == "imagenet" and not (args.list_only or args.merge):
+        build_backbone("imagenet", args.backbone_weights, "cpu")  # missing weights stop the run before --out is touched
 
-    # 0. the settings that decide the bytes (clips and frames, not the flags: --test-clips does not matter to
-    #    a pre-training cache) must match any earlier run into the same --out
+    # 0. the settings that decide the bytes (clips and frames, not the flags: --test-clips does not matter to a
+    #    pre-training cache) are locked once a shard is finished under them; before that a run with other settings
+    #    starts over (listing and tokenizer included), so a failed first run never blocks the corrected one
     content = dict(cache_version=CACHE_VERSION, dataset=dataset, sampling=sampling, clips=clips, frames=frames,
                    size=args.size, backbone=args.backbone, backbone_weights=args_dict["backbone_weights"],
                    vocab_size=args.vocab_size, shard_size=args.shard_size)
     old = json.loads((out / "prepare_config.json").read_text()) if (out / "prepare_config.json").is_file() else content
     diff = {k: (old.get(k), v) for k, v in content.items() if old.get(k) != v}
-    if diff:
-        raise SystemExit(f"prepare.py: {out} was made with other settings {diff} (old, new); "
-                         f"use another --out or delete it")
+    if diff and any(out.glob("shard_*")):
+        raise SystemExit(f"prepare.py: {out} holds shards made with other settings {diff} (old, new); use another "
+                         "--out or delete it")
+    for name in ("listing.json", "tokenizer.bpe", "tokenizer.vocab") if diff else ():
+        (out / name).unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     write_atomic(out / "prepare_config.json", json.dumps(content, indent=2) + "\n")
 
     # 1. the listing, frozen at the first run so every re-run and every shard job sees the same shards
@@ -518,7 +543,8 @@ def main(argv=None):
             raise SystemExit(f"prepare.py: {e}")
         listing = dict(dataset=dataset, videos=videos, errors=errors, num_shards=-(-len(videos) // args.shard_size))
         write_atomic(out / "listing.json", json.dumps(listing, ensure_ascii=False) + "\n")
-        print(f"prepare: {len(videos)} {dataset} videos under {root} ({len(errors)} listing notes)")
+        notes = f" ({len(errors)} listing notes)" if errors else ""
+        print(f"prepare: {len(videos)} {dataset} videos under {root}{notes}")
     videos = listing["videos"]
 
     # 2. the tokenizer, before any shard (shards store token ids), on train-split titles only (val is held out for
@@ -572,7 +598,7 @@ def _build_shards(args, shards, tokenizer, shapes):
                audio_frames=shapes["audio_frames"])
     jobs = [dict(job, path=str(args.root / v["path"])) for _, vs in shards for v in vs]
     results = decode_stream(jobs, args.workers, args.video_timeout)
-    bar = tqdm(total=len(jobs), unit="video", desc=f"prepare {args.dataset}", dynamic_ncols=True, smoothing=0.05)
+    bar = tqdm(total=len(jobs), unit="video", desc=f"prepare {args.dataset}", dynamic_ncols=True)
     n_err, t_start, wait_decode, writer = 0, time.perf_counter(), 0.0, None
     try:
         for k, vs in shards:
@@ -581,6 +607,8 @@ def _build_shards(args, shards, tokenizer, shapes):
                 t0 = time.perf_counter()
                 result = next(results)
                 wait_decode += time.perf_counter() - t0
+                if bar.n == 0:  # the rate counts from the first decoded video: the workers' start-up is no rate
+                    bar.reset()
                 writer.add(v, *_tokens(tokenizer, v["title"], args.vocab_size), result)
                 n_err += not result["ok"]
                 bar.update(1)
@@ -806,6 +834,7 @@ def _worker_init():
     cv2.setNumThreads(1)
     os.environ["OMP_NUM_THREADS"] = "1"
     warnings.filterwarnings("ignore")
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the main process stops us
 
 
 def _kill_pool(ex):
@@ -939,6 +968,10 @@ def merge_shards(out, listing, args_dict, shapes, tokenizer_name, strict=False):
         num_videos, miss_a, miss_t = num_videos + len(has_audio), miss_a + sum(~has_audio), miss_t + sum(~has_text)
         nbytes += sum((out / nm / f"{key}.npy").stat().st_size for key in (*SHARD_ARRAYS, PATCHES))
     write_atomic(out / "prepare_errors.jsonl", _jsonl(errors))
+    if not num_videos:  # no manifest: nothing downstream takes this for a cache
+        print(f"prepare: 0 of {len(listing['videos'])} videos usable; see {out / 'prepare_errors.jsonl'}",
+              file=sys.stderr)
+        return 1
     kinds = Counter(e["reason"].split(" '")[0].split(' "')[0].split(": ")[0].split(" (")[0] for e in errors)
     m = dict(format=CACHE_FORMAT, version=CACHE_VERSION, dataset=args_dict["dataset"], config=args_dict,
              backbone=args_dict["backbone"], backbone_seed=0 if args_dict["backbone"] == "random" else None,
@@ -947,8 +980,8 @@ def merge_shards(out, listing, args_dict, shapes, tokenizer_name, strict=False):
              listed_videos=len(listing["videos"]), errors=len(errors),
              error_reasons=dict(kinds.most_common()))  # "duplicate id 'x' (also y)" -> "duplicate id"
     write_atomic(out / "manifest.json", json.dumps(m, indent=2, ensure_ascii=False) + "\n")
-    print(f"prepare: cache {out}: {num_videos} videos in {len(names)} shards, {m['bytes_per_video'] / 2**20:.2f} MiB "
-          f"per video, missing audio {miss_a}, missing text {miss_t}")
+    print(f"prepare: cache {out}: {num_videos} videos in {len(names)} shard{'s' * (len(names) > 1)}, "
+          f"{m['bytes_per_video'] / 2**20:.2f} MiB per video, missing audio {miss_a}, missing text {miss_t}")
     if errors:
         reasons = ", ".join(f"{n} x {r}" for r, n in m["error_reasons"].items())
         print(f"prepare: {len(errors)} skipped/degraded files ({reasons}); details in {out / 'prepare_errors.jsonl'}")
@@ -966,8 +999,9 @@ class FeatureCache:
         item["patches"][item["window"][c]] -> (T,G,G,F): reads only clip c's frames from the memory map
         cache.videos[i] -> {"id", "path", "label", "split", "title"};  cache.index(video_id) -> i
 
-    The manifest is written last, so every shard it lists is complete; shapes, dtypes and patch indices are still
-    checked, so that a hand-edited or mixed-up cache fails here, with the file named, not inside a training step.
+    The manifest is written last, so every shard it lists is complete; files, shapes, dtypes and patch indices are
+    still checked, so that a truncated, hand-edited or mixed-up cache fails here in one line (FileNotFoundError: no
+    finished cache; ValueError: a damaged one or another format) naming the file, not inside a training step.
     """
 
     def __init__(self, path):
@@ -978,7 +1012,13 @@ class FeatureCache:
                 "the run did not finish: re-run the same prepare.py command (finished shards are kept), or --merge "
                 "once all shard jobs are done" if any(self.path.glob("shard_*")) else "not a finished LAVA feature "
                 "cache; make one with `python prepare.py --root DATASET_DIR --out CACHE_DIR`"))
-        self.manifest = m = json.loads(manifest_path.read_text())
+
+        def damaged(file, why):
+            return ValueError(f"{file}: {why}; the cache is damaged: delete {self.path} and run prepare.py again")
+        try:
+            self.manifest = m = json.loads(manifest_path.read_text())
+        except ValueError as e:
+            raise damaged(manifest_path, f"not JSON ({e})") from None
         if m.get("format") != CACHE_FORMAT or m.get("version") != CACHE_VERSION:
             raise ValueError(f"{manifest_path}: format {m.get('format')!r} version {m.get('version')!r}, expected "
                              f"{CACHE_FORMAT!r} version {CACHE_VERSION}: made by another prepare.py; build it again "
@@ -986,16 +1026,18 @@ class FeatureCache:
         shapes, self.shards, self.videos, self._starts = m["shapes"], [], [], []  # _starts: each shard's first video
         for folder in (self.path / name for name in m["shards"]):
             arrays = {}  # (n, *dims) memory maps (patches: (P, *dims)), paged in on access
-            for key, (dtype, dims) in {**SHARD_ARRAYS, PATCHES: (np.float16, PATCH_DIMS)}.items():
-                file, want = folder / f"{key}.npy", tuple(shapes[d] for d in dims)
-                if not file.is_file():
-                    raise FileNotFoundError(f"{file} missing (listed in {manifest_path})")
-                arrays[key] = a = np.load(file, mmap_mode="r")
-                if a.dtype != dtype or a.shape[1:] != want:
-                    raise ValueError(f"{file}: {a.dtype} {a.shape}, manifest says {np.dtype(dtype)} (n, {want})")
-            rows = [json.loads(line) for line in (folder / "videos.jsonl").read_text("utf-8").splitlines() if line]
+            for key, (dtype, dims) in {**SHARD_ARRAYS, PATCHES: (np.float16, PATCH_DIMS), "videos": (None, ())}.items():
+                file, want = folder / (f"{key}.npy" if dtype else f"{key}.jsonl"), tuple(shapes[d] for d in dims)
+                try:  # missing, truncated or corrupt files raise here
+                    arrays[key] = a = np.load(file, mmap_mode="r") if dtype else [
+                        json.loads(line) for line in file.read_text("utf-8").splitlines() if line]
+                except (OSError, ValueError, EOFError) as e:
+                    raise damaged(file, f"unreadable ({type(e).__name__}: {e})") from None
+                if dtype and (a.dtype != dtype or a.shape[1:] != want):
+                    raise damaged(file, f"{a.dtype} {a.shape}, the manifest says {np.dtype(dtype)} (n, {want})")
+            rows = arrays.pop("videos")
             if len({len(rows)} | {len(arrays[key]) for key in SHARD_ARRAYS}) != 1:
-                raise ValueError(f"{folder}: arrays and videos.jsonl disagree on the number of videos")
+                raise damaged(folder, "arrays and videos.jsonl disagree on the number of videos")
             # each row's patches run from its first_patch to the next row's (the last: to P); every window index
             # must fall inside them, or a clip would silently read another video's frames
             first = np.asarray(arrays["first_patch"])
@@ -1003,12 +1045,12 @@ class FeatureCache:
             windows = np.asarray(arrays["window"]).reshape(len(first), shapes["clips"] * shapes["frames"])
             if len(first) and (first[0] != 0 or (ends < first).any() or (windows < 0).any()
                                or (windows.max(axis=1) >= ends - first).any()):
-                raise ValueError(f"{folder}: first_patch.npy / window.npy do not index {PATCHES}.npy consistently")
+                raise damaged(folder, f"first_patch.npy / window.npy do not index {PATCHES}.npy consistently")
             self._starts.append(len(self.videos))
             self.videos += rows
             self.shards.append(arrays)
         if m.get("num_videos") not in (None, len(self.videos)):
-            raise ValueError(f"{manifest_path}: num_videos {m['num_videos']} but the shards hold {len(self.videos)}")
+            raise damaged(manifest_path, f"num_videos {m['num_videos']} but the shards hold {len(self.videos)}")
         self._index = {}
         for i, row in enumerate(self.videos):
             self._index.setdefault(row["id"], i)  # prepare.py drops duplicate ids; first wins regardless
@@ -1036,7 +1078,5 @@ class FeatureCache:
 
 
 if __name__ == "__main__":
-    # SIGTERM (timeout, docker stop, a scheduler's requeue) unwinds like Ctrl-C: the unfinished shard's temp folder
-    # is removed, the decode processes are stopped, finished shards stay for the re-run
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    signal.signal(signal.SIGTERM, _interrupt)
     sys.exit(main())

@@ -377,6 +377,56 @@ def test_k700_cache_contents_and_reader(k700_single):
     (bad / "manifest.json").unlink()
     with pytest.raises(FileNotFoundError, match="did not finish"):
         FeatureCache(bad)
+    # a truncated shard file or a corrupt manifest: one line naming the file and what to do
+    shutil.copy(out / "manifest.json", bad / "manifest.json")
+    patches = bad / "shard_00001" / "patches.npy"
+    patches.write_bytes(patches.read_bytes()[:-1000])
+    with pytest.raises(ValueError, match=r"shard_00001/patches.npy: unreadable .*delete .*bad and run prepare.py"):
+        FeatureCache(bad)
+    (bad / "manifest.json").write_text('{"format": "lava-cache", ')
+    with pytest.raises(ValueError, match=r"manifest.json: not JSON .*the cache is damaged"):
+        FeatureCache(bad)
+
+
+def test_a_failed_first_run_never_blocks_the_corrected_one(k700_single, tmp_path, monkeypatch):
+    """issue 13's new user: --backbone imagenet without the weights stops before writing anything, and the advised
+    --backbone random re-run into the same --out succeeds; settings are locked only once a shard is finished, so a
+    listing and a tokenizer made with another --vocab-size are made again."""
+    root, single = k700_single
+    out = tmp_path / "out"
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "no_weights"))
+    p = run_prepare("--root", root, "--out", out, "--shard-size", "2", *FAST[2:], check=False)
+    assert p.returncode == 1 and "weights not found" in p.stderr and "--backbone random" in p.stderr
+    assert not out.exists()
+    run_prepare("--root", root, "--out", out, "--shard-size", "2", "--list-only", *FAST[:-1], "280")
+    run_prepare("--root", root, "--out", out, "--shard-size", "2", *FAST)
+    assert_same_cache(out, single)
+
+
+def test_a_run_with_no_usable_video_fails_in_one_line(tmp_path):
+    root = tmp_path / "mine"
+    root.mkdir()
+    for name in ("a.mp4", "b.avi", "c.mkv"):
+        (root / name).write_bytes(os.urandom(3000))
+    p = run_prepare("--root", root, *FAST, check=False)
+    assert p.returncode == 1
+    last = p.stderr.strip().splitlines()[-1]  # after the progress bar's
+    assert last == f"prepare: 0 of 3 videos usable; see {root / 'lava_cache' / 'prepare_errors.jsonl'}"
+    assert len((root / "lava_cache" / "prepare_errors.jsonl").read_text().splitlines()) == 3
+    assert not (root / "lava_cache" / "manifest.json").exists()
+
+
+def test_help_shows_the_defaults_without_importing_the_heavy_libraries():
+    code = ("import contextlib, io, sys, prepare\nout = io.StringIO()\nwith contextlib.redirect_stdout(out):\n"
+            "    try:\n        prepare.main(['--help'])\n    except SystemExit:\n        pass\n"
+            "print(out.getvalue())\nprint(sorted(m for m in ('torch', 'cv2', 'av') if m in sys.modules))")
+    p = subprocess.run([PY, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    text = " ".join(p.stdout.split())
+    assert p.stdout.strip().endswith("[]")  # --help stays fast: torch, cv2 and av are imported only to prepare
+    for default in ("--size SIZE frame side after resize + centre crop (a multiple of 32) (default: 224)",
+                    "(default: 48000)", "(default: 10)", "(default: 256)", "cache folder (default: ROOT/lava_cache)"):
+        assert default in text, default
+    assert "(default: None)" not in text
 
 
 def test_resume_after_kill_equals_single_run(k700_single, tmp_path):
@@ -412,9 +462,10 @@ def test_sharded_run_and_merge_equals_single_run(k700_single, tmp_path):
     assert sorted(p.name for p in out.glob("shard_*")) == ["shard_00000", "shard_00001", "shard_00002", "shard_00003"]
     run_prepare("--root", root, "--out", out, "--shard-size", "2", "--merge", *FAST)
     assert_same_cache(out, single)
-    # changed settings into the same cache are refused
+    # changed settings into a cache that holds finished shards are refused, in one line that says what to do
     p = run_prepare("--root", root, "--out", out, "--shard-size", "2", *FAST[:3], "32", *FAST[4:], check=False)
-    assert p.returncode != 0 and "other settings" in p.stderr
+    assert p.returncode != 0 and "other settings" in p.stderr and "use another --out or delete it" in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1
     # a flag that does not reach a pre-training cache's bytes (--test-clips) is no change: the re-run resumes
     p = run_prepare("--root", root, "--out", out, "--shard-size", "2", "--test-clips", "3", *FAST)
     assert_same_cache(out, single)
@@ -469,8 +520,8 @@ def test_shard_write_errors_stop_the_run_and_a_rerun_completes(k700_single, tmp_
     run_prepare("--root", root, "--out", out, "--shard-size", "2", *FAST)
     assert_same_cache(out, single)
 
-    # an error in the main process (here Ctrl-C on the first video of shard 1): shard 0 is complete in place
-    # and no temp folder is left
+    # Ctrl-C in the main process (here on the first video of shard 1): one line, exit status 130, shard 0 complete
+    # in place and no temp folder left
     out = tmp_path / "out2"
     tokens, calls = prepare._tokens, []
 
@@ -480,8 +531,9 @@ def test_shard_write_errors_stop_the_run_and_a_rerun_completes(k700_single, tmp_
             raise KeyboardInterrupt
         return tokens(*args)
     monkeypatch.setattr(prepare, "_tokens", fail_on_third)
-    with pytest.raises(KeyboardInterrupt):
-        run_prepare("--root", root, "--out", out, "--shard-size", "2", *FAST)
+    p = run_prepare("--root", root, "--out", out, "--shard-size", "2", *FAST, check=False)
+    assert p.returncode == 130 and p.stderr.strip().splitlines()[-1] == (
+        "prepare: interrupted with 1 of 4 shards finished; the same command continues")
     assert [p.name for p in out.glob("shard_*")] == ["shard_00000"] and list(out.glob(".*tmp*")) == []
     assert (out / "shard_00000" / "videos.jsonl").is_file()
     monkeypatch.setattr(prepare, "_tokens", tokens)
@@ -738,7 +790,8 @@ def test_ucf_eval_run_end_to_end(tmp_path):
     for cls, n in (("Archery", 31), ("HandstandPushups", 9)):  # 3.1 s and 0.9 s at 10 fps source
         (root / "UCF-101" / cls).mkdir(parents=True)
         write_video(root / "UCF-101" / cls / f"v_{cls}_g01_c01.avi", n, rate=10, codec="mpeg4")
-    run_prepare("--root", root, "--test-clips", "3", *FAST)
+    p = run_prepare("--root", root, "--test-clips", "3", *FAST)
+    assert " in 1 shard, " in p.stdout and "listing notes" not in p.stdout  # not "1 shards", not "(0 listing notes)"
     cache = FeatureCache(root / "lava_cache")
     assert cache.manifest["shapes"]["clips"] == 3 and cache.manifest["shapes"]["frames"] == 16
     assert cache.manifest["tokenizer"] is None and cache.tokenizer is None

@@ -327,19 +327,31 @@ def test_kill_9_then_rerun_equals_one_run_file_for_file(k700_single, tmp_path, w
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds the decode workers in /proc")
-def test_sigterm_to_the_main_process_stops_its_workers_and_leaves_no_temp_shard(k700_single, tmp_path):
-    """SIGTERM to prepare's main process alone (timeout, docker stop): it unwinds like Ctrl-C, so its decode
-    workers stop, the unfinished shard's temp folder goes, finished shards stay, and the re-run completes the cache."""
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_stops_the_workers_in_one_line_and_leaves_no_temp_shard(k700_single, tmp_path, sig):
+    """SIGTERM to prepare's main process alone (timeout, docker stop), or SIGINT to its whole process group (Ctrl-C
+    in a terminal, which reaches the decode workers too): one line on stderr and no traceback from any process,
+    exit status 128 + the signal, the workers stopped, the unfinished shard's temp folder gone, finished shards
+    kept, and the re-run completes the cache to a single run's bytes."""
     root, out, single = k700_single
     proc = subprocess.Popen([sys.executable, str(ROOT / "prepare.py"), "--root", str(root), "--out", str(out),
                              "--workers", "2", *K700_FLAGS], cwd=ROOT, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 120
         while proc.poll() is None and time.time() < deadline and not (mid_run(out) and group_size(proc.pid) >= 2):
             time.sleep(0.001)
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+        if sig == signal.SIGTERM:
+            proc.send_signal(sig)
+        else:
+            os.killpg(proc.pid, sig)
+        assert proc.wait(timeout=60) == 128 + sig
+        stderr = proc.stderr.read()
+        assert "Traceback" not in stderr and "Error" not in stderr, stderr
+        said = [line for line in stderr.replace("\r", "\n").splitlines()
+                if line.startswith("prepare: ") and "/dev/shm" not in line]  # not the bar, nor a small /dev/shm
+        assert len(said) == 1 and re.fullmatch(
+            r"prepare: interrupted with [12] of 3 shards finished; the same command continues", said[0]), stderr
         deadline = time.time() + 10
         while group_size(proc.pid) and time.time() < deadline:
             time.sleep(0.05)
