@@ -450,7 +450,7 @@ def main(argv=None):
     optimizer = make_optimizer(raw_model, args, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, make_schedule(args.warmup_steps, total_steps, args.lr, args.min_lr))
-    step = 0  # optimizer steps done; the epoch and the batches of it done are divmod(step, steps_per_epoch)
+    step, last_saved = 0, None  # optimizer steps done (the epoch and its batches done: divmod(step, steps_per_epoch))
     if ckpt is not None:
         s = ckpt["sampler"]
         if ckpt["config"]["model"] != config.to_dict():
@@ -460,7 +460,7 @@ def main(argv=None):
         raw_model.load_state_dict(ckpt["model"], strict=True)
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
-        step = ckpt["step"]
+        step = last_saved = ckpt["step"]
         if master:
             print(f"continuing {out} from {position(step)} of {last_step}")
 
@@ -500,7 +500,6 @@ def main(argv=None):
     bar = tqdm(total=last_step * args.batch_size, initial=step * args.batch_size, unit="clip", unit_scale=True,
                dynamic_ncols=True, mininterval=1.0, disable=not master or args.no_progress)
     window, t_window = [], time.perf_counter()  # per-step [total, *terms] losses since the last log line (no sync)
-    last_saved = ckpt["step"] if ckpt else None
     if ckpt is not None:  # last, after everything that draws random numbers while building
         torch.set_rng_state(ckpt["rng"]["torch"])
         if device.type == "cuda" and ckpt["rng"]["cuda"] is not None:
@@ -530,8 +529,9 @@ def main(argv=None):
                 bar.update(args.batch_size)
                 window.append(torch.stack([loss.detach()] + [terms[k].detach() for k in spaces]))
                 epochs_done, step_in_epoch = divmod(step, steps_per_epoch)
+                stop = bool(signals)  # read once: a signal from here on ends the next step, which is then saved
                 save_now = ((args.save_every and step % args.save_every == 0) or step_in_epoch == 0
-                            or step >= last_step or bool(signals))
+                            or step >= last_step or stop)
 
                 if step % args.log_every == 0 or save_now:
                     # Log the mean since the last line once every step's loss is finite: all ranks compute the same
@@ -577,7 +577,7 @@ def main(argv=None):
                         plot_losses(log_path, out / "loss.png")
                 if save_now:  # clips/s counts training, not checkpoint writes and plots
                     last_saved, t_window = step, time.perf_counter()
-                if step >= last_step or signals:
+                if step >= last_step or stop:
                     break
     except KeyboardInterrupt:  # torchrun's ranks, or a second Ctrl-C: the same command continues from the last save
         signals = signals or [signal.SIGINT]
