@@ -411,8 +411,11 @@ def main(argv=None):
             print(summary_table(args.summary) + "\n\n" + "\n".join(str(Path(s)) for s in args.summary))
             return 0
         t0 = time.time()
-        root = Path(args.root or args.dataset)
-        cache = FeatureCache(Path(args.cache) if args.cache else root / "lava_cache")
+        root = Path(args.root or args.dataset or ".")  # --embed/--search with --cache need no root
+        try:
+            cache = FeatureCache(Path(args.cache) if args.cache else root / "lava_cache")
+        except ValueError as e:  # a damaged cache: prepare.py's one-line message says what to do
+            raise ProbeError(str(e)) from None
         if args.embed or args.search:  # any cache, labels and splits or not (README: Your own videos)
             model, info = load_model(args, args.checkpoint or str(latest_checkpoint()), cache)
             emb = load_or_extract_embeddings(model, cache, info, args.batch_clips, args.device, args.embeddings_dir,

@@ -45,9 +45,9 @@ def myvids(tmp_path_factory):
     model = LAVA(config).eval()
     run = tmp / "runs" / "x"
     run.mkdir(parents=True)
-    pretrain.atomic_save({"model": model.state_dict(), "step": 2, "epoch": 1,
-                          "config": {"model": config.to_dict(), "args": {"losses": "av,vt,avt", "model": "tiny"}},
-                          "cache_manifest": cache.manifest}, run / "ckpt_last.pt")
+    ckpt = {"model": model.state_dict(), "step": 2, "epoch": 1, "cache_manifest": cache.manifest,
+            "config": {"model": config.to_dict(), "args": {"losses": "av,vt,avt", "model": "tiny"}}}
+    pretrain.atomic_save(run / "ckpt_last.pt", lambda f: torch.save(ckpt, f))
     shutil.copy(vids / "lava_cache" / "tokenizer.bpe", run / "tokenizer.bpe")
     return vids, run / "ckpt_last.pt", model, cache
 

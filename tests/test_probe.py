@@ -546,3 +546,12 @@ def test_random_init_is_fixed_by_the_seed_and_shares_the_config(tmp_path, monkey
     monkeypatch.chdir(tmp_path)
     m4, i4 = probe.load_model(args(0, config_from=None), "random", cache)
     assert i4["embedding_key"] == i1["embedding_key"] and i4["config_source"] == "config of runs/x/ckpt_last.pt"
+
+
+def test_a_damaged_cache_is_one_line(tmp_path, capsys):
+    cache = write_feature_cache(tmp_path / "c", n_videos=4, dataset="folder", clips=1, frames=16)
+    patches = next(Path(cache).glob("shard_*/patches.npy"))
+    patches.write_bytes(patches.read_bytes()[:200])  # a copy cut short
+    assert probe.main(["--embed", "--cache", str(cache), "--checkpoint", "random"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(patches) in err and "Traceback" not in err, err
