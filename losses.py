@@ -26,9 +26,8 @@ changes neither the loss nor any gradient. The masked form is what lets a batch 
 A term with fewer than 2 valid samples is 0 with zero gradient (one sample has no negative; the term stays
 attached to the graph so backward() and DDP still work).
 
-Distributed: with more than one rank, `lava_loss` all-gathers embeddings and masks, so that N processes with B
-samples each give exactly the loss and, after DDP's gradient averaging, exactly the parameter gradients of one
-process with batch N*B (see `_AllGather`). `nce` and `centroid_loss` never communicate.
+Distributed: `lava_loss` all-gathers embeddings and masks, so N ranks with B samples each give exactly the loss and
+(after DDP's averaging) the gradients of one process with batch N*B (`_AllGather`); `nce` itself never communicates.
 """
 import torch
 import torch.distributed as dist
@@ -44,7 +43,7 @@ def nce(x, y, mask=None, temperature=0.07, form="symmetric"):
     form="symmetric" (default; the authors' released research code, and CLIP's loss): the mean over valid
         samples of the two InfoNCE directions, x_i against all valid y_j and y_i against all valid x_j:
 
-            L = 1/(2n) sum_{i in V} [ -log( e^{s_ii} / sum_{j in V} e^{s_ij} ) - log( e^{s_ii} / sum_{j in V} e^{s_ji} ) ]
+            L = 1/(2n) sum_{i in V} [ -log(e^{s_ii} / sum_{j in V} e^{s_ij}) - log(e^{s_ii} / sum_{j in V} e^{s_ji}) ]
 
     form="paper_eq1": Eq. (1) exactly as printed, one log-ratio of the summed positives against the summed
         positives plus all cross pairs (symmetric in x and y too: swapping them transposes s):
@@ -58,9 +57,8 @@ def nce(x, y, mask=None, temperature=0.07, form="symmetric"):
     """
     if form not in ("symmetric", "paper_eq1"):
         raise ValueError(f"form must be 'symmetric' or 'paper_eq1', got {form!r}")
-    B = x.shape[0]
     dtype = torch.promote_types(x.dtype, torch.float32)  # autocast's bf16 compared in float32: logits reach 1/tau
-    valid = torch.ones(B, dtype=torch.bool, device=x.device) if mask is None else mask.to(x.device, torch.bool)
+    valid = torch.ones(len(x), dtype=torch.bool, device=x.device) if mask is None else mask.to(x.device, torch.bool)
     # Scrub missing slots before any arithmetic: masking logits later is not enough, because 0 * NaN = NaN would
     # leak a NaN/inf held in a missing row into the loss or, through the matmul's backward, into the gradients.
     zero = torch.zeros((), dtype=dtype, device=x.device)
@@ -99,10 +97,9 @@ def centroid_loss(z, present, temperature=0.07, normalize_centroid=False, detach
     r"""Centroid contrastive loss, Eq. (4): L_AVT = sum_{m in {a,v,t}} NCE(g_avt(z_m), c).
 
     z: {"a","v","t"} -> (B, D) g_avt embeddings; present: same keys -> (B,) bool.
-    c_i = sum_m present_m,i z_m,i / sum_m present_m,i: the mean of the modalities sample i has (the paper's
-    (z_a + z_v + z_t) / 3 when all are present). Term m is NCE(z_m, c, mask=present_m): anchors, positives and
-    negatives are the samples that have modality m. A sample with only one modality m has c_i = z_m,i (a trivial
-    positive); it still serves as an anchor and a negative, as the paper's definition implies.
+    c_i = sum_m present_m,i z_m,i / sum_m present_m,i: the mean of the modalities sample i has ((z_a + z_v + z_t) / 3
+    when all are). Term m is NCE(z_m, c, mask=present_m): anchors, positives and negatives are the samples with
+    modality m; one with only m has c_i = z_m,i (a trivial positive) and still serves as anchor and negative.
 
     normalize_centroid=False (paper): c is the plain average, not re-normalised, so |c_i| <= 1 and s(z, c) is the
         dot product that Eq. (1)'s s() uses. True: c / |c|, a cosine like the other terms.
@@ -128,8 +125,8 @@ def lava_loss(emb, present, losses=("av", "vt", "avt"), temperature=0.07, form="
               normalize_centroid=False, detach_centroid=False):
     """L_LAVA, Eq. (5): the sum of the requested terms. Returns (total, {term: value}) with 0-dim tensors.
 
-    emb: LAVA.forward's output {space: {modality: (B, d)}} holding at least the spaces in `losses`.
-    present: {"a","v","t"} -> (B,) bool, True where the sample has that modality.
+    emb: LAVA.forward's {space: {modality: (B, d)}} with at least the spaces in `losses`; present: {"a","v","t"} ->
+    (B,) bool, True where the sample has that modality.
     losses: subset of ("av", "vt", "avt") (Table 2's ablation: ("av",), ("av", "vt"), all three).
     Under torch.distributed (world size > 1): the loss of the global batch, on every rank (`gather`).
     """
@@ -164,10 +161,10 @@ class _AllGather(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x):
-        world, rank = dist.get_world_size(), dist.get_rank()
-        parts = [torch.empty_like(x) for _ in range(world)]
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
         dist.all_gather(parts, x.contiguous())
-        ctx.rank, ctx.rows = rank, x.shape[0]
+        ctx.rank = dist.get_rank()
+        ctx.rows = x.shape[0]
         return torch.cat(parts, dim=0)
 
     @staticmethod
@@ -177,12 +174,9 @@ class _AllGather(torch.autograd.Function):
         return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows]
 
 
-def gather(emb, present, losses=("av", "vt", "avt")):
-    """All-gather the embeddings the `losses` need (with gradient, see `_AllGather`) and all presence masks.
-
-    Needs the same batch size B on every rank. Global row r * B + i is rank r's sample i, identically for every
-    modality, so positives stay aligned. One collective for all embeddings (concatenated along the feature axis).
-    """
+def gather(emb, present, losses):
+    """All-gather the embeddings the `losses` need (with gradient, `_AllGather`; one collective, concatenated along
+    features) and the masks. Same B on every rank: global row r * B + i is rank r's sample i in every modality."""
     keys = [(s, m) for s in ("av", "vt", "avt") if s in losses for m in emb[s]]
     flat = torch.cat([emb[s][m] for s, m in keys], dim=1)                   # (B, K*d)
     flat = _AllGather.apply(flat)                                           # (N*B, K*d)
@@ -191,6 +185,6 @@ def gather(emb, present, losses=("av", "vt", "avt")):
     for (s, m), part in zip(keys, flat.split(sizes, dim=1)):
         out.setdefault(s, {})[m] = part
     mods = sorted(present)
-    masks = torch.stack([present[m].to(flat.device, torch.uint8) for m in mods], dim=1)  # (B, M); uint8: gloo lacks bool
+    masks = torch.stack([present[m].to(flat.device, torch.uint8) for m in mods], dim=1)  # (B, M); gloo has no bool
     masks = _AllGather.apply(masks).bool()                                  # (N*B, M), no gradient to carry
     return out, {m: masks[:, k] for k, m in enumerate(mods)}

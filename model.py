@@ -1,9 +1,9 @@
 """LAVA's three transformer encoders and the projection heads into its shared latent spaces.
 
     from model import LAVA, LAVAConfig
-    model = LAVA(LAVAConfig())                                   # the paper's sizes (Section 3)
-    emb = model(video, audio, tokens)                            # {"av": {"a","v"}, "vt": {"v","t"}, "avt": {"a","v","t"}}
-    z_v = model.encode_video(video)                              # (B, width): what the linear probe reads
+    model = LAVA(LAVAConfig())              # the paper's sizes (Section 3)
+    emb = model(video, audio, tokens)       # {"av": {"a","v"}, "vt": {"v","t"}, "avt": {"a","v","t"}}: (B, embed_dim)
+    z_v = model.encode_video(video)         # (B, width): what the linear probe reads
 
 Paper, Section 2: encoders f_a, f_v, f_t produce embeddings z_a, z_v, z_t; projection functions g_{m,m'} map both
 modalities of a pair into a shared space (g_av applies to z_a AND z_v, g_vt to z_v and z_t, g_avt to all three),
@@ -75,7 +75,7 @@ class LAVAConfig:
     embed_dim: int = 512       # d of the latent spaces; paper silent ("in some R^d"), 512 as in CLIP / VATT
 
     def to_dict(self):
-        """Plain nested dict (JSON-able) for checkpoints: {"video": {...}, "audio": {...}, "text": {...}, "embed_dim"}."""
+        """Plain nested dict (JSON-able) for checkpoints: {"video": {...}, "audio": {...}, "text": {...}, ...}."""
         return dataclasses.asdict(self)
 
     @classmethod
@@ -115,7 +115,7 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: x + Attn(LN(x)), then x + MLP(LN(x)). Pre-norm trains stably without warm-up tricks."""
+    """Pre-norm transformer block: x + Attn(LN(x)), then x + MLP(LN(x)); pre-norm trains stably without warm-up."""
 
     def __init__(self, width, heads, mlp_ratio, dropout):
         super().__init__()
@@ -134,11 +134,9 @@ class Block(nn.Module):
 class Encoder(nn.Module):
     """A stack of blocks, a final LayerNorm and masked mean pooling: tokens (B, L, D) -> embedding z (B, D).
 
-    Pooling is the mean of the final tokens over the valid (non-padding) positions rather than a CLS token:
-    it has no extra parameters, every token gets a direct gradient, it respects the text padding mask by
-    construction, and at random initialisation it is a plain average of the input features, so a random-init
-    baseline in the linear probe is not handicapped by an untrained CLS query (the prototype in the notes
-    used mean pooling too). The paper does not say which it used.
+    Mean over the valid (non-padding) tokens rather than a CLS token (the paper does not say which): no extra
+    parameters, every token gets a direct gradient, and at random init it is a plain average of the input features,
+    so the probe's random-init baseline is not handicapped by an untrained CLS query.
     """
 
     def __init__(self, width, depth, heads, mlp_ratio, dropout):
@@ -215,9 +213,8 @@ class LAVA(nn.Module):
 
     @staticmethod
     def init_weights(module):
-        """One module (with `self.apply`; positions likewise in `__init__`): Linear and Embedding weights truncated
-        normal, std 0.02 cut at +-2 std (the BERT / ViT / GPT-2 scale: the residual stream starts near the input
-        features), biases 0; LayerNorm weight 1, bias 0 (identity after normalisation)."""
+        """Linear/Embedding weights (and positions, in `__init__`) truncated normal, std 0.02 cut at +-2 std (BERT /
+        ViT / GPT-2: the residual stream starts near the input features), biases 0; LayerNorm the identity."""
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.trunc_normal_(module.weight, std=0.02, a=-0.04, b=0.04)
             if getattr(module, "bias", None) is not None:
@@ -225,8 +222,6 @@ class LAVA(nn.Module):
         elif isinstance(module, nn.LayerNorm):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
-
-    # -- encoders ----------------------------------------------------------------------------------------------
 
     def encode_video(self, video):
         """video: (B, T, G, G, F) float patch features (T <= cfg.frames, G <= cfg.grid) -> z_v (B, width)."""
@@ -251,31 +246,22 @@ class LAVA(nn.Module):
         return self.audio_encoder(x)
 
     def encode_text(self, tokens):
-        """tokens: (B, L) int ids (L <= cfg.max_len), padded with cfg.text.pad_id -> z_t (B, width).
-
-        An all-padding row (a missing title) gives z_t = 0, never NaN.
-        """
-        L = tokens.shape[1]
+        """tokens: (B, L) int ids (L <= cfg.max_len) padded with pad_id -> z_t (B, width); all padding: 0, not NaN."""
         valid = tokens != self.config.text.pad_id                                  # (B, L)
-        x = self.token_embedding(tokens.long()) + self.text_pos[:L]                # (B, L, D)
+        x = self.token_embedding(tokens.long()) + self.text_pos[:tokens.shape[1]]  # (B, L, D)
         return self.text_encoder(x, valid)
 
-    # -- forward -----------------------------------------------------------------------------------------------
-
     def forward(self, video=None, audio=None, tokens=None, spaces=("av", "vt", "avt")):
-        """Project into the requested latent spaces: {space: {modality: (B, embed_dim) L2-normalised}}.
-
-        spaces: subset of ("av", "vt", "avt"); av -> {"a", "v"}, vt -> {"v", "t"}, avt -> {"a", "v", "t"}.
-        Only the encoders those spaces need are run; inputs they do not need may be None. A zero embedding
-        (all-padding text) stays zero after normalisation instead of becoming NaN.
-        """
+        """{space: {modality: (B, embed_dim) L2-normalised}} for the requested `spaces` (keys of SPACES); only the
+        encoders they need run, inputs they do not need may be None. A zero z (all-padding text) stays 0, not NaN."""
         unknown = set(spaces) - set(SPACES)
         if unknown:
             raise ValueError(f"unknown spaces {sorted(unknown)}; choose from {list(SPACES)}")
         needed = {m for space in spaces for m in SPACES[space]}
         z = {}
         # fixed order: a structural loop, not data-dependent (torch.compile traces it once)
-        for m, x, encode in (("v", video, self.encode_video), ("a", audio, self.encode_audio), ("t", tokens, self.encode_text)):
+        for m, x, encode in (("v", video, self.encode_video), ("a", audio, self.encode_audio),
+                             ("t", tokens, self.encode_text)):
             if m in needed:
                 if x is None:
                     raise ValueError(f"spaces {tuple(spaces)} need modality {m!r} but its input is None")
