@@ -12,9 +12,8 @@ pre-training-epoch series (Figure 3), and the embeddings of any cache (your own 
 The paper's evaluation (Section 3: "a linear classifier on top of the frozen LAVA video encoder using a 1e-4 learning
 rate and a batch size of 32 ... logits are averaged across multiple clips per test set video. Top-1 accuracy is
 averaged across all 3 splits"; HMDB-51 video only), in this file's order: 1. `LinearProbe`, a scikit-learn
-estimator, and `select_hyperparameters` (the epochs and weight decay the paper does not give); 2.
-`extract_embeddings` (every clip once through the frozen encoders); 3. `evaluate_probe` on one official split; 4.
-`main` -> `evaluate_checkpoint` -> `evaluate_probe`, `embed` and `search`; then the machinery.
+estimator, and `select_hyperparameters` (the epochs and weight decay the paper does not give); 2. `extract_embeddings`
+(every clip once through the frozen encoders); 3. `evaluate_probe` on one split; 4. `main`, `embed`, `search`.
 """
 import argparse
 import glob
@@ -31,8 +30,8 @@ from pathlib import Path
 def parse_args(argv=None):
     """The command line, stdlib only: --help and flag errors answer before torch is imported."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", choices=["ucf101", "hmdb51"], help="downstream dataset (not needed with --embed, "
-                   "--search or --summary)")
+    p.add_argument("--dataset", choices=["ucf101", "hmdb51"], help="downstream dataset (not with --embed, --search, "
+                   "--summary)")
     p.add_argument("--root", help="dataset folder with the official split lists, or your videos' folder with --embed/"
                    "--search (default: ucf101/ or hmdb51/)")
     p.add_argument("--cache", help="feature cache written by prepare.py (default: <root>/lava_cache)")
@@ -48,30 +47,24 @@ def parse_args(argv=None):
     p.add_argument("--modalities", help="comma list of video, audio+video (default: video,audio+video for ucf101, "
                                         "video for hmdb51 as in the paper)")
     p.add_argument("--checkpoints", metavar="GLOB", help="probe every checkpoint matching GLOB (e.g. "
-                   "'runs/x/epoch_*.pt') and plot top-1 vs pre-training epoch (Figure 3) to <out>.png")
+                   "'runs/x/epoch_*.pt'); top-1 vs pre-training epoch (Figure 3) goes to <out>.png")
     p.add_argument("--summary", nargs="+", metavar="FILE", help="print one table of these results JSONs and exit")
-    p.add_argument("--embed", action="store_true", help="write every video's embeddings (z_v, z_a, z_t per clip "
-                   "and per video, each latent space's projections, the checkpoint's sha256) to one .npz (default "
-                   "--out: <cache>/embeddings/embed_<checkpoint sha256[:16]>.npz)")
-    p.add_argument("--search", metavar="QUERY", help="print the videos whose g_vt video embedding is closest to "
-                   "the text QUERY (the run's tokenizer.bpe and text encoder)")
+    p.add_argument("--embed", action="store_true", help="write every video's embeddings and their projections to "
+                   "one .npz (default --out: <cache>/embeddings/embed_<checkpoint sha256[:16]>.npz)")
+    p.add_argument("--search", metavar="QUERY", help="print the videos whose g_vt embedding is closest to QUERY's")
     p.add_argument("--top", type=int, default=10, help="videos --search prints (default 10)")
-    p.add_argument("--out", help="results JSON, a Markdown table next to it as .md (default: "
+    p.add_argument("--out", help="results JSON, a Markdown table beside it (.md) (default: "
                                  "<run dir>/probe_<dataset>[_random].json)")
     p.add_argument("--overwrite", action="store_true", help="replace an --out that holds a result of another scope "
-                   "(dataset, splits, modalities, checkpoint); by default that is an error")
+                   "(dataset, splits, modalities, checkpoint)")
     p.add_argument("--allow-partial", action="store_true", help="evaluate although the official lists name "
-                   "videos missing from the cache (loud warning; the counts go into the results)")
-    p.add_argument("--epochs-grid", default="10,30,100,300",
-                   help="probe epochs to choose from on the validation part of the training split (default "
-                        "10,30,100,300: at lr 1e-4 a small training split needs the long end, a big one the short)")
-    p.add_argument("--weight-decay-grid", default="0,1e-3", help="probe weight decays (Adam L2 on the weights) to "
-                                                                 "choose from, likewise (default 0,1e-3)")
+                   "videos missing from the cache (a warning; the counts go into the results)")
+    p.add_argument("--epochs-grid", default="10,30,100,300", help="probe epochs to choose from on the validation part "
+                   "of the training split (default 10,30,100,300)")
+    p.add_argument("--weight-decay-grid", default="0,1e-3", help="probe weight decays to choose from (default 0,1e-3)")
     p.add_argument("--batch-clips", type=int, default=64, help="clips per encoder batch for embeddings (default 64)")
-    p.add_argument("--embeddings-dir", help="where embeddings are stored (default: <cache>/embeddings)")
-    p.add_argument("--recompute", action="store_true", help="ignore stored embeddings and extract them again")
-    p.add_argument("--device", default="auto", help="encoders and probe: auto (cuda if available), cpu, cuda, "
-                                                    "cuda:N (default auto)")
+    p.add_argument("--recompute", action="store_true", help="ignore the stored embeddings (<cache>/embeddings/)")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N (default auto)")
     args = p.parse_args(argv)
     if not (args.summary or args.embed or args.search or args.dataset):
         p.error("--dataset is required (except with --embed, --search or --summary)")
@@ -96,7 +89,7 @@ from sklearn.utils.validation import check_is_fitted, column_or_1d, validate_dat
 from tqdm import tqdm
 
 import pretrain
-from bpe import BPETokenizer
+from bpe import BPETokenizer, write_atomic
 from model import LAVA, SPACES, LAVAConfig
 from prepare import FeatureCache
 
@@ -110,9 +103,8 @@ PAPER_TABLE2 = [  # split-1 top-1: (pre-training losses, downstream modality, UC
 PAPER_TABLE3 = {"video": {1: 73.1, 10: 80.0, 25: 81.3}, "audio+video": {1: 76.0, 10: 82.3, 25: 84.3}}  # UCF vs epochs
 DATASET_NAMES = {"ucf101": "UCF-101", "hmdb51": "HMDB-51"}
 MODALITIES = ("video", "audio+video")
-MISSING_AUDIO_TREATMENT = ("audio+video: the audio embedding of a video without audio is replaced by the mean audio "
-                           "embedding of the split's training videos with audio (0 after standardisation, so the "
-                           "audio half of the probe adds nothing to that video's logits)")
+MISSING_AUDIO_TREATMENT = ("audio+video: a video without audio gets the mean audio embedding of the split's training "
+                           "videos with audio (0 after standardisation: its audio half adds nothing to the logits)")
 LOGIT_ROWS = 8192  # rows per step of LinearProbe's logits: float64 copies of real UCF (95k x 2048) would be 1.5 GB
 
 
@@ -130,10 +122,9 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
     lr, batch_size: the paper's 1e-4 and 32; epochs: not given (`select_hyperparameters` picks them); weight_decay:
     Adam's L2 on the weights, not the bias; standardize by the training mean and std, so 1e-4 steps mean the same
     whatever the encoder's scale and a constant (imputed) feature becomes exactly 0; random_state seeds the batch
-    order, the only randomness (zero init). Fitted: classes_, mean_ and scale_ (d,), coef_ (K, d) and intercept_ (K,)
-    on the standardised features, n_epochs_. Every method takes an optional `groups` (a video id per row): the clip
-    logits of each video are then averaged before the softmax/argmax, one output row per video in first-appearance
-    order. (ClassifierMixin comes first, so its scikit-learn tags override BaseEstimator's.)
+    order, the only randomness (zero init). Fitted: classes_, mean_ and scale_ (d,), coef_ (K, d), intercept_ (K,),
+    n_epochs_. With `groups` (a video id per row) every method averages each video's clip logits before the
+    softmax/argmax: one output row per video, in first-appearance order.
     """
 
     def __init__(self, epochs=100, lr=1e-4, batch_size=32, weight_decay=0.0, standardize=True, random_state=0,
@@ -252,7 +243,8 @@ def validation_split(y, split_groups, val_fraction=0.2, random_state=0):
     first fold) -> (train_rows, val_rows). UCF-101's groups are the "gXX" groups the official splits hold out (so
     validation, like test, sees new actors and scenes), HMDB-51's the videos."""
     n_groups = len(np.unique(split_groups))  # StratifiedGroupKFold itself refuses a single group
-    n_splits, largest = max(2, min(round(1 / val_fraction), n_groups)), np.unique(y, return_counts=True)[1].max()
+    n_splits = max(2, min(round(1 / val_fraction), n_groups))
+    largest = np.unique(y, return_counts=True)[1].max()
     if largest < n_splits:  # scikit-learn's "n_splits=5 cannot be greater than the number of members in each class"
         raise ProbeError(f"the probe's validation split (1/{n_splits} of the training videos of each class) needs "
                          f"{n_splits} training clips per class; every class here has fewer (at most {largest})")
@@ -263,16 +255,14 @@ def validation_split(y, split_groups, val_fraction=0.2, random_state=0):
 
 
 def select_hyperparameters(X, y, groups, split_groups=None, epochs_grid=(10, 30, 100, 300),
-                           weight_decay_grid=(0.0, 1e-3), val_fraction=0.2, random_state=0, progress=None,
-                           **probe_params):
+                           weight_decay_grid=(0.0, 1e-3), random_state=0, progress=None, **probe_params):
     """Choose (epochs, weight_decay) for `LinearProbe` on a validation part of the TRAINING rows only: X (n, d), y (n,),
     groups (n,) the video of each clip row, split_groups (n,) the unit held out together (default: groups). One probe
     per weight decay trains for max(epochs_grid) epochs, scored (video top-1) after each epoch count of the grid.
-    -> (best dict(epochs, weight_decay, val_top1, n_val_videos, n_fit_videos), the table of all grid points); ties
-    go to fewer epochs, then the smaller weight decay. progress: a prefix ("split 1 video") of a line per grid point."""
+    -> (best dict(epochs, weight_decay, val_top1, n_val_videos, n_fit_videos), all grid points); ties go to fewer
+    epochs, then the smaller weight decay. progress: the prefix ("split 1 video") of a line per grid point."""
     groups, y = np.asarray(groups), np.asarray(y)
-    tr, va = validation_split(y, groups if split_groups is None else np.asarray(split_groups), val_fraction,
-                              random_state)
+    tr, va = validation_split(y, groups if split_groups is None else np.asarray(split_groups), 0.2, random_state)
     table = []
     for wd in weight_decay_grid:
         probe = LinearProbe(epochs=max(epochs_grid), weight_decay=wd, random_state=random_state, **probe_params)
@@ -332,9 +322,13 @@ def project(model, z, space, clip_mean=False):
 
 
 @torch.no_grad()
-def encode_titles(model, tokenizer, titles, batch=256):
-    """Titles -> z_t (n, W): the run's tokenizer as prepare.py applies it (128 ids, cut to the text encoder's
-    max_len as pre-training does), then the text encoder. A tokenizer of another vocabulary is a ProbeError."""
+def encode_titles(model, info, titles, batch=256):
+    """Titles -> z_t (n, W): the run's tokenizer.bpe (pretrain.py copies it into the run folder) as prepare.py applies
+    it (128 ids, cut to the text encoder's max_len as pre-training does), then the text encoder."""
+    path = Path(info["run_dir"]) / "tokenizer.bpe"
+    if not path.is_file():
+        raise ProbeError(f"the pre-training run's tokenizer.bpe is needed: {path} not found")
+    tokenizer = BPETokenizer.load(path)
     cfg = model.config.text
     if tokenizer.vocab_size != cfg.vocab_size:
         raise ProbeError(f"the run's tokenizer has {tokenizer.vocab_size} ids but the text encoder {cfg.vocab_size}")
@@ -349,11 +343,10 @@ def encode_titles(model, tokenizer, titles, batch=256):
 
 
 def modality_features(emb, modality, train_idx):
-    """(N, C, D) features of a modality setting. video: z_v. audio+video:
-    [z_v, z_a], where a video without audio (about half of real UCF-101) gets the mean z_a of this split's training
-    videos with audio. That is then the training mean, so after the probe's standardisation the imputed part is exactly
-    0 and the audio half adds nothing to that video's logits: the prediction falls back to the video half, instead of
-    reading the encoder's output for silence (arbitrary, confidently non-neutral) or zeros (-mean/std)."""
+    """(N, C, D) features of a modality setting. video: z_v. audio+video: [z_v, z_a], where a video without audio
+    (about half of real UCF-101) gets the mean z_a of this split's training videos with audio. That is the training
+    mean, so after the probe's standardisation the imputed part is exactly 0 and the audio half adds nothing to that
+    video's logits, instead of the encoder's output for silence (arbitrary, confidently non-neutral) or -mean/std."""
     if modality == "video":
         return emb["z_v"]
     if modality != "audio+video":
@@ -418,20 +411,17 @@ def main(argv=None):
             raise ProbeError(str(e)) from None
         if args.embed or args.search:  # any cache, labels and splits or not (README: Your own videos)
             model, info = load_model(args, args.checkpoint or str(latest_checkpoint()), cache)
-            emb = load_or_extract_embeddings(model, cache, info, args.batch_clips, args.device, args.embeddings_dir,
-                                             args.recompute)
+            emb = load_or_extract_embeddings(model, cache, info, args)
             if args.embed:
                 embed(args, cache, model, info, emb)
             if args.search:
                 search(args, cache, model, info, emb)
             return 0
         if cache.manifest.get("dataset") not in (args.dataset, "folder"):
-            warnings.warn(f"{cache.path} was prepared as {cache.manifest.get('dataset')!r}, evaluating it as "
-                          f"{args.dataset}")
+            warnings.warn(f"{cache.path} was prepared as {cache.manifest.get('dataset')!r}, not {args.dataset}")
         modalities = (args.modalities or ("video,audio+video" if args.dataset == "ucf101" else "video")).split(",")
         if set(modalities) - set(MODALITIES):
-            raise ProbeError(f"--modalities: unknown {sorted(set(modalities) - set(MODALITIES))}; choose from "
-                             f"{MODALITIES}")
+            raise ProbeError(f"--modalities: unknown {sorted(set(modalities) - set(MODALITIES))} (video, audio+video)")
         if args.dataset == "hmdb51" and "audio+video" in modalities:
             warnings.warn("HMDB-51 audio+video is not in the paper (most HMDB videos have no audio)")
         grid = dict(epochs=tuple(int(x) for x in args.epochs_grid.split(",")),
@@ -478,8 +468,7 @@ def main(argv=None):
 
 def evaluate_checkpoint(args, model, info, cache, resolved, modalities, grid):
     """Every split x modality for one checkpoint (`load_model`) -> the results dict (a linear-probe JSON)."""
-    emb = load_or_extract_embeddings(model, cache, info, args.batch_clips, args.device, args.embeddings_dir,
-                                     args.recompute)
+    emb = load_or_extract_embeddings(model, cache, info, args)
     rows = []
     for k, (res, n_missing) in resolved.items():
         for m in modalities:
@@ -493,7 +482,7 @@ def evaluate_checkpoint(args, model, info, cache, resolved, modalities, grid):
     top1 = {m: [r["top1"] for r in rows if r["modalities"] == m] for m in modalities}
     mean = {m: float(np.mean(v)) for m, v in top1.items()}
     std = {m: float(np.std(v, ddof=1)) if len(v) > 1 else 0.0 for m, v in top1.items()}  # sample std over splits
-    has, ucf = emb["has_audio"].astype(bool), args.dataset == "ucf101"
+    has = emb["has_audio"].astype(bool)
     return dict(
         task="linear-probe", dataset=args.dataset, cache=str(cache.path), checkpoint=info["checkpoint"],
         checkpoint_sha256=info["checkpoint_sha256"], epoch=info["epoch"], config_source=info["config_source"],
@@ -501,7 +490,7 @@ def evaluate_checkpoint(args, model, info, cache, resolved, modalities, grid):
         cache_manifest=cache.manifest, embeddings=emb["path"], split_ids=list(resolved), modalities=modalities,
         splits=rows, mean=mean, std=std, partial=any(sum(n.values()) for _, n in resolved.values()),
         hyperparameter_grid=dict(grid, lr=LinearProbe().lr, batch_size=LinearProbe().batch_size, standardize=True,
-                                 val_fraction=0.2, val_groups="UCF gXX groups" if ucf else "videos"),
+                                 val_fraction=0.2, val_groups={"ucf101": "UCF gXX groups"}.get(args.dataset, "videos")),
         missing_audio=dict(videos_in_cache=len(has), videos_without_audio=int((~has).sum()),
                            treatment=MISSING_AUDIO_TREATMENT),
         paper=dict(table1=PAPER_TABLE1.get(args.dataset), table2_split1=PAPER_TABLE2))
@@ -516,10 +505,9 @@ def embed(args, cache, model, info, emb):
     z = dict(v=emb["z_v"], a=emb["z_a"], t=np.zeros((len(cache), model.config.text.width), np.float32))
     has = dict(v=np.ones(len(cache), bool), a=emb["has_audio"].astype(bool), t=titles != "")
     if has["t"].any():
-        z["t"][has["t"]] = encode_titles(model, run_tokenizer(info), titles[has["t"]])
-    out = dict(ids=emb["ids"], paths=np.array([v["path"] for v in cache.videos]), titles=titles, has_audio=has["a"],
-               has_text=has["t"], z_v=z["v"], z_a=z["a"], z_t=z["t"], z_v_video=z["v"].mean(1),
-               z_a_video=z["a"].mean(1),
+        z["t"][has["t"]] = encode_titles(model, info, titles[has["t"]])
+    out = dict(ids=emb["ids"], paths=np.array([v["path"] for v in cache.videos]), titles=titles, z_v=z["v"], z_a=z["a"],
+               z_t=z["t"], z_v_video=z["v"].mean(1), z_a_video=z["a"].mean(1), has_audio=has["a"], has_text=has["t"],
                checkpoint=np.array(info["checkpoint"]), checkpoint_sha256=np.array(info["checkpoint_sha256"] or ""))
     for space, modalities in SPACES.items():
         for m in modalities:
@@ -533,7 +521,7 @@ def embed(args, cache, model, info, emb):
 def search(args, cache, model, info, emb):
     """--search: the text query through the run's tokenizer, the text encoder and g_vt, against each video's g_vt
     video embedding (the mean of its clips' projections, re-normalised); prints the --top videos by cosine."""
-    query = project(model, encode_titles(model, run_tokenizer(info), [args.search]), "vt")[0]      # (E,)
+    query = project(model, encode_titles(model, info, [args.search]), "vt")[0]      # (E,)
     scores = project(model, emb["z_v"], "vt", clip_mean=True) @ query                           # (N,)
     print(f"{'rank':>4}  {'score':>7}  video")
     for rank, i in enumerate(np.argsort(-scores, kind="stable")[:args.top], 1):
@@ -560,9 +548,9 @@ def read_ucf101_split(root, split):
     names = sorted(classes, key=lambda name: int(classes[name]))
     if sorted(int(i) for i in classes.values()) != list(range(1, len(classes) + 1)):
         raise ProbeError(f"{paths['classInd.txt']}: class indices are not 1..{len(classes)}")
-
-    def parse(path, labelled):
-        rows = []
+    rows = dict(classes=names, train=[], test=[], unused=[])
+    for part in ("train", "test"):
+        path = paths[f"{part}list0{split}.txt"]
         for lineno, line in enumerate(_lines(path), 1):
             parts = line.split()
             video_id = parts[0].replace("\\", "/")
@@ -572,13 +560,10 @@ def read_ucf101_split(root, split):
             label = int(classes[folder_name]) - 1
             if len(parts) > 1 and int(parts[1]) - 1 != label:  # a labelled line must agree with its folder
                 raise ProbeError(f"{path}:{lineno}: label {parts[1]} but folder {folder_name!r} is class {label + 1}")
-            if labelled and len(parts) < 2:
+            if part == "train" and len(parts) < 2:
                 raise ProbeError(f"{path}:{lineno}: a training line needs '<path> <label>', got {line!r}")
-            rows.append((video_id, label))
-        return rows
-
-    return _check_disjoint(dict(classes=names, train=parse(paths[f"trainlist0{split}.txt"], True),
-                                test=parse(paths[f"testlist0{split}.txt"], False), unused=[]), folder, split)
+            rows[part].append((video_id, label))
+    return rows
 
 
 def read_hmdb51_split(root, split):
@@ -599,22 +584,12 @@ def read_hmdb51_split(root, split):
             if len(parts) != 2 or parts[1] not in ("0", "1", "2"):
                 raise ProbeError(f"{path}:{lineno}: expected '<video>.avi <0|1|2>', got {line!r}")
             rows[int(parts[1])].append((f"{name}/{parts[0]}", label))
-    return _check_disjoint(dict(classes=classes, train=rows[1], test=rows[2], unused=rows[0]), folder, split)
+    return dict(classes=classes, train=rows[1], test=rows[2], unused=rows[0])
 
 
 def _lines(path):
     # official lists use CRLF and sometimes trailing spaces; blank lines carry nothing
     return [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-def _check_disjoint(split_data, folder, split):
-    train, test = {v for v, _ in split_data["train"]}, {v for v, _ in split_data["test"]}
-    if len(train) != len(split_data["train"]) or len(test) != len(split_data["test"]):
-        raise ProbeError(f"{folder}: split {split} lists a video twice")
-    if train & test:
-        raise ProbeError(f"{folder}: split {split} puts {len(train & test)} videos in both train and test, "
-                         f"e.g. {sorted(train & test)[0]}")
-    return split_data
 
 
 def ucf_group(video_id):
@@ -626,11 +601,15 @@ def ucf_group(video_id):
 
 def resolve_split(split_data, cache, allow_partial, split):
     """Official (id, label) lists -> ({part: (cache indices, labels)}, {part: number missing}). Missing videos:
-    ProbeError with counts, or (--allow-partial) a loud warning. Labels disagreeing with the cache's are an error
-    (a cache of another dataset or classInd)."""
-    known, out, missing = {v["id"] for v in cache.videos}, {}, {}
+    ProbeError with counts, or (--allow-partial) a warning. A video listed twice (or in train and test), or labelled
+    otherwise than in the cache: ProbeError."""
+    names, counts = np.unique([v for part in ("train", "test") for v, _ in split_data[part]], return_counts=True)
+    if (counts > 1).any():
+        raise ProbeError(f"split {split}: the official lists name {names[counts > 1][0]} twice (or in train and test)")
+    known = {v["id"] for v in cache.videos}
+    missing = {part: [v for v, _ in split_data[part] if v not in known] for part in ("train", "test")}
+    out = {}
     for part in ("train", "test"):
-        missing[part] = [video_id for video_id, _ in split_data[part] if video_id not in known]
         found = [(cache.index(video_id), label) for video_id, label in split_data[part] if video_id in known]
         for i, label in found:
             if cache.videos[i].get("label") not in (None, split_data["classes"][label]):
@@ -645,8 +624,7 @@ def resolve_split(split_data, cache, allow_partial, split):
         if not allow_partial:
             raise ProbeError(msg + ". Prepare the whole dataset, or pass --allow-partial to evaluate on the videos "
                                    "present (not comparable with the paper).")
-        print(f"{'!' * 100}\nWARNING (--allow-partial): {msg}; evaluating on the rest.\n{'!' * 100}", file=sys.stderr)
-        warnings.warn(msg)
+        warnings.warn(f"--allow-partial: {msg}; evaluating on the rest")
     if len(out["train"][0]) == 0 or len(out["test"][0]) == 0:
         raise ProbeError(f"split {split}: no training or no test video of the official lists is in the cache")
     return out, n_missing
@@ -674,8 +652,7 @@ def read_checkpoint(path, flag="--checkpoint"):
 
 def load_model(args, checkpoint, cache):
     """(LAVA in eval mode on args.device, info dict) for a checkpoint path or "random": a fixed random init (seed
-    --seed) of the config of --config-from, else of the latest run. Clear errors for weights that do not fit their
-    config or a config that does not fit the cache."""
+    --seed) of the config of --config-from, else of the latest run. Weights or a config that do not fit: ProbeError."""
     if checkpoint != "random":
         if args.config_from:
             raise ProbeError("--config-from gives the config of --checkpoint random; a checkpoint has its own")
@@ -692,7 +669,7 @@ def load_model(args, checkpoint, cache):
         epoch, sampler = ckpt.get("epoch"), ckpt.get("sampler") or {}
         if epoch is not None and sampler.get("steps_per_epoch"):
             epoch = round(epoch + sampler.get("step_in_epoch", 0) / sampler["steps_per_epoch"], 4)
-        info = dict(checkpoint=str(checkpoint), checkpoint_sha256=sha, seed=None, config_source="checkpoint",
+        info = dict(checkpoint=str(checkpoint), checkpoint_sha256=sha, config_source="checkpoint",
                     embedding_key=sha[:16], epoch=epoch, pretrain_args=ckpt["config"].get("args"),
                     trained_on=(ckpt.get("cache_manifest") or {}).get("backbone"), run_dir=Path(checkpoint).parent)
     else:
@@ -704,7 +681,7 @@ def load_model(args, checkpoint, cache):
         h = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode())
         for name, tensor in model.state_dict().items():
             h.update(name.encode() + tensor.detach().cpu().contiguous().numpy().tobytes())
-        info = dict(checkpoint="random", checkpoint_sha256=None, seed=args.seed, config_source=f"config of {source}",
+        info = dict(checkpoint="random", checkpoint_sha256=None, config_source=f"config of {source}",
                     embedding_key="random-" + h.hexdigest()[:16], epoch=0, pretrain_args=None, trained_on=None,
                     run_dir=Path(source).parent)
     info["model_config"] = config.to_dict()
@@ -723,21 +700,13 @@ def load_model(args, checkpoint, cache):
     return model.to(args.device).eval(), info
 
 
-def run_tokenizer(info):
-    """The run's tokenizer.bpe, which pretrain.py copies into the run folder."""
-    path = Path(info["run_dir"]) / "tokenizer.bpe"
-    if not path.is_file():
-        raise ProbeError(f"the pre-training run's tokenizer.bpe is needed: {path} not found")
-    return BPETokenizer.load(path)
-
-
-def load_or_extract_embeddings(model, cache, info, batch_clips=64, device="cpu", directory=None, recompute=False):
-    """`extract_embeddings` + ids (N,) and path, from disk when this (checkpoint, cache) pair was done before. The file
-    records the cache manifest's hash: a cache re-prepared since then invalidates it."""
-    path = Path(directory or Path(cache.path) / "embeddings") / f"{info['embedding_key']}.npz"
+def load_or_extract_embeddings(model, cache, info, args):
+    """`extract_embeddings` + ids (N,) and path, from disk when this (checkpoint, cache) pair was done before (not
+    with --recompute). The file records the cache manifest's hash: a cache re-prepared since then invalidates it."""
+    path = Path(cache.path) / "embeddings" / f"{info['embedding_key']}.npz"
     manifest_sha = hashlib.sha256(json.dumps(cache.manifest, sort_keys=True).encode()).hexdigest()
     ids = np.array([v["id"] for v in cache.videos])
-    if path.is_file() and not recompute:
+    if path.is_file() and not args.recompute:
         with np.load(path, allow_pickle=False) as f:
             stored = {k: f[k] for k in f.files}
         if str(stored.get("manifest_sha")) == manifest_sha and np.array_equal(stored["ids"], ids):
@@ -745,19 +714,18 @@ def load_or_extract_embeddings(model, cache, info, batch_clips=64, device="cpu",
             return dict(stored, path=str(path))
         print(f"embeddings: {path} is stale (cache changed); recomputing", file=sys.stderr)
     t0 = time.time()
-    emb = dict(extract_embeddings(model, cache, batch_clips, device), ids=ids, manifest_sha=np.array(manifest_sha))
+    emb = dict(extract_embeddings(model, cache, args.batch_clips, args.device), ids=ids,
+               manifest_sha=np.array(manifest_sha))
     save_npz(path, emb)
     print(f"embeddings: {len(cache)} videos in {time.time() - t0:.1f} s -> {path}", file=sys.stderr)
     return dict(emb, path=str(path))
 
 
-def mean_std(result, m):
-    return f"{result['mean'][m]:.1f} +- {result['std'][m]:.1f}"
-
-
 def markdown_table(result):
     """Markdown laid out like the paper's Table 1 (3-split mean) and Table 2 (split 1), paper rows beside ours."""
-    ds, random_init = result["dataset"], result["checkpoint"] == "random"
+    ds = result["dataset"]
+    mean, std = result["mean"], result["std"]
+    random_init = result["checkpoint"] == "random"
     ours = "random init" if random_init else f"`{result['checkpoint']}`"
     losses = (result.get("pretrain_args") or {}).get("losses")
     mods = "none" if random_init else "+".join(x.strip().upper() for x in losses.split(",")) if losses else "?"
@@ -770,8 +738,8 @@ def markdown_table(result):
              "| Method | Pre-train data | Mod. | UCF | HMDB |", "| --- | --- | --- | --- | --- |"]
     lines += [f"| LAVA* ({'video only' if m == 'video' else m}), paper | K700 (0.1) | AVT | "
               f"{paper(PAPER_TABLE1['ucf101'].get(m))} | {paper(PAPER_TABLE1['hmdb51'].get(m))} |" for m in MODALITIES]
-    lines += [f"| LAVA ({m}), this kit: {ours} | {data} | {mods} | {cols(mean_std(result, m))} |"
-              for m in result["modalities"] if m in result["mean"]]
+    lines += [f"| LAVA ({m}), this kit: {ours} | {data} | {mods} | {cols(f'{mean[m]:.1f} +- {std[m]:.1f}')} |"
+              for m in result["modalities"] if m in mean]
     lines += ["", "Table 2 layout: split-1 top-1 (%).", "", "| Pre-train | Downstream | UCF-101 | HMDB-51 |",
               "| --- | --- | --- | --- |"]
     lines += [f"| {name} (paper) | {m} | {paper(ucf)} | {paper(hmdb)} |" for name, m, ucf, hmdb in PAPER_TABLE2]
@@ -797,9 +765,9 @@ def check_scope(out, scope, overwrite):
         old = json.loads(out.read_text())
     except ValueError:
         old = None
-    old = old if isinstance(old, dict) else {}
-    if any(old.get(k) != v for k, v in scope.items()):
-        diff = ", ".join(f"{k} {old.get(k)!r}" for k, v in scope.items() if old.get(k) != v)
+    old = old if isinstance(old, dict) else {}  # not a results JSON: another scope
+    diff = ", ".join(f"{k} {old.get(k)!r}" for k, v in scope.items() if old.get(k) != v)
+    if diff:
         raise ProbeError(f"{out} holds a result of another scope ({diff}): --overwrite replaces it, or another --out")
 
 
@@ -811,15 +779,12 @@ def save_npz(path, arrays):
 
 
 def write_results(result, out, t0):
-    """Write the JSON (atomically, with time_s since t0) and, for a linear probe, the Markdown table beside it (.md)."""
-    out, result["time_s"] = Path(out), time.time() - t0
+    """Write the JSON (with time_s since t0) and, for a linear probe, the Markdown table beside it (.md), atomically."""
+    result["time_s"] = time.time() - t0
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2, default=lambda x: x.item() if isinstance(x, np.generic) else str(x)))
-    os.replace(tmp, out)
+    write_atomic(out, json.dumps(result, indent=2, default=lambda x: x.item() if isinstance(x, np.generic) else str(x)))
     if result.get("task") == "linear-probe":
-        out.with_suffix(".md").write_text(markdown_table(result))
-    return out
+        write_atomic(out.with_suffix(".md"), markdown_table(result))
 
 
 def summary_table(paths):
@@ -833,7 +798,7 @@ def summary_table(paths):
             print(f"--summary: skipped {path}, {kind}", file=sys.stderr)
             continue
         configs.setdefault(r["dataset"], set()).add(json.dumps(r.get("model_config"), sort_keys=True))
-        lines += [f"| {r['dataset']} | {r['checkpoint']} | {m} | {mean_std(r, m)} | "
+        lines += [f"| {r['dataset']} | {r['checkpoint']} | {m} | {r['mean'][m]:.1f} +- {r['std'][m]:.1f} | "
                   f"{len({s['split'] for s in r['splits'] if s['modalities'] == m})} | "
                   f"{PAPER_TABLE1.get(r['dataset'], {}).get(m, '-')} |" for m in r["mean"]]
     lines += [f"\nWARNING: the {ds} results come from different model configs: not a like-for-like comparison"
@@ -843,11 +808,8 @@ def summary_table(paths):
 
 def plot_series(series, out_png, dataset):
     """Top-1 vs pre-training epoch per modality (the paper's Figure 3), paper's UCF points for reference."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
+    from matplotlib.figure import Figure  # no pyplot: no GUI backend, nothing to close
+    ax = Figure(figsize=(6, 4)).subplots()
     for m, color in zip(MODALITIES, ("tab:blue", "tab:green")):
         pts = [(s["epoch"], s["mean"][m], s["std"][m]) for s in series if m in s["mean"] and s["epoch"] is not None]
         if pts:
@@ -860,9 +822,8 @@ def plot_series(series, out_png, dataset):
            title=f"{DATASET_NAMES.get(dataset, dataset)} linear probe vs pre-training duration")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=120)
-    plt.close(fig)
+    ax.figure.tight_layout()
+    ax.figure.savefig(out_png, dpi=120)
 
 
 if __name__ == "__main__":
