@@ -3,7 +3,6 @@ pre-training-epoch series (Figure 3), and the embeddings of any cache (your own 
 
     python probe.py --dataset ucf101 --all-splits                                   # video and audio+video, 3 splits
     python probe.py --dataset ucf101 --checkpoint random --config-from runs/demo/ckpt_last.pt --all-splits
-    python probe.py --dataset hmdb51 --root hmdb51 --checkpoint runs/demo/ckpt_last.pt --split 1 --out hmdb.json
     python probe.py --dataset ucf101 --split 1 --checkpoints 'runs/demo/epoch_*.pt' --out series.json  # + .png
     python probe.py --summary runs/demo/probe_*.json                                # one table of several results
     python probe.py --embed --root myvids --checkpoint runs/x/ckpt_last.pt          # one .npz of all embeddings
@@ -30,22 +29,18 @@ from pathlib import Path
 def parse_args(argv=None):
     """The command line, stdlib only: --help and flag errors answer before torch is imported."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", choices=["ucf101", "hmdb51"], help="downstream dataset (not with --embed, --search, "
-                   "--summary)")
+    p.add_argument("--dataset", choices=["ucf101", "hmdb51"], help="downstream dataset (for a linear probe)")
     p.add_argument("--root", help="dataset folder with the official split lists, or your videos' folder with --embed/"
                    "--search (default: ucf101/ or hmdb51/)")
     p.add_argument("--cache", help="feature cache written by prepare.py (default: <root>/lava_cache)")
-    p.add_argument("--checkpoint", help="pretrain.py checkpoint, or 'random' for a random-initialised LAVA "
-                                        "(default: the latest runs/*/ckpt_last.pt)")
+    p.add_argument("--checkpoint", help="pretrain.py checkpoint or 'random' (default: the latest runs/*/ckpt_last.pt)")
     p.add_argument("--config-from", metavar="CKPT", help="the checkpoint whose model config --checkpoint random "
                    "takes (default: the latest runs/*/ckpt_last.pt)")
-    p.add_argument("--seed", type=int, default=0,
-                   help="seed of the random-init weights, the validation split and the probe's batch order (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="seed of random init, validation split, batch order (default 0)")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--split", type=int, choices=[1, 2, 3], help="evaluate one official split")
     group.add_argument("--all-splits", action="store_true", help="evaluate splits 1, 2, 3 (the default)")
-    p.add_argument("--modalities", help="comma list of video, audio+video (default: video,audio+video for ucf101, "
-                                        "video for hmdb51 as in the paper)")
+    p.add_argument("--modalities", help="comma list of video, audio+video (default: both for ucf101, video for hmdb51)")
     p.add_argument("--checkpoints", metavar="GLOB", help="probe every checkpoint matching GLOB (e.g. "
                    "'runs/x/epoch_*.pt'); top-1 vs pre-training epoch (Figure 3) goes to <out>.png")
     p.add_argument("--summary", nargs="+", metavar="FILE", help="print one table of these results JSONs and exit")
@@ -53,8 +48,7 @@ def parse_args(argv=None):
                    "one .npz (default --out: <cache>/embeddings/embed_<checkpoint sha256[:16]>.npz)")
     p.add_argument("--search", metavar="QUERY", help="print the videos whose g_vt embedding is closest to QUERY's")
     p.add_argument("--top", type=int, default=10, help="videos --search prints (default 10)")
-    p.add_argument("--out", help="results JSON, a Markdown table beside it (.md) (default: "
-                                 "<run dir>/probe_<dataset>[_random].json)")
+    p.add_argument("--out", help="results JSON and its .md table (default: <run dir>/probe_<dataset>[_random].json)")
     p.add_argument("--overwrite", action="store_true", help="replace an --out that holds a result of another scope "
                    "(dataset, splits, modalities, checkpoint)")
     p.add_argument("--allow-partial", action="store_true", help="evaluate although the official lists name "
@@ -95,11 +89,10 @@ from prepare import FeatureCache
 
 # The paper's numbers, for the tables beside ours.
 PAPER_TABLE1 = {"ucf101": {"video": 81.3, "audio+video": 84.3}, "hmdb51": {"video": 50.1}}  # 3-split mean top-1
-PAPER_TABLE2 = [  # split-1 top-1: (pre-training losses, downstream modality, UCF-101, HMDB-51)
-    ("AV", "video", 68.6, 41.5), ("AV", "audio+video", 72.4, None),
-    ("AV+VT", "video", 74.91, 49.4), ("AV+VT", "audio+video", 79.36, None),
-    ("AV+VT+AVT", "video", 81.1, 51.8), ("AV+VT+AVT", "audio+video", 84.2, None),
-]
+# Table 2, split-1 top-1: (pre-training losses, downstream modality, UCF-101, HMDB-51)
+PAPER_TABLE2 = [("AV", "video", 68.6, 41.5), ("AV", "audio+video", 72.4, None),
+                ("AV+VT", "video", 74.91, 49.4), ("AV+VT", "audio+video", 79.36, None),
+                ("AV+VT+AVT", "video", 81.1, 51.8), ("AV+VT+AVT", "audio+video", 84.2, None)]
 PAPER_TABLE3 = {"video": {1: 73.1, 10: 80.0, 25: 81.3}, "audio+video": {1: 76.0, 10: 82.3, 25: 84.3}}  # UCF vs epochs
 DATASET_NAMES = {"ucf101": "UCF-101", "hmdb51": "HMDB-51"}
 MODALITIES = ("video", "audio+video")
@@ -124,7 +117,8 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
     whatever the encoder's scale and a constant (imputed) feature becomes exactly 0; random_state seeds the batch
     order, the only randomness (zero init). Fitted: classes_, mean_ and scale_ (d,), coef_ (K, d), intercept_ (K,),
     n_epochs_. With `groups` (a video id per row) every method averages each video's clip logits before the
-    softmax/argmax: one output row per video, in first-appearance order.
+    softmax/argmax: one output row per video, in first-appearance order. (ClassifierMixin comes first, so its
+    scikit-learn tags override BaseEstimator's.)
     """
 
     def __init__(self, epochs=100, lr=1e-4, batch_size=32, weight_decay=0.0, standardize=True, random_state=0,
@@ -242,8 +236,7 @@ def validation_split(y, split_groups, val_fraction=0.2, random_state=0):
     """Hold out about `val_fraction` of the training rows as whole groups, stratified by class (StratifiedGroupKFold,
     first fold) -> (train_rows, val_rows). UCF-101's groups are the "gXX" groups the official splits hold out (so
     validation, like test, sees new actors and scenes), HMDB-51's the videos."""
-    n_groups = len(np.unique(split_groups))  # StratifiedGroupKFold itself refuses a single group
-    n_splits = max(2, min(round(1 / val_fraction), n_groups))
+    n_splits = max(2, min(round(1 / val_fraction), len(np.unique(split_groups))))  # 1 group: sklearn's own error
     largest = np.unique(y, return_counts=True)[1].max()
     if largest < n_splits:  # scikit-learn's "n_splits=5 cannot be greater than the number of members in each class"
         raise ProbeError(f"the probe's validation split (1/{n_splits} of the training videos of each class) needs "
@@ -258,9 +251,8 @@ def select_hyperparameters(X, y, groups, split_groups=None, epochs_grid=(10, 30,
                            weight_decay_grid=(0.0, 1e-3), random_state=0, progress=None, **probe_params):
     """Choose (epochs, weight_decay) for `LinearProbe` on a validation part of the TRAINING rows only: X (n, d), y (n,),
     groups (n,) the video of each clip row, split_groups (n,) the unit held out together (default: groups). One probe
-    per weight decay trains for max(epochs_grid) epochs, scored (video top-1) after each epoch count of the grid.
-    -> (best dict(epochs, weight_decay, val_top1, n_val_videos, n_fit_videos), all grid points); ties go to fewer
-    epochs, then the smaller weight decay. progress: the prefix ("split 1 video") of a line per grid point."""
+    per weight decay trains max(epochs_grid) epochs, scored (video top-1) at each epoch count of the grid -> (best
+    dict(epochs, weight_decay, val_top1, n_val_videos, n_fit_videos), all points); ties: fewer epochs, less decay."""
     groups, y = np.asarray(groups), np.asarray(y)
     tr, va = validation_split(y, groups if split_groups is None else np.asarray(split_groups), 0.2, random_state)
     table = []
@@ -268,8 +260,7 @@ def select_hyperparameters(X, y, groups, split_groups=None, epochs_grid=(10, 30,
         probe = LinearProbe(epochs=max(epochs_grid), weight_decay=wd, random_state=random_state, **probe_params)
         for epoch in probe._fit_epochs(X[tr], y[tr]):
             if epoch in epochs_grid:
-                table.append(dict(epochs=epoch, weight_decay=wd,
-                                  val_top1=100 * probe.score(X[va], y[va], groups[va])))
+                table.append(dict(epochs=epoch, weight_decay=wd, val_top1=100 * probe.score(X[va], y[va], groups[va])))
                 if progress:  # real UCF-101 on a CPU: minutes per point
                     print(f"{progress}: wd {wd}, epoch {epoch}/{max(epochs_grid)}, val top-1 "
                           f"{table[-1]['val_top1']:.1f}", file=sys.stderr)
@@ -284,9 +275,8 @@ def select_hyperparameters(X, y, groups, split_groups=None, epochs_grid=(10, 30,
 @torch.no_grad()
 def extract_embeddings(model, cache, batch_clips=64, device="cpu"):
     """The frozen encoders (eval mode) over every clip of the cache -> dict(z_v (N, C, W), z_a (N, C, W), has_audio
-    (N,)); z_a is 0 where has_audio is False. (Titles: `encode_titles`, with the run's tokenizer.)
-    Window: the central cfg.video.frames frames of each stored clip (frames 0..15 of a 16-frame UCF/HMDB clip; the
-    central 16 of K700's 20) and the mel frames aligned with them (README, Feature cache: mel offset = 10 x frame)."""
+    (N,)), z_a 0 where has_audio is False. Window: the central cfg.video.frames frames of each stored clip (all 16 of a
+    UCF/HMDB clip, the central 16 of K700's 20) and the mel frames aligned with them (mel offset = 10 x frame)."""
     model.eval()
     cfg, shapes = model.config, cache.manifest["shapes"]
     N, C = len(cache), shapes["clips"]
@@ -360,18 +350,14 @@ def modality_features(emb, modality, train_idx):
     return np.concatenate([emb["z_v"], z_a], axis=-1)
 
 
-def clip_rows(features, idx, labels):
-    """Per-video features (N, C, D) -> clip rows X (n*C, D), y (n*C,), groups (n*C,) = cache index of the video."""
-    C = features.shape[1]
-    return features[idx].reshape(len(idx) * C, -1), np.repeat(labels, C), np.repeat(idx, C)
-
-
 def evaluate_probe(emb, resolved, modality, ids, grid, seed=0, device="cpu", ucf_groups=False, progress=None):
     """Train and test one linear probe on one split; returns a results row (top-1 in percent, videos counted)."""
     (tr_idx, tr_y), (te_idx, te_y) = resolved["train"], resolved["test"]
-    features = modality_features(emb, modality, tr_idx)
-    Xtr, ytr, gtr = clip_rows(features, tr_idx, tr_y)
-    Xte, yte, gte = clip_rows(features, te_idx, te_y)
+    features = modality_features(emb, modality, tr_idx)                                          # (N, C, D)
+    C = features.shape[1]
+    # clip rows: X (n*C, D), y (n*C,), groups (n*C,) = the cache index of each row's video
+    Xtr, ytr, gtr = features[tr_idx].reshape(len(tr_idx) * C, -1), np.repeat(tr_y, C), np.repeat(tr_idx, C)
+    Xte, yte, gte = features[te_idx].reshape(len(te_idx) * C, -1), np.repeat(te_y, C), np.repeat(te_idx, C)
     split_groups = np.array([ucf_group(ids[i]) for i in gtr]) if ucf_groups else gtr
     # One CPU thread while the probe trains: its steps are tiny (32 rows), so on a busy machine a second thread only
     # spins, waiting for a core (BENCHMARKS.md, Linear probe training). The encoders keep every thread.
@@ -497,10 +483,9 @@ def evaluate_checkpoint(args, model, info, cache, resolved, modalities, grid):
 
 
 def embed(args, cache, model, info, emb):
-    """--embed: every video's embeddings in one .npz. Per clip (N, C, W) and per video (clip mean, (N, W)): z_v, z_a
-    (0 where has_audio is False); z_t (N, W) of each title (0 where has_text is False); and g_<space>_<m> (N, E),
-    each latent space's L2-normalised projection of each of its modalities (video and audio: the mean of the clips'
-    projections, re-normalised), 0 where the modality is missing. R@k in a space is then `g_vt_v @ g_vt_t.T`."""
+    """--embed: every video's embeddings in one .npz: z_v, z_a per clip (N, C, W) and per video (clip mean, (N, W)),
+    z_t (N, W) of each title, and g_<space>_<m> (N, E), each latent space's L2-normalised projection of each of its
+    modalities (video, audio: clip mean, re-normalised); 0 where missing. R@k in a space: `g_vt_v @ g_vt_t.T`."""
     titles = np.array([v.get("title") or "" for v in cache.videos])
     z = dict(v=emb["z_v"], a=emb["z_a"], t=np.zeros((len(cache), model.config.text.width), np.float32))
     has = dict(v=np.ones(len(cache), bool), a=emb["has_audio"].astype(bool), t=titles != "")
@@ -519,8 +504,7 @@ def embed(args, cache, model, info, emb):
 
 
 def search(args, cache, model, info, emb):
-    """--search: the text query through the run's tokenizer, the text encoder and g_vt, against each video's g_vt
-    video embedding (the mean of its clips' projections, re-normalised); prints the --top videos by cosine."""
+    """--search: the --top videos by cosine of their g_vt video embedding (clip mean) and the query's g_vt."""
     query = project(model, encode_titles(model, info, [args.search]), "vt")[0]      # (E,)
     scores = project(model, emb["z_v"], "vt", clip_mean=True) @ query                           # (N,)
     print(f"{'rank':>4}  {'score':>7}  video")
@@ -535,9 +519,8 @@ def search(args, cache, model, info, emb):
 
 def read_ucf101_split(root, split):
     """UCF-101 split `split` (1..3) from `<root>/ucfTrainTestlist/` -> dict(classes, train, test, unused): classes in
-    classInd.txt order (1-based there, 0-based here); train/test: lists of (video id, label index), the id verbatim,
-    e.g. "HandstandPushups/v_HandStandPushups_g08_c01.avi", the label from the folder (folder and file spell the class
-    differently in the real lists; test lines carry no label). CRLF and blank lines are fine."""
+    classInd.txt order (1-based there, 0-based here); train/test: lists of (video id verbatim, e.g.
+    "HandstandPushups/v_HandStandPushups_g08_c01.avi", label index from the folder: test lines carry no label)."""
     folder = Path(root) / "ucfTrainTestlist"
     paths = {name: folder / name for name in ("classInd.txt", f"trainlist0{split}.txt", f"testlist0{split}.txt")}
     for path in paths.values():
@@ -567,15 +550,13 @@ def read_ucf101_split(root, split):
 
 
 def read_hmdb51_split(root, split):
-    """HMDB-51 split `split` (1..3) from `<root>/testTrainMulti_7030_splits/<class>_test_split<k>.txt`, lines
-    `<video>.avi <code>`, 1 = train, 2 = test, 0 = unused. Classes: the files' class parts, sorted; ids
-    "<class>/<video>.avi" as in the cache. Returns what `read_ucf101_split` does."""
+    """HMDB-51 split `split` from `<root>/testTrainMulti_7030_splits/<class>_test_split<k>.txt` (lines `<video>.avi
+    <code>`: 1 train, 2 test, 0 unused) -> as `read_ucf101_split`; classes sorted, ids "<class>/<video>.avi"."""
     folder = Path(root) / "testTrainMulti_7030_splits"
     suffix = f"_test_split{split}.txt"
     files = sorted(folder.glob(f"*{suffix}"))
     if not files:
-        raise ProbeError(f"missing official split files {folder}/<class>{suffix} (HMDB-51 keeps one file "
-                         f"per class and split in <root>/testTrainMulti_7030_splits/)")
+        raise ProbeError(f"missing official split files {folder}/<class>{suffix} (HMDB-51: one per class and split)")
     classes = [f.name[: -len(suffix)] for f in files]
     rows = {1: [], 2: [], 0: []}
     for label, (name, path) in enumerate(zip(classes, files)):
@@ -601,8 +582,7 @@ def ucf_group(video_id):
 
 def resolve_split(split_data, cache, allow_partial, split):
     """Official (id, label) lists -> ({part: (cache indices, labels)}, {part: number missing}). Missing videos:
-    ProbeError with counts, or (--allow-partial) a warning. A video listed twice (or in train and test), or labelled
-    otherwise than in the cache: ProbeError."""
+    ProbeError with counts (--allow-partial: a warning). Listed twice, or labelled unlike the cache: ProbeError."""
     names, counts = np.unique([v for part in ("train", "test") for v, _ in split_data[part]], return_counts=True)
     if (counts > 1).any():
         raise ProbeError(f"split {split}: the official lists name {names[counts > 1][0]} twice (or in train and test)")
@@ -622,8 +602,7 @@ def resolve_split(split_data, cache, allow_partial, split):
                f"{len(split_data['test'])} test videos named in the official lists are not in the cache {cache.path} "
                f"(e.g. {(missing['train'] + missing['test'])[:3]})")
         if not allow_partial:
-            raise ProbeError(msg + ". Prepare the whole dataset, or pass --allow-partial to evaluate on the videos "
-                                   "present (not comparable with the paper).")
+            raise ProbeError(msg + ". Prepare the whole dataset, or pass --allow-partial (not comparable to the paper)")
         warnings.warn(f"--allow-partial: {msg}; evaluating on the rest")
     if len(out["train"][0]) == 0 or len(out["test"][0]) == 0:
         raise ProbeError(f"split {split}: no training or no test video of the official lists is in the cache")
@@ -631,7 +610,6 @@ def resolve_split(split_data, cache, allow_partial, split):
 
 
 def latest_checkpoint(runs="runs"):
-    """The most recently written runs/*/ckpt_last.pt (the default --checkpoint)."""
     found = sorted(Path(runs).glob("*/ckpt_last.pt"), key=lambda p: p.stat().st_mtime)
     if not found:
         raise ProbeError(f"no {runs}/*/ckpt_last.pt: pass --checkpoint PATH (or 'random' with --config-from)")
@@ -704,25 +682,24 @@ def load_or_extract_embeddings(model, cache, info, args):
     """`extract_embeddings` + ids (N,) and path, from disk when this (checkpoint, cache) pair was done before (not
     with --recompute). The file records the cache manifest's hash: a cache re-prepared since then invalidates it."""
     path = Path(cache.path) / "embeddings" / f"{info['embedding_key']}.npz"
-    manifest_sha = hashlib.sha256(json.dumps(cache.manifest, sort_keys=True).encode()).hexdigest()
+    manifest_sha = np.array(hashlib.sha256(json.dumps(cache.manifest, sort_keys=True).encode()).hexdigest())
     ids = np.array([v["id"] for v in cache.videos])
     if path.is_file() and not args.recompute:
         with np.load(path, allow_pickle=False) as f:
             stored = {k: f[k] for k in f.files}
-        if str(stored.get("manifest_sha")) == manifest_sha and np.array_equal(stored["ids"], ids):
+        if stored.get("manifest_sha") == manifest_sha and np.array_equal(stored["ids"], ids):
             print(f"embeddings: {path} (cached)", file=sys.stderr)
             return dict(stored, path=str(path))
         print(f"embeddings: {path} is stale (cache changed); recomputing", file=sys.stderr)
     t0 = time.time()
-    emb = dict(extract_embeddings(model, cache, args.batch_clips, args.device), ids=ids,
-               manifest_sha=np.array(manifest_sha))
+    emb = dict(extract_embeddings(model, cache, args.batch_clips, args.device), ids=ids, manifest_sha=manifest_sha)
     save_npz(path, emb)
     print(f"embeddings: {len(cache)} videos in {time.time() - t0:.1f} s -> {path}", file=sys.stderr)
     return dict(emb, path=str(path))
 
 
 def markdown_table(result):
-    """Markdown laid out like the paper's Table 1 (3-split mean) and Table 2 (split 1), paper rows beside ours."""
+    """Markdown laid out like the paper's Table 1 (3-split mean), paper rows beside ours, then every split."""
     ds = result["dataset"]
     mean, std = result["mean"], result["std"]
     random_init = result["checkpoint"] == "random"
@@ -730,21 +707,14 @@ def markdown_table(result):
     losses = (result.get("pretrain_args") or {}).get("losses")
     mods = "none" if random_init else "+".join(x.strip().upper() for x in losses.split(",")) if losses else "?"
     data = "-" if random_init else (result.get("pretrain_args") or {}).get("data", "?")
-    paper = lambda x: "-" if x is None else str(x)  # the paper's numbers as printed (74.91 stays 74.91)
     cols = lambda cell: f"{cell} | -" if ds == "ucf101" else f"- | {cell}"     # the UCF | HMDB columns
     lines = [f"# Linear probe: {DATASET_NAMES.get(ds, ds)}, {ours}", "",
-             f"Table 1 layout: top-1 (%) averaged over splits {result['split_ids']}"
-             f" (ours: mean +- sample std; paper: 3-split mean).", "",
+             f"Table 1 layout: top-1 (%): ours mean +- std over splits {result['split_ids']}, paper 3-split mean", "",
              "| Method | Pre-train data | Mod. | UCF | HMDB |", "| --- | --- | --- | --- | --- |"]
     lines += [f"| LAVA* ({'video only' if m == 'video' else m}), paper | K700 (0.1) | AVT | "
-              f"{paper(PAPER_TABLE1['ucf101'].get(m))} | {paper(PAPER_TABLE1['hmdb51'].get(m))} |" for m in MODALITIES]
+              f"{PAPER_TABLE1['ucf101'].get(m, '-')} | {PAPER_TABLE1['hmdb51'].get(m, '-')} |" for m in MODALITIES]
     lines += [f"| LAVA ({m}), this kit: {ours} | {data} | {mods} | {cols(f'{mean[m]:.1f} +- {std[m]:.1f}')} |"
               for m in result["modalities"] if m in mean]
-    lines += ["", "Table 2 layout: split-1 top-1 (%).", "", "| Pre-train | Downstream | UCF-101 | HMDB-51 |",
-              "| --- | --- | --- | --- |"]
-    lines += [f"| {name} (paper) | {m} | {paper(ucf)} | {paper(hmdb)} |" for name, m, ucf, hmdb in PAPER_TABLE2]
-    lines += [f"| {mods} (this kit, {ours}) | {r['modalities']} | {cols(format(r['top1'], '.1f'))} |"
-              for r in result["splits"] if r["split"] == 1]
     lines += ["", "| split | modality | top-1 | train videos | test videos | epochs | weight decay | val top-1 |",
               "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in result["splits"]:

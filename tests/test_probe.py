@@ -70,6 +70,13 @@ def test_missing_split_files_are_clear_errors(tmp_path):
         probe.read_ucf101_split(tmp_path, 1)
 
 
+def test_a_video_listed_twice_is_a_clear_error():
+    """Twice in one list or in both train and test: refused before the cache is looked at (cache=None here)."""
+    for train, test in (([("a/x.avi", 0)], [("a/x.avi", 0)]), ([("a/x.avi", 0), ("a/x.avi", 0)], [("a/y.avi", 0)])):
+        with pytest.raises(ProbeError, match="split 2: the official lists name a/x.avi twice"):
+            probe.resolve_split(dict(classes=["a"], train=train, test=test, unused=[]), None, False, 2)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # the estimator
 
@@ -496,7 +503,7 @@ def test_videos_missing_from_the_cache_error_or_loud_warning(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "0 of 16 training and 2 of 10 test videos" in err and "video_9999" in err and "--allow-partial" in err
     assert not (tmp_path / "o.json").exists()
-    with pytest.warns(UserWarning, match="2 of 10 test videos"):
+    with pytest.warns(UserWarning, match="--allow-partial: split 1: 0 of 16 training and 2 of 10 test videos"):
         assert probe.main(args + ["--allow-partial"]) == 0
     res = json.loads((tmp_path / "o.json").read_text())
     assert res["partial"] and res["splits"][0]["missing_videos"] == {"train": 0, "test": 2}
