@@ -12,13 +12,10 @@ r"""Pre-train LAVA (paper Section 3) on a prepare.py feature cache: one file, CP
     # your own videos, after `python prepare.py --root myvids`: every video of a folder cache is training data
     python pretrain.py --data myvids --model small --out runs/myvids
 
-Reads only the cache (PretrainClips: Kinetics' split "train" or all of a folder cache), never videos; augmentation
-is a function of (seed, epoch, sample index), so a stopped run continues to the same weights (bitwise on the CPU).
-No gradient accumulation: with in-batch negatives it is not equivalent to a larger batch.
-
-Run folder (README: Pre-training): config.json, log.jsonl, ckpt_last.pt, epoch_XXX.pt, loss.png, tokenizer.bpe. The
-same command continues the run in --out (other flags: --resume auto, or --restart); Ctrl-C or SIGTERM saves the step
-in progress (exit 130 / 143). "epoch E, step S": step S is in epoch E (from 1); checkpoints' "epoch" counts those done.
+Reads only the cache, never videos; augmentation is a function of (seed, epoch, sample index), so a stopped run
+continues to the same weights (bitwise on the CPU). No gradient accumulation: with in-batch negatives it is not a
+larger batch. The same command continues the run in --out (run folder: README, Pre-training); Ctrl-C or SIGTERM saves
+the step in progress (exit 130 / 143). "epoch E, step S": step S is in epoch E, from 1; checkpoints count epochs done.
 """
 import argparse
 import json
@@ -39,8 +36,7 @@ MEL_PER_FRAME = 10    # 10 ms mel hop at 10 fps video: frame s starts at mel col
 # config: presets, every value of which is also a flag of its own (--width ... --epochs) that overrides it
 
 PRESETS = {
-    # Section 3: three 4-layer transformers of hidden size 1024; batch 32, Adam 1e-5, cosine, 25 epochs.
-    # Heads (16), the 512-d joint space and no warmup are ours: the paper does not give them.
+    # Section 3 (4 layers, width 1024, batch 32, Adam 1e-5, cosine, 25 epochs); 16 heads, 512-d spaces, no warmup: ours
     "paper": dict(width=1024, depth=4, heads=16, embed_dim=512, dropout=0.0, center_tokens=False,
                   audio_frames_per_token=1, batch_size=32, lr=1e-5, epochs=25, warmup_steps=0),
     # the demo's (shared/notes/demo-corpus.md; centring: +40 points there); our lr: 1e-5 would barely move in 250 steps
@@ -77,8 +73,7 @@ def parse_args(argv=None):
     g.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda, cuda:N (torchrun: LOCAL_RANK)")
     g.add_argument("--threads", type=int, help="CPU: intra-op threads (default: this rank's cores minus --workers)")
     g = p.add_argument_group("model (the --model preset's values unless given)")
-    g.add_argument("--model", default="paper", choices=sorted(PRESETS), help="preset of the values listed after each "
-                   "flag below: tiny also trains at batch 16 and lr 1e-3, small at 64 and 1e-3")
+    g.add_argument("--model", default="paper", choices=sorted(PRESETS), help="preset of the values listed below")
     g.add_argument("--width", type=int, help="hidden size of all three encoders")
     g.add_argument("--depth", type=int, help="transformer layers per encoder")
     g.add_argument("--heads", type=int, help="attention heads per layer")
@@ -98,14 +93,12 @@ def parse_args(argv=None):
     g.add_argument("--loss-form", default="symmetric", choices=["symmetric", "paper_eq1"],
                    help="NCE form (losses.nce): symmetric InfoNCE (the authors' code) or Eq. 1 as printed")
     g.add_argument("--audio-noise", type=float, default=0.1, help="std of the Gaussian noise added to the log-mel")
-    g.add_argument("--no-flip", action="store_true", help="turn off the horizontal flip of the patch grid")
     g.add_argument("--compile", action="store_true", help="torch.compile the forward (checkpoints: the plain module)")
     g.add_argument("--compile-mode", help="torch.compile mode, e.g. max-autotune-no-cudagraphs (default: torch's)")
     g.add_argument("--max-steps", type=int, help="stop after this many steps (default: all; the cosine spans --epochs)")
     g = p.add_argument_group("logging and checkpoints")
     g.add_argument("--log-every", type=int, default=20, help="steps per log line (and check the loss is finite)")
-    g.add_argument("--save-every", type=int, default=2000, help="steps between ckpt_last.pt saves, besides every "
-                   "epoch's (0 = epochs only; a paper-size checkpoint with Adam state is ~2.4 GB)")
+    g.add_argument("--save-every", type=int, default=2000, help="steps between ckpt_last.pt saves (0: epochs' only)")
     g.add_argument("--keep-epochs", action="store_true", help="keep epoch_XXX.pt after every epoch (probe.py's series)")
     g.add_argument("--no-progress", action="store_true", help="no tqdm bar (log lines still print)")
     args = p.parse_args(argv)
@@ -142,8 +135,7 @@ def build_config(args, manifest, tokenizer):
     """LAVAConfig for this cache: input shapes from the manifest, sizes from the (preset-filled) flags."""
     shapes = manifest["shapes"]
     size = dict(width=args.width, depth=args.depth, heads=args.heads, dropout=args.dropout)
-    # the cache format: pad_id = vocab_size - 1 is the top id, so the embedding table has pad_id + 1 rows; with
-    # no titles in the cache the text encoder is never run (--losses av) and a 2-row table keeps it small
+    # pad_id = vocab_size - 1 (the top id): pad_id + 1 rows; a cache without titles (--losses av only) gets 2 rows
     pad_id = tokenizer.pad_id if tokenizer is not None else 1
     return LAVAConfig(
         video=VideoConfig(feature_dim=shapes["feature_dim"], frames=CLIP_FRAMES, grid=shapes["grid"],
@@ -165,14 +157,16 @@ class PretrainClips(Dataset):
     tokens    (L,) int64              BPE title tokens (all pad when there is no title)
     has_audio, has_text  bool         presence, for the loss masks
 
-    Horizontal flip (p = 0.5) reverses the W axis of the G x G patch grid: the grid mirrors exactly, each patch's
-    feature only approximately (ResNet filters are not mirror-symmetric). The paper's pixel space-crop cannot be
-    done on cached features without changing the token count, so there is none.
+    Horizontal flip (p = 0.5) reverses the W axis of the patch grid (each patch's feature mirrors only approximately:
+    ResNet filters are not mirror-symmetric); the paper's pixel space-crop would change the token count, so none.
     """
 
     def __init__(self, cache_path, indices, seed=0, flip=True, audio_noise=0.1):
-        self.cache_path, self.indices = str(cache_path), list(indices)
-        self.seed, self.flip, self.audio_noise = seed, flip, audio_noise
+        self.cache_path = str(cache_path)
+        self.indices = list(indices)
+        self.seed = seed
+        self.flip = flip
+        self.audio_noise = audio_noise
         self.cache = None  # opened lazily in each worker: a memory map must not be pickled into it
 
     def __getstate__(self):  # DataLoader workers (spawn) and copies get the path, not the open cache
@@ -181,7 +175,7 @@ class PretrainClips(Dataset):
     def __getitem__(self, key):
         i, epoch = key
         rng = np.random.default_rng([self.seed, epoch, i])
-        if self.cache is None:  # opened in the worker process that reads it
+        if self.cache is None:
             self.cache = FeatureCache(self.cache_path)
         item = self.cache[self.indices[i]]
         patches, window, audio = item["patches"], item["window"], item["audio"]  # (U,G,G,F) f16, (C,T), (C,n_mels,A)
@@ -197,9 +191,8 @@ class PretrainClips(Dataset):
         if flip:
             v = np.ascontiguousarray(v[:, :, ::-1])
         a = audio[c, :, a0:a0 + AUDIO_FRAMES].astype(np.float32)  # (n_mels, 256)
-        noise = rng.standard_normal(a.shape, dtype=np.float32)
         if item["has_audio"] and self.audio_noise > 0:  # absent audio stays zeros (it is masked out anyway)
-            a += self.audio_noise * noise
+            a += self.audio_noise * rng.standard_normal(a.shape, dtype=np.float32)  # the last draw: may be skipped
         return dict(video=torch.from_numpy(v), audio=torch.from_numpy(a),
                     tokens=torch.from_numpy(item["tokens"].astype(np.int64)),
                     has_audio=torch.tensor(bool(item["has_audio"])), has_text=torch.tensor(bool(item["has_text"])))
@@ -208,24 +201,24 @@ class PretrainClips(Dataset):
 class ResumableSampler(Sampler):
     """Yields (index, epoch) pairs: this rank's share of every global batch of an epoch, resumable mid-epoch.
 
-    DistributedSampler's role. Epoch e's order is a permutation fixed by (seed, e); global batch k is
-    perm[k*B : (k+1)*B] and rank r takes its slice [r*b, (r+1)*b) (b = B / world), so the ranks' embeddings
-    gathered in rank order are exactly the batch one process would see. The last n % B samples of each epoch's
-    permutation are dropped. set_epoch(e, start_step) skips the first start_step global batches (a checkpoint's
-    position). Example: n=5, B=2, world 1 -> 2 steps per epoch, e.g. (3, 0), (0, 0), (4, 0), (1, 0).
+    Epoch e's order is a permutation fixed by (seed, e), its last n % B samples dropped; global batch k is perm[k*B :
+    (k+1)*B] and rank r takes [r*b, (r+1)*b) of it (b = B / world): the ranks' embeddings gathered in rank order are
+    the batch one process would see. set_epoch(e, k) starts at global batch k. n=5, B=2: (3, 0), (0, 0), (4, 0), (1, 0).
     """
 
     def __init__(self, n, global_batch, rank=0, world_size=1, seed=0):
-        assert global_batch % world_size == 0, "global batch must divide by the number of ranks"
-        self.n, self.global_batch, self.rank, self.seed = n, global_batch, rank, seed
+        self.n = n
+        self.global_batch = global_batch
+        self.rank = rank
+        self.seed = seed
         self.local_batch = global_batch // world_size
         self.steps_per_epoch = n // global_batch
-        self.epoch, self.start_step = 0, 0
+        self.set_epoch(0)
 
     def set_epoch(self, epoch, start_step=0):
         self.epoch, self.start_step = epoch, start_step
 
-    def __len__(self):
+    def __len__(self):  # this rank's samples left in the epoch
         return (self.steps_per_epoch - self.start_step) * self.local_batch
 
     def __iter__(self):
@@ -241,8 +234,7 @@ def train_indices(cache):
     or every video of a folder cache (your own, unlabelled). UCF-101 and HMDB-51 are the probe's: refused."""
     dataset = cache.manifest.get("dataset")
     if dataset in ("ucf101", "hmdb51"):
-        fail(f"pre-training needs a Kinetics (or your own videos') cache; {cache.path} is a {dataset} cache (it is for "
-             "probe.py)")
+        fail(f"pre-training needs a Kinetics or your own videos' cache; {cache.path} is a {dataset} cache (probe.py's)")
     idx = [i for i, v in enumerate(cache.videos) if dataset == "folder" or v.get("split") == "train"]
     if not idx:
         fail(f"{cache.path} ({dataset}) has no videos with split == 'train' to pre-train on")
@@ -258,17 +250,13 @@ def make_loader(dataset, sampler, workers, device, seed):
     return DataLoader(
         dataset, batch_size=sampler.local_batch, sampler=sampler, drop_last=True, num_workers=workers,
         pin_memory=device.type == "cuda", persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
-        # worker base seeds come from this generator, not from the global RNG the model uses, so the model's RNG
-        # stream is the same whether the run was resumed or not (the samples themselves use no worker RNG)
+        # worker seeds from here, not the global RNG (the model's stream stays the same on resume; samples use none)
         generator=torch.Generator().manual_seed(seed), worker_init_fn=ignore_sigint)
 
 
 def to_device(batch, device, trim_pad_id=None):
-    """Move a collated batch to `device` (non-blocking from pinned memory); video f16 -> f32 on the device.
-
-    trim_pad_id (the CPU's): drop the token columns that are padding in every title (rounded up to a multiple of
-    8); padding is masked out of attention and pooling, so the embeddings are the same at a fraction of the cost.
-    Off on CUDA, where fixed shapes suit torch.compile and text is a small part of the step."""
+    """A collated batch on `device` (non-blocking), video f16 -> f32. trim_pad_id (the CPU's): drop the token columns
+    that are padding in every title (up to a multiple of 8; masked anyway: same embeddings); CUDA keeps fixed shapes."""
     tokens = batch["tokens"]                                         # (b, L) int64
     if trim_pad_id is not None:
         used = (tokens != trim_pad_id).any(dim=0).nonzero()
@@ -294,9 +282,8 @@ def loss_fn(model, video, audio, tokens, present, spaces, temperature, loss_form
 
 def make_optimizer(model, args, device):
     """AdamW (= the paper's Adam at --weight-decay 0), fused on CUDA; decay only >= 2-d weights like nanoGPT."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [dict(params=[p for p in params if p.dim() >= 2], weight_decay=args.weight_decay),
-              dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)]
+    groups = [dict(params=[p for p in model.parameters() if p.dim() >= 2], weight_decay=args.weight_decay),
+              dict(params=[p for p in model.parameters() if p.dim() < 2], weight_decay=0.0)]
     return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999), eps=1e-8, fused=device.type == "cuda")
 
 
@@ -341,13 +328,6 @@ def load_checkpoint(path):
     return ckpt
 
 
-def format_line(rec):
-    """One format: `epoch 3 step 120 | loss 2.3104 (av 1.1000 vt 0.9000 avt 0.3104) | lr 1.0e-05 | 812 clips/s`."""
-    terms = " ".join(f"{k} {rec[k]:.4f}" for k in ("av", "vt", "avt") if k in rec)
-    return (f"epoch {rec['epoch']} step {rec['step']} | loss {rec['loss']:.4f} ({terms}) | lr {rec['lr']:.1e} | "
-            f"{rec['clips_per_s']:.0f} clips/s")
-
-
 def read_log(path):
     return [json.loads(line) for line in Path(path).read_text().splitlines()] if Path(path).exists() else []
 
@@ -371,16 +351,14 @@ def plot_losses(log_path, png_path):
 
 
 def main(argv=None):
-    # -------------------------------------------------------------------------------- config
+    # -------------------------------------------------------------------------------- config, DDP setup, device
     args = argv if isinstance(argv, argparse.Namespace) else parse_args(argv)
     spaces = tuple(args.losses.split(","))
-
-    # -------------------------------------------------------------------------------- DDP setup, device
     # torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; a plain `python pretrain.py` is rank 0 of 1
     rank, world, local_rank = (int(os.getenv(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
-    ddp, master = world > 1, rank == 0
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    ddp = world > 1
+    master = rank == 0
+    args.device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     device = torch.device(args.device)
     if device.type == "cuda":
         # torchrun: one GPU per rank; otherwise the given one (set_device needs an index, torch 2.11)
@@ -406,10 +384,11 @@ def main(argv=None):
         if ddp:  # every rank must name the same folder
             dist.broadcast_object_list(stamp, src=0)
         args.out = str(Path(args.resume).parent) if explicit else f"runs/lava_{stamp[0]}"
-    out, ckpt = Path(args.out), None
+    out = Path(args.out)
     last, log_path = out / "ckpt_last.pt", out / "log.jsonl"
     # --resume PATH, or the run in --out: the same command continues it, with other settings only when asked
     ckpt_path = None if args.restart else Path(args.resume) if explicit else last if last.exists() else None
+    ckpt = None
     if ckpt_path is not None:
         try:
             ckpt = load_checkpoint(ckpt_path)
@@ -433,20 +412,18 @@ def main(argv=None):
     steps_per_epoch = sampler.steps_per_epoch
     if steps_per_epoch == 0:
         fail(f"{len(indices)} training videos are fewer than one batch of {args.batch_size}")
-    dataset = PretrainClips(args.cache, indices, seed=args.seed, flip=not args.no_flip, audio_noise=args.audio_noise)
+    dataset = PretrainClips(args.cache, indices, seed=args.seed, audio_noise=args.audio_noise)
     loader = make_loader(dataset, sampler, args.workers, device, args.seed)
     total_steps = args.epochs * steps_per_epoch
     last_step = min(total_steps, args.max_steps or total_steps)
     position = lambda step: f"epoch {-(-step // steps_per_epoch)}, step {step}"  # as in the log: the ceil, from 1
 
-    # -------------------------------------------------------------------------------- model
+    # -------------------------------------------------------------------------------- model, optimizer
     config = build_config(args, cache.manifest, cache.tokenizer)
     if cache.tokenizer is None and spaces != ("av",):
         fail(f"--losses {args.losses} needs titles, but {args.cache} has no tokenizer: use --losses av")
     torch.manual_seed(args.seed)  # same init on every rank (DDP also broadcasts rank 0's weights)
     raw_model = LAVA(config).to(device)  # checkpoints save raw_model: no DDP "module." or compile "_orig_mod."
-
-    # -------------------------------------------------------------------------------- optimizer
     optimizer = make_optimizer(raw_model, args, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, make_schedule(args.warmup_steps, total_steps, args.lr, args.min_lr))
@@ -467,9 +444,8 @@ def main(argv=None):
     # -------------------------------------------------------------------------------- DDP wrap, compile
     model = raw_model
     if ddp:
-        # No loss scaling: each rank's loss is the whole global batch's and the gather's backward sums the ranks'
-        # gradients, so after DDP's averaging the update is the one-process gradient (losses._AllGather). A Table 2
-        # ablation leaves encoders/projections without gradients: DDP must be told to expect that.
+        # No loss scaling: every rank's loss is the global batch's and the gather's backward sums the ranks' gradients
+        # (losses._AllGather). A Table 2 ablation leaves parameters without gradients: DDP must be told to expect that.
         model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None,
                     find_unused_parameters=spaces != ("av", "vt", "avt"))
     if args.compile:
@@ -553,7 +529,10 @@ def main(argv=None):
                     if master:
                         with open(log_path, "a") as f:
                             f.write(json.dumps(rec) + "\n")
-                        bar.write(format_line(rec))
+                        # epoch 3 step 120 | loss 2.3104 (av 1.1000 vt 0.9000 avt 0.3104) | lr 1.0e-05 | 812 clips/s
+                        terms = " ".join(f"{k} {rec[k]:.4f}" for k in spaces)
+                        bar.write(f"epoch {rec['epoch']} step {step} | loss {mean[0]:.4f} ({terms}) | lr {lr:.1e} | "
+                                  f"{rec['clips_per_s']:.0f} clips/s")
                         sys.stdout.flush()
 
                 # ckpt_last.pt, and epoch_XXX.pt (XXX = epochs done) at an epoch's end with --keep-epochs
@@ -575,8 +554,9 @@ def main(argv=None):
                     atomic_save(last, lambda f: torch.save(state, f))
                     if step_in_epoch == 0 or step >= last_step:
                         plot_losses(log_path, out / "loss.png")
-                if save_now:  # clips/s counts training, not checkpoint writes and plots
-                    last_saved, t_window = step, time.perf_counter()
+                if save_now:
+                    last_saved = step
+                    t_window = time.perf_counter()  # clips/s counts training, not checkpoint writes and plots
                 if step >= last_step or stop:
                     break
     except KeyboardInterrupt:  # torchrun's ranks, or a second Ctrl-C: the same command continues from the last save

@@ -1,4 +1,4 @@
-"""losses.py against brute-force loops over the paper's equations, the masking guarantees, and 2-rank DDP equivalence."""
+"""losses.py against brute-force loops over the paper's equations, the masking guarantees and 2-rank DDP equivalence."""
 import math
 import re
 import textwrap

@@ -38,8 +38,8 @@ def one_thread():
 
 def run(*args, check=True, timeout=120):
     """Run pretrain.py in a subprocess; returns the CompletedProcess."""
-    proc = subprocess.run([sys.executable, str(ROOT / "pretrain.py"), *map(str, args), "--threads", "1"], env=ENV, cwd=ROOT,
-                          capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run([sys.executable, str(ROOT / "pretrain.py"), *map(str, args), "--threads", "1"], env=ENV,
+                          cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"pretrain.py failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr[-3000:]}")
     return proc
@@ -209,7 +209,8 @@ def test_cli_run_folder_and_loss_decreases(feature_cache, tmp_path):
     # no token centring: the conftest cache's class signal is a per-clip offset, which centring would remove
     proc = run("--cache", feature_cache, "--model", "tiny", "--out", out, "--batch-size", 4, "--epochs", 6,
                "--lr", 3e-3, "--log-every", 1, "--workers", 1, "--keep-epochs", "--no-progress", "--no-center-tokens")
-    for name in ("config.json", "log.jsonl", "ckpt_last.pt", "loss.png", "tokenizer.bpe", "epoch_001.pt", "epoch_006.pt"):
+    for name in ("config.json", "log.jsonl", "ckpt_last.pt", "loss.png", "tokenizer.bpe", "epoch_001.pt",
+                 "epoch_006.pt"):
         assert (out / name).is_file(), name
     assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
     lines = [l for l in proc.stdout.splitlines() if l.startswith("epoch ")]
@@ -219,7 +220,8 @@ def test_cli_run_folder_and_loss_decreases(feature_cache, tmp_path):
     for key in ("epoch", "loss", "av", "vt", "avt", "lr", "clips_per_s", "mem_gb"):
         assert all(np.isfinite(r[key]) for r in log), key
     # the lr column: the lr each step used, on the cosine from 3e-3 to 0 over the 30 steps (0-based step = step - 1)
-    assert [r["lr"] for r in log] == pytest.approx([cosine(3e-3, 0, 30, r["step"] - 1) for r in log], rel=1e-9, abs=1e-15)
+    want_lr = [cosine(3e-3, 0, 30, r["step"] - 1) for r in log]
+    assert [r["lr"] for r in log] == pytest.approx(want_lr, rel=1e-9, abs=1e-15)
     assert log[0]["lr"] == 3e-3
     first, last = np.mean([r["loss"] for r in log[:5]]), np.mean([r["loss"] for r in log[-5:]])  # epochs 1, 6
     assert last < 0.85 * first, (first, last)
@@ -235,7 +237,8 @@ def test_cli_run_folder_and_loss_decreases(feature_cache, tmp_path):
 
 def assert_same_run(ref, run_dir):
     """ckpt_last.pt's weights and Adam moments, and every logged loss, bitwise those of the run in `ref`."""
-    want, got = torch.load(ref / "ckpt_last.pt", weights_only=True), torch.load(run_dir / "ckpt_last.pt", weights_only=True)
+    want = torch.load(ref / "ckpt_last.pt", weights_only=True)
+    got = torch.load(run_dir / "ckpt_last.pt", weights_only=True)
     assert_same_state(want["model"], got["model"])
     assert want["optimizer"]["state"].keys() == got["optimizer"]["state"].keys()
     for k in want["optimizer"]["state"]:
@@ -366,7 +369,8 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, one_threa
                        "--epochs", "2", "--log-every", "5", "--save-every", "1", "--workers", "0", "--no-progress",
                        "--threads", "1"])
     msg = str(stop.value.code)
-    assert re.search(r"non-finite loss (nan|inf|-inf) at epoch 1, step 3: ", msg) and "(step 2) is untouched" in msg, msg
+    assert re.search(r"non-finite loss (nan|inf|-inf) at epoch 1, step 3: ", msg), msg
+    assert "(step 2) is untouched" in msg, msg
     ckpt, model = load_model(out / "ckpt_last.pt")
     assert ckpt["step"] == 2 and all(torch.isfinite(p).all() for p in model.state_dict().values())
     assert all(r["step"] <= 2 for r in read_log(out))
@@ -479,8 +483,8 @@ def test_cache_kinds_folder_trains_on_all_probe_caches_and_missing_ones_refused(
     assert json.loads((tmp_path / "run" / "config.json").read_text())["train_videos"] == 24
     assert pretrain.train_indices(FeatureCache(folder)) == list(range(24))
     ucf = write_feature_cache(tmp_path / "ucf101" / "lava_cache", dataset="ucf101")
-    for data, want in ((ucf.parent, f"pre-training needs a Kinetics (or your own videos') cache; {ucf} is a ucf101 "
-                                    "cache (it is for probe.py)\n"),
+    for data, want in ((ucf.parent, f"pre-training needs a Kinetics or your own videos' cache; {ucf} is a ucf101 "
+                                    "cache (probe.py's)\n"),
                        (tmp_path / "nothing", "python prepare.py --root")):
         with pytest.raises(SystemExit) as stop:
             pretrain.main(["--data", str(data), "--model", "tiny", "--out", str(tmp_path / "no"), "--workers", "0"])
@@ -494,6 +498,6 @@ def test_help_shows_defaults_and_presets_before_torch_loads():
     assert proc.returncode == 0 and "| torch" not in proc.stderr and "numpy" not in proc.stderr
     help_text = " ".join(proc.stdout.split())                            # argparse wraps at the terminal width
     for shown in ("(default: 0.07)", "(default: 2000)", "(paper 32, small 64, tiny 16)", "(paper 1e-05, small 0.001, "
-                  "tiny 0.001)", "(default: k700)", "tiny also trains at batch 16 and lr 1e-3"):
+                  "tiny 0.001)", "(default: k700)", "preset of the values listed below"):
         assert shown in help_text, shown
     assert "--rdzv_backend c10d \\\n        --rdzv_endpoint" in proc.stdout  # the docstring's line break kept
