@@ -64,6 +64,11 @@ def parse_args(argv=None):
         p.error("--dataset is required (except with --embed, --search or --summary)")
     if (args.embed or args.search) and not (args.root or args.cache):
         p.error("--embed and --search need --root (your videos' folder) or --cache")
+    try:  # the grids as tuples here, so that a typo is a usage line, not a traceback
+        args.epochs_grid = tuple(int(x) for x in args.epochs_grid.split(","))
+        args.weight_decay_grid = tuple(float(x) for x in args.weight_decay_grid.split(","))
+    except ValueError:
+        p.error("--epochs-grid takes comma-separated integers, --weight-decay-grid comma-separated numbers")
     return args
 
 
@@ -410,8 +415,7 @@ def main(argv=None):
             raise ProbeError(f"--modalities: unknown {sorted(set(modalities) - set(MODALITIES))} (video, audio+video)")
         if args.dataset == "hmdb51" and "audio+video" in modalities:
             warnings.warn("HMDB-51 audio+video is not in the paper (most HMDB videos have no audio)")
-        grid = dict(epochs=tuple(int(x) for x in args.epochs_grid.split(",")),
-                    weight_decay=tuple(float(x) for x in args.weight_decay_grid.split(",")))
+        grid = dict(epochs=args.epochs_grid, weight_decay=args.weight_decay_grid)
         read_split = read_ucf101_split if args.dataset == "ucf101" else read_hmdb51_split
         split_data = {k: read_split(root, k) for k in ([args.split] if args.split else [1, 2, 3])}  # before heavy work
         resolved = {k: resolve_split(data, cache, args.allow_partial, k) for k, data in split_data.items()}

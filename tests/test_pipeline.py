@@ -75,14 +75,14 @@ def test_pipeline_end_to_end(tmp_path):
     assert losses[-1] < 0.7 * losses[0], losses
 
     # `python probe.py --dataset ucf101 --all-splits`: root defaults to ucf101/, checkpoint to the latest run's.
-    # The random-init probes keep their embeddings apart, so no two processes write into one folder.
+    # Four probes at once: each writes its own <cache>/embeddings/<key>.npz (a temp file per process, then a rename).
     random_init = ["--checkpoint", "random", "--config-from", str(run_dir / "ckpt_last.pt")]
     finish(start(tmp_path, "probe.py", "--dataset", "ucf101", "--all-splits", "--out", "ucf.json", env=SHARED),
            start(tmp_path, "probe.py", "--dataset", "ucf101", "--all-splits", *random_init, "--out", "ucf_random.json",
-                 "--embeddings-dir", "emb_ucf_random", env=SHARED),
+                 env=SHARED),
            start(tmp_path, "probe.py", "--dataset", "hmdb51", "--all-splits", "--out", "hmdb.json", env=SHARED),
            start(tmp_path, "probe.py", "--dataset", "hmdb51", "--all-splits", *random_init, "--out", "hmdb_random.json",
-                 "--embeddings-dir", "emb_hmdb_random", env=SHARED))
+                 env=SHARED))
     names = ("ucf", "ucf_random", "hmdb", "hmdb_random")
     ucf, ucf_random, hmdb, hmdb_random = results = [json.loads((tmp_path / f"{n}.json").read_text()) for n in names]
     for result in results:

@@ -562,3 +562,9 @@ def test_a_damaged_cache_is_one_line(tmp_path, capsys):
     assert probe.main(["--embed", "--cache", str(cache), "--checkpoint", "random"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and str(patches) in err and "Traceback" not in err, err
+
+
+def test_a_bad_grid_is_a_usage_line(capsys):
+    with pytest.raises(SystemExit) as stop:
+        probe.main(["--dataset", "ucf101", "--epochs-grid", "10,x"])
+    assert stop.value.code == 2 and "--epochs-grid takes comma-separated integers" in capsys.readouterr().err
