@@ -360,12 +360,13 @@ def add_prepare_args(p):
 # ----------------------------------------------------------------------------------------------------
 # prepare-run
 # prepare.py end to end (decode workers + CNN) on a synthetic UCF-like corpus, once per --workers value: its
-# frames/s and how long the main process waited for decoding and for the CNN, from the run's own log
-# (CACHE/prepare_runs.jsonl). On a GPU this says whether prepare keeps the CNN busy (issue 3).
+# frames/s and how long the main process waited for decoding and for the CNN, from the run's last printed line.
+# On a GPU this says whether prepare keeps the CNN busy (issue 3).
 
 def bench_prepare_run(args):
     import json
     import os
+    import re
     import shutil
     import subprocess
     import sys
@@ -385,8 +386,12 @@ def bench_prepare_run(args):
             cmd = [sys.executable, str(here / "prepare.py"), "--root", str(work / "ucf101"), "--out", str(out),
                    "--backbone", "random", "--size", str(args.size), "--batch-size", str(args.batch_size),
                    "--workers", str(workers), "--device", args.device]
-            subprocess.run(cmd, check=True, cwd=here, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            run = json.loads((out / "prepare_runs.jsonl").read_text().splitlines()[-1])
+            said = subprocess.run(cmd, check=True, cwd=here, capture_output=True, text=True).stdout
+            m = re.search(r"prepare: (\d+) videos, ([\d,]+) frames through the CNN in ([\d.]+) s \(([\d,]+) frames/s\); "
+                          r"the main process waited ([\d.]+) s for decoding .* and ([\d.]+) s for the CNN \((.+)\)", said)
+            run = dict(workers=workers, videos=int(m[1]), frames=int(m[2].replace(",", "")), seconds=float(m[3]),
+                       frames_per_s=int(m[4].replace(",", "")), wait_decode_s=float(m[5]), wait_cnn_s=float(m[6]),
+                       device=m[7])
             manifest = json.loads((out / "manifest.json").read_text())
             print(json.dumps(dict(what="prepare_run", source_size=args.source_size, seconds_per_video=args.seconds,
                                   bytes_per_video=manifest["bytes_per_video"], **run)))

@@ -30,7 +30,7 @@ import sys
 import tempfile
 import time
 import warnings
-from collections import Counter, deque
+from collections import deque
 from pathlib import Path
 
 import numpy as np
@@ -40,9 +40,12 @@ from bpe import BPETokenizer, write_atomic
 CACHE_FORMAT, CACHE_VERSION = "lava-cache", 2
 FPS = 10                                  # the paper's clips: 16 frames at 10 fps
 SAMPLE_RATE, N_FFT, HOP, N_MELS = 16000, 400, 160, 80  # 25 ms windows, 10 ms hop: 10 mel frames per video frame
-MAX_TOKENS, FEATURE_DIM, EVAL_FRAMES = 128, 512, 16
+MAX_TOKENS = 128                          # title length in BPE ids
+FEATURE_DIM = 512                         # ResNet-18 layer4 channels
+EVAL_FRAMES = 16                          # the model's clip length
 TIME_TOL = 1e-5                           # s; frame timestamps are exact rationals printed as doubles
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+_FULL_SCALE = {np.dtype(np.int16): 2 ** 15, np.dtype(np.int32): 2 ** 31, np.dtype(np.uint8): 2 ** 7}  # integer PCM
 VIDEO_EXTS = {".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".mpeg", ".flv", ".3gp", ".ogv", ".wmv"}
 
 
@@ -50,11 +53,9 @@ VIDEO_EXTS = {".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".mpeg", 
 # 1. frames: which 10 fps frames, then OpenCV decodes the file once and keeps the frame on screen at each time
 
 def clip_plan(num_frames, clips, frames, sampling):
-    """Which 10 fps frames each clip holds.
-
-    num_frames: K, the length of the video on the 10 fps grid. Returns (targets (U,) sorted unique frame
-    indices to decode, index (clips, frames) into targets, starts (clips,) first grid frame of each clip).
-    clip_plan(30, 3, 16, "eval") -> starts [0, 7, 14]: windows overlap, so U = 30 frames serve 48 slots.
+    """Which 10 fps frames each clip holds, for a video of num_frames (K) frames on the 10 fps grid: (targets (U,)
+    sorted unique frame indices to decode, index (clips, frames) into targets, starts (clips,) first grid frame of
+    each clip). clip_plan(30, 3, 16, "eval") -> starts [0, 7, 14]: windows overlap, so U = 30 frames serve 48 slots.
     """
     K = max(1, int(num_frames))
     if sampling == "pretrain" or clips == 1:
@@ -99,9 +100,10 @@ def sample_frames(path, targets, size):
                 max_dt, min_dt = max(max_dt, pts - prev_pts), min(min_dt, pts - prev_pts)
             prev_pts = pts
             if times[i] < pts - TIME_TOL and cand_src != j - 1:
-                # j > 0: frame j-1 was on screen but not retrieved (a VFR gap longer than any before), so decode up
-                # to it again; j == 0: targets before the first timestamp get the first frame
-                ok, img = _nth_frame(path, j - 1) if j else cap.retrieve()
+                # j > 0: frame j-1 was on screen but not retrieved (a VFR gap longer than any before), so a fresh
+                # capture decodes up to it again; j == 0: targets before the first timestamp get the first frame
+                again = _open_cv(path) if j else cap
+                ok, img = again.retrieve() if all(again.grab() for _ in range(j)) else (False, None)
                 misses += j > 0
                 if ok and img is not None:
                     cand, cand_src = _square(img, size), max(j - 1, 0)
@@ -134,16 +136,15 @@ def _square(img, size):
     import cv2
     h, w = img.shape[:2]
     m = min(h, w)
-    img, k = img[(h - m) // 2:(h - m) // 2 + m, (w - m) // 2:(w - m) // 2 + m], m // size
+    img = img[(h - m) // 2:(h - m) // 2 + m, (w - m) // 2:(w - m) // 2 + m]
+    k = m // size
     if k >= 2:
         n = (m // k) * k                       # trim a few edge pixels so the box filter tiles exactly
         o = (m - n) // 2
         img = cv2.resize(img[o:o + n, o:o + n], (n // k, n // k), interpolation=cv2.INTER_AREA)
     if img.shape[0] != size:
         img = cv2.resize(img, (size, size), interpolation=cv2.INTER_LINEAR)
-    if img.ndim == 2:  # grayscale from a backend that hands gray through
-        return cv2.cvtColor(img, cv2.COLOR_GRAY2RGB)
-    return cv2.cvtColor(img, cv2.COLOR_BGRA2RGB if img.shape[2] == 4 else cv2.COLOR_BGR2RGB)  # on the small picture
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)  # on the small picture; OpenCV's FFmpeg capture hands out BGR only
 
 
 def _open_cv(path):
@@ -155,26 +156,16 @@ def _open_cv(path):
     return cap
 
 
-def _nth_frame(path, n):
-    """(ok, BGR picture) of frame number n (0-based, grab() order) from a fresh capture."""
-    cap = _open_cv(path)
-    try:
-        return cap.retrieve() if all(cap.grab() for _ in range(n + 1)) else (False, None)
-    finally:
-        cap.release()
-
-
 # ----------------------------------------------------------------------------------------------------
-# 2. audio: PyAV / soundfile -> 16 kHz mono, t = 0 at the first video frame -> log-mel windows per clip
+# 2. audio: PyAV -> 16 kHz mono, t = 0 at the first video frame -> log-mel windows per clip
 
 def log_mel_windows(wave, starts, audio_frames):
     """Log-mel crops aligned with video clips: (C, 80, A) float32 for clip starts (C,) on the 10 fps grid.
 
-    Mel frame m of the file is centred at m * 10 ms - 5 ms; a clip starting at 10 fps frame k0 takes
-    frames m0 = 10 k0 - 47 .. m0 + A - 1, so its crop [10 s, 10 s + 256) is centred at k0/10 + s/10 + 0.8 s,
-    the middle of video frames s .. s+15 (each on screen for 100 ms). Samples outside the file are zeros
-    (constant padding), so the mel there is log(1e-6), the value of silence.
-    """
+    Mel frame m of the file is centred at m * 10 ms - 5 ms; a clip starting at 10 fps frame k0 takes frames
+    m0 = 10 k0 - 47 .. m0 + A - 1, so its crop [10 s, 10 s + 256) is centred at k0/10 + s/10 + 0.8 s, the middle of
+    video frames s .. s+15 (each on screen for 100 ms). Samples outside the file are zeros (constant padding), so
+    the mel there is log(1e-6), the value of silence."""
     import torch
     m0 = FPS * np.asarray(starts, dtype=np.int64) - 47
     lo, hi = int(m0.min()), int(m0.max()) + audio_frames  # mel frames [lo, hi) cover every clip
@@ -251,7 +242,12 @@ def _decode_audio(container, path, packets, reason=None, until=None):
             first = t if first is None else first
             if until is not None and t is not None and t - v0 > until:
                 break
-            chunks.append((frame.sample_rate, _frame_mono(frame)))
+            x = frame.to_ndarray()  # (channels, n) planar, (1, n * channels) packed
+            if not frame.format.is_planar:
+                x = x.reshape(-1, len(frame.layout.channels)).T
+            # the mean of the channels (swresample's stereo->mono downmix would scale by 1/sqrt(2): mels 0.35 nats off)
+            mono = x.mean(axis=0, dtype=np.float32) - (128 if x.dtype == np.uint8 else 0)
+            chunks.append((frame.sample_rate, mono / _FULL_SCALE.get(x.dtype, 1)))  # in [-1, 1]
     except Exception as e:  # broken packets: keep what decoded
         reason = f"audio decoding stopped early: {type(e).__name__}: {e}"
     # one resampling call per run of same-rate frames (torchaudio's windowed sinc, whose cost is mostly per call)
@@ -269,22 +265,9 @@ def _decode_audio(container, path, packets, reason=None, until=None):
     return wave, reason
 
 
-def _frame_mono(frame):
-    """A PyAV AudioFrame -> (n,) float32 in [-1, 1], the mean of its channels (swresample's stereo->mono downmix
-    would scale by 1/sqrt(2), every mel 0.35 nats off)."""
-    x = frame.to_ndarray()                       # (channels, n) planar, (1, n * channels) packed
-    if not frame.format.is_planar:
-        x = x.reshape(-1, len(frame.layout.channels)).T
-    mono = x.mean(axis=0, dtype=np.float32)
-    if x.dtype == np.uint8:
-        mono -= 128
-    return mono / {np.dtype(np.int16): 2 ** 15, np.dtype(np.int32): 2 ** 31, np.dtype(np.uint8): 2 ** 7}.get(x.dtype, 1)
-
-
 @functools.lru_cache(maxsize=None)
 def _resampler(rate):
-    """`rate` -> SAMPLE_RATE on (n,) float32 tensors: torchaudio's windowed sinc, built once per rate (building it
-    costs more than using it on a clip)."""
+    """`rate` -> SAMPLE_RATE on (n,) float32 tensors: torchaudio's windowed sinc, built once per rate."""
     import torch
     import torchaudio
     return torchaudio.transforms.Resample(rate, SAMPLE_RATE, dtype=torch.float32)
@@ -297,13 +280,10 @@ def build_backbone(kind, weights_path, device):
     """torchvision resnet18 children up to layer4 (drops avgpool and fc), eval, frozen, channels_last."""
     import torch
     import torchvision
-    if kind == "random":
-        # seed 0 so every dataset prepared with --backbone random sees the same (untrained) backbone
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            net = torchvision.models.resnet18(weights=None)
-    else:
+    with torch.random.fork_rng(devices=[]):  # seed 0: every --backbone random cache sees the same backbone
+        torch.manual_seed(0)
         net = torchvision.models.resnet18(weights=None)
+    if kind == "imagenet":
         url, hub = torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url, Path(torch.hub.get_dir()) / "checkpoints"
         path = Path(weights_path) if weights_path else hub / Path(url).name
         if not path.is_file():
@@ -327,13 +307,13 @@ class FrameEncoder:
         enc.batch[:n] = frames   # (batch_size, S, S, 3) uint8 input buffer, filled in place
         features = enc(n)        # (n, G, G, 512) float16 numpy of its first n frames
 
-    On CUDA the input buffer is pinned (the upload is a straight DMA) and the CNN runs in bf16 (tensor cores; the
-    features are stored as float16 anyway); exact float32 on the CPU.
+    On CUDA the buffer is pinned (a straight DMA upload) and the CNN runs in bf16; exact float32 on the CPU.
     """
 
     def __init__(self, kind, weights_path, device, size, batch_size):
         import torch
-        self.device, self.batch_size = torch.device(device), batch_size
+        self.device = torch.device(device)
+        self.batch_size = batch_size
         self.cuda = self.device.type == "cuda"
         self.net = build_backbone(kind, weights_path, self.device)
         self.mean, self.std = (torch.tensor(v, device=self.device).view(1, 3, 1, 1) * 255
@@ -356,77 +336,67 @@ class FrameEncoder:
 
 
 # ----------------------------------------------------------------------------------------------------
-# 1 + 2 for one video (in a decode worker process); the CNN runs on batches of many videos' frames in main()
+# 1 + 2 for one video (in a decode worker process); the CNN runs on batches of many videos' frames in _prepare
 
 class BadVideo(Exception):
     """A file that cannot give frames; its message is the reason written to prepare_errors.jsonl."""
 
 
 def decode_video(job):
-    """job: {"path", "size", "clips", "frames", "sampling", "audio_frames"} -> result dict; never raises.
-
-    result: ok, frames uint8 (U, S, S, 3), index (C, T) into frames, nreal (C,) int16,
-    mel float16 (C, 80, A) or None, notes [(reason, action)], or ok False and reason.
-    """
+    """job: {"path", "size", "clips", "frames", "sampling", "audio_frames"} -> result dict; never raises. result:
+    ok, frames uint8 (U, S, S, 3), index (C, T) into frames, nreal (C,) int16, mel float16 (C, 80, A) or None,
+    notes [(reason, action)]; or ok False and reason."""
+    import av
     try:
-        return _decode_video(job)
+        path = Path(job["path"])
+        notes = []
+        if not path.is_file() or path.stat().st_size == 0:
+            raise BadVideo("zero-byte file" if path.is_file() else "file not found")
+        # PyAV reads the packets once: the video's times give its duration, which places the clips, whose audio is
+        # then decoded. The duration a header states can be a bit-rate estimate (MPEG-PS, TS, FLV: a 3 s MPEG-PS
+        # file said 0.05 s); a measured one shorter than the stated one means a truncated file
+        with av.open(str(path), metadata_errors="replace") as container:  # not a video: av's error is the reason
+            if not container.streams.video:
+                raise BadVideo("no video stream")
+            duration, packets, reason = _demux(container)
+            stated = container.duration / 1e6 if container.duration else None  # AV_TIME_BASE units
+            if duration is None:
+                notes.append(("duration unknown from the packets", "clips planned on the stated duration, else 1 s"))
+                duration = stated or 1.0
+            elif stated and duration < stated - 0.5:
+                notes.append((f"video packets end at {duration:.2f} s of the {stated:.2f} s its container states "
+                              "(truncated?)", "clips planned on the packets"))
+            K = max(1, math.ceil(duration * FPS - 1e-6))  # grid frames k with k/10 s < duration
+            targets, index, starts = clip_plan(K, job["clips"], job["frames"], job["sampling"])
+            # audio up to the end of the last mel crop (+ one FFT window): see log_mel_windows
+            until = ((FPS * int(starts.max()) - 47 + job["audio_frames"]) * HOP + N_FFT) / SAMPLE_RATE
+            wave, reason = _decode_audio(container, path, packets, reason, until)
+
+        frames, real, _, _, end = sample_frames(path, targets, job["size"])
+        if not real.all() and end < duration - 0.5:
+            # the frames stop well before the packets do (undecodable data): plan the clips again on what decodes,
+            # so they hold frames rather than repeats of the last one
+            notes.append((f"video decodes to {end:.2f} s of its {duration:.2f} s (truncated?)",
+                          "clips planned on the decodable part"))
+            K = max(1, math.ceil(end * FPS - 1e-6))
+            targets, index, starts = clip_plan(K, job["clips"], job["frames"], job["sampling"])
+            frames, real, _, _, end = sample_frames(path, targets, job["size"])
+        nreal = real[index].sum(axis=1).astype(np.int16)  # (C,) real frames per clip (a prefix of each clip)
+        if int(real.sum()) <= 1 and len(real) > 1:
+            notes.append(("a single decodable frame", "repeated over the clip"))
+
+        if wave is not None and float(np.abs(wave).max(initial=0.0)) < 1e-4:
+            wave, reason = None, "silent audio track"
+        mel = None if wave is None else log_mel_windows(wave, starts, job["audio_frames"]).astype(np.float16)
+        if reason:
+            notes.append((reason, "has_audio False" if mel is None else "audio kept up to the error"))
+        return dict(ok=True, frames=frames, index=index.astype(np.int32), nreal=nreal, mel=mel, notes=notes)
     except Exception as e:  # BadVideo, or anything else a broken file can make a library raise
         return dict(ok=False, reason=str(e) if isinstance(e, BadVideo) else f"{type(e).__name__}: {e}")
 
 
-def _decode_video(job):
-    import av
-    path, notes = Path(job["path"]), []
-    if not path.is_file() or path.stat().st_size == 0:
-        raise BadVideo("zero-byte file" if path.is_file() else "file not found")
-    # PyAV reads the packets once: the video's times give its duration, which places the clips, whose audio is
-    # then decoded. The duration a header states can be a bit-rate estimate (MPEG-PS, TS, FLV: a 3 s MPEG-PS
-    # file said 0.05 s); a measured one shorter than the stated one means a truncated file
-    try:
-        container = av.open(str(path), metadata_errors="replace")
-    except Exception as e:
-        raise BadVideo(f"PyAV cannot open it: {type(e).__name__}: {e}") from None
-    with container:
-        if not container.streams.video:
-            raise BadVideo("no video stream")
-        duration, packets, reason = _demux(container)
-        stated = container.duration / 1e6 if container.duration else None  # AV_TIME_BASE units
-        if duration is None:
-            notes.append(("duration unknown from the packets", "clips planned on the stated duration, else 1 s"))
-            duration = stated or 1.0
-        elif stated and duration < stated - 0.5:
-            notes.append((f"video packets end at {duration:.2f} s of the {stated:.2f} s its container states "
-                          "(truncated?)", "clips planned on the packets"))
-        K = max(1, math.ceil(duration * FPS - 1e-6))  # grid frames k with k/10 s < duration
-        targets, index, starts = clip_plan(K, job["clips"], job["frames"], job["sampling"])
-        # audio up to the end of the last mel crop (+ one FFT window): see log_mel_windows
-        until = ((FPS * int(starts.max()) - 47 + job["audio_frames"]) * HOP + N_FFT) / SAMPLE_RATE
-        wave, reason = _decode_audio(container, path, packets, reason, until)
-
-    frames, real, _, _, end = sample_frames(path, targets, job["size"])
-    if not real.all() and end < duration - 0.5:
-        # the frames stop well before the packets do (undecodable data): plan the clips again on what decodes,
-        # so they hold frames rather than repeats of the last one
-        notes.append((f"video decodes to {end:.2f} s of its {duration:.2f} s (truncated?)",
-                      "clips planned on the decodable part"))
-        K = max(1, math.ceil(end * FPS - 1e-6))
-        targets, index, starts = clip_plan(K, job["clips"], job["frames"], job["sampling"])
-        frames, real, _, _, end = sample_frames(path, targets, job["size"])
-    nreal = real[index].sum(axis=1).astype(np.int16)  # (C,) real frames per clip (a prefix of each clip)
-    if int(real.sum()) <= 1 and len(real) > 1:
-        notes.append(("a single decodable frame", "repeated over the clip"))
-
-    if wave is not None and float(np.abs(wave).max(initial=0.0)) < 1e-4:
-        wave, reason = None, "silent audio track"
-    mel = None if wave is None else log_mel_windows(wave, starts, job["audio_frames"]).astype(np.float16)
-    if reason:
-        notes.append((reason, "has_audio False" if mel is None else "audio kept up to the error"))
-    return dict(ok=True, frames=frames, index=index.astype(np.int32), nreal=nreal, mel=mel, notes=notes)
-
-
 def _tokens(tokenizer, title, vocab_size):
-    """4. text: (128,) int32 ids and whether there is a title; an empty or missing title is all padding (without a
-    tokenizer, UCF-101 and HMDB-51, the pad id is vocab_size - 1, the text encoder's default)."""
+    """4. text: (128,) int32 ids and whether there is a title; no title: all padding (no tokenizer: vocab_size - 1)."""
     if tokenizer is None or not title:
         pad = tokenizer.pad_id if tokenizer is not None else vocab_size - 1
         return np.full(MAX_TOKENS, pad, np.int32), False
@@ -437,7 +407,16 @@ def _tokens(tokenizer, title, vocab_size):
 # ====================================================================================================
 # main: a dataset folder -> listing -> tokenizer -> shards (decode workers -> CNN -> shard files) -> manifest
 
-def parse_args(argv=None):
+class _Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """main's --help: the module docstring's layout, and every default that is set."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
+def main(argv=None):
+    """prepare.py's command line; Ctrl-C or SIGTERM ends it with one line and exit status 128 + the signal's number
+    (130, 143: what schedulers read), the unfinished shard's temp folder removed, the decode workers stopped."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=_Help)
     add = p.add_argument
     add("--root", required=True, type=Path, help="dataset folder: k700/, ucf101/, hmdb51/ or any folder of videos")
@@ -462,53 +441,33 @@ def parse_args(argv=None):
     add("--list-only", action="store_true", help="only list the videos and train the tokenizer")
     add("--vocab-size", type=int, default=48000, help="BPE vocabulary (trained on train-split titles)")
     args = p.parse_args(argv)
-    for bad, why in ((args.size % 32 or args.size < 32, f"--size {args.size}: must be a positive multiple of 32 "
-                      "(ResNet-18 downsamples by 32)"),
-                     (args.pretrain_frames < 16, "--pretrain-frames must be >= 16 (the model's clip length)"),
-                     (min(args.test_clips, args.shard_size, args.batch_size) < 1,
-                      "--test-clips, --shard-size and --batch-size must be >= 1"),
-                     (not 0 <= args.shard_index < args.num_shards,
-                      f"--shard-index {args.shard_index} must be in [0, --num-shards {args.num_shards})")):
-        if bad:
-            p.error(why)
-    return args
-
-
-class _Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """--help keeps the docstring's layout and shows every default that is set."""
-
-    def _get_help_string(self, action):
-        return action.help if action.default is None else super()._get_help_string(action)
-
-
-def main(argv=None):
-    """prepare.py's command line; Ctrl-C or SIGTERM ends it with one line and exit status 128 + the signal's number
-    (130, 143: what schedulers read), the unfinished shard's temp folder removed, the decode workers stopped."""
-    args = parse_args(argv)
+    if args.size % 32 or args.size < 32:
+        p.error(f"--size {args.size}: must be a positive multiple of 32 (ResNet-18 downsamples by 32)")
+    if args.pretrain_frames < 16:
+        p.error("--pretrain-frames must be >= 16 (the model's clip length)")
+    if min(args.test_clips, args.shard_size, args.batch_size) < 1:
+        p.error("--test-clips, --shard-size and --batch-size must be >= 1")
+    if not 0 <= args.shard_index < args.num_shards:
+        p.error(f"--shard-index {args.shard_index} must be in [0, --num-shards {args.num_shards})")
     args.out = args.out or args.root / "lava_cache"
     try:
         return _prepare(args)
-    except KeyboardInterrupt as e:  # Ctrl-C (the decode workers ignore it), or SIGTERM (Interrupted, in __main__)
-        listing, done = args.out / "listing.json", len(list(args.out.glob("shard_*")))
+    except KeyboardInterrupt as e:  # Ctrl-C (the decode workers ignore it), or SIGTERM (_interrupt)
+        listing = args.out / "listing.json"
+        done = len(list(args.out.glob("shard_*")))
         total = f" of {json.loads(listing.read_text())['num_shards']}" if listing.is_file() else ""
         print(f"prepare: interrupted with {done}{total} shards finished; the same command continues", file=sys.stderr)
-        raise SystemExit(128 + (e.args[0] if isinstance(e, Interrupted) else signal.SIGINT)) from None
-
-
-class Interrupted(KeyboardInterrupt):
-    """A signal (SIGTERM: timeout, docker stop, a scheduler's requeue) that unwinds prepare like Ctrl-C."""
+        raise SystemExit(128 + (e.args[0] if e.args else signal.SIGINT)) from None
 
 
 def _interrupt(signum, frame):
-    raise Interrupted(signum)
+    """SIGTERM (a timeout, docker stop, a scheduler's requeue) unwinds prepare like Ctrl-C, carrying its number."""
+    raise KeyboardInterrupt(signum)
 
 
 def _prepare(args):
     root, out = args.root, args.out  # then the "auto" values resolved:
-    try:
-        dataset = args.dataset = args.dataset if args.dataset != "auto" else detect_layout(root)
-    except ValueError as e:
-        raise SystemExit(f"prepare.py: {e}")
+    dataset = args.dataset = args.dataset if args.dataset != "auto" else detect_layout(root)
     sampling = args.sampling = args.sampling if args.sampling != "auto" else "pretrain" if dataset == "k700" else "eval"
     clips, frames = (1, args.pretrain_frames) if sampling == "pretrain" else (args.test_clips, EVAL_FRAMES)
     shapes = _shapes(args, clips, frames)
@@ -537,10 +496,7 @@ def _prepare(args):
         listing = json.loads((out / "listing.json").read_text(encoding="utf-8"))
         print(f"prepare: {len(listing['videos'])} videos from {out / 'listing.json'} (delete it to re-scan {root})")
     else:
-        try:
-            _, videos, errors = list_videos(root, dataset, out, args.workers)
-        except ValueError as e:
-            raise SystemExit(f"prepare.py: {e}")
+        videos, errors = list_videos(root, dataset, out, args.workers)
         listing = dict(dataset=dataset, videos=videos, errors=errors, num_shards=-(-len(videos) // args.shard_size))
         write_atomic(out / "listing.json", json.dumps(listing, ensure_ascii=False) + "\n")
         notes = f" ({len(errors)} listing notes)" if errors else ""
@@ -554,8 +510,8 @@ def _prepare(args):
     tokenizer = BPETokenizer.load(out / tok_name) if titles and (out / tok_name).is_file() else None
     if titles and tokenizer is None:
         titles = [v["title"] for v in videos if v["title"] and v["split"] in ("train", None)] or titles
-        t0, tokenizer = time.time(), BPETokenizer()
-        tokenizer.train(titles, args.vocab_size)
+        t0 = time.time()
+        tokenizer = BPETokenizer().train(titles, args.vocab_size)
         tokenizer.save(out / tok_name)  # .bpe then .vocab, each written atomically
         print(f"prepare: BPE tokenizer, vocab {tokenizer.vocab_size}, {len(titles)} titles, {time.time() - t0:.1f} s")
     if args.list_only:
@@ -572,37 +528,28 @@ def _prepare(args):
     todo = [k for k in mine if not (out / shard_name(k)).is_dir()]
     if len(todo) < len(mine):
         print(f"prepare: {len(mine) - len(todo)} finished shard(s) kept, {len(todo)} to go")
-    if todo:
-        _build_shards(args, [(k, videos[k * args.shard_size:(k + 1) * args.shard_size]) for k in todo], tokenizer,
-                      shapes)
-    return merge_shards(*merge)
+    if not todo:
+        return merge_shards(*merge)
 
-
-def _shapes(args, clips, frames):
-    return dict(clips=clips, frames=frames, grid=args.size // 32, feature_dim=FEATURE_DIM, n_mels=N_MELS,
-                audio_frames=256 + 10 * (frames - 16), max_tokens=MAX_TOKENS)
-
-
-def _build_shards(args, shards, tokenizer, shapes):
-    """4. decode workers -> the CNN in this process, in batches that never cross a shard -> each shard's files. The
-    run's log (printed, and a line of CACHE/prepare_runs.jsonl) says whether the main process waited for decoded
-    videos (more --workers would help, if there are cores for them) or for the CNN."""
+    # 4. decode workers -> the CNN in batches that never cross a shard -> shard files; the last line says whether
+    #    this process waited for decoded videos (more --workers would help, if there are cores) or for the CNN
     import cv2
-    import platform
     import torch
     from tqdm import tqdm
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     encoder = FrameEncoder(args.backbone, args.backbone_weights, device, args.size, args.batch_size)
     cv2.setNumThreads(1)  # as in the decode workers (_worker_init); with --workers 0 decoding runs here
-    job = dict(size=args.size, clips=shapes["clips"], frames=shapes["frames"], sampling=args.sampling,
-               audio_frames=shapes["audio_frames"])
-    jobs = [dict(job, path=str(args.root / v["path"])) for _, vs in shards for v in vs]
+    job = dict(size=args.size, clips=clips, frames=frames, sampling=sampling, audio_frames=shapes["audio_frames"])
+    shards = [(k, videos[k * args.shard_size:(k + 1) * args.shard_size]) for k in todo]
+    jobs = [dict(job, path=str(root / v["path"])) for _, vs in shards for v in vs]
     results = decode_stream(jobs, args.workers, args.video_timeout)
-    bar = tqdm(total=len(jobs), unit="video", desc=f"prepare {args.dataset}", dynamic_ncols=True)
-    n_err, t_start, wait_decode, writer = 0, time.perf_counter(), 0.0, None
+    bar = tqdm(total=len(jobs), unit="video", desc=f"prepare {dataset}", dynamic_ncols=True)
+    n_err, wait_decode = 0, 0.0  # videos skipped; seconds spent waiting for decoded videos
+    writer = None
+    t_start = time.perf_counter()
     try:
         for k, vs in shards:
-            writer = ShardWriter(args.out, shard_name(k), shapes, encoder)
+            writer = ShardWriter(out, shard_name(k), shapes, encoder)
             for v in vs:
                 t0 = time.perf_counter()
                 result = next(results)
@@ -621,17 +568,18 @@ def _build_shards(args, shards, tokenizer, shapes):
     finally:
         bar.close()
         results.close()  # stops the decode processes now, also when a shard failed
-    seconds, frames = time.perf_counter() - t_start, encoder.frames_done
-    stats = dict(finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), host=platform.node(),
-                 device=torch.cuda.get_device_name(encoder.device) if encoder.cuda else device,
-                 workers=args.workers, batch_size=args.batch_size, size=args.size, shards=[k for k, _ in shards],
-                 videos=len(jobs), frames=frames, seconds=round(seconds, 2), frames_per_s=round(frames / seconds, 1),
-                 wait_decode_s=round(wait_decode, 2), wait_cnn_s=round(encoder.wait_s, 2))
-    print(f"prepare: {len(jobs)} videos, {frames:,} frames through the CNN in {seconds:.1f} s ({frames / seconds:,.0f} "
-          f"frames/s); the main process waited {wait_decode:.1f} s for decoding (--workers {args.workers}) and "
-          f"{encoder.wait_s:.1f} s for the CNN ({stats['device']})")
-    with open(args.out / "prepare_runs.jsonl", "a", encoding="utf-8") as f:
-        f.write(json.dumps(stats) + "\n")
+    seconds = time.perf_counter() - t_start
+    n_frames = encoder.frames_done
+    device = torch.cuda.get_device_name(encoder.device) if encoder.cuda else device
+    print(f"prepare: {len(jobs)} videos, {n_frames:,} frames through the CNN in {seconds:.2f} s "
+          f"({n_frames / seconds:,.0f} frames/s); the main process waited {wait_decode:.2f} s for decoding "
+          f"(--workers {args.workers}) and {encoder.wait_s:.2f} s for the CNN ({device})")
+    return merge_shards(*merge)
+
+
+def _shapes(args, clips, frames):
+    return dict(clips=clips, frames=frames, grid=args.size // 32, feature_dim=FEATURE_DIM, n_mels=N_MELS,
+                audio_frames=256 + 10 * (frames - 16), max_tokens=MAX_TOKENS)
 
 
 # ================================ Machinery that scales the method =================================
@@ -647,7 +595,7 @@ LAYOUTS = {  # what each reader expects under --root; printed when the root matc
 
 
 def detect_layout(root):
-    """Name of the layout under `root` (see LAYOUTS); ValueError naming every layout when there is none."""
+    """Name of the layout under `root` (see LAYOUTS); SystemExit naming every layout when there is none."""
     root = Path(root)
     if (root / "UCF-101").is_dir():
         return "ucf101"
@@ -659,7 +607,7 @@ def detect_layout(root):
         return "folder"
     why = "holds no videos in any layout prepare.py reads" if root.is_dir() else "is not a directory"
     layouts = "\n".join(f"  {name:7s} {text}" for name, text in LAYOUTS.items())
-    raise ValueError(f"--root {root} {why}. Expected one of:\n{layouts}")
+    raise SystemExit(f"prepare.py: --root {root} {why}. Expected one of:\n{layouts}")
 
 
 def _video_files(folder, skip=()):
@@ -672,13 +620,10 @@ def _video_files(folder, skip=()):
 
 
 def list_videos(root, dataset, out, workers=0):
-    """(dataset, videos sorted by id with titles filled in, errors). Duplicate ids keep the first path."""
-    root, errors, videos = Path(root), [], []
-    dataset = detect_layout(root) if dataset == "auto" else dataset
-    sub = {"k700": ["train", "val"], "ucf101": ["UCF-101"], "hmdb51": ["videos"], "folder": ["."]}[dataset]
-    if not any((root / d).is_dir() for d in sub):
-        raise ValueError(f"--root {root} is not a {dataset} folder: expected {LAYOUTS[dataset]}")
-    for d in sub:
+    """(videos of the `dataset` layout under root, sorted by id, titles filled in; errors). Duplicate ids: the first."""
+    root = Path(root)
+    videos, errors = [], []
+    for d in {"k700": ["train", "val"], "ucf101": ["UCF-101"], "hmdb51": ["videos"], "folder": ["."]}[dataset]:
         for f in _video_files(root / d, skip=[out]):
             under = f.relative_to(root / d)
             v = dict(id=under.as_posix(), path=f.relative_to(root).as_posix(), split=None, title=None,
@@ -688,8 +633,9 @@ def list_videos(root, dataset, out, workers=0):
                 v.update(id=f.stem, split=d, label=under.parts[0] if len(under.parts) == 2 else None,
                          youtube_id=parts[0] if len(parts) == 3 and (parts[1] + parts[2]).isdigit() else f.stem)
             videos.append(v)
-    if not videos:
-        raise ValueError(f"--root {root} ({dataset} layout) holds no video files. Expected:\n  {LAYOUTS[dataset]}")
+    if not videos:  # also when --dataset names a layout that --root does not have
+        raise SystemExit(f"prepare.py: --root {root} holds no video files in the {dataset} layout. Expected:\n"
+                         f"  {LAYOUTS[dataset]}")
     if dataset in ("k700", "folder"):  # UCF-101 and HMDB-51 ship no titles
         table = read_titles_csv(root / "titles.csv", errors) if (root / "titles.csv").is_file() else {}
         for v in videos:
@@ -709,7 +655,7 @@ def list_videos(root, dataset, out, workers=0):
             errors.append(dict(path=v["path"], reason=f"duplicate id {v['id']!r} (also {unique[v['id']]['path']})",
                                action="skipped"))
         unique.setdefault(v["id"], v)
-    return dataset, list(unique.values()), errors
+    return list(unique.values()), errors
 
 
 def read_titles_csv(path, errors):
@@ -719,8 +665,7 @@ def read_titles_csv(path, errors):
         rows = list(csv.reader(f))
     header = [h.strip().lstrip("\ufeff").lower() for h in (rows or [[]])[0]]  # a BOM from spreadsheet exports
     if "title" not in header:
-        errors.append(dict(path=str(path), reason="titles.csv has no `title` column in its header",
-                           action="file ignored"))
+        errors.append(dict(path=str(path), reason="titles.csv has no `title` column", action="file ignored"))
         return {}
     key, title = next((header.index(k) for k in ("youtube_id", "path", "id") if k in header), 0), header.index("title")
     titles = {}
@@ -750,8 +695,7 @@ def _clean_title(raw, where, errors):
     if raw is None:
         return None
     if any("\udc80" <= c <= "\udcff" for c in raw):  # bytes that titles.csv's surrogateescape decoding kept
-        errors.append(dict(path=where, reason="title is not valid UTF-8",
-                           action="undecodable bytes replaced by U+FFFD"))
+        errors.append(dict(path=where, reason="title is not valid UTF-8", action="bad bytes replaced by U+FFFD"))
         raw = raw.encode("utf-8", errors="surrogateescape").decode("utf-8", errors="replace")
     return " ".join(raw.split()) or None
 
@@ -759,15 +703,13 @@ def _clean_title(raw, where, errors):
 # ----------------------------------------------------------------------------------------------------
 # decode worker processes
 
-def decode_stream(jobs, workers, timeout=None, fn=None):
-    """fn(job) (default decode_video) for each job, in job order (shards never depend on which process finished
-    first). workers > 0: that many spawned processes, at most 2 x workers jobs in flight, the frames handed over as
-    torch tensors in shared memory (mapped, not copied). A worker that dies (a decoder crash) or runs past `timeout`
-    seconds breaks the pool: it is killed and the jobs in flight run again one at a time, so the failure is pinned
-    on its own file (skipped) and the others come out as in any run."""
+def decode_stream(jobs, workers, timeout=None, fn=decode_video):
+    """fn(job) for each job, in job order (shards never depend on which process finished first). workers > 0: that
+    many spawned processes, at most 2 x workers jobs in flight, the frames handed over as torch tensors in shared
+    memory (mapped, not copied). A worker that dies (a decoder crash) or runs past `timeout` seconds breaks the pool:
+    it is killed and the jobs in flight run again one at a time, so the failure is pinned on its own file."""
     from concurrent.futures import TimeoutError as FutureTimeout
     from concurrent.futures.process import BrokenProcessPool
-    fn = fn or decode_video
     if workers <= 0:
         yield from map(fn, jobs)
         return
@@ -873,12 +815,9 @@ def _jsonl(rows):
 
 
 class ShardWriter:
-    """One shard, built in a temp folder and renamed into place by finish(): complete or absent.
-
-    The CNN sees the shard's frames in order, in batches of exactly --batch-size that never cross a shard, so a
-    resumed run batches like a single run and writes the same bytes; each batch's features go straight onto the
-    end of patches.npy. The small per-video arrays are written at finish().
-    """
+    """One shard, built in a temp folder and renamed into place by finish(): complete or absent. The CNN sees the
+    shard's frames in order, in batches of exactly --batch-size that never cross a shard, so a resumed run batches
+    like a single run and writes the same bytes; each batch's features go straight onto the end of patches.npy."""
 
     def __init__(self, out, name, shapes, encoder):
         self.final, self.shapes, self.encoder = Path(out) / name, shapes, encoder
@@ -894,10 +833,10 @@ class ShardWriter:
             self.errors.append(dict(path=video["path"], reason=result["reason"], action="skipped"))
             return
         self.errors += [dict(path=video["path"], reason=r, action=a) for r, a in result["notes"]]
-        mel, S = result["mel"], self.shapes
+        mel = result["mel"]
+        audio = mel if mel is not None else np.zeros([self.shapes[d] for d in SHARD_ARRAYS["audio"][1]])  # (C, 80, A)
         self.rows.append((video, dict(first_patch=self.num_patches, window=result["index"], frames=result["nreal"],
-                                      audio=np.zeros((S["clips"], S["n_mels"], S["audio_frames"])) if mel is None
-                                      else mel, tokens=tokens, has_audio=mel is not None, has_text=has_text)))
+                                      audio=audio, tokens=tokens, has_audio=mel is not None, has_text=has_text)))
         frames = result["frames"]  # (U, S, S, 3) uint8
         self.num_patches += len(frames)
         while len(frames):  # a batch may hold the end of one video and the start of the next
@@ -932,12 +871,7 @@ class ShardWriter:
         (self.tmp / "videos.jsonl").write_text(_jsonl(videos), encoding="utf-8")
         (self.tmp / "errors.jsonl").write_text(_jsonl(self.errors), encoding="utf-8")
         _fsync_dir(self.tmp)
-        try:
-            os.replace(self.tmp, self.final)  # atomic: the shard exists complete or not at all
-        except OSError:  # it appeared meanwhile (two jobs with the same --shard-index, unsupported): same bytes
-            if not self.final.is_dir():
-                raise
-            shutil.rmtree(self.tmp, ignore_errors=True)
+        os.replace(self.tmp, self.final)  # atomic: the shard exists complete or not at all
 
     def abort(self):
         """The run failed before finish(): remove the temp folder. Never raises (an error is already leaving)."""
@@ -969,22 +903,18 @@ def merge_shards(out, listing, args_dict, shapes, tokenizer_name, strict=False):
         nbytes += sum((out / nm / f"{key}.npy").stat().st_size for key in (*SHARD_ARRAYS, PATCHES))
     write_atomic(out / "prepare_errors.jsonl", _jsonl(errors))
     if not num_videos:  # no manifest: nothing downstream takes this for a cache
-        print(f"prepare: 0 of {len(listing['videos'])} videos usable; see {out / 'prepare_errors.jsonl'}",
-              file=sys.stderr)
+        print(f"prepare: 0 of {len(listing['videos'])} videos usable; see {out}/prepare_errors.jsonl", file=sys.stderr)
         return 1
-    kinds = Counter(e["reason"].split(" '")[0].split(' "')[0].split(": ")[0].split(" (")[0] for e in errors)
     m = dict(format=CACHE_FORMAT, version=CACHE_VERSION, dataset=args_dict["dataset"], config=args_dict,
              backbone=args_dict["backbone"], backbone_seed=0 if args_dict["backbone"] == "random" else None,
              shards=names, shapes=shapes, num_videos=num_videos, missing=dict(audio=int(miss_a), text=int(miss_t)),
              bytes_per_video=round(nbytes / max(num_videos, 1)), tokenizer=tokenizer_name,
-             listed_videos=len(listing["videos"]), errors=len(errors),
-             error_reasons=dict(kinds.most_common()))  # "duplicate id 'x' (also y)" -> "duplicate id"
+             listed_videos=len(listing["videos"]), errors=len(errors))
     write_atomic(out / "manifest.json", json.dumps(m, indent=2, ensure_ascii=False) + "\n")
     print(f"prepare: cache {out}: {num_videos} videos in {len(names)} shard{'s' * (len(names) > 1)}, "
           f"{m['bytes_per_video'] / 2**20:.2f} MiB per video, missing audio {miss_a}, missing text {miss_t}")
     if errors:
-        reasons = ", ".join(f"{n} x {r}" for r, n in m["error_reasons"].items())
-        print(f"prepare: {len(errors)} skipped/degraded files ({reasons}); details in {out / 'prepare_errors.jsonl'}")
+        print(f"prepare: {len(errors)} skipped or degraded files; see {out / 'prepare_errors.jsonl'}")
     return 0
 
 
@@ -999,9 +929,8 @@ class FeatureCache:
         item["patches"][item["window"][c]] -> (T,G,G,F): reads only clip c's frames from the memory map
         cache.videos[i] -> {"id", "path", "label", "split", "title"};  cache.index(video_id) -> i
 
-    The manifest is written last, so every shard it lists is complete; files, shapes, dtypes and patch indices are
-    still checked, so that a truncated, hand-edited or mixed-up cache fails here in one line (FileNotFoundError: no
-    finished cache; ValueError: a damaged one or another format) naming the file, not inside a training step.
+    Files, shapes, dtypes and patch indices are checked, so a truncated, hand-edited or mixed-up cache fails here in
+    one line naming the file (FileNotFoundError: no finished cache; ValueError: damaged, or another format).
     """
 
     def __init__(self, path):
@@ -1020,10 +949,10 @@ class FeatureCache:
         except ValueError as e:
             raise damaged(manifest_path, f"not JSON ({e})") from None
         if m.get("format") != CACHE_FORMAT or m.get("version") != CACHE_VERSION:
-            raise ValueError(f"{manifest_path}: format {m.get('format')!r} version {m.get('version')!r}, expected "
-                             f"{CACHE_FORMAT!r} version {CACHE_VERSION}: made by another prepare.py; build it again "
-                             "with this one into a new --out")
-        shapes, self.shards, self.videos, self._starts = m["shapes"], [], [], []  # _starts: each shard's first video
+            raise ValueError(f"{manifest_path}: format {m.get('format')!r} version {m.get('version')!r}, not "
+                             f"{CACHE_FORMAT!r} version {CACHE_VERSION}: build it again with this prepare.py")
+        shapes = m["shapes"]
+        self.shards, self.videos, self._starts = [], [], []  # _starts: each shard's first video
         for folder in (self.path / name for name in m["shards"]):
             arrays = {}  # (n, *dims) memory maps (patches: (P, *dims)), paged in on access
             for key, (dtype, dims) in {**SHARD_ARRAYS, PATCHES: (np.float16, PATCH_DIMS), "videos": (None, ())}.items():
@@ -1051,9 +980,8 @@ class FeatureCache:
             self.shards.append(arrays)
         if m.get("num_videos") not in (None, len(self.videos)):
             raise damaged(manifest_path, f"num_videos {m['num_videos']} but the shards hold {len(self.videos)}")
-        self._index = {}
-        for i, row in enumerate(self.videos):
-            self._index.setdefault(row["id"], i)  # prepare.py drops duplicate ids; first wins regardless
+        # prepare.py drops duplicate ids; the first wins regardless (reversed: earlier rows overwrite later ones)
+        self._index = {row["id"]: i for i, row in reversed(list(enumerate(self.videos)))}
         self.tokenizer = BPETokenizer.load(self.path / m["tokenizer"]) if m.get("tokenizer") else None
 
     def __len__(self):
@@ -1071,10 +999,6 @@ class FeatureCache:
         if video_id not in self._index:
             raise KeyError(f"video id {video_id!r} is not in the cache {self.path}")
         return self._index[video_id]
-
-    def __repr__(self):
-        return (f"FeatureCache({str(self.path)!r}, dataset={self.manifest.get('dataset')!r}, videos={len(self)}, "
-                f"backbone={self.manifest.get('backbone')!r}, shapes={self.manifest.get('shapes')})")
 
 
 if __name__ == "__main__":

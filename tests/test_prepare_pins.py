@@ -219,20 +219,14 @@ def cache_files(folder):
             for d, _, files in os.walk(folder) for f in files}
 
 
-# prepare_runs.jsonl is documented (README: Feature cache) as one line per run with its timings (seconds,
-# frames/s, waits, finish time): a resumed cache's differs from a single run's by nature. Every other file,
-# manifest.json included (same --root, --out and flags: it records them), must be the same bytes.
-RUN_LOG = "prepare_runs.jsonl"
-
-
 def assert_same_cache(resumed, single):
+    """Every file, manifest.json included (same --root, --out and flags: it records them), the same bytes."""
     a, b = cache_files(resumed), cache_files(single)
     assert sorted(a) == sorted(b), ("only in the resumed cache", sorted(set(a) - set(b)),
                                     "only in the single run's", sorted(set(b) - set(a)))
-    assert {"manifest.json", "listing.json", "tokenizer.bpe", "shard_00002/patches.npy", RUN_LOG} <= set(a)
+    assert {"manifest.json", "listing.json", "tokenizer.bpe", "shard_00002/patches.npy"} <= set(a)
     for rel in sorted(a):
-        if rel != RUN_LOG:
-            assert a[rel].read_bytes() == b[rel].read_bytes(), f"{rel} differs"
+        assert a[rel].read_bytes() == b[rel].read_bytes(), f"{rel} differs"
 
 
 def is_shard(name):
