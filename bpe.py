@@ -237,14 +237,12 @@ class BPETokenizer:
         lines += [f"{a} {b}" for a, b in self.merges]
         write_atomic(path, "\n".join(lines) + "\n")
 
-        # vocab file: "id [token]" for bytes, "id [token] <- [a] + [b]" for merges, then the specials
-        shown = [f"[{render_token(token)}]" for token in self._vocab]
-        vlines = [f"# {BPE_FORMAT} vocabulary of {path.name}: {self.vocab_size} ids; [token], invisible bytes as \\xNN"]
-        vlines += [f"{i} {shown[i]}" for i in range(256)]
-        vlines += [f"{256 + k} {shown[256 + k]} <- {shown[a]} + {shown[b]}" for k, (a, b) in enumerate(self.merges)]
-        vlines += [f"{self.eot_id} {BPE_SPECIALS[0]} (special: end of text)",
-                   f"{self.pad_id} {BPE_SPECIALS[1]} (special: padding)"]
-        write_atomic(path.with_suffix(".vocab"), "\n".join(vlines) + "\n")
+        # tokenizer.vocab, for people: "id 'token'" (the repr of its text; part of a character shows as U+FFFD, as
+        # in minbpe), "<- 'a' + 'b'" after a merge's id, the specials by name
+        shown = [repr(token.decode("utf-8", "replace")) for token in self._vocab] + list(BPE_SPECIALS)
+        made_of = [""] * 256 + [f" <- {shown[a]} + {shown[b]}" for a, b in self.merges] + ["", ""]
+        vocab = (f"{i} {token}{parts}\n" for i, (token, parts) in enumerate(zip(shown, made_of)))
+        write_atomic(path.with_suffix(".vocab"), "".join(vocab))
 
     @classmethod
     def load(cls, path):
@@ -266,25 +264,10 @@ class BPETokenizer:
         return cls(lines[1][len("pattern "):], [(int(a), int(b)) for a, b in body])
 
 
-# ---- machinery: atomic writes, the .vocab file's token rendering -------------------------------------
+# ---- machinery: atomic writes ------------------------------------------------------------------------
 def write_atomic(path, text):
     """Write a text file so that readers see all of it or none (temp file + rename)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(text, encoding="utf-8", newline="\n")
     os.replace(tmp, path)
-
-
-def render_token(token: bytes) -> str:
-    r"""A token's bytes as one line of the .vocab file: UTF-8 text where it decodes, escapes for other bytes and
-    invisible characters, a real backslash doubled. Inputs are Python literals, outputs the text as in the file:
-    render_token(b" the")             -> " the"
-    render_token(b"\xe2\x80")         -> "\xe2\x80"   (half of a 3-byte character: the raw bytes)
-    render_token("\n\u00e9".encode()) -> "\x0aé"       (a control character is escaped, é is shown)
-    render_token(b"a\\b")             -> "a\\b"
-    """
-    # the backslash is doubled first (byte 5C is never inside a multi-byte character); undecodable bytes -> \xNN;
-    # then invisible characters (controls, format, separators, unassigned) -> \xNN, \uNNNN or \UNNNNNNNN
-    text = token.replace(b"\\", b"\\\\").decode("utf-8", "backslashreplace")
-    return "".join(ch if ch == " " or ch.isprintable() else f"\\x{ord(ch):02x}" if ch < "\x80"
-                   else ch.encode("ascii", "backslashreplace").decode() for ch in text)

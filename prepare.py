@@ -193,10 +193,9 @@ def load_audio(path):
     """(wave float32 (n,) 16 kHz mono with t = 0 at the first video frame, or None, reason or None) of one file,
     a video or a .wav/.flac. Decoding errors midway keep what was decoded (reason set)."""
     import av
-    path = Path(path)
     try:
         with av.open(str(path), metadata_errors="replace") as container:
-            return _decode_audio(container, path, *_demux(container)[1:])
+            return _decode_audio(container, *_demux(container)[1:])
     except Exception as e:
         return None, f"cannot read its audio: {type(e).__name__}: {e}"
 
@@ -224,14 +223,13 @@ def _demux(container):
     return float((last_time - int(times[0]) + last_duration) * streams[0].time_base) or None, audio, reason
 
 
-def _decode_audio(container, path, packets, reason=None, until=None):
+def _decode_audio(container, packets, reason=None, until=None):
     """The audio packets of _demux -> load_audio's (wave, reason). `until`: stop once this many seconds are in hand
     (pre-training needs only the central clip's audio). The offset between the audio and video streams' start
     times is applied (zeros in front or samples dropped), since OpenCV counts frame times from the video's start."""
     import torch
-    if not container.streams.audio:  # a sidecar track next to a silent video?
-        sidecar = [path.with_suffix(e) for e in (".wav", ".flac", ".WAV", ".FLAC") if path.with_suffix(e).is_file()]
-        return load_audio(sidecar[0]) if sidecar and container.streams.video else (None, "no audio stream")
+    if not container.streams.audio:
+        return None, "no audio stream"
     stream, vs = container.streams.audio[0], (container.streams.video or [None])[0]
     v0 = float(vs.start_time * vs.time_base) if vs is not None and vs.start_time is not None else 0.0
     tb = float(stream.time_base) if stream.time_base else None  # float once: Fractions per frame are slow
@@ -370,7 +368,7 @@ def decode_video(job):
             targets, index, starts = clip_plan(K, job["clips"], job["frames"], job["sampling"])
             # audio up to the end of the last mel crop (+ one FFT window): see log_mel_windows
             until = ((FPS * int(starts.max()) - 47 + job["audio_frames"]) * HOP + N_FFT) / SAMPLE_RATE
-            wave, reason = _decode_audio(container, path, packets, reason, until)
+            wave, reason = _decode_audio(container, packets, reason, until)
 
         frames, real, _, _, end = sample_frames(path, targets, job["size"])
         if not real.all() and end < duration - 0.5:
@@ -400,8 +398,7 @@ def _tokens(tokenizer, title, vocab_size):
     if tokenizer is None or not title:
         pad = tokenizer.pad_id if tokenizer is not None else vocab_size - 1
         return np.full(MAX_TOKENS, pad, np.int32), False
-    ids, _ = tokenizer.encode_title(title, max_len=MAX_TOKENS)
-    return ids, True
+    return tokenizer.encode_title(title, max_len=MAX_TOKENS)[0], True
 
 
 # ====================================================================================================

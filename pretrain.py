@@ -9,8 +9,6 @@ r"""Pre-train LAVA (paper Section 3) on a prepare.py feature cache: one file, CP
     # two nodes x 8 GPUs: run on every node (NODE_RANK 0 and 1); the run folder and cache on shared storage
     torchrun --nnodes 2 --node_rank $NODE_RANK --nproc_per_node 8 --rdzv_id lava --rdzv_backend c10d \
         --rdzv_endpoint $MASTER_HOST:29500 pretrain.py --data k700 --batch-size 512 --out runs/lava_k700_16gpu
-    # your own videos, after `python prepare.py --root myvids`: every video of a folder cache is training data
-    python pretrain.py --data myvids --model small --out runs/myvids
 
 Reads only the cache, never videos; augmentation is a function of (seed, epoch, sample index), so a stopped run
 continues to the same weights (bitwise on the CPU). No gradient accumulation: with in-batch negatives it is not a
@@ -463,7 +461,7 @@ def main(argv=None):
         (out / "config.json").write_text(json.dumps(dict(
             model=config.to_dict(), args=vars(args), world_size=world, n_params=n_params, train_videos=len(indices),
             steps_per_epoch=steps_per_epoch, total_steps=total_steps, cache_manifest=cache.manifest), indent=2))
-        if cache.tokenizer is not None:  # what probe.py --zero-shot encodes class names with
+        if cache.tokenizer is not None:  # what probe.py --embed and --search encode titles and queries with
             (out / "tokenizer.bpe").write_bytes((Path(args.cache) / cache.manifest["tokenizer"]).read_bytes())
         # a continued run forgets the log lines the stopped run wrote after its checkpoint
         log_path.write_text("".join(json.dumps(r) + "\n" for r in read_log(log_path) if r["step"] <= step))

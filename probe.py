@@ -30,31 +30,25 @@ def parse_args(argv=None):
     """The command line, stdlib only: --help and flag errors answer before torch is imported."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", choices=["ucf101", "hmdb51"], help="downstream dataset (for a linear probe)")
-    p.add_argument("--root", help="dataset folder with the official split lists, or your videos' folder with --embed/"
-                   "--search (default: ucf101/ or hmdb51/)")
+    p.add_argument("--root", help="dataset folder (split lists), or your videos' folder (default: ucf101/ or hmdb51/)")
     p.add_argument("--cache", help="feature cache written by prepare.py (default: <root>/lava_cache)")
     p.add_argument("--checkpoint", help="pretrain.py checkpoint or 'random' (default: the latest runs/*/ckpt_last.pt)")
-    p.add_argument("--config-from", metavar="CKPT", help="the checkpoint whose model config --checkpoint random "
-                   "takes (default: the latest runs/*/ckpt_last.pt)")
+    p.add_argument("--config-from", metavar="CKPT", help="config of --checkpoint random (default: latest run's)")
     p.add_argument("--seed", type=int, default=0, help="seed of random init, validation split, batch order (default 0)")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--split", type=int, choices=[1, 2, 3], help="evaluate one official split")
     group.add_argument("--all-splits", action="store_true", help="evaluate splits 1, 2, 3 (the default)")
     p.add_argument("--modalities", help="comma list of video, audio+video (default: both for ucf101, video for hmdb51)")
-    p.add_argument("--checkpoints", metavar="GLOB", help="probe every checkpoint matching GLOB (e.g. "
-                   "'runs/x/epoch_*.pt'); top-1 vs pre-training epoch (Figure 3) goes to <out>.png")
+    p.add_argument("--checkpoints", metavar="GLOB", help="probe each checkpoint of GLOB, plot (Figure 3) <out>.png")
     p.add_argument("--summary", nargs="+", metavar="FILE", help="print one table of these results JSONs and exit")
     p.add_argument("--embed", action="store_true", help="write every video's embeddings and their projections to "
                    "one .npz (default --out: <cache>/embeddings/embed_<checkpoint sha256[:16]>.npz)")
     p.add_argument("--search", metavar="QUERY", help="print the videos whose g_vt embedding is closest to QUERY's")
     p.add_argument("--top", type=int, default=10, help="videos --search prints (default 10)")
     p.add_argument("--out", help="results JSON and its .md table (default: <run dir>/probe_<dataset>[_random].json)")
-    p.add_argument("--overwrite", action="store_true", help="replace an --out that holds a result of another scope "
-                   "(dataset, splits, modalities, checkpoint)")
-    p.add_argument("--allow-partial", action="store_true", help="evaluate although the official lists name "
-                   "videos missing from the cache (a warning; the counts go into the results)")
-    p.add_argument("--epochs-grid", default="10,30,100,300", help="probe epochs to choose from on the validation part "
-                   "of the training split (default 10,30,100,300)")
+    p.add_argument("--overwrite", action="store_true", help="replace an --out holding a result of another scope")
+    p.add_argument("--allow-partial", action="store_true", help="evaluate the listed videos present (a warning)")
+    p.add_argument("--epochs-grid", default="10,30,100,300", help="probe epochs to choose from (default 10,30,100,300)")
     p.add_argument("--weight-decay-grid", default="0,1e-3", help="probe weight decays to choose from (default 0,1e-3)")
     p.add_argument("--batch-clips", type=int, default=64, help="clips per encoder batch for embeddings (default 64)")
     p.add_argument("--recompute", action="store_true", help="ignore the stored embeddings (<cache>/embeddings/)")
@@ -408,13 +402,9 @@ def main(argv=None):
             if args.search:
                 search(args, cache, model, info, emb)
             return 0
-        if cache.manifest.get("dataset") not in (args.dataset, "folder"):
-            warnings.warn(f"{cache.path} was prepared as {cache.manifest.get('dataset')!r}, not {args.dataset}")
         modalities = (args.modalities or ("video,audio+video" if args.dataset == "ucf101" else "video")).split(",")
         if set(modalities) - set(MODALITIES):
             raise ProbeError(f"--modalities: unknown {sorted(set(modalities) - set(MODALITIES))} (video, audio+video)")
-        if args.dataset == "hmdb51" and "audio+video" in modalities:
-            warnings.warn("HMDB-51 audio+video is not in the paper (most HMDB videos have no audio)")
         grid = dict(epochs=args.epochs_grid, weight_decay=args.weight_decay_grid)
         read_split = read_ucf101_split if args.dataset == "ucf101" else read_hmdb51_split
         split_data = {k: read_split(root, k) for k in ([args.split] if args.split else [1, 2, 3])}  # before heavy work
@@ -621,15 +611,10 @@ def latest_checkpoint(runs="runs"):
 
 
 def read_checkpoint(path, flag="--checkpoint"):
-    if not Path(path).is_file():  # one line naming the flag, not torch's bare [Errno 2] or IsADirectoryError
-        raise ProbeError(f"{flag}: checkpoint {path} not found" + (" (a directory)" if Path(path).is_dir() else ""))
-    try:
-        ckpt = pretrain.load_checkpoint(path)
-    except Exception as e:  # torch's zip reader and unpickler raise many kinds; none is worth a traceback
-        raise ProbeError(f"{flag}: {path} is truncated or not a checkpoint ({type(e).__name__})") from None
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "model" not in ckpt.get("config", {}):
-        raise ProbeError(f"{path} is not a pretrain.py checkpoint (needs 'model' and config['model'])")
-    return ckpt
+    try:  # pretrain.py's reader: a missing, truncated or foreign file is a one-line OSError or ValueError
+        return pretrain.load_checkpoint(path)
+    except (OSError, ValueError) as e:
+        raise ProbeError(f"{flag}: {e}") from None
 
 
 def load_model(args, checkpoint, cache):
@@ -747,7 +732,7 @@ def check_scope(out, scope, overwrite):
 
 def save_npz(path, arrays):
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + f".tmp{os.getpid()}.npz")
+    tmp = path.with_name(path.stem + f".tmp{os.getpid()}.npz")  # per process: parallel --split runs share the path
     np.savez(tmp, **arrays)
     os.replace(tmp, path)  # atomic: a crashed run never leaves half a file that a later run would trust
 
@@ -768,8 +753,7 @@ def summary_table(paths):
     for path in paths:
         r = json.loads(Path(path).read_text())
         if r.get("task") != "linear-probe":  # `--summary runs/X/probe_*.json` also matches probe_<ds>_series.json
-            kind = "a --checkpoints series (its points: the file's .png)" if "series" in r else "not a probe result"
-            print(f"--summary: skipped {path}, {kind}", file=sys.stderr)
+            print(f"--summary: skipped {path}, not a linear-probe result (a series: see its .png)", file=sys.stderr)
             continue
         configs.setdefault(r["dataset"], set()).add(json.dumps(r.get("model_config"), sort_keys=True))
         lines += [f"| {r['dataset']} | {r['checkpoint']} | {m} | {r['mean'][m]:.1f} +- {r['std'][m]:.1f} | "
@@ -783,7 +767,7 @@ def summary_table(paths):
 def plot_series(series, out_png, dataset):
     """Top-1 vs pre-training epoch per modality (the paper's Figure 3), paper's UCF points for reference."""
     from matplotlib.figure import Figure  # no pyplot: no GUI backend, nothing to close
-    ax = Figure(figsize=(6, 4)).subplots()
+    ax = Figure(figsize=(6, 4), layout="tight").subplots()
     for m, color in zip(MODALITIES, ("tab:blue", "tab:green")):
         pts = [(s["epoch"], s["mean"][m], s["std"][m]) for s in series if m in s["mean"] and s["epoch"] is not None]
         if pts:
@@ -792,11 +776,9 @@ def plot_series(series, out_png, dataset):
         if dataset == "ucf101":  # the paper's Table 3 / Figure 3 points, same colour, dashed
             pe, py = zip(*sorted(PAPER_TABLE3[m].items()))
             ax.plot(pe, py, "--", marker="s", alpha=0.5, color=color, label=f"paper (real UCF-101): {m}")
-    ax.set(xlabel="pre-training epochs", ylabel="top-1 (%)",
-           title=f"{DATASET_NAMES.get(dataset, dataset)} linear probe vs pre-training duration")
+    ax.set(xlabel="pre-training epochs", ylabel="top-1 (%)", title=f"{DATASET_NAMES[dataset]} linear probe")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    ax.figure.tight_layout()
     ax.figure.savefig(out_png, dpi=120)
 
 

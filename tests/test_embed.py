@@ -162,4 +162,4 @@ def test_a_corrupt_or_truncated_checkpoint_is_one_line(tmp_path, capsys):
         capsys.readouterr()
         assert probe.main(base + flags + [str(path)]) == 2
         err = capsys.readouterr().err
-        assert err.count("\n") == 1 and f"{flags[-1]}: {path} is truncated or not a checkpoint" in err, err
+        assert err.count("\n") == 1 and f"{flags[-1]}: {path} is not a readable checkpoint" in err, err

@@ -491,7 +491,7 @@ def test_cli_hmdb51_video_only_and_checkpoint_series(tmp_path, capsys):
     capsys.readouterr()
     assert probe.main(["--summary", str(out), str(tmp_path / "alone_1.json")]) == 0
     text, err = capsys.readouterr()
-    assert f"skipped {out}, a --checkpoints series" in err and text.count("| hmdb51 |") == 1
+    assert f"skipped {out}, not a linear-probe result" in err and text.count("| hmdb51 |") == 1
 
 
 def test_videos_missing_from_the_cache_error_or_loud_warning(tmp_path, capsys):
