@@ -44,8 +44,8 @@ PRESETS = {
     "tiny": dict(width=32, depth=1, heads=2, embed_dim=32, dropout=0.0, center_tokens=True, audio_frames_per_token=16,
                  batch_size=16, lr=1e-3, epochs=2, warmup_steps=0),
 }
-RUN_ONLY = {"data", "out", "resume", "restart", "workers", "device", "threads", "compile", "compile_mode",
-            "log_every", "save_every", "keep_epochs", "no_progress"}  # flags that leave the weights as they are
+RUN_ONLY = {"data", "out", "resume", "restart", "workers", "device", "threads", "compile", "compile_mode", "max_steps",
+            "log_every", "save_every", "keep_epochs", "no_progress"}  # flags that leave each step's weights as they are
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -65,7 +65,7 @@ def parse_args(argv=None):
     g.add_argument("--cache", help="feature cache written by prepare.py (default: DATA/lava_cache)")
     g.add_argument("--out", help="run folder; a run there is continued (default: runs/lava_<time>, --resume's folder)")
     g.add_argument("--resume", help="checkpoint to continue with these flags; auto: OUT/ckpt_last.pt (default: none)")
-    g.add_argument("--restart", action="store_true", help="start over in an --out that holds a run, replacing it")
+    g.add_argument("--restart", action="store_true", help="replace the run in --out (start over or from --resume PATH)")
     g.add_argument("--workers", type=int, help="DataLoader processes per rank, 0: none (default: half its cores, <= 8)")
     g.add_argument("--seed", type=int, default=0, help="seed of the model init, the sample order and the augmentation")
     g.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda, cuda:N (torchrun: LOCAL_RANK)")
@@ -228,8 +228,7 @@ class ResumableSampler(Sampler):
 
 
 def train_indices(cache):
-    """Global cache indices of the videos pre-training may use: Kinetics' split "train" (its val is for retrieval),
-    or every video of a folder cache (your own, unlabelled). UCF-101 and HMDB-51 are the probe's: refused."""
+    """Cache indices pre-training uses: Kinetics' split "train", or every video of a folder cache (your own videos)."""
     dataset = cache.manifest.get("dataset")
     if dataset in ("ucf101", "hmdb51"):
         fail(f"pre-training needs a Kinetics or your own videos' cache; {cache.path} is a {dataset} cache (probe.py's)")
@@ -239,8 +238,9 @@ def train_indices(cache):
     return idx
 
 
-def ignore_sigint(worker_id):  # DataLoader workers leave Ctrl-C (sent to the process group) to the main process
+def ignore_signals(worker_id):  # DataLoader workers leave Ctrl-C and SIGTERM (sent to the process group) to main
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def make_loader(dataset, sampler, workers, device, seed):
@@ -249,7 +249,7 @@ def make_loader(dataset, sampler, workers, device, seed):
         dataset, batch_size=sampler.local_batch, sampler=sampler, drop_last=True, num_workers=workers,
         pin_memory=device.type == "cuda", persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
         # worker seeds from here, not the global RNG (the model's stream stays the same on resume; samples use none)
-        generator=torch.Generator().manual_seed(seed), worker_init_fn=ignore_sigint)
+        generator=torch.Generator().manual_seed(seed), worker_init_fn=ignore_signals)
 
 
 def to_device(batch, device, trim_pad_id=None):
@@ -259,7 +259,7 @@ def to_device(batch, device, trim_pad_id=None):
     if trim_pad_id is not None:
         used = (tokens != trim_pad_id).any(dim=0).nonzero()
         length = int(used.max()) + 1 if len(used) else 1
-        tokens = tokens[:, :min(tokens.shape[1], -(-length // 8) * 8)]
+        tokens = tokens[:, :min(tokens.shape[1], math.ceil(length / 8) * 8)]
     video = batch["video"].to(device, non_blocking=True).float()      # (b, 16, G, G, F)
     audio = batch["audio"].to(device, non_blocking=True)              # (b, n_mels, 256)
     tokens = tokens.to(device, non_blocking=True)                     # (b, L') L' <= L
@@ -300,8 +300,7 @@ def make_schedule(warmup_steps, total_steps, lr, min_lr):
 
 
 def atomic_save(path, write):
-    """write(file) into a temp file in the same folder, fsync, then os.replace: a kill leaves the old file whole,
-    an exception (a second Ctrl-C) no temp file. One writer, rank 0: after kill -9 the next save replaces it."""
+    """write(file), fsync, os.replace: a kill leaves the old file whole, an exception (a second Ctrl-C) no temp file."""
     tmp = Path(path).with_name(f".{Path(path).name}.tmp")
     try:
         with open(tmp, "wb") as f:
@@ -321,8 +320,9 @@ def load_checkpoint(path):
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated zip, a text file, a pickle of classes weights_only refuses
         raise ValueError(f"{path} is not a readable checkpoint: truncated or corrupt ({type(e).__name__})") from None
-    if not isinstance(ckpt, dict) or not {"model", "config", "step"} <= ckpt.keys():
-        raise ValueError(f"{path} is not a pretrain.py checkpoint (needs 'model', 'config' and 'step')")
+    config = ckpt.get("config") if isinstance(ckpt, dict) else None  # probe.py builds its model from config["model"]
+    if not isinstance(config, dict) or not {"model", "step"} <= ckpt.keys() or not {"model", "args"} <= config.keys():
+        raise ValueError(f"{path} is not a pretrain.py checkpoint (needs 'model', 'step', config 'model' and 'args')")
     return ckpt
 
 
@@ -385,13 +385,13 @@ def main(argv=None):
     out = Path(args.out)
     last, log_path = out / "ckpt_last.pt", out / "log.jsonl"
     # --resume PATH, or the run in --out: the same command continues it, with other settings only when asked
-    ckpt_path = None if args.restart else Path(args.resume) if explicit else last if last.exists() else None
-    ckpt = None
-    if ckpt_path is not None:
-        try:
-            ckpt = load_checkpoint(ckpt_path)
-        except (OSError, ValueError) as e:
-            fail(f"--resume: {e}" if args.resume else f"{out} holds a run: {e}; start over with --restart")
+    ckpt_path = Path(args.resume) if explicit else last
+    try:
+        ckpt = load_checkpoint(ckpt_path) if explicit or (last.exists() and not args.restart) else None
+    except (OSError, ValueError) as e:
+        fail(f"--resume: {e}" if args.resume else f"{out} holds a run: {e}; start over with --restart")
+    if explicit and last.exists() and ckpt_path.resolve().parent != out.resolve() and not args.restart:
+        fail(f"{out} holds another run than {ckpt_path}'s: --restart replaces it, or use another --out")
     if ckpt is not None and args.resume is None:
         theirs = ckpt["config"]["args"]
         diff = [f"--{k.replace('_', '-')} {theirs.get(k)} (now {v})" for k, v in sorted(vars(args).items())
@@ -414,7 +414,8 @@ def main(argv=None):
     loader = make_loader(dataset, sampler, args.workers, device, args.seed)
     total_steps = args.epochs * steps_per_epoch
     last_step = min(total_steps, args.max_steps or total_steps)
-    position = lambda step: f"epoch {-(-step // steps_per_epoch)}, step {step}"  # as in the log: the ceil, from 1
+    epoch_of = lambda step: math.ceil(step / steps_per_epoch)  # the epoch optimizer step `step` is in, from 1
+    position = lambda step: f"epoch {epoch_of(step)}, step {step}"  # as in the log
 
     # -------------------------------------------------------------------------------- model, optimizer
     config = build_config(args, cache.manifest, cache.tokenizer)
@@ -455,7 +456,7 @@ def main(argv=None):
         out.mkdir(parents=True, exist_ok=True)
         if args.restart and last.exists():
             print(f"--restart: replacing the run in {out}")
-            for old in [last, *out.glob("epoch_*.pt"), out / "loss.png"]:
+            for old in [last, log_path, *out.glob("epoch_*.pt"), out / "loss.png"]:
                 old.unlink(missing_ok=True)
         n_params = sum(p.numel() for p in raw_model.parameters())
         (out / "config.json").write_text(json.dumps(dict(
@@ -520,7 +521,7 @@ def main(argv=None):
                     mean = vals.mean(0).tolist()
                     mem = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
                            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # bytes at the peak
-                    rec = dict(step=step, epoch=-(-step // steps_per_epoch), epoch_progress=step / steps_per_epoch,
+                    rec = dict(step=step, epoch=epoch_of(step), epoch_progress=step / steps_per_epoch,
                                loss=mean[0], **dict(zip(spaces, mean[1:])), lr=lr, mem_gb=mem / 1e9, time=time.time(),
                                clips_per_s=len(vals) * args.batch_size / (time.perf_counter() - t_window))
                     window, t_window = [], time.perf_counter()
@@ -528,13 +529,12 @@ def main(argv=None):
                         with open(log_path, "a") as f:
                             f.write(json.dumps(rec) + "\n")
                         # epoch 3 step 120 | loss 2.3104 (av 1.1000 vt 0.9000 avt 0.3104) | lr 1.0e-05 | 812 clips/s
-                        terms = " ".join(f"{k} {rec[k]:.4f}" for k in spaces)
-                        bar.write(f"epoch {rec['epoch']} step {step} | loss {mean[0]:.4f} ({terms}) | lr {lr:.1e} | "
+                        shown = " ".join(f"{k} {rec[k]:.4f}" for k in spaces)
+                        bar.write(f"epoch {rec['epoch']} step {step} | loss {mean[0]:.4f} ({shown}) | lr {lr:.1e} | "
                                   f"{rec['clips_per_s']:.0f} clips/s")
                         sys.stdout.flush()
 
-                # ckpt_last.pt, and epoch_XXX.pt (XXX = epochs done) at an epoch's end with --keep-epochs
-                if save_now and master:
+                if save_now and master:  # ckpt_last.pt; epoch_XXX.pt (XXX: epochs done) at epoch ends if --keep-epochs
                     state = dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(), step=step,
                                  scheduler=scheduler.state_dict(), epoch=epochs_done, cache_manifest=cache.manifest,
                                  # the only random numbers a step draws are dropout's (the data's come from seeded

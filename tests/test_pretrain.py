@@ -7,6 +7,7 @@ preset and one intra-op thread (2 shared cores: more threads only spin against o
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -288,33 +289,35 @@ def test_sigkill_or_ctrl_c_then_the_same_command_continues_bitwise(feature_cache
     ref_log = read_log(ref)
     assert [r["lr"] for r in ref_log] == pytest.approx([cosine(1e-3, 4, 20, r["step"] - 1) for r in ref_log], abs=1e-15)
 
-    # Ctrl-C (SIGINT to the process group, the DataLoader workers too, as a terminal sends it) once a step is logged:
-    # the step in progress ends and is saved, one line, exit 130; the same command then continues to the same weights
-    stopped = tmp_path / "stopped"
-    command = [sys.executable, str(ROOT / "pretrain.py"), *map(str, common), "--out", str(stopped), "--workers", "2"]
-    proc = subprocess.Popen(command, env=ENV, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        deadline = time.time() + 90
-        while time.time() < deadline and last_logged_step(stopped) == 0:
-            time.sleep(0.005)
-        os.kill(proc.pid, signal.SIGSTOP)  # the signal is then handled within a step, not after the run ended
-        assert 0 < last_logged_step(stopped) < 20
-        os.killpg(proc.pid, signal.SIGINT)
-        os.kill(proc.pid, signal.SIGCONT)
-        _, err = proc.communicate(timeout=60)
-    finally:
-        proc.kill()
-        proc.wait()
-    assert proc.returncode == 130 and "Traceback" not in err, err
-    stop = re.fullmatch(r"pretrain: interrupted at epoch (\d), step (\d+); the same command continues from (\S+) "
-                        r"\(epoch \1, step \2\)\n", err)
-    assert stop and Path(stop[3]) == stopped / "ckpt_last.pt", err
-    assert torch.load(stopped / "ckpt_last.pt", weights_only=True)["step"] == int(stop[2])
-    assert not [p.name for p in stopped.iterdir() if p.name.startswith(".")]  # no temp file left
-    proc = run(*common, "--out", stopped, "--workers", 2)
-    assert f"continuing {stopped} from epoch {stop[1]}, step {stop[2]} of 20\n" in proc.stdout
-    assert_same_run(ref, stopped)
+    # Ctrl-C (SIGINT to the process group, the DataLoader workers too, as a terminal sends it) or a scheduler's
+    # SIGTERM to the group (scancel) once a step is logged: the step in progress ends and is saved, one line, exit 130
+    # or 143, no worker killed under the main process; the same command then continues to the same weights
+    for signum, workers in ((signal.SIGINT, 2), (signal.SIGTERM, 1)):
+        stopped = tmp_path / f"stopped_{signum}"
+        command = [sys.executable, str(ROOT / "pretrain.py"), *map(str, common), "--out", stopped, "--workers", workers]
+        proc = subprocess.Popen(list(map(str, command)), env=ENV, cwd=ROOT, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True, start_new_session=True)
+        try:
+            deadline = time.time() + 90
+            while time.time() < deadline and last_logged_step(stopped) == 0:
+                time.sleep(0.005)
+            os.kill(proc.pid, signal.SIGSTOP)  # the signal is then handled within a step, not after the run ended
+            assert 0 < last_logged_step(stopped) < 20
+            os.killpg(proc.pid, signum)
+            os.kill(proc.pid, signal.SIGCONT)
+            _, err = proc.communicate(timeout=60)
+        finally:
+            proc.kill()
+            proc.wait()
+        assert proc.returncode == 128 + signum and "Traceback" not in err, err
+        stop = re.fullmatch(r"pretrain: interrupted at epoch (\d), step (\d+); the same command continues from (\S+) "
+                            r"\(epoch \1, step \2\)\n", err)
+        assert stop and Path(stop[3]) == stopped / "ckpt_last.pt", err
+        assert torch.load(stopped / "ckpt_last.pt", weights_only=True)["step"] == int(stop[2])
+        assert not [p.name for p in stopped.iterdir() if p.name.startswith(".")]  # no temp file left
+        proc = run(*common, "--out", stopped, "--workers", workers)
+        assert f"continuing {stopped} from epoch {stop[1]}, step {stop[2]} of 20\n" in proc.stdout
+        assert_same_run(ref, stopped)
 
 
 def test_torchrun_two_gloo_ranks_match_one_process(feature_cache, tmp_path, one_thread):
@@ -461,10 +464,26 @@ def test_a_run_in_out_continues_or_refuses_and_restart_replaces_it(feature_cache
     err = refused("--epochs", "3", "--lr", "2e-3")   # other settings: refused, nothing touched
     assert "--epochs 1 (now 3), --lr 0.001 (now 0.002)" in err and "--resume auto" in err and "--restart" in err
     assert torch.load(out / "ckpt_last.pt", weights_only=True)["step"] == 1
-    pretrain.main(common + ["--epochs", "3", "--restart"])  # starts over: the old run's files go
+    pretrain.main(common + ["--epochs", "3", "--restart", "--max-steps", "2"])  # starts over: the old run's files go
     assert f"--restart: replacing the run in {out}\n" in capsys.readouterr().out
-    assert not (out / "epoch_001.pt").exists() and [r["step"] for r in read_log(out)] == [1, 2, 3]
+    assert not (out / "epoch_001.pt").exists() and [r["step"] for r in read_log(out)] == [1, 2]
+    pretrain.main(common + ["--epochs", "3"])  # the full run after a --max-steps trial: the same run, continued
+    assert f"continuing {out} from epoch 2, step 2 of 3\n" in capsys.readouterr().out
+    assert [r["step"] for r in read_log(out)] == [1, 2, 3]
     assert torch.load(out / "ckpt_last.pt", weights_only=True)["step"] == 3
+
+    # --resume PATH continues in its own folder; into an --out that holds another run only with --restart
+    other = tmp_path / "other" / "ckpt_last.pt"
+    other.parent.mkdir()
+    shutil.copy(out / "ckpt_last.pt", other)
+    pretrain.main(common + ["--epochs", "4", "--resume", str(out / "ckpt_last.pt")])
+    assert f"continuing {out} from epoch 3, step 3 of 4\n" in capsys.readouterr().out
+    err = refused("--epochs", "5", "--resume", str(other))
+    assert f"{out} holds another run than {other}'s: --restart replaces it" in err
+    assert [r["step"] for r in read_log(out)] == [1, 2, 3, 4]                    # untouched
+    pretrain.main(common + ["--epochs", "5", "--resume", str(other), "--restart"])
+    assert f"continuing {out} from epoch 3, step 3 of 5\n" in capsys.readouterr().out
+    assert [r["step"] for r in read_log(out)] == [4, 5]                           # other's run, from its step 3
 
     # --resume on a missing file, a truncated checkpoint, a text file named .pt; a run folder with a corrupt one
     (tmp_path / "half.pt").write_bytes((out / "ckpt_last.pt").read_bytes()[:5000])
@@ -472,6 +491,9 @@ def test_a_run_in_out_continues_or_refuses_and_restart_replaces_it(feature_cache
     assert refused("--resume", str(tmp_path / "missing.pt")).endswith("missing.pt not found\n")
     for bad in ("half.pt", "notes.pt"):
         assert "is not a readable checkpoint" in refused("--resume", str(tmp_path / bad))
+    torch.save(dict(model={}, config=dict(model={}), step=1), tmp_path / "no_args.pt")  # probe.py reads args too
+    assert refused("--resume", str(tmp_path / "no_args.pt")).endswith(
+        "is not a pretrain.py checkpoint (needs 'model', 'step', config 'model' and 'args')\n")
     (out / "ckpt_last.pt").write_bytes((tmp_path / "half.pt").read_bytes())
     assert "--restart" in refused("--epochs", "3")
 
