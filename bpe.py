@@ -213,8 +213,7 @@ class BPETokenizer:
 
     def encode_title(self, title, max_len=128):
         """Title -> (ids (max_len,) int32, n_tokens counting the eot): encode(title)[:max_len - 1] + [eot], padded.
-        With max_len 4: encode(t) == [5, 6] -> ([5, 6, eot, pad], 3); [5, 6, 7, 8] -> ([5, 6, 7, eot], 4).
-        """
+        With max_len 4: encode(t) == [5, 6] -> ([5, 6, eot, pad], 3); [5, 6, 7, 8] -> ([5, 6, 7, eot], 4)."""
         if max_len < 1:
             raise ValueError(f"max_len must be >= 1, got {max_len}")
         ids = self.encode(title)[:max_len - 1] + [self.eot_id]
@@ -229,7 +228,6 @@ class BPETokenizer:
         The model file is UTF-8 text, one item a line: "lava-bpe v1", "pattern <the split regex, verbatim>",
         "special <|endoftext|> <eot id>", "special <|pad|> <pad id>", "merges <M>", then M lines "<a> <b>".
         """
-        path = Path(path)
         if "\n" in self.pattern or "\r" in self.pattern:
             raise ValueError("the split pattern must not hold a literal newline (write it as \\n in the regex)")
         lines = [BPE_FORMAT, f"pattern {self.pattern}", f"special {BPE_SPECIALS[0]} {self.eot_id}",
@@ -242,7 +240,7 @@ class BPETokenizer:
         shown = [repr(token.decode("utf-8", "replace")) for token in self._vocab] + list(BPE_SPECIALS)
         made_of = [""] * 256 + [f" <- {shown[a]} + {shown[b]}" for a, b in self.merges] + ["", ""]
         vocab = (f"{i} {token}{parts}\n" for i, (token, parts) in enumerate(zip(shown, made_of)))
-        write_atomic(path.with_suffix(".vocab"), "".join(vocab))
+        write_atomic(Path(path).with_suffix(".vocab"), "".join(vocab))
 
     @classmethod
     def load(cls, path):
@@ -266,8 +264,10 @@ class BPETokenizer:
 
 # ---- machinery: atomic writes ------------------------------------------------------------------------
 def write_atomic(path, text):
-    """Write a text file so that readers see all of it or none (temp file + rename)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8", newline="\n")
-    os.replace(tmp, path)
+    """Write a text file so that readers see all of it or none (temp file + rename); an error leaves no temp file."""
+    tmp = Path(path).with_name(f".{Path(path).name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text, encoding="utf-8", newline="\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

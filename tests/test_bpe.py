@@ -14,7 +14,7 @@ import regex
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bpe import BPETokenizer, get_stats, merge
+from bpe import BPETokenizer, get_stats, merge, write_atomic
 
 DATA = Path(__file__).resolve().parent / "data"
 
@@ -241,6 +241,14 @@ def test_save_load_round_trip(tok, tmp_path):
     a, b = tok.merges[0]
     assert vocab[256] == f"256 {tok.decode([256])!r} <- {tok.decode([a])!r} + {tok.decode([b])!r}"
     assert not list(tmp_path.glob(".*tmp*"))  # no temp files left behind
+
+
+def test_write_atomic_failing_mid_write_keeps_the_old_file_and_leaves_no_temp_file(tmp_path):
+    path = tmp_path / "tokenizer.vocab"
+    write_atomic(path, "old\n")
+    with pytest.raises(UnicodeEncodeError):  # raised once the temp file is open, as a Ctrl-C mid-write would be
+        write_atomic(path, "new " + "\udc80" + "\n")
+    assert path.read_text(encoding="utf-8") == "old\n" and list(tmp_path.iterdir()) == [path]
 
 
 def test_pickle_keeps_merges(tok):
