@@ -99,14 +99,16 @@ def sample_frames(path, targets, size):
                 pts = pts if pts > prev_pts else prev_pts + 1.0 / fps_meta
                 max_dt, min_dt = max(max_dt, pts - prev_pts), min(min_dt, pts - prev_pts)
             prev_pts = pts
-            if times[i] < pts - TIME_TOL and cand_src != j - 1:
-                # j > 0: frame j-1 was on screen but not retrieved (a VFR gap longer than any before), so a fresh
-                # capture decodes up to it again; j == 0: targets before the first timestamp get the first frame
-                again = _open_cv(path) if j else cap
-                ok, img = again.retrieve() if all(again.grab() for _ in range(j)) else (False, None)
-                misses += j > 0
-                if ok and img is not None:
-                    cand, cand_src = _square(img, size), max(j - 1, 0)
+            if times[i] < pts - TIME_TOL and cand_src != j - 1:  # j >= 1: before any retrieve(), cand_src is -1
+                # frame j-1 was on screen but not retrieved (a VFR gap longer than any before): a fresh capture
+                # decodes frames 0 .. j-1 again and retrieves the last one
+                again, img = _open_cv(path), None
+                if all(again.grab() for _ in range(j)):  # stops at the first frame that fails
+                    img = again.retrieve()[1]
+                again.release()  # (an exception leaves it to the destructor, when the error is handled)
+                misses += 1
+                if img is not None:
+                    cand, cand_src = _square(img, size), j - 1
             while i < n and times[i] < pts - TIME_TOL and cand is not None:
                 out[i], real[i], src[i] = cand, True, cand_src
                 i += 1
@@ -285,15 +287,13 @@ def build_backbone(kind, weights_path, device):
         url, hub = torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url, Path(torch.hub.get_dir()) / "checkpoints"
         path = Path(weights_path) if weights_path else hub / Path(url).name
         if not path.is_file():
-            raise SystemExit(f"ImageNet ResNet-18 weights not found at {path}.\n  Get them (needs internet once): "
-                             f"python -c \"import torchvision; torchvision.models.resnet18(weights='IMAGENET1K_V1')\"\n"
-                             f"  (downloads {url} into {hub}), or copy that file and pass --backbone-weights PATH,\n"
-                             "  or pass --backbone random for a demo (recorded in the manifest: not ImageNet results).")
+            raise SystemExit(f"prepare.py: ImageNet ResNet-18 weights not found at {path}: pass --backbone-weights "
+                             f"PATH ({url}; README: ImageNet weights) or --backbone random (a demo)")
         try:
             net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         except Exception as e:
-            raise SystemExit(f"cannot load ResNet-18 weights from {path}: {type(e).__name__}: {e}\n  Pass "
-                             "--backbone-weights with torchvision's resnet18-f37072fd.pth, or --backbone random.")
+            raise SystemExit(f"prepare.py: cannot load ResNet-18 weights from {path} ({' '.join(str(e).split())}): "
+                             "pass torchvision's resnet18-f37072fd.pth with --backbone-weights, or --backbone random")
     body = torch.nn.Sequential(*list(net.children())[:-2])  # conv1 .. layer4: (B,3,S,S) -> (B,512,S/32,S/32)
     body.eval().requires_grad_(False)
     return body.to(device=device, memory_format=torch.channels_last)
@@ -463,10 +463,12 @@ def _interrupt(signum, frame):
 
 
 def _prepare(args):
-    root, out = args.root, args.out  # then the "auto" values resolved:
-    dataset = args.dataset = args.dataset if args.dataset != "auto" else detect_layout(root)
-    sampling = args.sampling = args.sampling if args.sampling != "auto" else "pretrain" if dataset == "k700" else "eval"
-    clips, frames = (1, args.pretrain_frames) if sampling == "pretrain" else (args.test_clips, EVAL_FRAMES)
+    root, out = args.root, args.out
+    if args.dataset == "auto":
+        args.dataset = detect_layout(root)
+    if args.sampling == "auto":  # Kinetics is the pre-training set; the others are evaluated
+        args.sampling = "pretrain" if args.dataset == "k700" else "eval"
+    clips, frames = (1, args.pretrain_frames) if args.sampling == "pretrain" else (args.test_clips, EVAL_FRAMES)
     shapes = _shapes(args, clips, frames)
     args_dict = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     if args.backbone == "imagenet" and not (args.list_only or args.merge):
@@ -475,16 +477,16 @@ def _prepare(args):
     # 0. the settings that decide the bytes (clips and frames, not the flags: --test-clips does not matter to a
     #    pre-training cache) are locked once a shard is finished under them; before that a run with other settings
     #    starts over (listing and tokenizer included), so a failed first run never blocks the corrected one
-    content = dict(cache_version=CACHE_VERSION, dataset=dataset, sampling=sampling, clips=clips, frames=frames,
-                   size=args.size, backbone=args.backbone, backbone_weights=args_dict["backbone_weights"],
-                   vocab_size=args.vocab_size, shard_size=args.shard_size)
+    content = dict(cache_version=CACHE_VERSION, dataset=args.dataset, sampling=args.sampling, clips=clips,
+                   frames=frames, size=args.size, backbone=args.backbone, vocab_size=args.vocab_size,
+                   backbone_weights=args_dict["backbone_weights"], shard_size=args.shard_size)
     old = json.loads((out / "prepare_config.json").read_text()) if (out / "prepare_config.json").is_file() else content
     diff = {k: (old.get(k), v) for k, v in content.items() if old.get(k) != v}
     if diff and any(out.glob("shard_*")):
         raise SystemExit(f"prepare.py: {out} holds shards made with other settings {diff} (old, new); use another "
                          "--out or delete it")
-    for name in ("listing.json", "tokenizer.bpe", "tokenizer.vocab") if diff else ():
-        (out / name).unlink(missing_ok=True)
+    if diff:  # a new listing, and with it a new tokenizer
+        (out / "listing.json").unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     write_atomic(out / "prepare_config.json", json.dumps(content, indent=2) + "\n")
 
@@ -493,15 +495,18 @@ def _prepare(args):
         listing = json.loads((out / "listing.json").read_text(encoding="utf-8"))
         print(f"prepare: {len(listing['videos'])} videos from {out / 'listing.json'} (delete it to re-scan {root})")
     else:
-        videos, errors = list_videos(root, dataset, out, args.workers)
-        listing = dict(dataset=dataset, videos=videos, errors=errors, num_shards=-(-len(videos) // args.shard_size))
+        videos, errors = list_videos(root, args.dataset, out, args.workers)
+        listing = dict(dataset=args.dataset, videos=videos, errors=errors,
+                       num_shards=math.ceil(len(videos) / args.shard_size))
         write_atomic(out / "listing.json", json.dumps(listing, ensure_ascii=False) + "\n")
         notes = f" ({len(errors)} listing notes)" if errors else ""
-        print(f"prepare: {len(videos)} {dataset} videos under {root}{notes}")
+        print(f"prepare: {len(videos)} {args.dataset} videos under {root}{notes}")
+        for name in ("tokenizer.bpe", "tokenizer.vocab"):  # trained on the listing's titles: trained again below
+            (out / name).unlink(missing_ok=True)
     videos = listing["videos"]
 
-    # 2. the tokenizer, before any shard (shards store token ids), on train-split titles only (val is held out for
-    #    retrieval; a layout without splits uses them all); deterministic, so shard jobs that each train it agree
+    # 2. the tokenizer, before any shard (shards store token ids), on train-split titles only (val titles stay
+    #    unseen; a layout without splits uses them all); deterministic, so shard jobs that each train it agree
     titles = [v["title"] for v in videos if v["title"]]
     tok_name = "tokenizer.bpe" if titles else None
     tokenizer = BPETokenizer.load(out / tok_name) if titles and (out / tok_name).is_file() else None
@@ -514,9 +519,9 @@ def _prepare(args):
     if args.list_only:
         print(f"prepare: listing and tokenizer in {out}; now run the shard jobs")
         return 0
-    merge = (out, listing, args_dict, shapes, tok_name)
+    merge = functools.partial(merge_shards, out, listing, args_dict, shapes, tok_name)
     if args.merge:
-        return merge_shards(*merge, strict=True)
+        return merge(strict=True)
 
     # 3. this job's shards that are not finished yet; stale temp folders of earlier (killed) runs go
     mine = [k for k in range(listing["num_shards"]) if k % args.num_shards == args.shard_index]
@@ -526,7 +531,7 @@ def _prepare(args):
     if len(todo) < len(mine):
         print(f"prepare: {len(mine) - len(todo)} finished shard(s) kept, {len(todo)} to go")
     if not todo:
-        return merge_shards(*merge)
+        return merge()
 
     # 4. decode workers -> the CNN in batches that never cross a shard -> shard files; the last line says whether
     #    this process waited for decoded videos (more --workers would help, if there are cores) or for the CNN
@@ -536,11 +541,11 @@ def _prepare(args):
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     encoder = FrameEncoder(args.backbone, args.backbone_weights, device, args.size, args.batch_size)
     cv2.setNumThreads(1)  # as in the decode workers (_worker_init); with --workers 0 decoding runs here
-    job = dict(size=args.size, clips=clips, frames=frames, sampling=sampling, audio_frames=shapes["audio_frames"])
+    job = dict(size=args.size, clips=clips, frames=frames, sampling=args.sampling, audio_frames=shapes["audio_frames"])
     shards = [(k, videos[k * args.shard_size:(k + 1) * args.shard_size]) for k in todo]
     jobs = [dict(job, path=str(root / v["path"])) for _, vs in shards for v in vs]
     results = decode_stream(jobs, args.workers, args.video_timeout)
-    bar = tqdm(total=len(jobs), unit="video", desc=f"prepare {dataset}", dynamic_ncols=True)
+    bar = tqdm(total=len(jobs), unit="video", desc=f"prepare {args.dataset}", dynamic_ncols=True)
     n_err, wait_decode = 0, 0.0  # videos skipped; seconds spent waiting for decoded videos
     writer = None
     t_start = time.perf_counter()
@@ -566,12 +571,11 @@ def _prepare(args):
         bar.close()
         results.close()  # stops the decode processes now, also when a shard failed
     seconds = time.perf_counter() - t_start
-    n_frames = encoder.frames_done
     device = torch.cuda.get_device_name(encoder.device) if encoder.cuda else device
-    print(f"prepare: {len(jobs)} videos, {n_frames:,} frames through the CNN in {seconds:.2f} s "
-          f"({n_frames / seconds:,.0f} frames/s); the main process waited {wait_decode:.2f} s for decoding "
+    print(f"prepare: {len(jobs)} videos, {encoder.frames_done:,} frames through the CNN in {seconds:.2f} s "
+          f"({encoder.frames_done / seconds:,.0f} frames/s); the main process waited {wait_decode:.2f} s for decoding "
           f"(--workers {args.workers}) and {encoder.wait_s:.2f} s for the CNN ({device})")
-    return merge_shards(*merge)
+    return merge()
 
 
 def _shapes(args, clips, frames):
@@ -582,18 +586,8 @@ def _shapes(args, clips, frames):
 # ================================ Machinery that scales the method =================================
 # dataset layouts -> a list of videos {"id", "path", "label", "split", "title"}
 
-LAYOUTS = {  # what each reader expects under --root; printed when the root matches none of them
-    "k700": "k700/{train,val}/<label>/<youtube_id>_<start:06d>_<end:06d>.mp4 (+ annotations/, titles.csv)",
-    "ucf101": "ucf101/UCF-101/<Class>/v_<Class>_gXX_cYY.avi (+ ucfTrainTestlist/)",
-    "hmdb51": "hmdb51/videos/<class>/<name>.avi (+ testTrainMulti_7030_splits/)",
-    "folder": "any folder holding video files (" + " ".join(sorted(VIDEO_EXTS)) + "), searched recursively; "
-              "titles optional (titles.csv with path,title or youtube_id,title, or each file's title tag)",
-}
-
-
 def detect_layout(root):
-    """Name of the layout under `root` (see LAYOUTS); SystemExit naming every layout when there is none."""
-    root = Path(root)
+    """Name of the layout under `root` (a Path); a one-line SystemExit naming every layout when there is none."""
     if (root / "UCF-101").is_dir():
         return "ucf101"
     if (root / "videos").is_dir() and (root / "testTrainMulti_7030_splits").is_dir():
@@ -602,9 +596,9 @@ def detect_layout(root):
         return "k700"
     if root.is_dir() and next(_video_files(root), None) is not None:
         return "folder"
-    why = "holds no videos in any layout prepare.py reads" if root.is_dir() else "is not a directory"
-    layouts = "\n".join(f"  {name:7s} {text}" for name, text in LAYOUTS.items())
-    raise SystemExit(f"prepare.py: --root {root} {why}. Expected one of:\n{layouts}")
+    why = "holds no videos in a layout prepare.py reads" if root.is_dir() else "is not a directory"
+    raise SystemExit(f"prepare.py: --root {root} {why} (k700: train/, val/; ucf101: UCF-101/; hmdb51: videos/ + "
+                     "testTrainMulti_7030_splits/; folder: any video files; README: Laying out real data)")
 
 
 def _video_files(folder, skip=()):
@@ -618,9 +612,9 @@ def _video_files(folder, skip=()):
 
 def list_videos(root, dataset, out, workers=0):
     """(videos of the `dataset` layout under root, sorted by id, titles filled in; errors). Duplicate ids: the first."""
-    root = Path(root)
     videos, errors = [], []
-    for d in {"k700": ["train", "val"], "ucf101": ["UCF-101"], "hmdb51": ["videos"], "folder": ["."]}[dataset]:
+    dirs = {"k700": ["train", "val"], "ucf101": ["UCF-101"], "hmdb51": ["videos"], "folder": ["."]}[dataset]
+    for d in dirs:
         for f in _video_files(root / d, skip=[out]):
             under = f.relative_to(root / d)
             v = dict(id=under.as_posix(), path=f.relative_to(root).as_posix(), split=None, title=None,
@@ -631,8 +625,8 @@ def list_videos(root, dataset, out, workers=0):
                          youtube_id=parts[0] if len(parts) == 3 and (parts[1] + parts[2]).isdigit() else f.stem)
             videos.append(v)
     if not videos:  # also when --dataset names a layout that --root does not have
-        raise SystemExit(f"prepare.py: --root {root} holds no video files in the {dataset} layout. Expected:\n"
-                         f"  {LAYOUTS[dataset]}")
+        raise SystemExit(f"prepare.py: no video files under {' or '.join(str(root / d) for d in dirs)} (the {dataset} "
+                         "layout; README: Laying out real data)")
     if dataset in ("k700", "folder"):  # UCF-101 and HMDB-51 ship no titles
         table = read_titles_csv(root / "titles.csv", errors) if (root / "titles.csv").is_file() else {}
         for v in videos:
@@ -773,7 +767,8 @@ def _worker_init():
     cv2.setNumThreads(1)
     os.environ["OMP_NUM_THREADS"] = "1"
     warnings.filterwarnings("ignore")
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the main process stops us
+    for signum in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C, scancel: sent to the process group; the main one stops us
+        signal.signal(signum, signal.SIG_IGN)
 
 
 def _kill_pool(ex):
@@ -892,24 +887,28 @@ def merge_shards(out, listing, args_dict, shapes, tokenizer_name, strict=False):
         print(f"prepare: {len(missing)} of {len(names)} shards not finished yet ({missing[0]} ...): the manifest "
               f"is written once they all exist (run the other shard indices, then --merge)")
         return 1 if strict else 0
-    errors, num_videos, miss_a, miss_t, nbytes = list(listing["errors"]), 0, 0, 0, 0
+    errors = list(listing["errors"])  # the listing's, then each shard's
     for nm in names:
         errors += [json.loads(line) for line in (out / nm / "errors.jsonl").read_text("utf-8").splitlines() if line]
-        has_audio, has_text = np.load(out / nm / "has_audio.npy"), np.load(out / nm / "has_text.npy")
-        num_videos, miss_a, miss_t = num_videos + len(has_audio), miss_a + sum(~has_audio), miss_t + sum(~has_text)
-        nbytes += sum((out / nm / f"{key}.npy").stat().st_size for key in (*SHARD_ARRAYS, PATCHES))
     write_atomic(out / "prepare_errors.jsonl", _jsonl(errors))
-    if not num_videos:  # no manifest: nothing downstream takes this for a cache
-        print(f"prepare: 0 of {len(listing['videos'])} videos usable; see {out}/prepare_errors.jsonl", file=sys.stderr)
+    has_audio = np.concatenate([np.load(out / nm / "has_audio.npy") for nm in names])  # (videos,) bool
+    has_text = np.concatenate([np.load(out / nm / "has_text.npy") for nm in names])
+    if not len(has_audio):  # no manifest, and no empty shards or listing left to block the corrected re-run
+        for nm in names:
+            shutil.rmtree(out / nm)
+        (out / "listing.json").unlink()
+        print(f"prepare: 0 of {len(listing['videos'])} videos usable (see {out}/prepare_errors.jsonl): fix or replace "
+              "the files and re-run", file=sys.stderr)
         return 1
+    nbytes = sum((out / nm / f"{key}.npy").stat().st_size for nm in names for key in (*SHARD_ARRAYS, PATCHES))
     m = dict(format=CACHE_FORMAT, version=CACHE_VERSION, dataset=args_dict["dataset"], config=args_dict,
              backbone=args_dict["backbone"], backbone_seed=0 if args_dict["backbone"] == "random" else None,
-             shards=names, shapes=shapes, num_videos=num_videos, missing=dict(audio=int(miss_a), text=int(miss_t)),
-             bytes_per_video=round(nbytes / max(num_videos, 1)), tokenizer=tokenizer_name,
+             shards=names, shapes=shapes, num_videos=len(has_audio), bytes_per_video=round(nbytes / len(has_audio)),
+             missing=dict(audio=int((~has_audio).sum()), text=int((~has_text).sum())), tokenizer=tokenizer_name,
              listed_videos=len(listing["videos"]), errors=len(errors))
     write_atomic(out / "manifest.json", json.dumps(m, indent=2, ensure_ascii=False) + "\n")
-    print(f"prepare: cache {out}: {num_videos} videos in {len(names)} shard{'s' * (len(names) > 1)}, "
-          f"{m['bytes_per_video'] / 2**20:.2f} MiB per video, missing audio {miss_a}, missing text {miss_t}")
+    print(f"prepare: cache {out}: {len(has_audio)} videos in {len(names)} shard(s), {m['bytes_per_video'] / 2**20:.2f} "
+          f"MiB per video, missing audio {m['missing']['audio']}, missing text {m['missing']['text']}")
     if errors:
         print(f"prepare: {len(errors)} skipped or degraded files; see {out / 'prepare_errors.jsonl'}")
     return 0
@@ -941,10 +940,13 @@ class FeatureCache:
 
         def damaged(file, why):
             return ValueError(f"{file}: {why}; the cache is damaged: delete {self.path} and run prepare.py again")
-        try:
-            self.manifest = m = json.loads(manifest_path.read_text())
-        except ValueError as e:
-            raise damaged(manifest_path, f"not JSON ({e})") from None
+
+        def read(file, load):  # missing, truncated or corrupt files raise here
+            try:
+                return load(file)
+            except (OSError, ValueError, EOFError) as e:
+                raise damaged(file, f"unreadable ({type(e).__name__}: {e})") from None
+        self.manifest = m = read(manifest_path, lambda f: json.loads(f.read_text()))
         if m.get("format") != CACHE_FORMAT or m.get("version") != CACHE_VERSION:
             raise ValueError(f"{manifest_path}: format {m.get('format')!r} version {m.get('version')!r}, not "
                              f"{CACHE_FORMAT!r} version {CACHE_VERSION}: build it again with this prepare.py")
@@ -952,16 +954,14 @@ class FeatureCache:
         self.shards, self.videos, self._starts = [], [], []  # _starts: each shard's first video
         for folder in (self.path / name for name in m["shards"]):
             arrays = {}  # (n, *dims) memory maps (patches: (P, *dims)), paged in on access
-            for key, (dtype, dims) in {**SHARD_ARRAYS, PATCHES: (np.float16, PATCH_DIMS), "videos": (None, ())}.items():
-                file, want = folder / (f"{key}.npy" if dtype else f"{key}.jsonl"), tuple(shapes[d] for d in dims)
-                try:  # missing, truncated or corrupt files raise here
-                    arrays[key] = a = np.load(file, mmap_mode="r") if dtype else [
-                        json.loads(line) for line in file.read_text("utf-8").splitlines() if line]
-                except (OSError, ValueError, EOFError) as e:
-                    raise damaged(file, f"unreadable ({type(e).__name__}: {e})") from None
-                if dtype and (a.dtype != dtype or a.shape[1:] != want):
+            for key, (dtype, dims) in {**SHARD_ARRAYS, PATCHES: (np.float16, PATCH_DIMS)}.items():
+                file, want = folder / f"{key}.npy", tuple(shapes[d] for d in dims)
+                a = read(file, lambda f: np.load(f, mmap_mode="r"))
+                if a.dtype != dtype or a.shape[1:] != want:
                     raise damaged(file, f"{a.dtype} {a.shape}, the manifest says {np.dtype(dtype)} (n, {want})")
-            rows = arrays.pop("videos")
+                arrays[key] = a
+            rows = read(folder / "videos.jsonl",
+                        lambda f: [json.loads(line) for line in f.read_text("utf-8").splitlines() if line])
             if len({len(rows)} | {len(arrays[key]) for key in SHARD_ARRAYS}) != 1:
                 raise damaged(folder, "arrays and videos.jsonl disagree on the number of videos")
             # each row's patches run from its first_patch to the next row's (the last: to P); every window index

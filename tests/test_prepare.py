@@ -391,7 +391,7 @@ def test_k700_cache_contents_and_reader(k700_single):
     with pytest.raises(ValueError, match=r"shard_00001/patches.npy: unreadable .*delete .*bad and run prepare.py"):
         FeatureCache(bad)
     (bad / "manifest.json").write_text('{"format": "lava-cache", ')
-    with pytest.raises(ValueError, match=r"manifest.json: not JSON .*the cache is damaged"):
+    with pytest.raises(ValueError, match=r"manifest.json: unreadable \(JSONDecodeError: .*the cache is damaged"):
         FeatureCache(bad)
 
 
@@ -404,6 +404,7 @@ def test_a_failed_first_run_never_blocks_the_corrected_one(k700_single, tmp_path
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "no_weights"))
     p = run_prepare("--root", root, "--out", out, "--shard-size", "2", *FAST[2:], check=False)
     assert p.returncode == 1 and "weights not found" in p.stderr and "--backbone random" in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1, p.stderr  # one line that says what to do
     assert not out.exists()
     run_prepare("--root", root, "--out", out, "--shard-size", "2", "--list-only", *FAST[:-1], "280")
     run_prepare("--root", root, "--out", out, "--shard-size", "2", *FAST)
@@ -411,6 +412,8 @@ def test_a_failed_first_run_never_blocks_the_corrected_one(k700_single, tmp_path
 
 
 def test_a_run_with_no_usable_video_fails_in_one_line(tmp_path):
+    """...and leaves nothing that blocks the corrected re-run: with a good video added, the same command makes the
+    cache, and a re-run with other settings is not refused for the failed run's empty shard."""
     root = tmp_path / "mine"
     root.mkdir()
     for name in ("a.mp4", "b.avi", "c.mkv"):
@@ -418,9 +421,18 @@ def test_a_run_with_no_usable_video_fails_in_one_line(tmp_path):
     p = run_prepare("--root", root, *FAST, check=False)
     assert p.returncode == 1
     last = p.stderr.strip().splitlines()[-1]  # after the progress bar's
-    assert last == f"prepare: 0 of 3 videos usable; see {root / 'lava_cache' / 'prepare_errors.jsonl'}"
-    assert len((root / "lava_cache" / "prepare_errors.jsonl").read_text().splitlines()) == 3
+    errors = root / "lava_cache" / "prepare_errors.jsonl"
+    assert last == f"prepare: 0 of 3 videos usable (see {errors}): fix or replace the files and re-run"
+    assert len(errors.read_text().splitlines()) == 3
     assert not (root / "lava_cache" / "manifest.json").exists()
+    other = [*FAST, "--size", "32"]
+    p = run_prepare("--root", root, *other, check=False)  # other settings, not refused: the same one line
+    assert p.returncode == 1 and p.stderr.strip().splitlines()[-1] == last
+    write_video(root / "good.mp4", 8, rate=10)
+    run_prepare("--root", root, *other)  # the same command, the files fixed: the listing is made again
+    cache = FeatureCache(root / "lava_cache")
+    assert [v["id"] for v in cache.videos] == ["good.mp4"] and cache.manifest["listed_videos"] == 4
+    assert cache.manifest["shapes"]["grid"] == 1
 
 
 def test_help_shows_the_defaults_without_importing_the_heavy_libraries():
@@ -770,15 +782,17 @@ def test_layout_detection_and_errors(tmp_path):
         with pytest.raises(SystemExit) as e:
             prepare.detect_layout(tmp_path / bad)
         assert all(name in str(e.value) for name in ("k700", "UCF-101", "testTrainMulti_7030_splits", "folder"))
-    with pytest.raises(SystemExit, match="UCF-101"):
-        prepare.list_videos(tmp_path / "mine", "ucf101", tmp_path / "out")
-    with pytest.raises(SystemExit, match="no video files"):
-        prepare.list_videos(tmp_path / "hmdb", "hmdb51", tmp_path / "out")
+        assert "\n" not in str(e.value) and "README: Laying out real data" in str(e.value)
+    for layout, folder in (("ucf101", "mine"), ("hmdb51", "hmdb")):  # --dataset names a layout --root lacks
+        with pytest.raises(SystemExit) as e:
+            prepare.list_videos(tmp_path / folder, layout, tmp_path / "out")
+        assert f"no video files under {tmp_path / folder / ('UCF-101' if layout == 'ucf101' else 'videos')}" in str(
+            e.value) and "\n" not in str(e.value)
     videos, _ = prepare.list_videos(tmp_path / "ucf", "ucf101", tmp_path / "out")
     assert videos == [dict(id="Archery/v_Archery_g01_c01.avi", path="UCF-101/Archery/v_Archery_g01_c01.avi",
                            label="Archery", split=None, title=None)]
     p = run_prepare("--root", tmp_path / "empty", *FAST, check=False)
-    assert p.returncode != 0 and "ucf101" in p.stderr and "Expected one of" in p.stderr
+    assert p.returncode != 0 and "ucf101" in p.stderr and len(p.stderr.strip().splitlines()) == 1
     # a user's own folder: recursive, titles from titles.csv (by path) or the file's own tag, else none
     write_video(tmp_path / "mine" / "tagged.mp4", 8, rate=10, title="my tagged clip")
     write_video(tmp_path / "mine" / "plain.mp4", 8, rate=10)
@@ -797,7 +811,7 @@ def test_ucf_eval_run_end_to_end(tmp_path):
         (root / "UCF-101" / cls).mkdir(parents=True)
         write_video(root / "UCF-101" / cls / f"v_{cls}_g01_c01.avi", n, rate=10, codec="mpeg4")
     p = run_prepare("--root", root, "--test-clips", "3", *FAST)
-    assert " in 1 shard, " in p.stdout and "listing notes" not in p.stdout  # not "1 shards", not "(0 listing notes)"
+    assert " in 1 shard(s), " in p.stdout and "listing notes" not in p.stdout  # not "(0 listing notes)"
     cache = FeatureCache(root / "lava_cache")
     assert cache.manifest["shapes"]["clips"] == 3 and cache.manifest["shapes"]["frames"] == 16
     assert cache.manifest["tokenizer"] is None and cache.tokenizer is None

@@ -321,10 +321,10 @@ def test_kill_9_then_rerun_equals_one_run_file_for_file(k700_single, tmp_path, w
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds the decode workers in /proc")
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_a_signal_stops_the_workers_in_one_line_and_leaves_no_temp_shard(k700_single, tmp_path, sig):
-    """SIGTERM to prepare's main process alone (timeout, docker stop), or SIGINT to its whole process group (Ctrl-C
-    in a terminal, which reaches the decode workers too): one line on stderr and no traceback from any process,
+@pytest.mark.parametrize("sig, group", [(signal.SIGTERM, False), (signal.SIGINT, True), (signal.SIGTERM, True)])
+def test_a_signal_stops_the_workers_in_one_line_and_leaves_no_temp_shard(k700_single, tmp_path, sig, group):
+    """SIGTERM to prepare's main process alone (timeout, docker stop), or SIGINT or SIGTERM to its whole process group
+    (Ctrl-C in a terminal, SLURM's scancel: the decode workers get it too): one line on stderr, no traceback from any,
     exit status 128 + the signal, the workers stopped, the unfinished shard's temp folder gone, finished shards
     kept, and the re-run completes the cache to a single run's bytes."""
     root, out, single = k700_single
@@ -335,10 +335,10 @@ def test_a_signal_stops_the_workers_in_one_line_and_leaves_no_temp_shard(k700_si
         deadline = time.time() + 120
         while proc.poll() is None and time.time() < deadline and not (mid_run(out) and group_size(proc.pid) >= 2):
             time.sleep(0.001)
-        if sig == signal.SIGTERM:
-            proc.send_signal(sig)
-        else:
+        if group:
             os.killpg(proc.pid, sig)
+        else:
+            proc.send_signal(sig)
         assert proc.wait(timeout=60) == 128 + sig
         stderr = proc.stderr.read()
         assert "Traceback" not in stderr and "Error" not in stderr, stderr
