@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import re
+import signal
 import sys
 import time
 import warnings
@@ -41,8 +42,7 @@ def parse_args(argv=None):
     p.add_argument("--modalities", help="comma list of video, audio+video (default: both for ucf101, video for hmdb51)")
     p.add_argument("--checkpoints", metavar="GLOB", help="probe each checkpoint of GLOB, plot (Figure 3) <out>.png")
     p.add_argument("--summary", nargs="+", metavar="FILE", help="print one table of these results JSONs and exit")
-    p.add_argument("--embed", action="store_true", help="write every video's embeddings and their projections to "
-                   "one .npz (default --out: <cache>/embeddings/embed_<checkpoint sha256[:16]>.npz)")
+    p.add_argument("--embed", action="store_true", help="one .npz of all embeddings (default: in <cache>/embeddings/)")
     p.add_argument("--search", metavar="QUERY", help="print the videos whose g_vt embedding is closest to QUERY's")
     p.add_argument("--top", type=int, default=10, help="videos --search prints (default 10)")
     p.add_argument("--out", help="results JSON and its .md table (default: <run dir>/probe_<dataset>[_random].json)")
@@ -84,9 +84,8 @@ from tqdm import tqdm
 import pretrain
 from bpe import BPETokenizer, write_atomic
 from model import LAVA, SPACES, LAVAConfig
-from prepare import FeatureCache
+from prepare import FeatureCache, _interrupt
 
-# The paper's numbers, for the tables beside ours.
 PAPER_TABLE1 = {"ucf101": {"video": 81.3, "audio+video": 84.3}, "hmdb51": {"video": 50.1}}  # 3-split mean top-1
 # Table 2, split-1 top-1: (pre-training losses, downstream modality, UCF-101, HMDB-51)
 PAPER_TABLE2 = [("AV", "video", 68.6, 41.5), ("AV", "audio+video", 72.4, None),
@@ -113,12 +112,10 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
 
     lr, batch_size: the paper's 1e-4 and 32; epochs: not given (`select_hyperparameters` picks them); weight_decay:
     Adam's L2 on the weights, not the bias; standardize by the training mean and std, so 1e-4 steps mean the same
-    whatever the encoder's scale and a constant (imputed) feature becomes exactly 0; random_state seeds the batch
-    order, the only randomness (zero init). Fitted: classes_, mean_ and scale_ (d,), coef_ (K, d), intercept_ (K,),
-    n_epochs_. With `groups` (a video id per row) every method averages each video's clip logits before the
-    softmax/argmax: one output row per video, in first-appearance order. (ClassifierMixin comes first, so its
-    scikit-learn tags override BaseEstimator's.)
-    """
+    whatever the encoder's scale and a constant (imputed) feature becomes exactly 0; random_state seeds the batch order,
+    the only randomness (zero init). Fitted: classes_, mean_ and scale_ (d,), coef_ (K, d), intercept_ (K,), n_epochs_.
+    With `groups` (a video id per row) every method averages each video's clip logits before the softmax/argmax: one
+    output row per video, in first-appearance order. (ClassifierMixin first, so that its scikit-learn tags apply.)"""
 
     def __init__(self, epochs=100, lr=1e-4, batch_size=32, weight_decay=0.0, standardize=True, random_state=0,
                  device="cpu"):
@@ -241,13 +238,12 @@ def validation_split(y, split_groups, val_fraction=0.2, random_state=0):
         raise ProbeError(f"the probe's validation split (1/{n_splits} of the training videos of each class) needs "
                          f"{n_splits} training clips per class; every class here has fewer (at most {largest})")
     folds = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=random_state)
-    with warnings.catch_warnings():  # "least populated class has only k members": expected on small splits
-        warnings.simplefilter("ignore", UserWarning)
+    with warnings.catch_warnings(action="ignore", category=UserWarning):  # small splits: "least populated class ..."
         return next(folds.split(np.zeros(len(y)), y, split_groups))
 
 
 def select_hyperparameters(X, y, groups, split_groups=None, epochs_grid=(10, 30, 100, 300),
-                           weight_decay_grid=(0.0, 1e-3), random_state=0, progress=None, **probe_params):
+                           weight_decay_grid=(0.0, 1e-3), random_state=0, progress="probe", **probe_params):
     """Choose (epochs, weight_decay) for `LinearProbe` on a validation part of the TRAINING rows only: X (n, d), y (n,),
     groups (n,) the video of each clip row, split_groups (n,) the unit held out together (default: groups). One probe
     per weight decay trains max(epochs_grid) epochs, scored (video top-1) at each epoch count of the grid -> (best
@@ -257,12 +253,11 @@ def select_hyperparameters(X, y, groups, split_groups=None, epochs_grid=(10, 30,
     table = []
     for wd in weight_decay_grid:
         probe = LinearProbe(epochs=max(epochs_grid), weight_decay=wd, random_state=random_state, **probe_params)
-        for epoch in probe._fit_epochs(X[tr], y[tr]):
-            if epoch in epochs_grid:
+        for epoch in tqdm(probe._fit_epochs(X[tr], y[tr]), f"{progress}, wd {wd}", max(epochs_grid), disable=None):
+            if epoch in epochs_grid:  # a line per point, also in a log; on a terminal above the bar (tqdm.write)
                 table.append(dict(epochs=epoch, weight_decay=wd, val_top1=100 * probe.score(X[va], y[va], groups[va])))
-                if progress:  # real UCF-101 on a CPU: minutes per point
-                    print(f"{progress}: wd {wd}, epoch {epoch}/{max(epochs_grid)}, val top-1 "
-                          f"{table[-1]['val_top1']:.1f}", file=sys.stderr)
+                tqdm.write(f"{progress}: wd {wd}, epoch {epoch}/{max(epochs_grid)}, val top-1 "
+                           f"{table[-1]['val_top1']:.1f}", file=sys.stderr)
     best = max(table, key=lambda r: (r["val_top1"], -r["epochs"], -r["weight_decay"]))
     return dict(best, n_val_videos=len(np.unique(groups[va])), n_fit_videos=len(np.unique(groups[tr]))), table
 
@@ -316,7 +311,7 @@ def encode_titles(model, info, titles, batch=256):
     it (128 ids, cut to the text encoder's max_len as pre-training does), then the text encoder."""
     path = Path(info["run_dir"]) / "tokenizer.bpe"
     if not path.is_file():
-        raise ProbeError(f"the pre-training run's tokenizer.bpe is needed: {path} not found")
+        raise ProbeError(f"{path} not found: copy the pre-training run's tokenizer.bpe beside the checkpoint")
     tokenizer = BPETokenizer.load(path)
     cfg = model.config.text
     if tokenizer.vocab_size != cfg.vocab_size:
@@ -349,7 +344,7 @@ def modality_features(emb, modality, train_idx):
     return np.concatenate([emb["z_v"], z_a], axis=-1)
 
 
-def evaluate_probe(emb, resolved, modality, ids, grid, seed=0, device="cpu", ucf_groups=False, progress=None):
+def evaluate_probe(emb, resolved, modality, ids, grid, seed=0, device="cpu", ucf_groups=False, progress="probe"):
     """Train and test one linear probe on one split; returns a results row (top-1 in percent, videos counted)."""
     (tr_idx, tr_y), (te_idx, te_y) = resolved["train"], resolved["test"]
     features = modality_features(emb, modality, tr_idx)                                          # (N, C, D)
@@ -365,20 +360,21 @@ def evaluate_probe(emb, resolved, modality, ids, grid, seed=0, device="cpu", ucf
     try:
         best, table = select_hyperparameters(Xtr, ytr, gtr, split_groups, grid["epochs"], grid["weight_decay"],
                                              random_state=seed, progress=progress, device=device)
+        tqdm.write(f"{progress}: refit on {len(tr_idx)} training videos, {best['epochs']} epochs", file=sys.stderr)
         probe = LinearProbe(epochs=best["epochs"], weight_decay=best["weight_decay"], random_state=seed, device=device)
-        probe.fit(Xtr, ytr, gtr)
+        for _ in tqdm(probe._fit_epochs(Xtr, ytr, gtr), f"{progress}, refit", best["epochs"], disable=None):
+            pass  # probe.fit(Xtr, ytr, gtr) with a bar on a terminal
     finally:
         torch.set_num_threads(threads)
     has = emb["has_audio"].astype(bool)
-    return dict(top1=100 * probe.score(Xte, yte, gte), n_train=len(tr_idx), n_test=len(te_idx),
-                n_train_clips=len(Xtr), n_test_clips=len(Xte),
-                hyperparameters=dict(epochs=best["epochs"], weight_decay=best["weight_decay"]),
+    return dict(top1=100 * probe.score(Xte, yte, gte), n_train=len(tr_idx), n_test=len(te_idx), n_train_clips=len(Xtr),
+                n_test_clips=len(Xte), hyperparameters=dict(epochs=best["epochs"], weight_decay=best["weight_decay"]),
                 validation_top1=best["val_top1"], validation_videos=best["n_val_videos"], validation=table,
                 missing_audio=dict(train=int((~has[tr_idx]).sum()), test=int((~has[te_idx]).sum())))
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 4. the run: main -> evaluate_checkpoint -> evaluate_probe -> LinearProbe.fit, for one checkpoint or a series
+# 4. the run: main -> evaluate_checkpoint -> evaluate_probe -> LinearProbe, for one checkpoint or a series
 
 
 def main(argv=None):
@@ -441,9 +437,12 @@ def main(argv=None):
             print(f"epoch {s['epoch']}: " + ", ".join(f"{m} {v:.1f}" for m, v in s["mean"].items()))
         print(f"wrote {out} and {out.with_suffix('.png')}")
         return 0
-    except (ProbeError, FileNotFoundError) as e:  # the user's input: a message, not a traceback
+    except (ProbeError, OSError) as e:  # the user's input, a missing file, read-only storage: one line
         print(f"probe.py: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (see the end of the file): every file written is whole
+        print("probe: interrupted; the same command continues (stored embeddings are reused)", file=sys.stderr)
+        return 128 + (e.args[0] if e.args else signal.SIGINT)  # 130, or 143 for SIGTERM, as a shell reports them
 
 
 def evaluate_checkpoint(args, model, info, cache, resolved, modalities, grid):
@@ -456,9 +455,7 @@ def evaluate_checkpoint(args, model, info, cache, resolved, modalities, grid):
             row = evaluate_probe(emb, res, m, emb["ids"], grid, args.seed, args.device, args.dataset == "ucf101",
                                  progress=f"split {k} {m}")
             rows.append(dict(split=k, modalities=m, **row, missing_videos=n_missing, time_s=time.time() - t))
-            hp = row["hyperparameters"]
-            print(f"split {k} {m:12s} top-1 {row['top1']:5.1f}  ({row['n_train']} train / {row['n_test']} test videos, "
-                  f"epochs {hp['epochs']} wd {hp['weight_decay']})", file=sys.stderr)
+            print(f"split {k} {m}: top-1 {row['top1']:.1f} on {row['n_test']} test videos", file=sys.stderr)
     top1 = {m: [r["top1"] for r in rows if r["modalities"] == m] for m in modalities}
     mean = {m: float(np.mean(v)) for m, v in top1.items()}
     std = {m: float(np.std(v, ddof=1)) if len(v) > 1 else 0.0 for m, v in top1.items()}  # sample std over splits
@@ -519,8 +516,7 @@ def read_ucf101_split(root, split):
     paths = {name: folder / name for name in ("classInd.txt", f"trainlist0{split}.txt", f"testlist0{split}.txt")}
     for path in paths.values():
         if not path.is_file():
-            raise ProbeError(f"missing official split file {path} (UCF-101 keeps classInd.txt, trainlist0{{1,2,3}}.txt "
-                             f"and testlist0{{1,2,3}}.txt in <root>/ucfTrainTestlist/)")
+            raise ProbeError(f"missing official split file {path} (README: Laying out real data)")
     classes = dict(line.split()[::-1] for line in _lines(paths["classInd.txt"]))    # name -> "1".."K"
     names = sorted(classes, key=lambda name: int(classes[name]))
     if sorted(int(i) for i in classes.values()) != list(range(1, len(classes) + 1)):
@@ -733,8 +729,11 @@ def check_scope(out, scope, overwrite):
 def save_npz(path, arrays):
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.stem + f".tmp{os.getpid()}.npz")  # per process: parallel --split runs share the path
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)  # atomic: a crashed run never leaves half a file that a later run would trust
+    try:  # atomic: a crashed or interrupted run leaves no half file that a later run would trust, nor the tmp
+        np.savez(tmp, **arrays)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def write_results(result, out, t0):
@@ -783,4 +782,5 @@ def plot_series(series, out_png, dataset):
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, _interrupt)  # prepare.py's: a scheduler's stop unwinds like Ctrl-C, with its number
     sys.exit(main(ARGS))

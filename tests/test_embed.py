@@ -128,7 +128,10 @@ def test_search_prints_the_cosines_sorted(myvids, capsys):
     (ckpt.parent / "tokenizer.bpe").rename(ckpt.parent / "tok.bak")
     try:
         assert probe.main(["--search", "fire", "--root", str(vids), "--checkpoint", str(ckpt), "--device", "cpu"]) == 2
-        assert "tokenizer.bpe is needed" in capsys.readouterr().err
+        err = capsys.readouterr().err  # after the embeddings' line, one line that says what to do
+        assert err.splitlines()[-1] == (f"probe.py: error: {ckpt.parent / 'tokenizer.bpe'} not found: copy the "
+                                        "pre-training run's tokenizer.bpe beside the checkpoint")
+        assert "Traceback" not in err
     finally:
         (ckpt.parent / "tok.bak").rename(ckpt.parent / "tokenizer.bpe")
 

@@ -1,9 +1,12 @@
 """probe.py: official split parsing on the real lists, the LinearProbe estimator (clip averaging, sklearn
 conformance, Adam update, separable data), leakage-free hyper-parameter choice, the CLI end to end on a small cache,
-bad input."""
+bad input, progress, Ctrl-C / SIGTERM and interrupted or refused writes."""
 import hashlib
 import json
 import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,12 +15,14 @@ import torch
 from sklearn.base import clone
 from sklearn.utils import check_random_state
 from sklearn.utils.estimator_checks import parametrize_with_checks
+from tqdm import tqdm
 
 from conftest import write_feature_cache
 import probe
 from probe import LinearProbe, ProbeError
 
-DATA = Path(__file__).resolve().parent / "data"
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "tests" / "data"
 
 
 @pytest.fixture(autouse=True)
@@ -483,7 +488,8 @@ def test_cli_hmdb51_video_only_and_checkpoint_series(tmp_path, capsys):
         assert probe.main(["--dataset", "hmdb51", "--root", str(root), "--split", "2", "--checkpoint", str(ckpt),
                            "--out", str(alone)] + FAST) == 0
         single = json.loads(alone.read_text())
-        assert point["checkpoint_sha256"] == single["checkpoint_sha256"] == hashlib.sha256(ckpt.read_bytes()).hexdigest()
+        sha = hashlib.sha256(ckpt.read_bytes()).hexdigest()
+        assert point["checkpoint_sha256"] == single["checkpoint_sha256"] == sha
         assert strip(point["splits"]) == strip(single["splits"])
         stored = stored_embeddings(root / "lava_cache", Path(single["embeddings"]).name)
         np.testing.assert_allclose(stored["z_v"], direct_embeddings(ckpt, root / "lava_cache")["z_v"], atol=1e-5)
@@ -568,3 +574,81 @@ def test_a_bad_grid_is_a_usage_line(capsys):
     with pytest.raises(SystemExit) as stop:
         probe.main(["--dataset", "ucf101", "--epochs-grid", "10,x"])
     assert stop.value.code == 2 and "--epochs-grid takes comma-separated integers" in capsys.readouterr().err
+
+
+class ShownBar(tqdm):
+    """tqdm as on a terminal (probe.py's bars are disable=None: drawn on a terminal only), drawn at every update."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **dict(kwargs, disable=False, mininterval=0))
+
+
+def test_progress_covers_the_selection_and_the_refit(tmp_path, capsys, monkeypatch):
+    """A log gets a line per grid point, one as the refit starts and one per split; a terminal also gets a bar per
+    probe trained, the refit's over its chosen epoch count (real UCF-101 on a CPU: the longest silent stretch)."""
+    root = make_ucf_root(tmp_path / "ucf101")
+    ckpt = make_checkpoint(tmp_path / "runs/x/ckpt_last.pt", root / "lava_cache")
+    args = ["--dataset", "ucf101", "--root", str(root), "--split", "1", "--modalities", "video", "--checkpoint",
+            str(ckpt), "--out", str(tmp_path / "p.json")] + FAST
+    assert probe.main(args) == 0
+    err = capsys.readouterr().err
+    row = json.loads((tmp_path / "p.json").read_text())["splits"][0]
+    epochs = row["hyperparameters"]["epochs"]
+    for wd in (0.0, 0.01):
+        for e in (2, 6):
+            assert f"split 1 video: wd {wd}, epoch {e}/6, val top-1 " in err
+    assert f"split 1 video: refit on 16 training videos, {epochs} epochs\n" in err
+    assert f"split 1 video: top-1 {row['top1']:.1f} on 8 test videos\n" in err
+    assert "%|" not in err  # no bars in a log
+    monkeypatch.setattr(probe, "tqdm", ShownBar)
+    assert probe.main(args) == 0
+    err = capsys.readouterr().err
+    assert "split 1 video, wd 0.0: 100%" in err and "split 1 video, wd 0.01: 100%" in err and " 6/6 " in err
+    assert "split 1 video, refit: 100%" in err and f" {epochs}/{epochs} " in err
+    assert f"split 1 video: refit on 16 training videos, {epochs} epochs\n" in err  # the lines stay, above the bars
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_ctrl_c_or_sigterm_is_one_line_and_the_same_command_continues(tmp_path, capsys, signum):
+    root = make_ucf_root(tmp_path / "ucf101")
+    ckpt = make_checkpoint(tmp_path / "runs/x/ckpt_last.pt", root / "lava_cache")
+    args = ["--dataset", "ucf101", "--root", str(root), "--split", "1", "--modalities", "video", "--checkpoint",
+            str(ckpt), "--out", str(tmp_path / "p.json"), "--device", "cpu"]
+    # a selection long enough to be interrupted: the signal comes once the embeddings are stored
+    with subprocess.Popen([sys.executable, "probe.py", *args, "--epochs-grid", "1000000"], cwd=ROOT,
+                          stderr=subprocess.PIPE, text=True) as run:
+        lines = [run.stderr.readline()]
+        while lines[-1] and not lines[-1].startswith("embeddings:"):
+            lines.append(run.stderr.readline())
+        run.send_signal(signum)
+        try:
+            rest = run.communicate(timeout=60)[1]
+        finally:
+            run.kill()  # nothing once it has exited
+    assert run.returncode == 128 + signum and "Traceback" not in "".join(lines) + rest
+    assert rest == "probe: interrupted; the same command continues (stored embeddings are reused)\n", lines + [rest]
+    assert not (tmp_path / "p.json").exists() and not list((root / "lava_cache/embeddings").glob("*tmp*"))
+    assert probe.main(args + FAST) == 0
+    assert "(cached)" in capsys.readouterr().err
+
+
+def test_an_interrupted_or_refused_write_leaves_nothing_and_is_one_line(tmp_path, capsys, monkeypatch):
+    """save_npz removes its temp file whatever stops it; a cache on read-only storage is a one-line error."""
+    def write_half_then(error):
+        def savez(path, **arrays):
+            Path(path).write_bytes(b"half a file")
+            raise error
+        return savez
+
+    monkeypatch.setattr(np, "savez", write_half_then(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        probe.save_npz(tmp_path / "e" / "x.npz", dict(a=np.zeros(3)))
+    assert list((tmp_path / "e").iterdir()) == []
+    cache = write_feature_cache(tmp_path / "c", n_videos=4, dataset="folder", clips=1, frames=16)
+    monkeypatch.setattr(np, "savez", write_half_then(PermissionError(13, "Permission denied", str(cache))))
+    ckpt = make_checkpoint(tmp_path / "runs/x/ckpt_last.pt", cache)
+    assert probe.main(["--embed", "--cache", str(cache), "--checkpoint", str(ckpt), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1] == f"probe.py: error: [Errno 13] Permission denied: '{cache}'"
+    assert "Traceback" not in err
+    assert not list(Path(cache, "embeddings").iterdir())
