@@ -1,5 +1,5 @@
 # The two commands of the README. Both create or reuse .venv/ and reinstall only when requirements.txt changed.
-#   make demo   the whole method end to end on a generated corpus (CPU, about 8 minutes with the install)
+#   make demo   the whole method end to end on a generated corpus (CPU, about 6 minutes with the install)
 #   make test   the test suite
 #   make bench-gpu   on a GPU machine: every GPU measurement of BENCHMARKS.md in one go
 PYTHON ?= python3
