@@ -3,7 +3,7 @@ pre-training-epoch series (Figure 3), and the embeddings of any cache (your own 
 
     python probe.py --dataset ucf101 --all-splits                                   # video and audio+video, 3 splits
     python probe.py --dataset ucf101 --checkpoint random --config-from runs/demo/ckpt_last.pt --all-splits
-    python probe.py --dataset ucf101 --split 1 --checkpoints 'runs/demo/epoch_*.pt' --out series.json  # + .png
+    python probe.py --dataset ucf101 --checkpoints 'runs/demo/epoch_*.pt' --out series.json  # Figure 3, + .png
     python probe.py --summary runs/demo/probe_*.json                                # one table of several results
     python probe.py --embed --root myvids --checkpoint runs/x/ckpt_last.pt          # one .npz of all embeddings
     python probe.py --search "a dog catching a frisbee" --root myvids --checkpoint runs/x/ckpt_last.pt
@@ -432,7 +432,7 @@ def main(argv=None):
         result = dict(scope, task="checkpoint-series", checkpoints=args.checkpoints, args=vars(args),
                       model_config=json.loads(configs.pop()), series=series)
         write_results(result, out, t0)
-        plot_series(series, out.with_suffix(".png"), args.dataset)
+        plot_series(series, out.with_suffix(".png"), args.dataset, list(resolved))
         for s in series:
             print(f"epoch {s['epoch']}: " + ", ".join(f"{m} {v:.1f}" for m, v in s["mean"].items()))
         print(f"wrote {out} and {out.with_suffix('.png')}")
@@ -763,18 +763,18 @@ def summary_table(paths):
     return "\n".join(lines)
 
 
-def plot_series(series, out_png, dataset):
-    """Top-1 vs pre-training epoch per modality (the paper's Figure 3), paper's UCF points for reference."""
+def plot_series(series, out_png, dataset, splits):
+    """Figure 3: top-1 vs pre-training epoch, our mean over `splits` beside the paper's 3-split means (Table 3)."""
     from matplotlib.figure import Figure  # no pyplot: no GUI backend, nothing to close
     ax = Figure(figsize=(6, 4), layout="tight").subplots()
     for m, color in zip(MODALITIES, ("tab:blue", "tab:green")):
         pts = [(s["epoch"], s["mean"][m], s["std"][m]) for s in series if m in s["mean"] and s["epoch"] is not None]
         if pts:
             e, y, sd = map(np.array, zip(*sorted(pts)))
-            ax.errorbar(e, y, yerr=sd, marker="o", capsize=3, color=color, label=f"this kit: {m}")
+            ax.errorbar(e, y, yerr=sd, marker="o", capsize=3, color=color, label=f"this kit, splits {splits}: {m}")
         if dataset == "ucf101":  # the paper's Table 3 / Figure 3 points, same colour, dashed
             pe, py = zip(*sorted(PAPER_TABLE3[m].items()))
-            ax.plot(pe, py, "--", marker="s", alpha=0.5, color=color, label=f"paper (real UCF-101): {m}")
+            ax.plot(pe, py, "--", marker="s", alpha=0.5, color=color, label=f"paper, 3-split mean: {m}")
     ax.set(xlabel="pre-training epochs", ylabel="top-1 (%)", title=f"{DATASET_NAMES[dataset]} linear probe")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
