@@ -278,11 +278,12 @@ def extract_embeddings(model, cache, batch_clips=64, device="cpu"):
     a0 = pretrain.MEL_PER_FRAME * s                      # and its first mel column (10 ms hop at 10 fps)
     encode = lambda fn, x: fn(torch.from_numpy(x).to(device)).float().cpu().numpy()
     z_v, z_a = np.zeros((N, C, cfg.video.width), np.float32), np.zeros((N, C, cfg.audio.width), np.float32)
-    has_audio = np.array([cache[i]["has_audio"] for i in range(N)], bool)
+    has_audio = np.zeros(N, bool)
     per_batch = max(1, batch_clips // C)                # videos per batch, so a batch holds about batch_clips clips
     for start in tqdm(range(0, N, per_batch), desc="embeddings", unit="batch", disable=None, file=sys.stderr):
         rows = np.arange(start, min(start + per_batch, N))
-        items = [cache[i] for i in rows]
+        items = [cache[i] for i in rows]                # each item read once: its has_audio comes with it
+        has_audio[rows] = [it["has_audio"] for it in items]
         video = np.stack([it["patches"][it["window"][:, s:s + cfg.video.frames]] for it in items])
         video = video.reshape(-1, *video.shape[2:]).astype(np.float32)                             # (b C, 16, G, G, F)
         z_v[rows] = encode(model.encode_video, video).reshape(len(rows), C, -1)
