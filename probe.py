@@ -10,9 +10,8 @@ pre-training-epoch series (Figure 3), and the embeddings of any cache (your own 
 
 The paper's evaluation (Section 3: "a linear classifier on top of the frozen LAVA video encoder using a 1e-4 learning
 rate and a batch size of 32 ... logits are averaged across multiple clips per test set video. Top-1 accuracy is
-averaged across all 3 splits"; HMDB-51 video only), in this file's order: 1. `LinearProbe`, a scikit-learn
-estimator, and `select_hyperparameters` (the epochs and weight decay the paper does not give); 2. `extract_embeddings`
-(every clip once through the frozen encoders); 3. `evaluate_probe` on one split; 4. `main`, `embed`, `search`.
+averaged across all 3 splits"; HMDB-51 video only), in this file's order: 1. `LinearProbe` and `select_hyperparameters`
+(the epochs and weight decay the paper does not give); 2. `extract_embeddings`; 3. `evaluate_probe`; 4. `main`.
 """
 import argparse
 import glob
@@ -71,7 +70,6 @@ if __name__ == "__main__":
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from scipy.special import softmax
 from sklearn.base import BaseEstimator, ClassifierMixin
@@ -150,22 +148,21 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
             self.scale_[self.scale_ < 1e-12] = 1.0  # a constant feature stays 0 instead of dividing by 0
         Z = torch.tensor((X - self.mean_) / self.scale_, dtype=torch.float32, device=self.device)  # (n, d)
         labels = torch.tensor(y_index, dtype=torch.int64, device=self.device)                    # (n,)
-        # zero init: the result depends only on the seeded batch order (skip_init: no draw from torch's global RNG)
-        layer = nn.utils.skip_init(nn.Linear, X.shape[1], len(self.classes_), device=self.device)
-        nn.init.zeros_(layer.weight)
-        nn.init.zeros_(layer.bias)
+        # zero init: the result depends only on the seeded batch order (and nothing draws from torch's global RNG)
+        weight = torch.zeros(len(self.classes_), X.shape[1], device=self.device, requires_grad=True)    # (K, d)
+        bias = torch.zeros(len(self.classes_), device=self.device, requires_grad=True)                  # (K,)
         # fused: the whole Adam update in one kernel, 1.2x faster steps at UCF-101's size (BENCHMARKS.md, Linear probe)
-        optimizer = torch.optim.Adam([dict(params=[layer.weight], weight_decay=float(self.weight_decay)),
-                                      dict(params=[layer.bias], weight_decay=0.0)], lr=self.lr, fused=True)
+        optimizer = torch.optim.Adam([dict(params=[weight], weight_decay=float(self.weight_decay)),
+                                      dict(params=[bias], weight_decay=0.0)], lr=self.lr, fused=True)
         gen = torch.Generator().manual_seed(int(check_random_state(self.random_state).randint(2**31 - 1)))
         for epoch in range(1, int(self.epochs) + 1):
             for idx in torch.randperm(len(Z), generator=gen).to(self.device).split(int(self.batch_size)):
-                loss = F.cross_entropy(layer(Z[idx]), labels[idx])
+                loss = F.cross_entropy(F.linear(Z[idx], weight, bias), labels[idx])
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
-            self.coef_ = layer.weight.detach().cpu().double().numpy()          # (K, d)
-            self.intercept_ = layer.bias.detach().cpu().double().numpy()       # (K,)
+            self.coef_ = weight.detach().cpu().double().numpy()
+            self.intercept_ = bias.detach().cpu().double().numpy()
             self.n_epochs_ = epoch
             yield epoch
 
