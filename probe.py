@@ -411,25 +411,29 @@ def main(argv=None):
             out = Path(args.out or Path(info["run_dir"]) / name)
             check_scope(out, dict(scope, task="linear-probe", checkpoint=info["checkpoint"]), args.overwrite)
             result = evaluate_checkpoint(args, model, info, cache, resolved, modalities, grid)
-            write_results(result, out, t0)
+        else:  # Figure 3: every checkpoint of the glob, each with its own weights and embeddings
+            paths = sorted(glob.glob(args.checkpoints))
+            if not paths:
+                raise ProbeError(f"--checkpoints {args.checkpoints!r} matches no file")
+            out = Path(args.out or Path(paths[0]).parent / f"probe_{args.dataset}_series.json")
+            check_scope(out, dict(scope, task="checkpoint-series", checkpoints=args.checkpoints), args.overwrite)
+            series = [evaluate_checkpoint(args, *load_model(args, path, cache), cache, resolved, modalities, grid)
+                      for path in paths]
+            configs = {json.dumps(r["model_config"], sort_keys=True) for r in series}
+            if len(configs) > 1:
+                raise ProbeError(f"--checkpoints {args.checkpoints!r}: the checkpoints have different model configs")
+            series = [{k: r[k] for k in ("checkpoint", "checkpoint_sha256", "epoch", "mean", "std", "splits")}
+                      for r in series]
+            result = dict(scope, task="checkpoint-series", checkpoints=args.checkpoints, args=vars(args),
+                          model_config=json.loads(configs.pop()), series=series)
+        result["time_s"] = time.time() - t0
+        out.parent.mkdir(parents=True, exist_ok=True)  # the JSON (and its .md table or .png plot), each atomically
+        as_json = lambda x: x.item() if isinstance(x, np.generic) else str(x)  # numpy scalars as numbers, paths as text
+        write_atomic(out, json.dumps(result, indent=2, default=as_json))
+        if not args.checkpoints:
+            write_atomic(out.with_suffix(".md"), markdown_table(result))
             print(f"{markdown_table(result)}\nwrote {out} and {out.with_suffix('.md')} ({result['time_s']:.0f} s)")
             return 0
-        # Figure 3: every checkpoint of the glob, each with its own weights and embeddings
-        paths = sorted(glob.glob(args.checkpoints))
-        if not paths:
-            raise ProbeError(f"--checkpoints {args.checkpoints!r} matches no file")
-        out = Path(args.out or Path(paths[0]).parent / f"probe_{args.dataset}_series.json")
-        check_scope(out, dict(scope, task="checkpoint-series", checkpoints=args.checkpoints), args.overwrite)
-        series = [evaluate_checkpoint(args, *load_model(args, path, cache), cache, resolved, modalities, grid)
-                  for path in paths]
-        configs = {json.dumps(r["model_config"], sort_keys=True) for r in series}
-        if len(configs) > 1:
-            raise ProbeError(f"--checkpoints {args.checkpoints!r}: the checkpoints have different model configs")
-        series = [{k: r[k] for k in ("checkpoint", "checkpoint_sha256", "epoch", "mean", "std", "splits")}
-                  for r in series]
-        result = dict(scope, task="checkpoint-series", checkpoints=args.checkpoints, args=vars(args),
-                      model_config=json.loads(configs.pop()), series=series)
-        write_results(result, out, t0)
         plot_series(series, out.with_suffix(".png"), args.dataset, list(resolved))
         for s in series:
             print(f"epoch {s['epoch']}: " + ", ".join(f"{m} {v:.1f}" for m, v in s["mean"].items()))
@@ -604,22 +608,21 @@ def latest_checkpoint(runs="runs"):
     return found[-1]
 
 
-def read_checkpoint(path, flag="--checkpoint"):
-    try:  # pretrain.py's reader: a missing, truncated or foreign file is a one-line OSError or ValueError
-        return pretrain.load_checkpoint(path)
-    except (OSError, ValueError) as e:
-        raise ProbeError(f"{flag}: {e}") from None
-
-
 def load_model(args, checkpoint, cache):
     """(LAVA in eval mode on args.device, info dict) for a checkpoint path or "random": a fixed random init (seed
     --seed) of the config of --config-from, else of the latest run. Weights or a config that do not fit: ProbeError."""
-    if checkpoint != "random":
-        if args.config_from:
-            raise ProbeError("--config-from gives the config of --checkpoint random; a checkpoint has its own")
-        ckpt = read_checkpoint(checkpoint)
-        config = LAVAConfig.from_dict(ckpt["config"]["model"])
-        model = LAVA(config)
+    random_init = checkpoint == "random"
+    if args.config_from and not random_init:
+        raise ProbeError("--config-from gives the config of --checkpoint random; a checkpoint has its own")
+    source = (args.config_from or latest_checkpoint()) if random_init else checkpoint
+    try:  # pretrain.py's reader: a missing, truncated or foreign file is a one-line OSError or ValueError
+        ckpt = pretrain.load_checkpoint(source)
+    except (OSError, ValueError) as e:
+        raise ProbeError(f"{'--config-from' if random_init else '--checkpoint'}: {e}") from None
+    config = LAVAConfig.from_dict(ckpt["config"]["model"])
+    torch.manual_seed(args.seed)  # the same seed every time: a random baseline is one fixed network (or, loaded over)
+    model = LAVA(config)
+    if not random_init:
         try:
             model.load_state_dict(ckpt["model"], strict=True)
         except RuntimeError as e:
@@ -632,20 +635,15 @@ def load_model(args, checkpoint, cache):
             epoch = round(epoch + sampler.get("step_in_epoch", 0) / sampler["steps_per_epoch"], 4)
         info = dict(checkpoint=str(checkpoint), checkpoint_sha256=sha, config_source="checkpoint",
                     embedding_key=sha[:16], epoch=epoch, pretrain_args=ckpt["config"].get("args"),
-                    trained_on=(ckpt.get("cache_manifest") or {}).get("backbone"), run_dir=Path(checkpoint).parent)
+                    trained_on=(ckpt.get("cache_manifest") or {}).get("backbone"))
     else:
-        source = args.config_from or latest_checkpoint()
-        config = LAVAConfig.from_dict(read_checkpoint(source, "--config-from")["config"]["model"])
-        torch.manual_seed(args.seed)  # the same seed every time: a random baseline is one fixed network
-        model = LAVA(config)
         # embeddings key = hash of the weights themselves, so a change in model.py's init never reuses stale files
         h = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode())
         for name, tensor in model.state_dict().items():
             h.update(name.encode() + tensor.detach().cpu().contiguous().numpy().tobytes())
         info = dict(checkpoint="random", checkpoint_sha256=None, config_source=f"config of {source}",
-                    embedding_key="random-" + h.hexdigest()[:16], epoch=0, pretrain_args=None, trained_on=None,
-                    run_dir=Path(source).parent)
-    info["model_config"] = config.to_dict()
+                    embedding_key="random-" + h.hexdigest()[:16], epoch=0, pretrain_args=None, trained_on=None)
+    info.update(model_config=config.to_dict(), run_dir=Path(source).parent)
     v, a, s = config.video, config.audio, cache.manifest["shapes"]
     problems = [message for bad, message in (
         (v.feature_dim != s["feature_dim"], f"video feature_dim {v.feature_dim} vs cache {s['feature_dim']}"),
@@ -732,15 +730,6 @@ def save_npz(path, arrays):
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-
-
-def write_results(result, out, t0):
-    """Write the JSON (with time_s since t0) and, for a linear probe, the Markdown table beside it (.md), atomically."""
-    result["time_s"] = time.time() - t0
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(out, json.dumps(result, indent=2, default=lambda x: x.item() if isinstance(x, np.generic) else str(x)))
-    if result.get("task") == "linear-probe":
-        write_atomic(out.with_suffix(".md"), markdown_table(result))
 
 
 def summary_table(paths):
