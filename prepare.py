@@ -7,11 +7,14 @@
     python prepare.py --root data/k700 --merge       # the same settings on every call; any re-run resumes
 
 The inputs of LAVA (Section 3), per video, in the order of this file:
-  1. frames at 10 fps, centre-cropped to --size (clip_plan, sample_frames): k700 keeps one clip of the central
-     --pretrain-frames (20), room for pretrain.py's jitter; ucf101, hmdb51 and any folder keep --test-clips (10)
-     uniformly spaced 16-frame windows, their distinct frames stored once;
-  2. audio: 16 kHz mono log-mel, 80 bins, a window aligned with each clip (load_audio, log_mel_windows);
-  3. video features: a frozen ImageNet ResNet-18 up to layer4, (G, G, 512) per frame (build_backbone, FrameEncoder);
+  1. frames at 10 fps (clip_plan, sample_frames): k700 keeps the whole clip (up to --pretrain-frames, 100 = 10 s),
+     for pretrain.py's 16-frame windows, random crops and flips; ucf101, hmdb51 and any folder keep --test-clips
+     (10) uniformly spaced 16-frame windows of the centre crop, their distinct frames stored once;
+  2. audio: 16 kHz mono log-mel, 80 bins, a window aligned with each clip (load_audio, log_mel_windows), and the
+     mean and std of the training clips' log-mel (manifest audio_stats) that the model standardises with;
+  3. video: pre-training caches store the frames as JPEG (--store frames), and pretrain.py runs the frozen
+     ResNet-18 on each random crop; evaluation caches (and --store features) store its layer4 features of the
+     centre crop, (G, G, 512) per frame (build_backbone, frame_features, FrameEncoder);
   4. text: the title (titles.csv, else the file's `title` tag) as BPE ids (bpe.py, _tokens).
 main() runs them over a dataset; then the machinery: layouts, decode workers, shards (built in a temp folder and
 renamed: a run killed at any point, kill -9 included, resumes to a single run's bytes) and FeatureCache, the reader.
@@ -37,7 +40,7 @@ import numpy as np
 
 from bpe import BPETokenizer, write_atomic
 
-CACHE_FORMAT, CACHE_VERSION = "lava-cache", 2
+CACHE_FORMAT, CACHE_VERSION = "lava-cache", 3
 FPS = 10                                  # the paper's clips: 16 frames at 10 fps
 SAMPLE_RATE, N_FFT, HOP, N_MELS = 16000, 400, 160, 80  # 25 ms windows, 10 ms hop: 10 mel frames per video frame
 MAX_TOKENS = 128                          # title length in BPE ids
@@ -45,6 +48,8 @@ FEATURE_DIM = 512                         # ResNet-18 layer4 channels
 EVAL_FRAMES = 16                          # the model's clip length
 TIME_TOL = 1e-5                           # s; frame timestamps are exact rationals printed as doubles
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+STORED_SCALE = 8 / 7                      # --store frames keeps 256 px for 224 px crops: ImageNet's resize/crop ratio
+JPEG_QUALITY = 90                         # 1-2 MB per 10 s clip at 256 px (BENCHMARKS.md, Pre-training cache)
 _FULL_SCALE = {np.dtype(np.int16): 2 ** 15, np.dtype(np.int32): 2 ** 31, np.dtype(np.uint8): 2 ** 7}  # integer PCM
 VIDEO_EXTS = {".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".mpeg", ".flv", ".3gp", ".ogv", ".wmv"}
 
@@ -64,7 +69,8 @@ def clip_plan(num_frames, clips, frames, sampling):
         starts = [0] * clips
     else:  # uniformly spaced windows from the first frame to the last
         starts = [int(round(c * (K - frames) / (clips - 1))) for c in range(clips)]
-    grid = np.asarray(starts)[:, None] + np.arange(frames)[None, :]  # (C, T) 10 fps frame indices
+    # (C, T) 10 fps frame indices; past the video's end the last frame repeats (one stored frame)
+    grid = np.minimum(np.asarray(starts)[:, None] + np.arange(frames)[None, :], K - 1)
     targets, index = np.unique(grid, return_inverse=True)
     return targets, index.reshape(grid.shape), np.asarray(starts)
 
@@ -299,6 +305,22 @@ def build_backbone(kind, weights_path, device):
     return body.to(device=device, memory_format=torch.channels_last)
 
 
+def frame_features(net, frames):
+    """uint8 RGB frames (N, S, S, 3) on net's device -> layer4 features (N, G, G, 512), G = S / 32, post-ReLU:
+    ImageNet's mean/std, channels_last, bf16 on CUDA (exact float32 on the CPU). Also pretrain.py's, per step."""
+    import torch
+    mean, std = (torch.tensor(v, device=frames.device).view(1, 3, 1, 1) * 255 for v in (IMAGENET_MEAN, IMAGENET_STD))
+    x = ((frames.permute(0, 3, 1, 2).float() - mean) / std).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad(), torch.autocast(frames.device.type, dtype=torch.bfloat16, enabled=frames.is_cuda):
+        return net(x).permute(0, 2, 3, 1)
+
+
+def decode_jpegs(jpeg, spans):
+    """A --store frames cache's frames: jpeg (bytes,) uint8, spans (n, 2) (offset, length) -> (n, S, S, 3) RGB."""
+    import cv2
+    return np.stack([cv2.imdecode(jpeg[o:o + n], cv2.IMREAD_COLOR)[:, :, ::-1] for o, n in spans])
+
+
 class FrameEncoder:
     """uint8 RGB frames -> float16 patch features, one synchronous batch at a time:
 
@@ -314,8 +336,6 @@ class FrameEncoder:
         self.batch_size = batch_size
         self.cuda = self.device.type == "cuda"
         self.net = build_backbone(kind, weights_path, self.device)
-        self.mean, self.std = (torch.tensor(v, device=self.device).view(1, 3, 1, 1) * 255
-                               for v in (IMAGENET_MEAN, IMAGENET_STD))
         self.host = torch.empty((batch_size, size, size, 3), dtype=torch.uint8, pin_memory=self.cuda)
         self.batch = self.host.numpy()  # a numpy view of the same memory
         self.frames_done, self.wait_s = 0, 0.0  # frames encoded, seconds spent here: the CNN's share of the run
@@ -323,11 +343,8 @@ class FrameEncoder:
     def __call__(self, n):
         import torch
         t0 = time.perf_counter()
-        x = self.host[:n].to(self.device, non_blocking=True).permute(0, 3, 1, 2)  # (n, 3, S, S), NHWC in memory
-        x = ((x.float() - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
-        with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cuda):
-            y = self.net(x)                                             # (n, 512, G, G), post-ReLU
-        features = y.permute(0, 2, 3, 1).to(torch.float16).cpu().numpy()  # (n, G, G, 512); .cpu() waits for it
+        y = frame_features(self.net, self.host[:n].to(self.device, non_blocking=True))  # (n, G, G, 512)
+        features = y.to(torch.float16).cpu().numpy()  # .cpu() waits for it
         self.frames_done += n
         self.wait_s += time.perf_counter() - t0
         return features
@@ -341,9 +358,10 @@ class BadVideo(Exception):
 
 
 def decode_video(job):
-    """job: {"path", "size", "clips", "frames", "sampling", "audio_frames"} -> result dict; never raises. result:
-    ok, frames uint8 (U, S, S, 3), index (C, T) into frames, nreal (C,) int16, mel float16 (C, 80, A) or None,
-    notes [(reason, action)]; or ok False and reason."""
+    """job: {"path", "size", "clips", "frames", "sampling", "audio_frames", "store"} -> result dict; never raises.
+    result: ok, frames uint8 (U, S, S, 3) (store "frames": their JPEGs end to end (bytes,) and jpeg_sizes (U,)),
+    index (C, T) into frames, nreal (C,) int16, mel float16 (C, 80, A) or None, mel_moments (2,) (mean, mean
+    square of mel, for the cache's audio_stats), notes [(reason, action)]; or ok False and reason."""
     import av
     try:
         path = Path(job["path"])
@@ -379,7 +397,8 @@ def decode_video(job):
             K = max(1, math.ceil(end * FPS - 1e-6))
             targets, index, starts = clip_plan(K, job["clips"], job["frames"], job["sampling"])
             frames, real, _, _, end = sample_frames(path, targets, job["size"])
-        nreal = real[index].sum(axis=1).astype(np.int16)  # (C,) real frames per clip (a prefix of each clip)
+        inside = starts[:, None] + np.arange(index.shape[1]) < K  # (C, T) False where clip_plan repeats the last
+        nreal = (real[index] & inside).sum(axis=1).astype(np.int16)  # (C,) real frames per clip (a prefix of each)
         if int(real.sum()) <= 1 and len(real) > 1:
             notes.append(("a single decodable frame", "repeated over the clip"))
 
@@ -388,7 +407,14 @@ def decode_video(job):
         mel = None if wave is None else log_mel_windows(wave, starts, job["audio_frames"]).astype(np.float16)
         if reason:
             notes.append((reason, "has_audio False" if mel is None else "audio kept up to the error"))
-        return dict(ok=True, frames=frames, index=index.astype(np.int32), nreal=nreal, mel=mel, notes=notes)
+        moments = [0.0, 0.0] if mel is None else [mel.mean(dtype=np.float64), np.square(mel, dtype=np.float64).mean()]
+        result = dict(ok=True, frames=frames, index=index.astype(np.int32), nreal=nreal, mel=mel, notes=notes,
+                      mel_moments=np.asarray(moments))
+        if job.get("store") == "frames":  # OpenCV encodes BGR
+            import cv2
+            jpegs = [cv2.imencode(".jpg", f[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])[1] for f in frames]
+            result.update(frames=np.concatenate(jpegs), jpeg_sizes=np.array([len(j) for j in jpegs]))
+        return result
     except Exception as e:  # BadVideo, or anything else a broken file can make a library raise
         return dict(ok=False, reason=str(e) if isinstance(e, BadVideo) else f"{type(e).__name__}: {e}")
 
@@ -420,8 +446,14 @@ def main(argv=None):
     add("--out", type=Path, help="cache folder (default: ROOT/lava_cache)")
     add("--dataset", default="auto", choices=["auto", "k700", "ucf101", "hmdb51", "folder"], help="layout of --root")
     add("--sampling", default="auto", choices=["auto", "pretrain", "eval"],
-        help="pretrain: 1 central clip of --pretrain-frames; eval: --test-clips windows (auto: pretrain for k700)")
-    add("--pretrain-frames", type=int, default=20, help="10 fps frames per pre-training video (>= 16: room to jitter)")
+        help="pretrain: 1 clip, the whole video up to --pretrain-frames; eval: --test-clips windows (auto: pretrain "
+        "for k700)")
+    add("--pretrain-frames", type=int, default=100, help="10 fps frames kept per pre-training video, the central ones "
+        "of a longer video (100: a whole 10 s Kinetics clip)")
+    add("--store", default="auto", choices=["auto", "frames", "features"],
+        help="pretrain sampling: frames (JPEG, SIZE x 8/7 px: pretrain.py crops, flips and runs the CNN, as the paper) "
+        "or features (of the centre crop, once: approximates the paper, no crop or flip; the CPU demo); eval "
+        "sampling: features (auto)")
     add("--test-clips", type=int, default=10, help="uniformly spaced 16-frame clips per evaluation video")
     add("--size", type=int, default=224, help="frame side after resize + centre crop (a multiple of 32)")
     add("--backbone", default="imagenet", choices=["imagenet", "random"],
@@ -468,6 +500,11 @@ def _prepare(args):
         args.dataset = detect_layout(root)
     if args.sampling == "auto":  # Kinetics is the pre-training set; the others are evaluated
         args.sampling = "pretrain" if args.dataset == "k700" else "eval"
+    if args.store == "auto":
+        args.store = "frames" if args.sampling == "pretrain" else "features"
+    if args.store == "frames" and args.sampling == "eval":
+        raise SystemExit(f"prepare.py: --store frames is for pre-training caches; {args.dataset} is evaluated (eval "
+                         "sampling, features)")
     clips, frames = (1, args.pretrain_frames) if args.sampling == "pretrain" else (args.test_clips, EVAL_FRAMES)
     shapes = _shapes(args, clips, frames)
     args_dict = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
@@ -478,7 +515,7 @@ def _prepare(args):
     #    pre-training cache) are locked once a shard is finished under them; before that a run with other settings
     #    starts over (listing and tokenizer included), so a failed first run never blocks the corrected one
     content = dict(cache_version=CACHE_VERSION, dataset=args.dataset, sampling=args.sampling, clips=clips,
-                   frames=frames, size=args.size, backbone=args.backbone, vocab_size=args.vocab_size,
+                   frames=frames, size=args.size, store=args.store, backbone=args.backbone, vocab_size=args.vocab_size,
                    backbone_weights=args_dict["backbone_weights"], shard_size=args.shard_size)
     old = json.loads((out / "prepare_config.json").read_text()) if (out / "prepare_config.json").is_file() else content
     diff = {k: (old.get(k), v) for k, v in content.items() if old.get(k) != v}
@@ -539,9 +576,12 @@ def _prepare(args):
     import torch
     from tqdm import tqdm
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    encoder = FrameEncoder(args.backbone, args.backbone_weights, device, args.size, args.batch_size)
+    encoder = None  # --store frames: the CNN runs in pretrain.py
+    if args.store == "features":
+        encoder = FrameEncoder(args.backbone, args.backbone_weights, device, args.size, args.batch_size)
     cv2.setNumThreads(1)  # as in the decode workers (_worker_init); with --workers 0 decoding runs here
-    job = dict(size=args.size, clips=clips, frames=frames, sampling=args.sampling, audio_frames=shapes["audio_frames"])
+    job = dict(size=shapes["frame_size"], clips=clips, frames=frames, sampling=args.sampling, store=args.store,
+               audio_frames=shapes["audio_frames"])
     shards = [(k, videos[k * args.shard_size:(k + 1) * args.shard_size]) for k in todo]
     jobs = [dict(job, path=str(root / v["path"])) for _, vs in shards for v in vs]
     results = decode_stream(jobs, args.workers, args.video_timeout)
@@ -571,6 +611,10 @@ def _prepare(args):
         bar.close()
         results.close()  # stops the decode processes now, also when a shard failed
     seconds = time.perf_counter() - t_start
+    if encoder is None:
+        print(f"prepare: {len(jobs)} videos in {seconds:.2f} s; the main process waited {wait_decode:.2f} s for "
+              f"decoding (--workers {args.workers})")
+        return merge()
     device = torch.cuda.get_device_name(encoder.device) if encoder.cuda else device
     print(f"prepare: {len(jobs)} videos, {encoder.frames_done:,} frames through the CNN in {seconds:.2f} s "
           f"({encoder.frames_done / seconds:,.0f} frames/s); the main process waited {wait_decode:.2f} s for decoding "
@@ -579,8 +623,9 @@ def _prepare(args):
 
 
 def _shapes(args, clips, frames):
+    frame_size = round(args.size * STORED_SCALE) if args.store == "frames" else args.size  # stored; crops: size
     return dict(clips=clips, frames=frames, grid=args.size // 32, feature_dim=FEATURE_DIM, n_mels=N_MELS,
-                audio_frames=256 + 10 * (frames - 16), max_tokens=MAX_TOKENS)
+                audio_frames=256 + 10 * (frames - 16), max_tokens=MAX_TOKENS, store=args.store, frame_size=frame_size)
 
 
 # ================================ Machinery that scales the method =================================
@@ -792,10 +837,20 @@ SHARD_ARRAYS = {
     "tokens": (np.int32, ("max_tokens",)),
     "has_audio": (np.bool_, ()),
     "has_text": (np.bool_, ()),
+    "mel_mean": (np.float64, ()),              # mean and mean square of the video's log-mel: the audio_stats
+    "mel_square": (np.float64, ()),
 }
-# and one array of all the shard's videos' distinct frames' features, video after video: (P, G, G, F) float16.
-# Evaluation windows overlap (10 x 16 frames of a 7 s video are 70 distinct frames), so each is stored once.
-PATCHES, PATCH_DIMS = "patches", ("grid", "grid", "feature_dim")
+# and one array of all the shard's videos' distinct frames, video after video: their features (P, G, G, F) float16,
+# or (--store frames) where each frame's JPEG lies in jpeg.npy, (P, 2) int64 (offset, length). Evaluation windows
+# overlap (10 x 16 frames of a 7 s video are 70 distinct frames), so each frame is stored once.
+PATCHES, JPEG = "patches", "jpeg"
+
+
+def patch_spec(shapes):
+    """dtype and per-frame shape of patches.npy."""
+    if shapes.get("store") == "frames":
+        return np.int64, (2,)
+    return np.float16, (shapes["grid"], shapes["grid"], shapes["feature_dim"])
 
 
 def shard_name(k):
@@ -809,15 +864,17 @@ def _jsonl(rows):
 class ShardWriter:
     """One shard, built in a temp folder and renamed into place by finish(): complete or absent. The CNN sees the
     shard's frames in order, in batches of exactly --batch-size that never cross a shard, so a resumed run batches
-    like a single run and writes the same bytes; each batch's features go straight onto the end of patches.npy."""
+    like a single run and writes the same bytes; each batch's features go straight onto the end of patches.npy.
+    encoder None (--store frames): the JPEGs go straight onto the end of jpeg.npy, their spans into patches.npy."""
 
     def __init__(self, out, name, shapes, encoder):
         self.final, self.shapes, self.encoder = Path(out) / name, shapes, encoder
         # a folder of its own (pid + random suffix): an aborted writer's files can never be taken for another's
         self.tmp = Path(tempfile.mkdtemp(dir=out, prefix=f".{name}.tmp-{os.getpid()}-"))
-        self.patches = open(self.tmp / f"{PATCHES}.npy", "wb")
+        self.patches = open(self.tmp / f"{PATCHES if encoder else JPEG}.npy", "wb")
         self._write_header(0)  # rewritten by finish(), once P is known
         self.num_patches, self.filled, self.rows, self.errors = 0, 0, [], []  # filled: frames in encoder.batch
+        self.spans, self.jpeg_bytes = [], 0  # --store frames
 
     def add(self, video, tokens, has_text, result):
         """One decoded video (a decode_video result) into the next row; its frames into the CNN's input buffer."""
@@ -828,8 +885,16 @@ class ShardWriter:
         mel = result["mel"]
         audio = mel if mel is not None else np.zeros([self.shapes[d] for d in SHARD_ARRAYS["audio"][1]])  # (C, 80, A)
         self.rows.append((video, dict(first_patch=self.num_patches, window=result["index"], frames=result["nreal"],
-                                      audio=audio, tokens=tokens, has_audio=mel is not None, has_text=has_text)))
-        frames = result["frames"]  # (U, S, S, 3) uint8
+                                      audio=audio, tokens=tokens, has_audio=mel is not None, has_text=has_text,
+                                      mel_mean=result["mel_moments"][0], mel_square=result["mel_moments"][1])))
+        frames = result["frames"]  # (U, S, S, 3) uint8, or --store frames: (bytes,) their JPEGs
+        if self.encoder is None:
+            sizes = result["jpeg_sizes"]  # (U,)
+            self.spans += zip(self.jpeg_bytes + np.cumsum(sizes) - sizes, sizes)
+            self.jpeg_bytes += len(frames)
+            self.num_patches += len(sizes)
+            self.patches.write(frames.tobytes())
+            return
         self.num_patches += len(frames)
         while len(frames):  # a batch may hold the end of one video and the start of the next
             take = min(len(frames), self.encoder.batch_size - self.filled)
@@ -843,11 +908,12 @@ class ShardWriter:
         self.patches.write(np.ascontiguousarray(self.encoder(self.filled)))  # (n, G, G, F) float16, C order
         self.filled = 0
 
-    def _write_header(self, num_patches):
+    def _write_header(self, n):
         # numpy pads an .npy header so that a first axis of up to 21 digits fits in the same bytes: the header
         # can be rewritten in place at the end, once the file's length is known
-        shape = (num_patches, *(self.shapes[d] for d in PATCH_DIMS))
-        np.lib.format.write_array_header_1_0(self.patches, dict(descr="<f2", fortran_order=False, shape=shape))
+        shape = (n, *patch_spec(self.shapes)[1]) if self.encoder else (n,)
+        descr = "<f2" if self.encoder else "|u1"
+        np.lib.format.write_array_header_1_0(self.patches, dict(descr=descr, fortran_order=False, shape=shape))
 
     def finish(self):
         """The last frames through the CNN, every file written and synced, then the atomic rename."""
@@ -855,7 +921,9 @@ class ShardWriter:
             self._write_patches()
         with self.patches:
             self.patches.seek(0)
-            self._write_header(self.num_patches)
+            self._write_header(self.num_patches if self.encoder else self.jpeg_bytes)
+        if self.encoder is None:
+            np.save(self.tmp / f"{PATCHES}.npy", np.array(self.spans, np.int64).reshape(-1, 2))
         for key, (dtype, dims) in SHARD_ARRAYS.items():
             shape = (len(self.rows), *(self.shapes[d] for d in dims))
             np.save(self.tmp / f"{key}.npy", np.array([row[key] for _, row in self.rows], dtype).reshape(shape))
@@ -900,12 +968,20 @@ def merge_shards(out, listing, args_dict, shapes, tokenizer_name, strict=False):
         print(f"prepare: 0 of {len(listing['videos'])} videos usable (see {out}/prepare_errors.jsonl): fix or replace "
               "the files and re-run", file=sys.stderr)
         return 1
-    nbytes = sum((out / nm / f"{key}.npy").stat().st_size for nm in names for key in (*SHARD_ARRAYS, PATCHES))
+    nbytes = sum(f.stat().st_size for nm in names for f in (out / nm).glob("*.npy"))
+    # the log-mel's mean and std over the training videos with audio (equal weights: all windows have the same
+    # size), which the audio encoder standardises with (AST: dataset statistics); val and test clips stay unseen
+    train = np.concatenate([[json.loads(line)["split"] in ("train", None) for line in
+                             (out / nm / "videos.jsonl").read_text("utf-8").splitlines() if line] for nm in names])
+    moments = np.stack([np.concatenate([np.load(out / nm / f"{k}.npy") for nm in names])[train & has_audio]
+                        for k in ("mel_mean", "mel_square")], axis=1)  # (videos used, 2)
+    mean, square = moments.mean(axis=0) if len(moments) else (0.0, 1.0)
+    audio_stats = dict(mean=float(mean), std=float(math.sqrt(max(square - mean ** 2, 1e-12))), videos=len(moments))
     m = dict(format=CACHE_FORMAT, version=CACHE_VERSION, dataset=args_dict["dataset"], config=args_dict,
              backbone=args_dict["backbone"], backbone_seed=0 if args_dict["backbone"] == "random" else None,
              shards=names, shapes=shapes, num_videos=len(has_audio), bytes_per_video=round(nbytes / len(has_audio)),
              missing=dict(audio=int((~has_audio).sum()), text=int((~has_text).sum())), tokenizer=tokenizer_name,
-             listed_videos=len(listing["videos"]), errors=len(errors))
+             listed_videos=len(listing["videos"]), errors=len(errors), audio_stats=audio_stats)
     write_atomic(out / "manifest.json", json.dumps(m, indent=2, ensure_ascii=False) + "\n")
     print(f"prepare: cache {out}: {len(has_audio)} videos in {len(names)} shard(s), {m['bytes_per_video'] / 2**20:.2f} "
           f"MiB per video, missing audio {m['missing']['audio']}, missing text {m['missing']['text']}")
@@ -923,6 +999,7 @@ class FeatureCache:
         cache[i] -> dict(patches=(U,G,G,F) float16, window=(C,T) int32, frames=(C,) int16,
                          audio=(C,80,A) float16, tokens=(128,) int32, has_audio=bool, has_text=bool)
         item["patches"][item["window"][c]] -> (T,G,G,F): reads only clip c's frames from the memory map
+        a --store frames cache: patches (U, 2) JPEG spans, and item["jpeg"] the shard's bytes: decode_jpegs
         cache.videos[i] -> {"id", "path", "label", "split", "title"};  cache.index(video_id) -> i
 
     Files, shapes, dtypes and patch indices are checked, so a truncated, hand-edited or mixed-up cache fails here in
@@ -954,8 +1031,12 @@ class FeatureCache:
         self.shards, self.videos, self._starts = [], [], []  # _starts: each shard's first video
         for folder in (self.path / name for name in m["shards"]):
             arrays = {}  # (n, *dims) memory maps (patches: (P, *dims)), paged in on access
-            for key, (dtype, dims) in {**SHARD_ARRAYS, PATCHES: (np.float16, PATCH_DIMS)}.items():
-                file, want = folder / f"{key}.npy", tuple(shapes[d] for d in dims)
+            specs = {key: (dtype, tuple(shapes[d] for d in dims)) for key, (dtype, dims) in SHARD_ARRAYS.items()}
+            specs[PATCHES] = patch_spec(shapes)
+            if shapes.get("store") == "frames":
+                specs[JPEG] = (np.uint8, ())
+            for key, (dtype, want) in specs.items():
+                file = folder / f"{key}.npy"
                 a = read(file, lambda f: np.load(f, mmap_mode="r"))
                 if a.dtype != dtype or a.shape[1:] != want:
                     raise damaged(file, f"{a.dtype} {a.shape}, the manifest says {np.dtype(dtype)} (n, {want})")
@@ -990,7 +1071,8 @@ class FeatureCache:
         a, j = self.shards[s], i - self._starts[s]
         patches = a[PATCHES][int(a["first_patch"][j]):int(a["patch_end"][j])]
         return dict(patches=patches, window=a["window"][j], frames=a["frames"][j], audio=a["audio"][j],
-                    tokens=a["tokens"][j], has_audio=bool(a["has_audio"][j]), has_text=bool(a["has_text"][j]))
+                    tokens=a["tokens"][j], has_audio=bool(a["has_audio"][j]), has_text=bool(a["has_text"][j]),
+                    jpeg=a.get(JPEG))
 
     def index(self, video_id):
         if video_id not in self._index:

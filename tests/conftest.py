@@ -15,11 +15,12 @@ sys.path.insert(0, str(ROOT))  # the kit is flat files at the repo root, not a p
 
 
 def write_feature_cache(out, n_videos=24, dataset="k700", clips=1, frames=20, grid=2, feature_dim=512,
-                        num_classes=4, shard_size=10, missing_audio=(), missing_text=(), seed=0):
+                        num_classes=4, shard_size=10, missing_audio=(), missing_text=(), seed=0, store="features"):
     """Write a cache of `n_videos` random samples to `out` and return its path.
 
     Sample i has label i % num_classes; the video features carry a class-dependent offset so that a probe has
-    something to find. Videos listed in `missing_audio` / `missing_text` are marked absent.
+    something to find. Videos listed in `missing_audio` / `missing_text` are marked absent. store="frames": a
+    --store frames cache of JPEG frames of 32 x grid px crops (stored at 8/7 of that), colour by class.
     """
     from bpe import BPETokenizer
     from prepare import CACHE_FORMAT, CACHE_VERSION
@@ -54,7 +55,17 @@ def write_feature_cache(out, n_videos=24, dataset="k700", clips=1, frames=20, gr
         shard = out / name
         shard.mkdir()
         # every clip frame its own patch (no frame shared between clips): patches (n * C * T, G, G, F)
-        np.save(shard / "patches.npy", np.maximum(video, 0).astype(np.float16).reshape(-1, grid, grid, feature_dim))
+        if store == "frames":
+            import cv2
+            side = round(32 * grid * 8 / 7)
+            pixels = rng.integers(0, 256, (n, clips * frames, side, side, 3), dtype=np.uint8)
+            pixels[..., 0] = (np.array([i % num_classes for i in ids]) * 60)[:, None, None, None]
+            jpegs = [cv2.imencode(".jpg", f)[1] for f in pixels.reshape(-1, side, side, 3)]
+            sizes = np.array([len(j) for j in jpegs])
+            np.save(shard / "jpeg.npy", np.concatenate(jpegs))
+            np.save(shard / "patches.npy", np.stack([np.cumsum(sizes) - sizes, sizes], axis=1))
+        else:
+            np.save(shard / "patches.npy", np.maximum(video, 0).astype(np.float16).reshape(-1, grid, grid, feature_dim))
         np.save(shard / "first_patch.npy", np.arange(n, dtype=np.int64) * clips * frames)
         np.save(shard / "window.npy", np.broadcast_to(np.arange(clips * frames, dtype=np.int32).reshape(clips, frames),
                                                       (n, clips, frames)))
@@ -63,6 +74,9 @@ def write_feature_cache(out, n_videos=24, dataset="k700", clips=1, frames=20, gr
         np.save(shard / "tokens.npy", tokens)
         np.save(shard / "has_audio.npy", has_audio)
         np.save(shard / "has_text.npy", has_text)
+        mel = audio.astype(np.float64).reshape(n, -1)
+        np.save(shard / "mel_mean.npy", mel.mean(1))
+        np.save(shard / "mel_square.npy", np.square(mel).mean(1))
         with open(shard / "videos.jsonl", "w") as f:
             for i in ids:
                 video_id = f"{labels[i]}/video_{i:04d}.avi"
@@ -73,7 +87,9 @@ def write_feature_cache(out, n_videos=24, dataset="k700", clips=1, frames=20, gr
     manifest = dict(format=CACHE_FORMAT, version=CACHE_VERSION, dataset=dataset, config=dict(fake=True, seed=seed),
                     backbone="random", shards=shard_names, num_videos=n_videos,
                     shapes=dict(clips=clips, frames=frames, grid=grid, feature_dim=feature_dim, n_mels=80,
-                                audio_frames=audio_frames, max_tokens=128),
+                                audio_frames=audio_frames, max_tokens=128, store=store,
+                                frame_size=round(32 * grid * 8 / 7) if store == "frames" else 32 * grid),
+                    audio_stats=dict(mean=0.0, std=1.0, videos=n_videos),  # the N(0, 1) audio above
                     missing=dict(audio=len(missing_audio), text=len(missing_text)),
                     bytes_per_video=None, tokenizer="tokenizer.bpe")
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))

@@ -166,7 +166,7 @@ def test_odd_size_grayscale_single_frame(tmp_path):
     single = write_video(tmp_path / "one.mp4", 1, rate=25)
     result = decode_video(dict(path=str(single), size=32, clips=3, frames=16, sampling="eval", audio_frames=256))
     assert result["ok"] and result["nreal"].tolist() == [1, 1, 1]
-    assert result["frames"].shape[0] == 16 and (result["frames"] == result["frames"][0]).all()
+    assert result["frames"].shape[0] == 1 and (result["index"] == 0).all()  # the one frame, stored once, repeated
 
 
 def test_clip_plan_worked_examples():
@@ -175,8 +175,11 @@ def test_clip_plan_worked_examples():
     assert (targets[index] == starts[:, None] + np.arange(16)).all()
     targets, index, starts = clip_plan(100, 1, 20, "pretrain")  # K700: the central 2 s of a 10 s clip
     assert starts.tolist() == [40] and targets.tolist() == list(range(40, 60))
-    targets, index, starts = clip_plan(5, 10, 16, "eval")  # shorter than a clip: all windows at 0
-    assert starts.tolist() == [0] * 10 and targets.tolist() == list(range(16))
+    targets, index, starts = clip_plan(5, 10, 16, "eval")  # shorter than a clip: all windows at 0, the last repeated
+    assert starts.tolist() == [0] * 10 and targets.tolist() == list(range(5))
+    assert (targets[index] == np.minimum(np.arange(16), 4)).all()
+    targets, index, starts = clip_plan(24, 1, 100, "pretrain")  # pre-training keeps a whole clip shorter than 10 s
+    assert starts.tolist() == [0] and targets.tolist() == list(range(24)) and index.shape == (1, 100)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -253,8 +256,10 @@ def run_prepare(*args, check=True):
     """prepare.main in this process (torch and torchvision are imported once for the whole file).
 
     Returns an object with returncode, stdout and stderr like subprocess.run; SystemExit(message) from
-    bad arguments or layouts becomes returncode 1 with the message in stderr.
+    bad arguments or layouts becomes returncode 1 with the message in stderr. These tests check the cache machinery
+    on feature caches of 20 frames (the CNN's output is checked too); tests/test_augment.py: --store frames, whole clips.
     """
+    args = [*args, *([] if "--store" in args else ["--store", "features", "--pretrain-frames", "20"])]
     import contextlib
     import io
     import types
@@ -334,7 +339,8 @@ def test_k700_cache_contents_and_reader(k700_single):
     cache = FeatureCache(out)
     m = cache.manifest
     assert m["dataset"] == "k700" and m["backbone"] == "random" and m["backbone_seed"] == 0
-    assert m["shapes"] == dict(clips=1, frames=20, grid=2, feature_dim=512, n_mels=80, audio_frames=296, max_tokens=128)
+    assert m["shapes"] == dict(clips=1, frames=20, grid=2, feature_dim=512, n_mels=80, audio_frames=296, max_tokens=128,
+                               store="features", frame_size=64)
     assert len(cache) == m["num_videos"] == 7 and m["missing"] == dict(audio=1, text=0)
     assert [v["split"] for v in cache.videos].count("val") == 2
     for i, v in enumerate(cache.videos):
@@ -452,7 +458,8 @@ def test_resume_after_kill_equals_single_run(k700_single, tmp_path):
     root, single = k700_single
     out = tmp_path / "out"
     # a real process, killed with SIGKILL as soon as its first shard has been renamed into place
-    cmd = [PY, str(ROOT / "prepare.py"), "--root", str(root), "--out", str(out), "--shard-size", "2", *FAST]
+    cmd = [PY, str(ROOT / "prepare.py"), "--root", str(root), "--out", str(out), "--shard-size", "2", *FAST,
+           "--store", "features", "--pretrain-frames", "20"]  # as run_prepare
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
     deadline = time.time() + 100
     while not (out / "shard_00000").is_dir() and proc.poll() is None and time.time() < deadline:
@@ -826,9 +833,10 @@ def test_ucf_eval_run_end_to_end(tmp_path):
     assert np.array_equal(long_video[0, 8:], long_video[1, :8])
     assert np.array_equal(short_video[0, 9:], np.broadcast_to(short_video[0, 8], (7, 2, 2, 512)))
     # and each distinct grid frame is stored once: 31 frames of features for the 3 x 16 windows; the short video's
-    # three windows are the same 16 grid frames (9 real, then the last one repeated)
-    assert len(long["patches"]) == 31 and len(short["patches"]) == 16 and (short["window"] == np.arange(16)).all()
-    assert np.load(root / "lava_cache" / "shard_00000" / "patches.npy", mmap_mode="r").shape == (47, 2, 2, 512)
+    # three windows are the same 16 grid frames (9 real, then the last one repeated: 9 stored)
+    assert len(long["patches"]) == 31 and len(short["patches"]) == 9
+    assert (short["window"] == np.minimum(np.arange(16), 8)).all()
+    assert np.load(root / "lava_cache" / "shard_00000" / "patches.npy", mmap_mode="r").shape == (40, 2, 2, 512)
 
 
 def test_titles_csv_header_with_byte_order_mark(tmp_path):
