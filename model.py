@@ -10,24 +10,16 @@ modalities of a pair into a shared space (g_av applies to z_a AND z_v, g_vt to z
 where the contrastive losses of losses.py compare dot products of the (here L2-normalised) projections.
 Section 3: video = frozen ResNet-18 patch features per frame, audio = 80 x 256 log-mel "encoded by an MLP",
 text = BPE tokens "mapped to embeddings"; each f_m is a transformer "with 4 layers and a hidden size of 1024".
-
-Choices the paper leaves open (each justified where it is made below):
-- heads 16 (64-dim heads), MLP ratio 4, dropout 0, GELU, pre-norm blocks: the standard ViT/BERT recipe at width
-  1024; nothing in the paper says otherwise.
-- pooling: masked mean over the final tokens (not a CLS token), see `Encoder.forward`.
-- positions: learned; video factorised into time + row + column tables, audio over time, text over positions.
-- one projection head per latent space, a bias-free linear map width -> embed_dim, shared by the modalities of
-  that space; this needs the three encoders to have the same width (checked in `LAVA.__init__`).
+What the paper leaves open is justified where it is chosen below: ViT/BERT blocks (16 heads, MLP ratio 4, no dropout,
+GELU, pre-norm), masked mean pooling, learned positions, one bias-free head per space shared by its modalities.
 """
-import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# ----------------------------------------------------------------------------------------------------------------
-# configs (defaults = the paper, Section 3, unless a comment says the paper is silent)
+# configs (defaults = the paper, Section 3, unless a comment says the paper is silent) ------------------------------
 
 
 @dataclass
@@ -76,7 +68,7 @@ class LAVAConfig:
 
     def to_dict(self):
         """Plain nested dict (JSON-able) for checkpoints: {"video": {...}, "audio": {...}, "text": {...}, ...}."""
-        return dataclasses.asdict(self)
+        return asdict(self)
 
     @classmethod
     def from_dict(cls, d):
@@ -88,8 +80,7 @@ class LAVAConfig:
 # The three latent spaces (Section 2, Eqs. 2-4) and the modalities projected into each.
 SPACES = {"av": ("a", "v"), "vt": ("v", "t"), "avt": ("a", "v", "t")}
 
-# ----------------------------------------------------------------------------------------------------------------
-# transformer
+# transformer ----------------------------------------------------------------------------------------------------
 
 
 class Attention(nn.Module):
@@ -162,8 +153,7 @@ class Encoder(nn.Module):
         return (x * w).sum(dim=1) / w.sum(dim=1).clamp(min=1.0)     # (B, D); an all-padding row gives 0, not NaN
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# LAVA
+# LAVA -----------------------------------------------------------------------------------------------------------
 
 
 class LAVA(nn.Module):
@@ -202,26 +192,19 @@ class LAVA(nn.Module):
         self.text_pos = nn.Parameter(torch.zeros(ct.max_len, width))
         self.text_encoder = Encoder(width, ct.depth, ct.heads, ct.mlp_ratio, ct.dropout)
 
-        # projection heads, one per latent space and shared by its modalities (g_av(z_a), g_av(z_v), ...).
-        # Bias-free: the outputs are L2-normalised and compared by dot products, and a bias would only add the same
-        # vector to every sample of both modalities.
+        # projection heads, one per latent space and shared by its modalities (g_av(z_a), g_av(z_v), ...). Bias-free:
+        # the outputs are L2-normalised and compared by dot products; a bias would only add one vector to every output.
         self.heads = nn.ModuleDict({space: nn.Linear(width, config.embed_dim, bias=False) for space in SPACES})
 
-        self.apply(self.init_weights)
+        # Linear/Embedding weights and positions truncated normal, std 0.02 cut at +-2 std (BERT / ViT / GPT-2: the
+        # residual stream starts near the input features), biases 0; LayerNorm keeps torch's identity init.
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.trunc_normal_(module.weight, std=0.02, a=-0.04, b=0.04)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
         for p in (self.video_pos_t, self.video_pos_h, self.video_pos_w, self.audio_pos, self.text_pos):
             nn.init.trunc_normal_(p, std=0.02, a=-0.04, b=0.04)
-
-    @staticmethod
-    def init_weights(module):
-        """Linear/Embedding weights (and positions, in `__init__`) truncated normal, std 0.02 cut at +-2 std (BERT /
-        ViT / GPT-2: the residual stream starts near the input features), biases 0; LayerNorm the identity."""
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.trunc_normal_(module.weight, std=0.02, a=-0.04, b=0.04)
-            if getattr(module, "bias", None) is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.LayerNorm):
-            nn.init.ones_(module.weight)
-            nn.init.zeros_(module.bias)
 
     def encode_video(self, video):
         """video: (B, T, G, G, F) float patch features (T <= cfg.frames, G <= cfg.grid) -> z_v (B, width)."""
@@ -234,8 +217,7 @@ class LAVA(nn.Module):
         x = self.video_in(x)                                                       # (B, N, D)
         pos = (self.video_pos_t[:T, None, None] + self.video_pos_h[None, :G, None]
                + self.video_pos_w[None, None, :G2])                                # (T, G, G, D)
-        x = x + pos.reshape(T * G * G2, -1)
-        return self.video_encoder(x)
+        return self.video_encoder(x + pos.reshape(T * G * G2, -1))
 
     def encode_audio(self, mel):
         """mel: (B, n_mels, A) log-mel (A <= cfg.frames, divisible by frames_per_token) -> z_a (B, width)."""
