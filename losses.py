@@ -23,8 +23,6 @@ Missing modalities (paper, Section 3: "masked out during loss calculation"): `nc
 plain_nce(x[mask], y[mask]). A sample whose modality is missing takes no part in a term: not as an anchor, a
 positive, a negative, nor in any denominator, and whatever its missing slot holds (zeros, garbage, NaN, inf)
 changes neither the loss nor any gradient. The masked form is what lets a batch keep one shape (compile, DDP).
-A term with fewer than 2 valid samples is 0 with zero gradient (one sample has no negative; the term stays
-attached to the graph so backward() and DDP still work).
 
 Distributed: `lava_loss` all-gathers embeddings and masks, so N ranks with B samples each give exactly the loss and
 (after DDP's averaging) the gradients of one process with batch N*B (`_AllGather`); `nce` itself never communicates.
@@ -61,10 +59,8 @@ def nce(x, y, mask=None, temperature=0.07, form="symmetric"):
     valid = torch.ones(len(x), dtype=torch.bool, device=x.device) if mask is None else mask.to(x.device, torch.bool)
     # Scrub missing slots before any arithmetic: masking logits later is not enough, because 0 * NaN = NaN would
     # leak a NaN/inf held in a missing row into the loss or, through the matmul's backward, into the gradients.
-    zero = torch.zeros((), dtype=dtype, device=x.device)
-    x = torch.where(valid[:, None], x.to(dtype), zero)                     # (B, D)
-    y = torch.where(valid[:, None], y.to(dtype), zero)                     # (B, D)
-    pair = valid[:, None] & valid[None, :]                                  # (B, B) both samples valid
+    x = torch.where(valid[:, None], x.to(dtype), 0.0)                      # (B, D)
+    y = torch.where(valid[:, None], y.to(dtype), 0.0)                      # (B, D)
     n = valid.sum()
 
     # autocast would run the matmul in bf16 again; the loss is tiny next to the encoders, so keep it exact.
@@ -72,24 +68,22 @@ def nce(x, y, mask=None, temperature=0.07, form="symmetric"):
         logits = (x @ y.T) / temperature                                    # (B, B) s_ij = x_i . y_j / tau
     # An invalid column is -inf: exp(-inf) = 0 exactly, so it is neither a negative nor in any denominator,
     # and its softmax weight (hence its gradient) is exactly 0.
-    logits = logits.masked_fill(~pair, float("-inf"))
+    logits = logits.masked_fill(~(valid[:, None] & valid[None, :]), float("-inf"))  # (B, B), finite iff i, j valid
     diag = torch.diagonal(logits)                                           # (B,) s_ii (-inf where invalid)
 
     if form == "symmetric":
         # An invalid ROW is all -inf; replace it by zeros so its logsumexp is finite (log B) rather than NaN,
         # then give it weight 0. Rows of logits = anchors x_i; rows of logits.T = anchors y_i.
-        rows = valid[:, None]
-        lx = torch.where(rows, logits, zero).logsumexp(dim=1) - torch.where(valid, diag, zero)     # (B,) x -> y
-        ly = torch.where(rows, logits.T, zero).logsumexp(dim=1) - torch.where(valid, diag, zero)   # (B,) y -> x
-        per_sample = torch.where(valid, lx + ly, zero)                      # (B,) invalid rows contribute 0
-        loss = per_sample.sum() / (2 * n.clamp(min=1))
+        lx = torch.where(valid[:, None], logits, 0.0).logsumexp(dim=1) - torch.where(valid, diag, 0.0)    # (B,) x -> y
+        ly = torch.where(valid[:, None], logits.T, 0.0).logsumexp(dim=1) - torch.where(valid, diag, 0.0)  # (B,) y -> x
+        loss = torch.where(valid, lx + ly, 0.0).sum() / (2 * n.clamp(min=1))
     else:
         # With no valid sample every entry is -inf and the difference would be NaN: use zeros then (finite,
         # weighted by 0 below). Otherwise the -inf entries drop out of both sums exactly.
         some = n > 0
-        loss = (torch.where(some, logits, zero).flatten().logsumexp(0)
-                - torch.where(some, diag, zero).logsumexp(0))
-    # < 2 valid samples: no negative exists. A multiplication keeps the graph (zero gradient, no python branch).
+        loss = torch.where(some, logits, 0.0).flatten().logsumexp(0) - torch.where(some, diag, 0.0).logsumexp(0)
+    # < 2 valid samples: no negative exists. A multiplication (no python branch) keeps the term in the graph with
+    # zero gradient, so backward() and DDP still work.
     return loss * (n >= 2).to(dtype)
 
 
@@ -106,12 +100,10 @@ def centroid_loss(z, present, temperature=0.07, normalize_centroid=False, detach
     detach_centroid=False (paper: no stop-gradient): gradients flow into every z_m through c too; True: c is a constant.
     """
     mods = [m for m in ("a", "v", "t") if m in z]
-    ref = z[mods[0]]
-    dtype = torch.promote_types(ref.dtype, torch.float32)
-    zero = torch.zeros((), dtype=dtype, device=ref.device)
-    masks = {m: present[m].to(ref.device, torch.bool) for m in mods}
+    dtype = torch.promote_types(z[mods[0]].dtype, torch.float32)
+    masks = {m: present[m].to(z[m].device, torch.bool) for m in mods}
     # Scrub missing slots first (see nce): a NaN in a missing slot must not reach c through 0 * NaN.
-    clean = {m: torch.where(masks[m][:, None], z[m].to(dtype), zero) for m in mods}
+    clean = {m: torch.where(masks[m][:, None], z[m].to(dtype), 0.0) for m in mods}
     count = sum(masks[m].to(dtype) for m in mods)                          # (B,) present modalities per sample
     c = sum(clean.values()) / count.clamp(min=1)[:, None]                   # (B, D); 0 where nothing is present
     if normalize_centroid:
@@ -128,7 +120,6 @@ def lava_loss(emb, present, losses=("av", "vt", "avt"), temperature=0.07, form="
     emb: LAVA.forward's {space: {modality: (B, d)}} with at least the spaces in `losses`; present: {"a","v","t"} ->
     (B,) bool, True where the sample has that modality.
     losses: subset of ("av", "vt", "avt") (Table 2's ablation: ("av",), ("av", "vt"), all three).
-    Under torch.distributed (world size > 1): the loss of the global batch, on every rank (`gather`).
     """
     unknown = set(losses) - {"av", "vt", "avt"}
     if unknown:
@@ -145,8 +136,7 @@ def lava_loss(emb, present, losses=("av", "vt", "avt"), temperature=0.07, form="
     return sum(terms.values()), terms
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# distributed
+# distributed ----------------------------------------------------------------------------------------------------
 
 
 class _AllGather(torch.autograd.Function):
@@ -178,12 +168,10 @@ def gather(emb, present, losses):
     """All-gather the embeddings the `losses` need (with gradient, `_AllGather`; one collective, concatenated along
     features) and the masks. Same B on every rank: global row r * B + i is rank r's sample i in every modality."""
     keys = [(s, m) for s in ("av", "vt", "avt") if s in losses for m in emb[s]]
-    flat = torch.cat([emb[s][m] for s, m in keys], dim=1)                   # (B, K*d)
-    flat = _AllGather.apply(flat)                                           # (N*B, K*d)
-    sizes = [emb[s][m].shape[1] for s, m in keys]
-    out = {}
-    for (s, m), part in zip(keys, flat.split(sizes, dim=1)):
-        out.setdefault(s, {})[m] = part
+    flat = _AllGather.apply(torch.cat([emb[s][m] for s, m in keys], dim=1))  # (B, K*d) on each rank -> (N*B, K*d)
+    out = {s: {} for s, _ in keys}
+    for (s, m), part in zip(keys, flat.split([emb[s][m].shape[1] for s, m in keys], dim=1)):
+        out[s][m] = part
     mods = sorted(present)
     masks = torch.stack([present[m].to(flat.device, torch.uint8) for m in mods], dim=1)  # (B, M); gloo has no bool
     masks = _AllGather.apply(masks).bool()                                  # (N*B, M), no gradient to carry
