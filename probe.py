@@ -142,10 +142,9 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         self.classes_, y_index = np.unique(y, return_inverse=True)
         if len(self.classes_) < 2:
             raise ValueError(f"LinearProbe needs samples of at least 2 classes; got 1 class ({self.classes_[0]!r})")
-        self.mean_, self.scale_ = np.zeros(X.shape[1]), np.ones(X.shape[1])
-        if self.standardize:
-            self.mean_, self.scale_ = X.mean(axis=0, dtype=np.float64), X.std(axis=0, dtype=np.float64)
-            self.scale_[self.scale_ < 1e-12] = 1.0  # a constant feature stays 0 instead of dividing by 0
+        self.mean_ = X.mean(axis=0, dtype=np.float64) if self.standardize else np.zeros(X.shape[1])
+        std = X.std(axis=0, dtype=np.float64) if self.standardize else np.ones(X.shape[1])
+        self.scale_ = np.where(std < 1e-12, 1.0, std)  # a constant feature stays 0 instead of dividing by 0
         Z = torch.tensor((X - self.mean_) / self.scale_, dtype=torch.float32, device=self.device)  # (n, d)
         labels = torch.tensor(y_index, dtype=torch.int64, device=self.device)                    # (n,)
         # zero init: the result depends only on the seeded batch order (and nothing draws from torch's global RNG)
@@ -171,10 +170,8 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         # not depend on which other rows come with it
         check_is_fitted(self)
         X = validate_data(self, X, reset=False, dtype=[np.float64, np.float32])
-        logits = np.empty((X.shape[0], len(self.classes_)))
-        for start in range(0, X.shape[0], LOGIT_ROWS):
-            chunk = (np.asarray(X[start:start + LOGIT_ROWS], dtype=np.float64) - self.mean_) / self.scale_
-            logits[start:start + LOGIT_ROWS] = chunk @ self.coef_.T + self.intercept_
+        chunks = (np.asarray(X[i:i + LOGIT_ROWS], dtype=np.float64) for i in range(0, X.shape[0], LOGIT_ROWS))
+        logits = np.concatenate([(c - self.mean_) / self.scale_ @ self.coef_.T + self.intercept_ for c in chunks])
         return logits if groups is None else group_mean(logits, groups)[1]
 
     def decision_function(self, X, groups=None):
@@ -217,11 +214,10 @@ def group_labels(y, groups):
     """Per-row labels (n,) -> one label per group (first-appearance order); ValueError if a group's rows disagree."""
     check_consistent_length(y, groups)
     keys, codes = first_appearance(groups)
-    y = np.asarray(y)
-    labels = y[np.unique(codes, return_index=True)[1]]  # each group's first row
-    if np.any(labels[codes] != y):
-        bad = keys[codes[labels[codes] != y].min()]
-        raise ValueError(f"the rows of group {bad!r} carry different labels: one video has one label")
+    labels = np.asarray(y)[np.unique(codes, return_index=True)[1]]  # each group's first row
+    bad = codes[labels[codes] != y]                                 # the group of each row unlike its group's first
+    if len(bad):
+        raise ValueError(f"the rows of group {keys[bad.min()]!r} carry different labels: one video has one label")
     return labels
 
 
@@ -698,10 +694,9 @@ def markdown_table(result):
               for m in result["modalities"] if m in mean]
     lines += ["", "| split | modality | top-1 | train videos | test videos | epochs | weight decay | val top-1 |",
               "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for r in result["splits"]:
-        hp = r["hyperparameters"]
-        lines.append(f"| {r['split']} | {r['modalities']} | {r['top1']:.1f} | {r['n_train']} | {r['n_test']} | "
-                     f"{hp['epochs']} | {hp['weight_decay']} | {r['validation_top1']:.1f} |")
+    lines += [f"| {r['split']} | {r['modalities']} | {r['top1']:.1f} | {r['n_train']} | {r['n_test']} | "
+              + "{epochs} | {weight_decay} | ".format(**r["hyperparameters"]) + f"{r['validation_top1']:.1f} |"
+              for r in result["splits"]]
     ma = result["missing_audio"]
     lines += ["", f"Videos without audio: {ma['videos_without_audio']} of {ma['videos_in_cache']} in the cache"
               + (f"; {ma['treatment']}." if "audio+video" in result["modalities"] else " (video-only probe: unused).")]
@@ -713,10 +708,9 @@ def check_scope(out, scope, overwrite):
     if overwrite or not out.is_file():
         return
     try:
-        old = json.loads(out.read_text())
-    except ValueError:
-        old = None
-    old = old if isinstance(old, dict) else {}  # not a results JSON: another scope
+        old = dict(json.loads(out.read_text()))
+    except (ValueError, TypeError):  # not a results JSON: another scope
+        old = {}
     diff = ", ".join(f"{k} {old.get(k)!r}" for k, v in scope.items() if old.get(k) != v)
     if diff:
         raise ProbeError(f"{out} holds a result of another scope ({diff}): --overwrite replaces it, or another --out")
