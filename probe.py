@@ -389,8 +389,13 @@ def main(argv=None):
             emb = load_or_extract_embeddings(model, cache, info, args)
             if args.embed:
                 embed(args, cache, model, info, emb)
-            if args.search:
-                search(args, cache, model, info, emb)
+            if args.search:  # the --top videos by cosine of their g_vt video embedding (clip mean) and the query's g_vt
+                query = project(model, encode_titles(model, info, [args.search]), "vt")[0]      # (E,)
+                scores = project(model, emb["z_v"], "vt", clip_mean=True) @ query               # (N,)
+                print(f"{'rank':>4}  {'score':>7}  video")
+                for rank, i in enumerate(np.argsort(-scores, kind="stable")[:args.top], 1):
+                    title = cache.videos[i].get("title")
+                    print(f"{rank:4d}  {scores[i]:7.4f}  {cache.videos[i]['path']}" + (f"  ({title})" if title else ""))
             return 0
         modalities = (args.modalities or ("video,audio+video" if args.dataset == "ucf101" else "video")).split(",")
         if set(modalities) - set(MODALITIES):
@@ -492,16 +497,6 @@ def embed(args, cache, model, info, emb):
     print(f"wrote {path}: {len(cache)} videos, {int(has['a'].sum())} with audio, {int(has['t'].sum())} with a title")
 
 
-def search(args, cache, model, info, emb):
-    """--search: the --top videos by cosine of their g_vt video embedding (clip mean) and the query's g_vt."""
-    query = project(model, encode_titles(model, info, [args.search]), "vt")[0]      # (E,)
-    scores = project(model, emb["z_v"], "vt", clip_mean=True) @ query                           # (N,)
-    print(f"{'rank':>4}  {'score':>7}  video")
-    for rank, i in enumerate(np.argsort(-scores, kind="stable")[:args.top], 1):
-        title = cache.videos[i].get("title")
-        print(f"{rank:4d}  {scores[i]:7.4f}  {cache.videos[i]['path']}" + (f"  ({title})" if title else ""))
-
-
 # ================================================================================================================
 # Machinery: official split files, checkpoints, the embedding files, results tables, the command line
 
@@ -510,25 +505,23 @@ def read_ucf101_split(root, split):
     """UCF-101 split `split` (1..3) from `<root>/ucfTrainTestlist/` -> dict(classes, train, test, unused): classes in
     classInd.txt order (1-based there, 0-based here); train/test: lists of (video id verbatim, e.g.
     "HandstandPushups/v_HandStandPushups_g08_c01.avi", label index from the folder: test lines carry no label)."""
-    folder = Path(root) / "ucfTrainTestlist"
-    paths = {name: folder / name for name in ("classInd.txt", f"trainlist0{split}.txt", f"testlist0{split}.txt")}
-    for path in paths.values():
+    paths = [Path(root) / "ucfTrainTestlist" / name for name in ("classInd.txt", f"trainlist0{split}.txt",
+                                                                  f"testlist0{split}.txt")]
+    for path in paths:
         if not path.is_file():
             raise ProbeError(f"missing official split file {path} (README: Laying out real data)")
-    classes = dict(line.split()[::-1] for line in _lines(paths["classInd.txt"]))    # name -> "1".."K"
-    names = sorted(classes, key=lambda name: int(classes[name]))
-    if sorted(int(i) for i in classes.values()) != list(range(1, len(classes) + 1)):
-        raise ProbeError(f"{paths['classInd.txt']}: class indices are not 1..{len(classes)}")
-    rows = dict(classes=names, train=[], test=[], unused=[])
-    for part in ("train", "test"):
-        path = paths[f"{part}list0{split}.txt"]
+    classes = {name: int(i) - 1 for i, name in map(str.split, _lines(paths[0]))}    # name -> label 0..K-1
+    if sorted(classes.values()) != list(range(len(classes))):
+        raise ProbeError(f"{paths[0]}: class indices are not 1..{len(classes)}")
+    rows = dict(classes=sorted(classes, key=classes.get), train=[], test=[], unused=[])
+    for part, path in zip(("train", "test"), paths[1:]):
         for lineno, line in enumerate(_lines(path), 1):
             parts = line.split()
             video_id = parts[0].replace("\\", "/")
             folder_name = video_id.split("/")[0]
             if folder_name not in classes:
                 raise ProbeError(f"{path}:{lineno}: class folder {folder_name!r} is not in classInd.txt")
-            label = int(classes[folder_name]) - 1
+            label = classes[folder_name]
             if len(parts) > 1 and int(parts[1]) - 1 != label:  # a labelled line must agree with its folder
                 raise ProbeError(f"{path}:{lineno}: label {parts[1]} but folder {folder_name!r} is class {label + 1}")
             if part == "train" and len(parts) < 2:
