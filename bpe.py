@@ -31,11 +31,9 @@ BPE_CACHE_MAX = 1 << 20  # distinct words encode() caches (~150 MB worst case); 
 
 
 def get_stats(ids, counts=None, weight=1):
-    """Count adjacent pairs (overlapping) in `ids`, adding `weight` per occurrence into `counts`.
-
+    """Count adjacent pairs (overlapping) in `ids`, adding `weight` per occurrence into `counts`:
     get_stats([1, 2, 3, 1, 2]) -> {(1, 2): 2, (2, 3): 1, (3, 1): 1}
-    get_stats([7, 7, 7], {(7, 7): 1}, weight=10) -> {(7, 7): 21}      # "aaa" holds "aa" twice
-    """
+    get_stats([7, 7, 7], {(7, 7): 1}, weight=10) -> {(7, 7): 21}  ("aaa" holds "aa" twice)"""
     counts = {} if counts is None else counts
     for pair in zip(ids, ids[1:]):
         counts[pair] = counts.get(pair, 0) + weight
@@ -43,19 +41,14 @@ def get_stats(ids, counts=None, weight=1):
 
 
 def merge(ids, pair, idx):
-    """Replace every occurrence of `pair` in `ids` by `idx`, scanning left to right without overlap.
-
+    """Replace every occurrence of `pair` in `ids` by `idx`, scanning left to right without overlap:
     merge([1, 2, 3, 1, 2], (1, 2), 4) -> [4, 3, 4]
-    merge([7, 7, 7], (7, 7), 9) -> [9, 7]                             # leftmost occurrence wins
-    """
+    merge([7, 7, 7], (7, 7), 9) -> [9, 7]  (the leftmost occurrence wins)"""
     out, i, n = [], 0, len(ids)
     while i < n:
-        if i + 1 < n and ids[i] == pair[0] and ids[i + 1] == pair[1]:
-            out.append(idx)
-            i += 2
-        else:
-            out.append(ids[i])
-            i += 1
+        hit = i + 1 < n and ids[i] == pair[0] and ids[i + 1] == pair[1]
+        out.append(idx if hit else ids[i])
+        i += 2 if hit else 1
     return out
 
 
@@ -67,7 +60,7 @@ class BPETokenizer:
         self._set_merges(merges)
 
     def _set_merges(self, merges, asked=None):
-        """Install merges [(a, b), ...] (merge i makes id 256 + i), rebuild the tables; a trainer says what it asked."""
+        """Install merges [(a, b), ...] (merge i makes id 256 + i), build the tables -> self; trainers pass `asked`."""
         self.merges = [tuple(m) for m in merges]
         self.vocab_size = 256 + len(self.merges) + len(BPE_SPECIALS)
         if asked is not None and self.vocab_size < asked:
@@ -75,16 +68,16 @@ class BPETokenizer:
                                                 " %d (asked %d)", len(self.merges), self.vocab_size, asked)
         self.eot_id, self.pad_id = self.vocab_size - 2, self.vocab_size - 1
         self._ranks = {pair: 256 + i for i, pair in enumerate(self.merges)}  # pair -> new id (= rank)
-        self._vocab = [bytes([i]) for i in range(256)]                         # id -> bytes
+        self._vocab = [bytes([i]) for i in range(256)]  # id -> bytes; the specials (appended below) by name
         for a, b in self.merges:
             self._vocab.append(self._vocab[a] + self._vocab[b])
-        self._tokens = self._vocab + [name.encode() for name in BPE_SPECIALS]  # decode's table, specials by name
+        self._vocab += [name.encode() for name in BPE_SPECIALS]
         self._cache = {}  # word (str) -> list of ids; cleared when it grows past BPE_CACHE_MAX
+        return self
 
     def __reduce__(self):  # pickling (e.g. for worker processes) sends the pattern and merges, rebuilds the rest
         return type(self), (self.pattern, self.merges)
 
-    # ---- training ----------------------------------------------------------------------------------
     def train_naive(self, texts, vocab_size):
         """Learn vocab_size - 258 merges from `texts` (an iterable of str) the plain way; returns self.
 
@@ -108,8 +101,7 @@ class BPETokenizer:
             pair = min(counts, key=lambda p: (-counts[p], p))  # the highest count, then the smallest pair
             merges.append(pair)
             words = [merge(word, pair, 255 + len(merges)) for word in words]
-        self._set_merges(merges, asked=vocab_size)
-        return self
+        return self._set_merges(merges, asked=vocab_size)
 
     def train(self, texts, vocab_size):
         """Learn the merges of `train_naive` (same arguments, tie-break and early stop), fast; returns self.
@@ -153,15 +145,13 @@ class BPETokenizer:
                             counts[b, w[i + 2]] -= n
                             counts[nq] = counts.get(nq, 0) + n
                             born[nq].add(wi)
-                        w[i] = new
-                        del w[i + 1]
+                        w[i:i + 2] = [new]
                     i += 1
             where.update(born)  # (a, b) itself is gone from every word: its count is 0 and stays 0
             for p in born:
                 if counts[p] > 1:
                     heapq.heappush(heap, (-counts[p], p))
-        self._set_merges(merges, asked=vocab_size)
-        return self
+        return self._set_merges(merges, asked=vocab_size)
 
     def _distinct_words(self, texts, vocab_size):
         """-> (merges to learn, distinct words of `texts` as lists of byte ids, how often each occurs)."""
@@ -173,15 +163,13 @@ class BPETokenizer:
         words = [list(word.encode("utf-8", "surrogatepass")) for word in word_counts]
         return vocab_size - 256 - len(BPE_SPECIALS), words, list(word_counts.values())
 
-    # ---- encoding / decoding -------------------------------------------------------------------------
     def _encode_word(self, word_bytes):
         """Apply merges to one word by rank: repeatedly merge the adjacent pair learned earliest."""
         ids, ranks, top = list(word_bytes), self._ranks, self.eot_id  # eot_id: above every merge's id
         while True:
             pair, rank = None, top  # the adjacent pair learned earliest, and its id
             for p in zip(ids, ids[1:]):
-                r = ranks.get(p, top)
-                if r < rank:
+                if (r := ranks.get(p, top)) < rank:
                     pair, rank = p, r
             if pair is None:
                 return ids
@@ -204,8 +192,7 @@ class BPETokenizer:
         ids = [int(i) for i in ids]
         if ids and not 0 <= min(ids) <= max(ids) < self.vocab_size:
             raise ValueError(f"token ids {min(ids)}..{max(ids)} go outside the vocabulary [0, {self.vocab_size})")
-        end = self.eot_id if skip_special else self.vocab_size
-        data = b"".join([self._tokens[i] for i in ids if i < end])
+        data = b"".join([self._vocab[i] for i in ids if not (skip_special and i >= self.eot_id)])
         try:  # encode wrote a lone surrogate (U+D800..U+DFFF, which strict UTF-8 refuses) as 3 bytes, as CESU-8 does
             return data.decode("utf-8", "surrogatepass")
         except UnicodeDecodeError:  # not encode's output (e.g. sampled ids): each bad sequence -> U+FFFD
@@ -217,11 +204,8 @@ class BPETokenizer:
         if max_len < 1:
             raise ValueError(f"max_len must be >= 1, got {max_len}")
         ids = self.encode(title)[:max_len - 1] + [self.eot_id]
-        out = np.full(max_len, self.pad_id, dtype=np.int32)
-        out[:len(ids)] = ids
-        return out, len(ids)
+        return np.array(ids + [self.pad_id] * (max_len - len(ids)), dtype=np.int32), len(ids)
 
-    # ---- save / load ---------------------------------------------------------------------------------
     def save(self, path):
         """Write `path` (the model, e.g. tokenizer.bpe) and `path` with suffix .vocab (for people), each atomically.
 
@@ -237,7 +221,7 @@ class BPETokenizer:
 
         # tokenizer.vocab, for people: "id 'token'" (the repr of its text; part of a character shows as U+FFFD, as
         # in minbpe), "<- 'a' + 'b'" after a merge's id, the specials by name
-        shown = [repr(token.decode("utf-8", "replace")) for token in self._vocab] + list(BPE_SPECIALS)
+        shown = [repr(token.decode("utf-8", "replace")) for token in self._vocab[:self.eot_id]] + list(BPE_SPECIALS)
         made_of = [""] * 256 + [f" <- {shown[a]} + {shown[b]}" for a, b in self.merges] + ["", ""]
         vocab = (f"{i} {token}{parts}\n" for i, (token, parts) in enumerate(zip(shown, made_of)))
         write_atomic(Path(path).with_suffix(".vocab"), "".join(vocab))
@@ -262,7 +246,6 @@ class BPETokenizer:
         return cls(lines[1][len("pattern "):], [(int(a), int(b)) for a, b in body])
 
 
-# ---- machinery: atomic writes ------------------------------------------------------------------------
 def write_atomic(path, text):
     """Write a text file so that readers see all of it or none (temp file + rename); an error leaves no temp file."""
     tmp = Path(path).with_name(f".{Path(path).name}.tmp-{os.getpid()}")
