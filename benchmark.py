@@ -516,7 +516,7 @@ def _train_rate(cfg, batch_size, device, steps=20, warmup=3, compiled=False, com
     spaces = ("av", "vt", "avt")
 
     def step():
-        loss, _ = pretrain.loss_fn(fwd, video, audio, tokens, present, spaces, 0.07, "symmetric", autocast)
+        loss, _ = pretrain.loss_fn(fwd, video, audio, tokens, present, autocast, spaces)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

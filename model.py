@@ -45,6 +45,8 @@ class AudioConfig:
     mlp_ratio: float = 4.0     # as VideoConfig
     dropout: float = 0.0       # as VideoConfig
     frames_per_token: int = 1  # kit option: 1 = the paper's MLP per mel frame; k > 1: k frames per token (CPU demo)
+    mel_mean: float = 0.0      # paper silent: the log-mel is standardised with the mean and std of the training
+    mel_std: float = 1.0       # clips' log-mel (prepare.py's audio_stats), as AST does with its dataset's statistics
 
 
 @dataclass
@@ -222,7 +224,9 @@ class LAVA(nn.Module):
     def encode_audio(self, mel):
         """mel: (B, n_mels, A) log-mel (A <= cfg.frames, divisible by frames_per_token) -> z_a (B, width)."""
         B, M, A = mel.shape
-        k = self.config.audio.frames_per_token
+        cfg = self.config.audio
+        k = cfg.frames_per_token
+        mel = (mel - cfg.mel_mean) / cfg.mel_std  # the same standardisation for pre-training and the probe
         x = mel.transpose(1, 2).reshape(B, A // k, k * M).to(self.audio_pos.dtype)  # (B, A/k, k*80): frame-major
         x = self.audio_in(x) + self.audio_pos[: A // k]                            # (B, A/k, D)
         return self.audio_encoder(x)

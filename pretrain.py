@@ -45,7 +45,7 @@ PRESETS = {
                  batch_size=16, lr=1e-3, epochs=2, warmup_steps=0),
 }
 RUN_ONLY = {"data", "out", "resume", "restart", "workers", "device", "threads", "compile", "compile_mode", "max_steps",
-            "log_every", "save_every", "keep_epochs", "no_progress"}  # flags that leave each step's weights as they are
+            "log_every", "save_every", "keep_epochs", "no_progress", "backbone_weights"}  # flags that leave each step's weights as they are
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -90,7 +90,13 @@ def parse_args(argv=None):
     g.add_argument("--temperature", type=float, default=0.07, help="NCE temperature tau (the paper's)")
     g.add_argument("--loss-form", default="symmetric", choices=["symmetric", "paper_eq1"],
                    help="NCE form (losses.nce): symmetric InfoNCE (the authors' code) or Eq. 1 as printed")
-    g.add_argument("--audio-noise", type=float, default=0.1, help="std of the Gaussian noise added to the log-mel")
+    g.add_argument("--audio-noise", type=float, default=0.1,
+                   help="std of the Gaussian noise on the standardised log-mel (paper: Gaussian noise, no value)")
+    g.add_argument("--normalize-centroid", action="store_true", help="re-normalise the centroid (paper: plain mean)")
+    g.add_argument("--detach-centroid", action="store_true", help="no gradient through the centroid (paper: one)")
+    g.add_argument("--shuffle-pairs", action="store_true",
+                   help="control: each clip's audio and title from another clip (fixed permutation per epoch)")
+    g.add_argument("--backbone-weights", help="ImageNet ResNet-18 for a --store frames cache (default: prepare's)")
     g.add_argument("--compile", action="store_true", help="torch.compile the forward (checkpoints: the plain module)")
     g.add_argument("--compile-mode", help="torch.compile mode, e.g. max-autotune-no-cudagraphs (default: torch's)")
     g.add_argument("--max-steps", type=int, help="stop after this many steps (default: all; the cosine spans --epochs)")
@@ -126,6 +132,7 @@ from tqdm import tqdm
 
 from losses import lava_loss
 from model import LAVA, AudioConfig, LAVAConfig, TextConfig, VideoConfig
+import prepare
 from prepare import FeatureCache
 
 
@@ -139,7 +146,7 @@ def build_config(args, manifest, tokenizer):
         video=VideoConfig(feature_dim=shapes["feature_dim"], frames=CLIP_FRAMES, grid=shapes["grid"],
                           center_tokens=args.center_tokens, **size),
         audio=AudioConfig(n_mels=shapes["n_mels"], frames=AUDIO_FRAMES, frames_per_token=args.audio_frames_per_token,
-                          **size),
+                          mel_mean=manifest["audio_stats"]["mean"], mel_std=manifest["audio_stats"]["std"], **size),
         text=TextConfig(vocab_size=pad_id + 1, max_len=shapes["max_tokens"], pad_id=pad_id, **size),
         embed_dim=args.embed_dim)
 
@@ -148,27 +155,38 @@ def build_config(args, manifest, tokenizer):
 
 
 class PretrainClips(Dataset):
-    """Training samples from a feature cache; item (i, epoch) -> dict of tensors for the i-th train video.
+    """Training samples (Section 3); item (i, epoch) -> dict of tensors for the i-th train video, each random draw a
+    function of (seed, epoch, i):
 
-    video     (16, G, G, F) float16   a window of CLIP_FRAMES frames at a random start s in the real frames
-    audio     (n_mels, 256) float32   log-mel columns [10 s, 10 s + 256): centred on the same frames + noise
-    tokens    (L,) int64              BPE title tokens (all pad when there is no title)
-    has_audio, has_text  bool         presence, for the loss masks
-
-    Horizontal flip (p = 0.5) reverses the W axis of the patch grid (each patch's feature mirrors only approximately:
-    ResNet filters are not mirror-symmetric); the paper's pixel space-crop would change the token count, so none.
+    video  (16, S, S, 3) uint8     16 frames from a random start anywhere in the clip; a --store frames cache: a random
+                                   S x S crop (S = 32 x grid) of its larger frames, h-flipped with p = 0.5 (the paper's
+                                   augmentations, on pixels: the frozen CNN runs on them in the step)
+      or   (16, G, G, F) float16   a --store features cache: the centre crop's features, no crop or flip (approximates
+                                   the paper, for CPUs)
+    audio  (n_mels, 256) float32   log-mel columns [10 s, 10 s + 256): centred on the same frames; + noise of
+                                   audio_noise x the cache's log-mel std (sigma in the model's standardised units)
+    tokens (L,) int64              BPE title tokens (all pad when there is no title)
+    has_audio, has_text  bool      presence, for the loss masks
+    shuffle_pairs: audio and title come from another video (a permutation fixed per epoch): the control run.
     """
 
-    def __init__(self, cache_path, indices, seed=0, flip=True, audio_noise=0.1):
+    def __init__(self, cache_path, indices, seed=0, audio_noise=0.1, shuffle_pairs=False):
         self.cache_path = str(cache_path)
         self.indices = list(indices)
         self.seed = seed
-        self.flip = flip
         self.audio_noise = audio_noise
+        self.shuffle_pairs = shuffle_pairs
         self.cache = None  # opened lazily in each worker: a memory map must not be pickled into it
 
     def __getstate__(self):  # DataLoader workers (spawn) and copies get the path, not the open cache
         return dict(self.__dict__, cache=None)
+
+    def window(self, item, rng):
+        """(clip c, start s) of a random 16-frame window within the clip's real frames (those past it repeat)."""
+        C, T = item["window"].shape
+        c = int(rng.integers(C))
+        real = int(min(max(int(item["frames"][c]), 1), T))
+        return c, int(rng.integers(max(real, CLIP_FRAMES) - CLIP_FRAMES + 1))
 
     def __getitem__(self, key):
         i, epoch = key
@@ -176,24 +194,30 @@ class PretrainClips(Dataset):
         if self.cache is None:
             self.cache = FeatureCache(self.cache_path)
         item = self.cache[self.indices[i]]
-        patches, window, audio = item["patches"], item["window"], item["audio"]  # (U,G,G,F) f16, (C,T), (C,n_mels,A)
-        C, T = window.shape
-        # draws in a fixed order (clip, start, flip, noise) so every value is a function of (seed, epoch, i)
-        c = int(rng.integers(C))
-        real = int(min(max(int(item["frames"][c]), 1), T))  # frames past `real` repeat the last one
-        s = int(rng.integers(max(real, CLIP_FRAMES) - CLIP_FRAMES + 1))
-        flip = bool(rng.random() < 0.5) and self.flip
-        a0 = MEL_PER_FRAME * s  # prepare.py keeps T >= 16 frames and the 10 (T - 16) + 256 mel columns all starts need
+        c, s = self.window(item, rng)
+        frames = item["window"][c, s:s + CLIP_FRAMES]              # (16,) this video's distinct frames
+        if item["jpeg"] is None:
+            v = item["patches"][frames]                            # (16, G, G, F): only these read from the map
+        else:
+            crop = 32 * self.cache.manifest["shapes"]["grid"]
+            pixels = prepare.decode_jpegs(item["jpeg"], item["patches"][frames])  # (16, S', S', 3), S' = S x 8/7
+            y, x = rng.integers(pixels.shape[1] - crop + 1, size=2)
+            v = pixels[:, y:y + crop, x:x + crop]
+            v = np.ascontiguousarray(v[:, :, ::-1] if rng.random() < 0.5 else v)
 
-        v = patches[window[c, s:s + CLIP_FRAMES]]            # (16, G, G, F): only these frames read from the map
-        if flip:
-            v = np.ascontiguousarray(v[:, :, ::-1])
-        a = audio[c, :, a0:a0 + AUDIO_FRAMES].astype(np.float32)  # (n_mels, 256)
-        if item["has_audio"] and self.audio_noise > 0:  # absent audio stays zeros (it is masked out anyway)
-            a += self.audio_noise * rng.standard_normal(a.shape, dtype=np.float32)  # the last draw: may be skipped
+        other = item
+        if self.shuffle_pairs:  # draws after the video's: the video of a shuffled run is the paired run's
+            j = np.random.default_rng([self.seed, epoch]).permutation(len(self.indices))[i]
+            other = self.cache[self.indices[j]]
+            c, s = self.window(other, rng)
+        a0 = MEL_PER_FRAME * s  # prepare.py keeps T >= 16 frames and the 10 (T - 16) + 256 mel columns all starts need
+        a = other["audio"][c, :, a0:a0 + AUDIO_FRAMES].astype(np.float32)  # (n_mels, 256)
+        if other["has_audio"] and self.audio_noise > 0:  # absent audio stays zeros (it is masked out anyway)
+            std = self.cache.manifest["audio_stats"]["std"]
+            a += self.audio_noise * std * rng.standard_normal(a.shape, dtype=np.float32)  # the last draw
         return dict(video=torch.from_numpy(v), audio=torch.from_numpy(a),
-                    tokens=torch.from_numpy(item["tokens"].astype(np.int64)),
-                    has_audio=torch.tensor(bool(item["has_audio"])), has_text=torch.tensor(bool(item["has_text"])))
+                    tokens=torch.from_numpy(other["tokens"].astype(np.int64)),
+                    has_audio=torch.tensor(bool(other["has_audio"])), has_text=torch.tensor(bool(other["has_text"])))
 
 
 class ResumableSampler(Sampler):
@@ -252,15 +276,19 @@ def make_loader(dataset, sampler, workers, device, seed):
         generator=torch.Generator().manual_seed(seed), worker_init_fn=ignore_signals)
 
 
-def to_device(batch, device, trim_pad_id=None):
-    """A collated batch on `device` (non-blocking), video f16 -> f32. trim_pad_id (the CPU's): drop the token columns
-    that are padding in every title (up to a multiple of 8; masked anyway: same embeddings); CUDA keeps fixed shapes."""
+def to_device(batch, device, trim_pad_id=None, cnn=None):
+    """A collated batch on `device` (non-blocking), video f16 -> f32; uint8 frames through the frozen `cnn` first.
+    trim_pad_id (the CPU's): drop the token columns that are padding in every title (up to a multiple of 8; masked
+    anyway: same embeddings); CUDA keeps fixed shapes."""
     tokens = batch["tokens"]                                         # (b, L) int64
     if trim_pad_id is not None:
         used = (tokens != trim_pad_id).any(dim=0).nonzero()
         length = int(used.max()) + 1 if len(used) else 1
         tokens = tokens[:, :min(tokens.shape[1], math.ceil(length / 8) * 8)]
-    video = batch["video"].to(device, non_blocking=True).float()      # (b, 16, G, G, F)
+    video = batch["video"].to(device, non_blocking=True)              # (b, 16, G, G, F) or frames (b, 16, S, S, 3)
+    if video.dtype == torch.uint8:  # Section 3: the frozen ResNet-18's frame-wise patch features of this crop
+        video = prepare.frame_features(cnn, video.flatten(0, 1)).unflatten(0, video.shape[:2])
+    video = video.float()
     audio = batch["audio"].to(device, non_blocking=True)              # (b, n_mels, 256)
     tokens = tokens.to(device, non_blocking=True)                     # (b, L') L' <= L
     has_a = batch["has_audio"].to(device, non_blocking=True)
@@ -271,11 +299,12 @@ def to_device(batch, device, trim_pad_id=None):
 # the step: Eq. 5's loss, Adam, the cosine schedule (benchmark.py times the same functions)
 
 
-def loss_fn(model, video, audio, tokens, present, spaces, temperature, loss_form, autocast):
-    """LAVA loss of one batch: encoders under `autocast` (bf16 on CUDA), the NCE terms in float32 (losses.py)."""
+def loss_fn(model, video, audio, tokens, present, autocast, losses, **options):
+    """LAVA loss of one batch: encoders under `autocast` (bf16 on CUDA), the NCE terms in float32 (losses.py);
+    `options`: lava_loss's temperature, form, normalize_centroid, detach_centroid."""
     with autocast:
-        emb = model(video, audio, tokens, spaces=spaces)  # {space: {modality: (b, embed_dim)}}
-    return lava_loss(emb, present, losses=spaces, temperature=temperature, form=loss_form)
+        emb = model(video, audio, tokens, spaces=losses)  # {space: {modality: (b, embed_dim)}}
+    return lava_loss(emb, present, losses=losses, **options)
 
 
 def make_optimizer(model, args, device):
@@ -410,7 +439,8 @@ def main(argv=None):
     steps_per_epoch = sampler.steps_per_epoch
     if steps_per_epoch == 0:
         fail(f"{len(indices)} training videos are fewer than one batch of {args.batch_size}")
-    dataset = PretrainClips(args.cache, indices, seed=args.seed, audio_noise=args.audio_noise)
+    dataset = PretrainClips(args.cache, indices, seed=args.seed, audio_noise=args.audio_noise,
+                            shuffle_pairs=args.shuffle_pairs)
     loader = make_loader(dataset, sampler, args.workers, device, args.seed)
     total_steps = args.epochs * steps_per_epoch
     last_step = min(total_steps, args.max_steps or total_steps)
@@ -450,6 +480,13 @@ def main(argv=None):
     if args.compile:
         model = torch.compile(model, mode=args.compile_mode)  # DDP first, then compile (DDPOptimizer buckets)
     trim_pad_id = config.text.pad_id if device.type == "cpu" else None  # see to_device
+    loss_options = dict(losses=spaces, temperature=args.temperature, form=args.loss_form,
+                        normalize_centroid=args.normalize_centroid, detach_centroid=args.detach_centroid)
+    cnn = None  # a --store frames cache: the frozen ResNet-18 runs in the step, on each batch's random crops
+    if cache.manifest["shapes"].get("store") == "frames":
+        prep = cache.manifest["config"]
+        cnn = prepare.build_backbone(prep["backbone"], args.backbone_weights or prep["backbone_weights"], device)
+        cnn = torch.compile(cnn, mode=args.compile_mode) if args.compile else cnn
 
     # -------------------------------------------------------------------------------- run folder files
     if master:
@@ -468,6 +505,9 @@ def main(argv=None):
         log_path.write_text("".join(json.dumps(r) + "\n" for r in read_log(log_path) if r["step"] <= step))
         print(f"{n_params / 1e6:.1f}M parameters | {len(indices)} train videos | {steps_per_epoch} steps/epoch of "
               f"{args.batch_size} clips ({world} rank(s) x {sampler.local_batch}) | {device} | {args.losses} | {out}")
+        print("video: " + (f"random crops + h-flips of the frames, frozen ResNet-18 ({cache.manifest['backbone']}) "
+                           "in the step" if cnn is not None else "cached centre-crop features, no crop or flip "
+                           "(prepare.py --store features: approximates the paper)"))
     if ddp:
         dist.barrier()
 
@@ -492,9 +532,8 @@ def main(argv=None):
         while step < last_step and not signals:
             sampler.set_epoch(*divmod(step, steps_per_epoch))     # this epoch's order, from the batch it stopped at
             for batch in loader:
-                video, audio, tokens, present = to_device(batch, device, trim_pad_id)
-                loss, terms = loss_fn(model, video, audio, tokens, present, spaces, args.temperature, args.loss_form,
-                                      autocast)
+                video, audio, tokens, present = to_device(batch, device, trim_pad_id, cnn)
+                loss, terms = loss_fn(model, video, audio, tokens, present, autocast, **loss_options)
                 loss.backward()
                 lr = optimizer.param_groups[0]["lr"]  # the lr this step used (the log's; the scheduler moves on)
                 optimizer.step()

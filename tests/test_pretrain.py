@@ -73,9 +73,10 @@ def assert_same_state(a, b):
 # data
 
 
-def test_augmentation_window_flip_and_aligned_audio(tmp_path):
+def test_feature_cache_window_no_flip_and_aligned_audio(tmp_path):
     """Video frame t holds value t (+0.25 * column), mel column j holds j: the crop must satisfy audio = 10 * s.
-    The patches are stored last frame first and window.npy says so: clips must be read through the window."""
+    The patches are stored last frame first and window.npy says so: clips must be read through the window.
+    A --store features cache is never flipped (a mirrored patch grid is not the features of mirrored pixels)."""
     cache_dir = write_feature_cache(tmp_path / "cache", n_videos=12, frames=20, missing_audio=(4,))
     for shard in sorted(cache_dir.glob("shard_*")):
         patches = np.load(shard / "patches.npy", mmap_mode="r+")         # (n * 20, 2, 2, 512), video after video
@@ -92,7 +93,7 @@ def test_augmentation_window_flip_and_aligned_audio(tmp_path):
     cache = FeatureCache(cache_dir)
     indices = list(range(len(cache)))
     ds = pretrain.PretrainClips(cache_dir, indices, seed=3, audio_noise=0.0)
-    starts, flips = set(), []
+    starts = set()
     for epoch in range(6):
         for i in indices:
             item = ds[(i, epoch)]
@@ -100,26 +101,26 @@ def test_augmentation_window_flip_and_aligned_audio(tmp_path):
             assert v.shape == (16, 2, 2, 512) and a.shape == (80, 256) and item["tokens"].dtype == torch.int64
             s = int(v[0, 0, 0, 0])
             assert torch.equal(v[:, 0, 0, 0], torch.arange(s, s + 16).float() + v[0, 0, 0, 0] - s)  # 16 consecutive
-            flip = int(v[0, 0, 0, 0] - s == 0.25)                      # column 1 first = the W axis reversed
-            assert torch.equal(v[:, :, 1 - flip, 0] - v[:, :, flip, 0], torch.full((16, 2), 0.25))
+            assert torch.equal(v[:, :, 1, 0] - v[:, :, 0, 0], torch.full((16, 2), 0.25))  # never mirrored
             assert 0 <= s <= 4 and (i != 1 or s == 0)
             if item["has_audio"]:
                 assert torch.equal(a[0], torch.arange(10 * s, 10 * s + 256).float())  # aligned with the window
             else:
                 assert i == 4 and not a.any()
             starts.add(s)
-            flips.append(flip)
     assert starts == {0, 1, 2, 3, 4}
-    assert 0.3 < np.mean(flips) < 0.7
     # randomness is a function of (seed, epoch, index): same in a fresh (pickled) copy, different next epoch
     import pickle
     copy = pickle.loads(pickle.dumps(ds))
     assert torch.equal(copy[(5, 2)]["video"], ds[(5, 2)]["video"])
     assert any(not torch.equal(ds[(i, 0)]["video"], ds[(i, 1)]["video"]) for i in indices)
-    # Gaussian noise on the log-mel, with the requested std, on present audio only
-    noisy = pretrain.PretrainClips(cache_dir, indices, seed=3, audio_noise=0.5, flip=False)
+    # Gaussian noise on the log-mel, the requested std in the model's standardised units, on present audio only
+    manifest = json.loads((cache_dir / "manifest.json").read_text())
+    manifest["audio_stats"]["std"] = 2.0
+    (cache_dir / "manifest.json").write_text(json.dumps(manifest))
+    noisy = pretrain.PretrainClips(cache_dir, indices, seed=3, audio_noise=0.5)
     d = noisy[(2, 0)]["audio"] - ds[(2, 0)]["audio"]
-    assert abs(float(d.std()) - 0.5) < 0.02 and abs(float(d.mean())) < 0.02
+    assert abs(float(d.std()) - 1.0) < 0.04 and abs(float(d.mean())) < 0.04
     assert not noisy[(4, 0)]["audio"].any()
 
 
@@ -195,8 +196,7 @@ def test_tiny_model_overfits_one_batch(feature_cache, one_thread):
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     losses = []
     for _ in range(60):
-        loss, terms = pretrain.loss_fn(model, video, audio, tokens, present, ("av", "vt", "avt"), 0.07,
-                                       "symmetric", pretrain.nullcontext())
+        loss, terms = pretrain.loss_fn(model, video, audio, tokens, present, pretrain.nullcontext(), ("av", "vt", "avt"))
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -348,7 +348,9 @@ def test_torchrun_two_gloo_ranks_match_one_process(feature_cache, tmp_path, one_
             # the key bias adds the same q . b_k to every score of a query, which softmax ignores: its true gradient
             # is 0, and Adam turns float noise there into moves of +-lr either way, so it is left out
             w[width:2 * width] = g[width:2 * width] = 0
-        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5, msg=k)
+        # atol: 1% of one Adam step at lr 1e-2; the summation order (gloo's all_reduce vs one batch) moves a weight
+        # whose gradient is small by a few 1e-5 (seen: one element of audio_in, its moment 4.6e-4 off, relative)
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4, msg=k)
     for i, state in want["optimizer"]["state"].items():
         for k in ("exp_avg", "exp_avg_sq"):                  # whole-tensor error: float noise where a moment is ~0
             err = (got["optimizer"]["state"][i][k] - state[k]).norm() / state[k].norm()
