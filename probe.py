@@ -131,8 +131,7 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         return self
 
     def _fit_epochs(self, X, y, groups=None):
-        """Train, yielding the epoch number after each epoch with coef_/intercept_ set to the weights so far (so
-        `select_hyperparameters` scores every epoch count of its grid with one run)."""
+        """Train, yielding each epoch's number with coef_/intercept_ set so far (one run scores a whole epochs grid)."""
         X, y = validate_data(self, X, y, dtype=[np.float64, np.float32])
         check_classification_targets(y)
         if int(self.epochs) < 1 or int(self.batch_size) < 1:
@@ -166,8 +165,7 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
             yield epoch
 
     def _logits(self, X, groups=None):
-        # X (n, d) -> float64 logits (n, K), or (g, K) averaged per group; computed row by row, so a prediction does
-        # not depend on which other rows come with it
+        # X (n, d) -> float64 logits (n, K), or (g, K) averaged per group; a row's logits never depend on the other rows
         check_is_fitted(self)
         X = validate_data(self, X, reset=False, dtype=[np.float64, np.float32])
         chunks = (np.asarray(X[i:i + LOGIT_ROWS], dtype=np.float64) for i in range(0, X.shape[0], LOGIT_ROWS))
@@ -347,8 +345,7 @@ def evaluate_probe(emb, resolved, modality, ids, grid, seed=0, device="cpu", ucf
     Xtr, ytr, gtr = features[tr_idx].reshape(len(tr_idx) * C, -1), np.repeat(tr_y, C), np.repeat(tr_idx, C)
     Xte, yte, gte = features[te_idx].reshape(len(te_idx) * C, -1), np.repeat(te_y, C), np.repeat(te_idx, C)
     split_groups = np.array([ucf_group(ids[i]) for i in gtr]) if ucf_groups else gtr
-    # One CPU thread while the probe trains: its steps are tiny (32 rows), so on a busy machine a second thread only
-    # spins, waiting for a core (BENCHMARKS.md, Linear probe training). The encoders keep every thread.
+    # one thread while the probe trains: on 32-row steps a second one only spins (BENCHMARKS.md, Linear probe training)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -462,7 +459,6 @@ def evaluate_checkpoint(args, model, info, cache, resolved, modalities, grid):
     top1 = {m: [r["top1"] for r in rows if r["modalities"] == m] for m in modalities}
     mean = {m: float(np.mean(v)) for m, v in top1.items()}
     std = {m: float(np.std(v, ddof=1)) if len(v) > 1 else 0.0 for m, v in top1.items()}  # sample std over splits
-    has = emb["has_audio"].astype(bool)
     return dict(
         task="linear-probe", dataset=args.dataset, cache=str(cache.path), checkpoint=info["checkpoint"],
         checkpoint_sha256=info["checkpoint_sha256"], epoch=info["epoch"], config_source=info["config_source"],
@@ -471,7 +467,7 @@ def evaluate_checkpoint(args, model, info, cache, resolved, modalities, grid):
         splits=rows, mean=mean, std=std, partial=any(sum(n.values()) for _, n in resolved.values()),
         hyperparameter_grid=dict(grid, lr=LinearProbe().lr, batch_size=LinearProbe().batch_size, standardize=True,
                                  val_fraction=0.2, val_groups={"ucf101": "UCF gXX groups"}.get(args.dataset, "videos")),
-        missing_audio=dict(videos_in_cache=len(has), videos_without_audio=int((~has).sum()),
+        missing_audio=dict(videos_in_cache=len(cache), videos_without_audio=len(cache) - int(emb["has_audio"].sum()),
                            treatment=MISSING_AUDIO_TREATMENT),
         paper=dict(table1=PAPER_TABLE1.get(args.dataset), table2_split1=PAPER_TABLE2))
 
