@@ -84,7 +84,8 @@ def write_feature_cache(out, n_videos=24, dataset="k700", clips=1, frames=20, gr
                                         title=titles[i] if i not in missing_text else None)) + "\n")
         shard_names.append(name)
 
-    manifest = dict(format=CACHE_FORMAT, version=CACHE_VERSION, dataset=dataset, config=dict(fake=True, seed=seed),
+    manifest = dict(format=CACHE_FORMAT, version=CACHE_VERSION, dataset=dataset,
+                    config=dict(fake=True, seed=seed, backbone="random", backbone_weights=None),
                     backbone="random", shards=shard_names, num_videos=n_videos,
                     shapes=dict(clips=clips, frames=frames, grid=grid, feature_dim=feature_dim, n_mels=80,
                                 audio_frames=audio_frames, max_tokens=128, store=store,
