@@ -21,7 +21,7 @@ $(STAMP): requirements.txt
 
 demo: $(STAMP)
 	$(PY) synth.py --out $(DEMO) --seed 0 --k700-clips 800 --k700-val-clips 100 --ucf-groups 9 --ucf-clips-per-group 3 --hmdb-clips-per-class 25
-	$(PY) prepare.py --root $(DEMO)/k700 $(PREP) --vocab-size 2000
+	$(PY) prepare.py --root $(DEMO)/k700 $(PREP) --store features --vocab-size 2000
 	$(PY) prepare.py --root $(DEMO)/ucf101 $(PREP) --test-clips 4
 	$(PY) prepare.py --root $(DEMO)/hmdb51 $(PREP) --test-clips 4
 	$(PY) pretrain.py --data $(DEMO)/k700 --out $(RUN) --model small --losses av,vt,avt

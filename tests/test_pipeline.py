@@ -57,7 +57,8 @@ def run(cwd, script, *args):
 
 def test_pipeline_end_to_end(tmp_path):
     run(tmp_path, "synth.py", "--out", ".", *SYNTH)
-    finish(start(tmp_path, "prepare.py", "--root", "k700/", *PREPARE, "--vocab-size", "500", env=SHARED),
+    finish(start(tmp_path, "prepare.py", "--root", "k700/", *PREPARE, "--store", "features", "--vocab-size", "500",
+                 env=SHARED),
            *(start(tmp_path, "prepare.py", "--root", f"{d}/", *PREPARE, "--test-clips", "2", env=SHARED)
              for d in ("ucf101", "hmdb51")))
     for dataset in ("k700", "ucf101", "hmdb51"):
