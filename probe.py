@@ -41,6 +41,8 @@ def parse_args(argv=None):
     p.add_argument("--modalities", help="comma list of video, audio+video (default: both for ucf101, video for hmdb51)")
     p.add_argument("--checkpoints", metavar="GLOB", help="probe each checkpoint of GLOB, plot (Figure 3) <out>.png")
     p.add_argument("--summary", nargs="+", metavar="FILE", help="print one table of these results JSONs and exit")
+    p.add_argument("--per-class", nargs="?", const="all", metavar="CLASSES", help="top-1 (mean over splits) of each "
+                   "class, or of CLASSES (comma list), after a run of one checkpoint or with --summary")
     p.add_argument("--embed", action="store_true", help="one .npz of all embeddings (default: in <cache>/embeddings/)")
     p.add_argument("--search", metavar="QUERY", help="print the videos whose g_vt embedding is closest to QUERY's")
     p.add_argument("--top", type=int, default=10, help="videos --search prints (default %(default)s)")
@@ -358,10 +360,13 @@ def evaluate_probe(emb, resolved, modality, ids, grid, seed=0, device="cpu", ucf
     finally:
         torch.set_num_threads(threads)
     has = emb["has_audio"].astype(bool)
+    y_video, pred = group_labels(yte, gte), probe.predict(Xte, gte)  # (n_test,), as top1's: clip logits averaged
+    names = resolved.get("classes", [str(c) for c in range(te_y.max() + 1)])  # per-class keys (default: the labels)
     return dict(top1=100 * probe.score(Xte, yte, gte), n_train=len(tr_idx), n_test=len(te_idx), n_train_clips=len(Xtr),
                 n_test_clips=len(Xte), hyperparameters=dict(epochs=best["epochs"], weight_decay=best["weight_decay"]),
                 validation_top1=best["val_top1"], validation_videos=best["n_val_videos"], validation=table,
-                missing_audio=dict(train=int((~has[tr_idx]).sum()), test=int((~has[te_idx]).sum())))
+                missing_audio=dict(train=int((~has[tr_idx]).sum()), test=int((~has[te_idx]).sum())),
+                per_class={names[c]: 100 * float(np.mean(pred[y_video == c] == c)) for c in np.unique(y_video)})
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -373,7 +378,7 @@ def main(argv=None):
     args.device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     try:
         if args.summary:
-            print(summary_table(args.summary) + "\n\n" + "\n".join(str(Path(s)) for s in args.summary))
+            print(summary_table(args.summary, args.per_class) + "\n\n" + "\n".join(str(Path(s)) for s in args.summary))
             return 0
         t0 = time.time()
         root = Path(args.root or args.dataset or ".")  # --embed/--search with --cache need no root
@@ -400,6 +405,8 @@ def main(argv=None):
         grid = dict(epochs=args.epochs_grid, weight_decay=args.weight_decay_grid)
         read_split = read_ucf101_split if args.dataset == "ucf101" else read_hmdb51_split
         split_data = {k: read_split(root, k) for k in ([args.split] if args.split else [1, 2, 3])}  # before heavy work
+        if args.per_class:  # a misspelt class fails now, not after the run
+            wanted_classes(args.per_class, split_data[min(split_data)]["classes"])
         resolved = {k: resolve_split(data, cache, args.allow_partial, k) for k, data in split_data.items()}
         scope = dict(dataset=args.dataset, split_ids=list(resolved), modalities=modalities)
         if not args.checkpoints:
@@ -420,8 +427,8 @@ def main(argv=None):
             configs = {json.dumps(r["model_config"], sort_keys=True) for r in series}
             if len(configs) > 1:
                 raise ProbeError(f"--checkpoints {args.checkpoints!r}: the checkpoints have different model configs")
-            series = [{k: r[k] for k in ("checkpoint", "checkpoint_sha256", "epoch", "mean", "std", "splits")}
-                      for r in series]
+            series = [{k: r[k] for k in ("checkpoint", "checkpoint_sha256", "epoch", "mean", "std", "per_class_mean",
+                                         "splits")} for r in series]
             result = dict(scope, task="checkpoint-series", checkpoints=args.checkpoints, args=vars(args),
                           model_config=json.loads(configs.pop()), series=series)
         result["time_s"] = time.time() - t0
@@ -429,8 +436,9 @@ def main(argv=None):
         as_json = lambda x: x.item() if isinstance(x, np.generic) else str(x)  # numpy scalars as numbers, paths as text
         write_atomic(out, json.dumps(result, indent=2, default=as_json))
         if not args.checkpoints:
-            write_atomic(out.with_suffix(".md"), markdown_table(result))
-            print(f"{markdown_table(result)}\nwrote {out} and {out.with_suffix('.md')} ({result['time_s']:.0f} s)")
+            write_atomic(out.with_suffix(".md"), markdown_table(result, "all" if args.per_class else None))
+            print(markdown_table(result, args.per_class))  # --per-class CLASSES: theirs here, every class in the .md
+            print(f"wrote {out} and {out.with_suffix('.md')} ({result['time_s']:.0f} s)")
             return 0
         plot_series(series, out.with_suffix(".png"), args.dataset, list(resolved))
         for s in series:
@@ -459,12 +467,15 @@ def evaluate_checkpoint(args, model, info, cache, resolved, modalities, grid):
     top1 = {m: [r["top1"] for r in rows if r["modalities"] == m] for m in modalities}
     mean = {m: float(np.mean(v)) for m, v in top1.items()}
     std = {m: float(np.std(v, ddof=1)) if len(v) > 1 else 0.0 for m, v in top1.items()}  # sample std over splits
+    per_class = {m: [r["per_class"] for r in rows if r["modalities"] == m] for m in modalities}  # a dict per split
     return dict(
         task="linear-probe", dataset=args.dataset, cache=str(cache.path), checkpoint=info["checkpoint"],
         checkpoint_sha256=info["checkpoint_sha256"], epoch=info["epoch"], config_source=info["config_source"],
         args=vars(args), model_config=info["model_config"], pretrain_args=info["pretrain_args"],
         cache_manifest=cache.manifest, embeddings=emb["path"], split_ids=list(resolved), modalities=modalities,
         splits=rows, mean=mean, std=std, partial=any(sum(n.values()) for _, n in resolved.values()),
+        per_class_mean={m: {c: float(np.mean([p[c] for p in ps if c in p])) for c in sorted(set().union(*ps))}
+                        for m, ps in per_class.items()},
         hyperparameter_grid=dict(grid, lr=LinearProbe().lr, batch_size=LinearProbe().batch_size, standardize=True,
                                  val_fraction=0.2, val_groups={"ucf101": "UCF gXX groups"}.get(args.dataset, "videos")),
         missing_audio=dict(videos_in_cache=len(cache), videos_without_audio=len(cache) - int(emb["has_audio"].sum()),
@@ -565,7 +576,7 @@ def resolve_split(split_data, cache, allow_partial, split):
         raise ProbeError(f"split {split}: the official lists name {names[counts > 1][0]} twice (or in train and test)")
     known = {v["id"] for v in cache.videos}
     missing = {part: [v for v, _ in split_data[part] if v not in known] for part in ("train", "test")}
-    out = {}
+    out = dict(classes=split_data["classes"])  # evaluate_probe names its per-class top-1 by them
     for part in ("train", "test"):
         found = [(cache.index(video_id), label) for video_id, label in split_data[part] if video_id in known]
         for i, label in found:
@@ -664,7 +675,7 @@ def load_or_extract_embeddings(model, cache, info, args):
     return dict(emb, path=str(path))
 
 
-def markdown_table(result):
+def markdown_table(result, per_class=None):
     """Markdown laid out like the paper's Table 1 (3-split mean), paper rows beside ours, then every split."""
     ds = result["dataset"]
     mean, std = result["mean"], result["std"]
@@ -689,6 +700,28 @@ def markdown_table(result):
     ma = result["missing_audio"]
     lines += ["", f"Videos without audio: {ma['videos_without_audio']} of {ma['videos_in_cache']} in the cache"
               + (f"; {ma['treatment']}." if "audio+video" in result["modalities"] else " (video-only probe: unused).")]
+    return "\n".join(lines) + "\n" + (f"\n{per_class_table(result, per_class)}" if per_class else "")
+
+
+def wanted_classes(wanted, classes):
+    """--per-class's "all" or comma list -> those class names; a ProbeError names any that is not in `classes`."""
+    names = list(classes) if wanted == "all" else [c.strip() for c in wanted.split(",")]
+    if set(names) - set(classes):
+        raise ProbeError(f"--per-class: unknown classes {sorted(set(names) - set(classes))} (e.g. {[*classes][:3]})")
+    return names
+
+
+def per_class_table(result, wanted="all"):
+    """--per-class: Markdown top-1 of each class (mean over splits), lowest first, for every class or the comma list
+    `wanted`, then their mean beside the overall top-1 (paper: its 5 classes absent from Kinetics 79.9, all 81.3)."""
+    if "per_class_mean" not in result:
+        raise ProbeError(f"{result['checkpoint']}: a result without per-class top-1 (probe.py before --per-class)")
+    pcm = result["per_class_mean"]                                                 # {modality: {class: top-1 %}}
+    names = sorted(wanted_classes(wanted, pcm[result["modalities"][0]]), key=pcm[result["modalities"][0]].get)
+    lines = ["| class | " + " | ".join(pcm) + " |", "|" + " --- |" * (len(pcm) + 1)]
+    lines += [f"| {c} | " + " | ".join(f"{pcm[m][c]:.1f}" for m in pcm) + " |" for c in names]
+    lines += ["", f"mean of these {len(names)} classes: " + ", ".join(
+        f"{m} {np.mean([pcm[m][c] for c in names]):.1f} (overall top-1 {result['mean'][m]:.1f})" for m in pcm)]
     return "\n".join(lines) + "\n"
 
 
@@ -715,10 +748,11 @@ def save_npz(path, arrays):
         tmp.unlink(missing_ok=True)
 
 
-def summary_table(paths):
+def summary_table(paths, per_class=None):
     """One Markdown table of several results JSONs (dataset, checkpoint, modality, mean +- std)."""
     lines = ["| dataset | checkpoint | modality | top-1 mean +- std | splits | paper |", "|" + " --- |" * 6]
     configs = {}
+    tables = []  # --per-class: one table per result, after the summary
     for path in paths:
         r = json.loads(Path(path).read_text())
         if r.get("task") != "linear-probe":  # `--summary runs/X/probe_*.json` also matches probe_<ds>_series.json
@@ -728,9 +762,10 @@ def summary_table(paths):
         lines += [f"| {r['dataset']} | {r['checkpoint']} | {m} | {r['mean'][m]:.1f} +- {r['std'][m]:.1f} | "
                   f"{len({s['split'] for s in r['splits'] if s['modalities'] == m})} | "
                   f"{PAPER_TABLE1.get(r['dataset'], {}).get(m, '-')} |" for m in r["mean"]]
+        tables += [f"\n{path}:\n{per_class_table(r, per_class)}"] if per_class else []
     lines += [f"\nWARNING: the {ds} results come from different model configs: not a like-for-like comparison"
               for ds, cfgs in configs.items() if len(cfgs) > 1]
-    return "\n".join(lines)
+    return "\n".join(lines + tables)
 
 
 def plot_series(series, out_png, dataset, splits):

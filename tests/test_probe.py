@@ -278,6 +278,34 @@ def test_missing_audio_becomes_the_training_mean():
     assert p.scale_[1] == 1.0 and p.mean_[1] == 2.5
 
 
+def test_per_class_top1_is_a_brute_force_count():
+    """Each row's per_class: top-1 of each class's test videos, from the same video predictions as top1 (the refit
+    probe's, clip logits averaged), named by the split's classes; top1 is their mean weighted by test videos."""
+    rng = np.random.default_rng(1)
+    N, C, D, k = 48, 2, 6, 3
+    labels = np.arange(N) % k
+    z_v = (rng.normal(size=(k, D)) * 0.7)[labels][:, None] + rng.normal(size=(N, C, D))  # overlapping: some errors
+    emb = dict(z_v=z_v.astype(np.float32), z_a=np.zeros((N, C, 3), np.float32), has_audio=np.ones(N, bool))
+    train, test = np.arange(0, 30), np.arange(30, N)
+    classes = ["Apple", "Pear", "Plum"]
+    resolved = dict(train=(train, labels[train]), test=(test, labels[test]), classes=classes)
+    row = probe.evaluate_probe(emb, resolved, "video", None, dict(epochs=(2, 20), weight_decay=(0.0,)))
+    hp = row["hyperparameters"]
+    refit = LinearProbe(epochs=hp["epochs"], weight_decay=hp["weight_decay"]).fit(
+        z_v[train].reshape(-1, D), np.repeat(labels[train], C), np.repeat(train, C))
+    pred = refit.predict(z_v[test].reshape(-1, D), np.repeat(test, C))  # one per test video, in test order
+    want = {}
+    for name, c in zip(classes, range(k)):
+        mine = [i for i in range(len(test)) if labels[test[i]] == c]
+        want[name] = 100 * sum(pred[i] == c for i in mine) / len(mine)
+    assert row["per_class"] == pytest.approx(want) and 0 < min(want.values()) < 100  # not a trivial 0 or 100
+    assert row["top1"] == pytest.approx(np.mean([want[n] for n in classes]))  # 6 test videos in every class
+    # without class names (a bare resolved dict): the labels as text
+    del resolved["classes"]
+    assert set(probe.evaluate_probe(emb, resolved, "video", None, dict(epochs=(2,), weight_decay=(0.0,)))["per_class"]
+               ) == {"0", "1", "2"}
+
+
 def test_evaluate_probe_restores_the_thread_count_after_an_exception(monkeypatch):
     seen = []
 
@@ -467,6 +495,48 @@ def test_cli_probe_finds_the_class_signal_with_the_papers_probe(tmp_path, monkey
     assert sorted({n for _, _, n, _ in trained})[-1] == 16 * 2                  # the refit: 16 videos x 2 clips
     assert torch.get_num_threads() == 2
     assert res["hyperparameter_grid"]["lr"] == 1e-4 and res["hyperparameter_grid"]["batch_size"] == 32
+
+
+def test_per_class_after_a_run_and_with_summary(tmp_path, capsys):
+    """--per-class: the JSON's per_class_mean is each class's mean over the splits run; after the run the table of
+    every class is printed and in the .md (only with the flag); --summary --per-class A,B prints those classes, lowest
+    first, then their mean beside the overall top-1; an unknown class is one line and exit 2, before any run."""
+    root = make_ucf_root(tmp_path / "ucf101")
+    ckpt = make_checkpoint(tmp_path / "runs/x/ckpt_last.pt", root / "lava_cache", center_tokens=False)
+    out = tmp_path / "p.json"
+    base = ["--dataset", "ucf101", "--root", str(root), "--checkpoint", str(ckpt), "--modalities", "video", "--out",
+            str(out)] + FAST
+    assert probe.main(base + ["--per-class", "class_0,class_9"]) == 2
+    err = capsys.readouterr().err
+    assert err == "probe.py: error: --per-class: unknown classes ['class_9'] (e.g. ['class_0', 'class_1', 'class_2'])\n"
+    assert not out.exists() and not (root / "lava_cache/embeddings").exists()  # refused before the embeddings
+    assert probe.main(base + ["--per-class"]) == 0
+    res = json.loads(out.read_text())
+    classes = [f"class_{c}" for c in range(N_CLASSES)]
+    pcm = res["per_class_mean"]["video"]
+    assert len(res["splits"]) == 3 and list(pcm) == classes
+    for c in classes:
+        assert pcm[c] == pytest.approx(np.mean([row["per_class"][c] for row in res["splits"]]))
+    printed, md = capsys.readouterr().out, out.with_suffix(".md").read_text()
+    for text in (printed, md):
+        assert "| class | video |" in text and all(f"| {c} | {pcm[c]:.1f} |" in text for c in classes)
+        assert f"mean of these 4 classes: video {np.mean(list(pcm.values())):.1f} (overall top-1 " in text
+    assert "| class |" not in probe.markdown_table(res)  # a run without --per-class: the .md stays short
+    # --summary: read from the JSON, two classes only, lowest first
+    assert probe.main(["--summary", str(out), "--per-class", "class_2,class_0"]) == 0
+    text = capsys.readouterr().out
+    rows = [line for line in text.splitlines() if line.startswith("| class_")]
+    assert rows == [f"| {c} | {pcm[c]:.1f} |" for c in sorted(["class_2", "class_0"], key=pcm.get)]
+    assert (f"mean of these 2 classes: video {np.mean([pcm['class_0'], pcm['class_2']]):.1f} (overall top-1 "
+            f"{res['mean']['video']:.1f})") in text
+    # an unknown class, or a result written before --per-class: one line, exit 2
+    assert probe.main(["--summary", str(out), "--per-class", "class_0,Nope"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "unknown classes ['Nope']" in err
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps({k: v for k, v in res.items() if k != "per_class_mean"}))
+    assert probe.main(["--summary", str(old), "--per-class"]) == 2
+    assert "a result without per-class top-1" in capsys.readouterr().err
 
 
 def test_cli_hmdb51_video_only_and_checkpoint_series(tmp_path, capsys):
