@@ -537,6 +537,9 @@ def test_per_class_after_a_run_and_with_summary(tmp_path, capsys):
     old.write_text(json.dumps({k: v for k, v in res.items() if k != "per_class_mean"}))
     assert probe.main(["--summary", str(old), "--per-class"]) == 2
     assert "a result without per-class top-1" in capsys.readouterr().err
+    # the README's example names the five classes as UCF-101's classInd.txt spells them (the paper's SkiJet: Skijet)
+    five = "IceDancing,PizzaTossing,PommelHorse,Skijet,StillRings"
+    assert len(probe.wanted_classes(five, probe.read_ucf101_split(DATA / "ucf101", 1)["classes"])) == 5
 
 
 def test_cli_hmdb51_video_only_and_checkpoint_series(tmp_path, capsys):
