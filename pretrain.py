@@ -45,7 +45,7 @@ PRESETS = {
                  batch_size=16, lr=1e-3, epochs=2, warmup_steps=0),
 }
 RUN_ONLY = {"data", "out", "resume", "restart", "workers", "device", "threads", "compile", "compile_mode", "max_steps",
-            "log_every", "save_every", "keep_epochs", "no_progress", "backbone_weights"}  # flags that leave each step's weights as they are
+            "log_every", "save_every", "keep_epochs", "no_progress", "backbone_weights"}  # weights stay as they are
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -156,15 +156,13 @@ def build_config(args, manifest, tokenizer):
 
 class PretrainClips(Dataset):
     """Training samples (Section 3); item (i, epoch) -> dict of tensors for the i-th train video, each random draw a
-    function of (seed, epoch, i):
+    function of (seed, epoch, i), from 16 frames at a random start s anywhere in the clip:
 
-    video  (16, S, S, 3) uint8     16 frames from a random start anywhere in the clip; a --store frames cache: a random
-                                   S x S crop (S = 32 x grid) of its larger frames, h-flipped with p = 0.5 (the paper's
-                                   augmentations, on pixels: the frozen CNN runs on them in the step)
-      or   (16, G, G, F) float16   a --store features cache: the centre crop's features, no crop or flip (approximates
-                                   the paper, for CPUs)
-    audio  (n_mels, 256) float32   log-mel columns [10 s, 10 s + 256): centred on the same frames; + noise of
-                                   audio_noise x the cache's log-mel std (sigma in the model's standardised units)
+    video  (16, S, S, 3) uint8     --store frames: a random S x S crop (S = 32 x grid) of the larger frames, h-flipped
+                                   with p = 0.5 (the paper's augmentations, on pixels: the frozen CNN runs in the step)
+      or   (16, G, G, F) float16   --store features: centre-crop features, no crop or flip (approximates the paper)
+    audio  (n_mels, 256) float32   log-mel columns [10 s, 10 s + 256), the same frames', + noise of audio_noise x the
+                                   cache's log-mel std (sigma in the model's standardised units)
     tokens (L,) int64              BPE title tokens (all pad when there is no title)
     has_audio, has_text  bool      presence, for the loss masks
     shuffle_pairs: audio and title come from another video (a permutation fixed per epoch): the control run.
@@ -191,8 +189,7 @@ class PretrainClips(Dataset):
     def __getitem__(self, key):
         i, epoch = key
         rng = np.random.default_rng([self.seed, epoch, i])
-        if self.cache is None:
-            self.cache = FeatureCache(self.cache_path)
+        self.cache = self.cache or FeatureCache(self.cache_path)
         item = self.cache[self.indices[i]]
         c, s = self.window(item, rng)
         frames = item["window"][c, s:s + CLIP_FRAMES]              # (16,) this video's distinct frames
@@ -202,22 +199,20 @@ class PretrainClips(Dataset):
             crop = 32 * self.cache.manifest["shapes"]["grid"]
             pixels = prepare.decode_jpegs(item["jpeg"], item["patches"][frames])  # (16, S', S', 3), S' = S x 8/7
             y, x = rng.integers(pixels.shape[1] - crop + 1, size=2)
-            v = pixels[:, y:y + crop, x:x + crop]
-            v = np.ascontiguousarray(v[:, :, ::-1] if rng.random() < 0.5 else v)
+            v = np.ascontiguousarray(pixels[:, y:y + crop, x:x + crop][:, :, ::-1 if rng.random() < 0.5 else 1])
 
-        other = item
         if self.shuffle_pairs:  # draws after the video's: the video of a shuffled run is the paired run's
             j = np.random.default_rng([self.seed, epoch]).permutation(len(self.indices))[i]
-            other = self.cache[self.indices[j]]
-            c, s = self.window(other, rng)
+            item = self.cache[self.indices[j]]
+            c, s = self.window(item, rng)
         a0 = MEL_PER_FRAME * s  # prepare.py keeps T >= 16 frames and the 10 (T - 16) + 256 mel columns all starts need
-        a = other["audio"][c, :, a0:a0 + AUDIO_FRAMES].astype(np.float32)  # (n_mels, 256)
-        if other["has_audio"] and self.audio_noise > 0:  # absent audio stays zeros (it is masked out anyway)
+        a = item["audio"][c, :, a0:a0 + AUDIO_FRAMES].astype(np.float32)  # (n_mels, 256)
+        if item["has_audio"] and self.audio_noise > 0:  # absent audio stays zeros (it is masked out anyway)
             std = self.cache.manifest["audio_stats"]["std"]
             a += self.audio_noise * std * rng.standard_normal(a.shape, dtype=np.float32)  # the last draw
         return dict(video=torch.from_numpy(v), audio=torch.from_numpy(a),
-                    tokens=torch.from_numpy(other["tokens"].astype(np.int64)),
-                    has_audio=torch.tensor(bool(other["has_audio"])), has_text=torch.tensor(bool(other["has_text"])))
+                    tokens=torch.from_numpy(item["tokens"].astype(np.int64)),
+                    has_audio=torch.tensor(bool(item["has_audio"])), has_text=torch.tensor(bool(item["has_text"])))
 
 
 class ResumableSampler(Sampler):
@@ -268,7 +263,6 @@ def ignore_signals(worker_id):  # DataLoader workers leave Ctrl-C and SIGTERM (s
 
 
 def make_loader(dataset, sampler, workers, device, seed):
-    """The training DataLoader: `workers` processes that stay alive across epochs, pinned memory on CUDA."""
     return DataLoader(
         dataset, batch_size=sampler.local_batch, sampler=sampler, drop_last=True, num_workers=workers,
         pin_memory=device.type == "cuda", persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
@@ -421,13 +415,12 @@ def main(argv=None):
         fail(f"--resume: {e}" if args.resume else f"{out} holds a run: {e}; start over with --restart")
     if explicit and last.exists() and ckpt_path.resolve().parent != out.resolve() and not args.restart:
         fail(f"{out} holds another run than {ckpt_path}'s: --restart replaces it, or use another --out")
-    if ckpt is not None and args.resume is None:
-        theirs = ckpt["config"]["args"]
-        diff = [f"--{k.replace('_', '-')} {theirs.get(k)} (now {v})" for k, v in sorted(vars(args).items())
-                if k not in RUN_ONLY and theirs.get(k) != v]
-        if diff:
-            fail(f"{out} holds a run with other settings: {', '.join(diff)}; --resume auto continues it with these, "
-                 "--restart starts over (replacing it), or use another --out")
+    theirs = ckpt["config"]["args"] if ckpt is not None and args.resume is None else {}  # {}: nothing to compare
+    diff = [f"--{k.replace('_', '-')} {theirs.get(k)} (now {v})" for k, v in sorted(vars(args).items())
+            if theirs and k not in RUN_ONLY and theirs.get(k) != v]
+    if diff:
+        fail(f"{out} holds a run with other settings: {', '.join(diff)}; --resume auto continues it with these, "
+             "--restart starts over (replacing it), or use another --out")
 
     # -------------------------------------------------------------------------------- data
     try:
@@ -439,15 +432,14 @@ def main(argv=None):
     steps_per_epoch = sampler.steps_per_epoch
     if steps_per_epoch == 0:
         fail(f"{len(indices)} training videos are fewer than one batch of {args.batch_size}")
-    dataset = PretrainClips(args.cache, indices, seed=args.seed, audio_noise=args.audio_noise,
-                            shuffle_pairs=args.shuffle_pairs)
-    loader = make_loader(dataset, sampler, args.workers, device, args.seed)
+    loader = make_loader(PretrainClips(args.cache, indices, seed=args.seed, audio_noise=args.audio_noise,
+                                       shuffle_pairs=args.shuffle_pairs), sampler, args.workers, device, args.seed)
     total_steps = args.epochs * steps_per_epoch
     last_step = min(total_steps, args.max_steps or total_steps)
     epoch_of = lambda step: math.ceil(step / steps_per_epoch)  # the epoch optimizer step `step` is in, from 1
     position = lambda step: f"epoch {epoch_of(step)}, step {step}"  # as in the log
 
-    # -------------------------------------------------------------------------------- model, optimizer
+    # -------------------------------------------------------------------------------- model, optimizer, backbone
     config = build_config(args, cache.manifest, cache.tokenizer)
     if cache.tokenizer is None and spaces != ("av",):
         fail(f"--losses {args.losses} needs titles, but {args.cache} has no tokenizer: use --losses av")
@@ -456,6 +448,11 @@ def main(argv=None):
     optimizer = make_optimizer(raw_model, args, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, make_schedule(args.warmup_steps, total_steps, args.lr, args.min_lr))
+    cnn = None  # a --store frames cache: the frozen ResNet-18 runs in the step, on each batch's random crops
+    if cache.manifest["shapes"].get("store") == "frames":
+        prep = cache.manifest["config"]
+        cnn = prepare.build_backbone(prep["backbone"], args.backbone_weights or prep["backbone_weights"], device)
+        cnn = torch.compile(cnn, mode=args.compile_mode) if args.compile else cnn
     step, last_saved = 0, None  # optimizer steps done (the epoch and its batches done: divmod(step, steps_per_epoch))
     if ckpt is not None:
         s = ckpt["sampler"]
@@ -463,30 +460,24 @@ def main(argv=None):
             fail(f"{ckpt_path} holds another model than these flags and cache make: pass its --model and size flags")
         if (s["seed"], s["global_batch"], s["n"]) != (args.seed, args.batch_size, len(indices)):
             fail(f"{ckpt_path} needs --seed {s['seed']}, --batch-size {s['global_batch']} and {s['n']} cache videos")
-        raw_model.load_state_dict(ckpt["model"], strict=True)
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
+        for key, obj in (("model", raw_model), ("optimizer", optimizer), ("scheduler", scheduler)):
+            obj.load_state_dict(ckpt[key])  # strict for the model (the default): every weight and no other
+        torch.set_rng_state(ckpt["rng"]["torch"])  # after the inits' draws (the backbone's too); none follow
+        if device.type == "cuda" and ckpt["rng"]["cuda"] is not None:
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
         step = last_saved = ckpt["step"]
         if master:
             print(f"continuing {out} from {position(step)} of {last_step}")
 
     # -------------------------------------------------------------------------------- DDP wrap, compile
-    model = raw_model
-    if ddp:
-        # No loss scaling: every rank's loss is the global batch's and the gather's backward sums the ranks' gradients
-        # (losses._AllGather). A Table 2 ablation leaves parameters without gradients: DDP must be told to expect that.
-        model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None,
-                    find_unused_parameters=spaces != ("av", "vt", "avt"))
-    if args.compile:
-        model = torch.compile(model, mode=args.compile_mode)  # DDP first, then compile (DDPOptimizer buckets)
+    # No loss scaling: every rank's loss is the global batch's and the gather's backward sums the ranks' gradients
+    # (losses._AllGather). A Table 2 ablation leaves parameters without gradients: DDP must be told to expect that.
+    model = DDP(raw_model, device_ids=[local_rank] if device.type == "cuda" else None,
+                find_unused_parameters=spaces != ("av", "vt", "avt")) if ddp else raw_model
+    model = torch.compile(model, mode=args.compile_mode) if args.compile else model  # after DDP: DDPOptimizer buckets
     trim_pad_id = config.text.pad_id if device.type == "cpu" else None  # see to_device
     loss_options = dict(losses=spaces, temperature=args.temperature, form=args.loss_form,
                         normalize_centroid=args.normalize_centroid, detach_centroid=args.detach_centroid)
-    cnn = None  # a --store frames cache: the frozen ResNet-18 runs in the step, on each batch's random crops
-    if cache.manifest["shapes"].get("store") == "frames":
-        prep = cache.manifest["config"]
-        cnn = prepare.build_backbone(prep["backbone"], args.backbone_weights or prep["backbone_weights"], device)
-        cnn = torch.compile(cnn, mode=args.compile_mode) if args.compile else cnn
 
     # -------------------------------------------------------------------------------- run folder files
     if master:
@@ -515,10 +506,6 @@ def main(argv=None):
     bar = tqdm(total=last_step * args.batch_size, initial=step * args.batch_size, unit="clip", unit_scale=True,
                dynamic_ncols=True, mininterval=1.0, disable=not master or args.no_progress)
     window, t_window = [], time.perf_counter()  # per-step [total, *terms] losses since the last log line (no sync)
-    if ckpt is not None:  # last, after everything that draws random numbers while building
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        if device.type == "cuda" and ckpt["rng"]["cuda"] is not None:
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
     # Ctrl-C / SIGTERM: the step in progress ends, saved as a --save-every one is (so continuing is exact); torchrun's
     # ranks would stop at different steps and hang in the gather, so they stop at once, as after a second Ctrl-C
     signals = []
@@ -532,8 +519,7 @@ def main(argv=None):
         while step < last_step and not signals:
             sampler.set_epoch(*divmod(step, steps_per_epoch))     # this epoch's order, from the batch it stopped at
             for batch in loader:
-                video, audio, tokens, present = to_device(batch, device, trim_pad_id, cnn)
-                loss, terms = loss_fn(model, video, audio, tokens, present, autocast, **loss_options)
+                loss, terms = loss_fn(model, *to_device(batch, device, trim_pad_id, cnn), autocast, **loss_options)
                 loss.backward()
                 lr = optimizer.param_groups[0]["lr"]  # the lr this step used (the log's; the scheduler moves on)
                 optimizer.step()
@@ -543,9 +529,9 @@ def main(argv=None):
                 bar.update(args.batch_size)
                 window.append(torch.stack([loss.detach()] + [terms[k].detach() for k in spaces]))
                 epochs_done, step_in_epoch = divmod(step, steps_per_epoch)
-                stop = bool(signals)  # read once: a signal from here on ends the next step, which is then saved
-                save_now = ((args.save_every and step % args.save_every == 0) or step_in_epoch == 0
-                            or step >= last_step or stop)
+                # signals read once: one from here on ends the next step, which is then saved
+                stop = bool(signals) or step >= last_step
+                save_now = (args.save_every and step % args.save_every == 0) or step_in_epoch == 0 or stop
 
                 if step % args.log_every == 0 or save_now:
                     # Log the mean since the last line once every step's loss is finite: all ranks compute the same
@@ -557,9 +543,9 @@ def main(argv=None):
                             f"non-finite loss {vals[bad[0], 0].item()} at {position(step - len(vals) + 1 + bad[0])}: "
                             "stopping. " + (f"The last good checkpoint {last} (step {last_saved}) is untouched."
                                             if last_saved is not None else "No checkpoint was written before it."))
-                    mean = vals.mean(0).tolist()
                     mem = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
                            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # bytes at the peak
+                    mean = vals.mean(0).tolist()
                     rec = dict(step=step, epoch=epoch_of(step), epoch_progress=step / steps_per_epoch,
                                loss=mean[0], **dict(zip(spaces, mean[1:])), lr=lr, mem_gb=mem / 1e9, time=time.time(),
                                clips_per_s=len(vals) * args.batch_size / (time.perf_counter() - t_window))
@@ -594,7 +580,7 @@ def main(argv=None):
                 if save_now:
                     last_saved = step
                     t_window = time.perf_counter()  # clips/s counts training, not checkpoint writes and plots
-                if step >= last_step or stop:
+                if stop:
                     break
     except KeyboardInterrupt:  # torchrun's ranks, or a second Ctrl-C: the same command continues from the last save
         signals = signals or [signal.SIGINT]
