@@ -81,6 +81,7 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, column_or_1d, validate_data
 from tqdm import tqdm
 
+import prepare
 import pretrain
 from bpe import BPETokenizer, write_atomic
 from model import LAVA, SPACES, LAVAConfig
@@ -262,14 +263,26 @@ def select_hyperparameters(X, y, groups, split_groups=None, epochs_grid=(10, 30,
 @torch.no_grad()
 def extract_embeddings(model, cache, batch_clips=64, device="cpu"):
     """The frozen encoders (eval mode) over every clip of the cache -> dict(z_v (N, C, W), z_a (N, C, W), has_audio
-    (N,)), z_a 0 where has_audio is False. Window: the central cfg.video.frames frames of each stored clip (all 16 of a
-    UCF/HMDB clip, the central 16 of K700's 20) and the mel frames aligned with them (mel offset = 10 x frame)."""
+    (N,)), z_a 0 where has_audio is False. Window: the central T = cfg.video.frames real frames of each stored clip
+    (all 16 of a UCF/HMDB clip, the central 16 of a Kinetics clip) and the mel frames aligned with them (mel offset
+    = 10 x frame). A --store frames cache: the centre crop of the frames through the frozen CNN, as at test time."""
     model.eval()
     cfg, shapes = model.config, cache.manifest["shapes"]
-    N, C = len(cache), shapes["clips"]
-    s = (shapes["frames"] - cfg.video.frames) // 2      # the window's first frame
-    a0 = pretrain.MEL_PER_FRAME * s                      # and its first mel column (10 ms hop at 10 fps)
+    N, C, T = len(cache), shapes["clips"], cfg.video.frames
+    cnn = None
+    if shapes.get("store") == "frames":
+        cnn = prepare.build_backbone(cache.manifest["backbone"], cache.manifest["config"]["backbone_weights"], device)
     encode = lambda fn, x: fn(torch.from_numpy(x).to(device)).float().cpu().numpy()
+
+    def clip_video(item, c, s):  # (T, G, G, F) float32 of clip c's frames s .. s + T - 1
+        frames = item["patches"][item["window"][c, s:s + T]]
+        if cnn is None:
+            return frames.astype(np.float32)
+        pixels = prepare.decode_jpegs(item["jpeg"], frames)  # (T, S', S', 3) -> the central (T, S, S, 3)
+        o, size = (pixels.shape[1] - 32 * shapes["grid"]) // 2, 32 * shapes["grid"]
+        pixels = torch.from_numpy(np.ascontiguousarray(pixels[:, o:o + size, o:o + size]))
+        return prepare.frame_features(cnn, pixels.to(device)).float().cpu().numpy()
+
     z_v, z_a = np.zeros((N, C, cfg.video.width), np.float32), np.zeros((N, C, cfg.audio.width), np.float32)
     has_audio = np.zeros(N, bool)
     per_batch = max(1, batch_clips // C)                # videos per batch, so a batch holds about batch_clips clips
@@ -277,12 +290,13 @@ def extract_embeddings(model, cache, batch_clips=64, device="cpu"):
         rows = np.arange(start, min(start + per_batch, N))
         items = [cache[i] for i in rows]                # each item read once: its has_audio comes with it
         has_audio[rows] = [it["has_audio"] for it in items]
-        video = np.stack([it["patches"][it["window"][:, s:s + cfg.video.frames]] for it in items])
-        video = video.reshape(-1, *video.shape[2:]).astype(np.float32)                             # (b C, 16, G, G, F)
-        z_v[rows] = encode(model.encode_video, video).reshape(len(rows), C, -1)
+        starts = [np.maximum(0, (np.minimum(it["frames"], shapes["frames"]) - T) // 2) for it in items]  # (C,) each
+        video = np.stack([clip_video(it, c, s) for it, st in zip(items, starts) for c, s in enumerate(st)])
+        z_v[rows] = encode(model.encode_video, video).reshape(len(rows), C, -1)  # video: (b C, 16, G, G, F)
         if has_audio[rows].any():
-            mel = np.stack([it["audio"][:, :, a0:a0 + cfg.audio.frames] for it in items if it["has_audio"]])
-            mel = mel.reshape(-1, *mel.shape[2:]).astype(np.float32)                                 # (b' C, 80, 256)
+            a0 = pretrain.MEL_PER_FRAME  # x frame: the mel columns aligned with each window
+            mel = np.stack([it["audio"][c, :, a0 * s:a0 * s + cfg.audio.frames] for it, st in zip(items, starts)
+                            if it["has_audio"] for c, s in enumerate(st)]).astype(np.float32)  # (b' C, 80, 256)
             z_a[rows[has_audio[rows]]] = encode(model.encode_audio, mel).reshape(-1, C, cfg.audio.width)
     return dict(z_v=z_v, z_a=z_a, has_audio=has_audio)
 

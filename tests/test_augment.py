@@ -120,6 +120,16 @@ def test_audio_stats_come_from_training_clips_and_apply_alike_in_pretrain_and_pr
         standardised = (mel - stats["mean"]) / stats["std"]
         trained.config.audio.mel_mean, trained.config.audio.mel_std = 0.0, 1.0
         torch.testing.assert_close(z, trained.encode_audio(standardised), rtol=1e-6, atol=1e-6)
+    # probe.py --embed / --search on this frames cache: the centre crop of the central 16 real frames through the CNN
+    emb = probe.extract_embeddings(probed, cache)
+    cnn = prepare.build_backbone("random", None, "cpu")
+    for i in (0, 4):  # a 3 s train clip (frames 7 .. 22) and a 2 s val clip (frames 2 .. 17)
+        item, s = cache[i], (int(cache[i]["frames"][0]) - 16) // 2
+        pixels = prepare.decode_jpegs(item["jpeg"], item["patches"][item["window"][0, s:s + 16]])[:, 2:34, 2:34]
+        crop = torch.from_numpy(np.ascontiguousarray(pixels))  # (16, 32, 32, 3): 37 px stored, 2 px margin each side
+        with torch.no_grad():
+            want = probed.encode_video(prepare.frame_features(cnn, crop)[None])
+        np.testing.assert_allclose(emb["z_v"][i, 0], want[0].numpy(), rtol=1e-4, atol=1e-5)
 
 
 def run_steps(cache, out, *extra):
