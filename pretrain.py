@@ -354,7 +354,6 @@ def read_log(path):
 
 
 def plot_losses(log_path, png_path):
-    """loss.png: the total and each term against epochs (from log.jsonl), replaced atomically."""
     from matplotlib.figure import Figure  # no pyplot: no GUI backend, nothing to close
     recs = read_log(log_path)
     ax = Figure(figsize=(7, 4), layout="tight").subplots()
@@ -529,8 +528,7 @@ def main(argv=None):
                 bar.update(args.batch_size)
                 window.append(torch.stack([loss.detach()] + [terms[k].detach() for k in spaces]))
                 epochs_done, step_in_epoch = divmod(step, steps_per_epoch)
-                # signals read once: one from here on ends the next step, which is then saved
-                stop = bool(signals) or step >= last_step
+                stop = step >= last_step or bool(signals)  # read once: a later signal ends the next step, saved too
                 save_now = (args.save_every and step % args.save_every == 0) or step_in_epoch == 0 or stop
 
                 if step % args.log_every == 0 or save_now:

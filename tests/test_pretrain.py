@@ -196,7 +196,8 @@ def test_tiny_model_overfits_one_batch(feature_cache, one_thread):
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     losses = []
     for _ in range(60):
-        loss, terms = pretrain.loss_fn(model, video, audio, tokens, present, pretrain.nullcontext(), ("av", "vt", "avt"))
+        loss, terms = pretrain.loss_fn(model, video, audio, tokens, present, pretrain.nullcontext(),
+                                       ("av", "vt", "avt"))
         opt.zero_grad()
         loss.backward()
         opt.step()
