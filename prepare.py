@@ -33,7 +33,6 @@ import sys
 import tempfile
 import time
 import warnings
-from collections import deque
 from pathlib import Path
 
 import numpy as np
@@ -63,10 +62,8 @@ def clip_plan(num_frames, clips, frames, sampling):
     each clip). clip_plan(30, 3, 16, "eval") -> starts [0, 7, 14]: windows overlap, so U = 30 frames serve 48 slots.
     """
     K = max(1, int(num_frames))
-    if sampling == "pretrain" or clips == 1:
+    if sampling == "pretrain" or clips == 1 or K <= frames:  # the central frames (a short video: from the first)
         starts = [max(0, (K - frames) // 2)] * clips
-    elif K <= frames:
-        starts = [0] * clips
     else:  # uniformly spaced windows from the first frame to the last
         starts = [int(round(c * (K - frames) / (clips - 1))) for c in range(clips)]
     # (C, T) 10 fps frame indices; past the video's end the last frame repeats (one stored frame)
@@ -106,11 +103,9 @@ def sample_frames(path, targets, size):
                 max_dt, min_dt = max(max_dt, pts - prev_pts), min(min_dt, pts - prev_pts)
             prev_pts = pts
             if times[i] < pts - TIME_TOL and cand_src != j - 1:  # j >= 1: before any retrieve(), cand_src is -1
-                # frame j-1 was on screen but not retrieved (a VFR gap longer than any before): a fresh capture
-                # decodes frames 0 .. j-1 again and retrieves the last one
-                again, img = _open_cv(path), None
-                if all(again.grab() for _ in range(j)):  # stops at the first frame that fails
-                    img = again.retrieve()[1]
+                # frame j-1 was on screen but not retrieved (a VFR gap): decode 0 .. j-1 again, retrieve the last
+                again = _open_cv(path)
+                img = again.retrieve()[1] if all(again.grab() for _ in range(j)) else None  # all(): stops at a failure
                 again.release()  # (an exception leaves it to the destructor, when the error is handled)
                 misses += 1
                 if img is not None:
@@ -129,8 +124,7 @@ def sample_frames(path, targets, size):
         cap.release()
     if cand is None:
         raise BadVideo("no decodable video frame")
-    # the stream ended (or the last target lies past it): the last frame stays on screen for one more
-    # interval, and times after that are padding that repeats the last kept frame
+    # the stream ended: the last frame stays on screen one more interval; later times are padding (it repeated)
     end = prev_pts + (max_dt if max_dt > 0 else 1.0 / fps_meta)
     for k in range(i, n):
         out[k], src[k] = cand, cand_src
@@ -164,8 +158,7 @@ def _open_cv(path):
     return cap
 
 
-# ----------------------------------------------------------------------------------------------------
-# 2. audio: PyAV -> 16 kHz mono, t = 0 at the first video frame -> log-mel windows per clip
+# ------- 2. audio: PyAV -> 16 kHz mono, t = 0 at the first video frame -> log-mel windows per clip --------
 
 def log_mel_windows(wave, starts, audio_frames):
     """Log-mel crops aligned with video clips: (C, 80, A) float32 for clip starts (C,) on the 10 fps grid.
@@ -183,16 +176,18 @@ def log_mel_windows(wave, starts, audio_frames):
     s0, s1 = max(a, 0), min(a + len(x), len(wave))
     if s1 > s0:
         x[s0 - a:s1 - a] = wave[s0:s1]
-    with torch.no_grad():
-        mel = _mel_transform()(torch.from_numpy(x))  # (80, hi - lo)
-        mel = torch.log(mel + 1e-6).numpy()
+    mel = torch.log(_transform()(torch.from_numpy(x)) + 1e-6).numpy()  # (80, hi - lo); no tensor needs grad
     return np.stack([mel[:, m - lo:m - lo + audio_frames] for m in m0])
 
 
 @functools.lru_cache(maxsize=None)
-def _mel_transform():
-    """torchaudio's mel filterbank (80 bins, 25 ms windows, 10 ms hop), built once per process, as _resampler."""
+def _transform(rate=None):
+    """torchaudio, built once per process: the mel filterbank (80 bins, 25 ms windows, 10 ms hop), or with `rate`
+    the windowed-sinc resampler `rate` -> SAMPLE_RATE, on (n,) float32 tensors."""
+    import torch
     import torchaudio
+    if rate is not None:
+        return torchaudio.transforms.Resample(rate, SAMPLE_RATE, dtype=torch.float32)
     return torchaudio.transforms.MelSpectrogram(sample_rate=SAMPLE_RATE, n_fft=N_FFT, win_length=N_FFT,
                                                 hop_length=HOP, n_mels=N_MELS, center=True, pad_mode="constant")
 
@@ -260,7 +255,7 @@ def _decode_audio(container, packets, reason=None, until=None):
     parts = []
     for rate, run in itertools.groupby(chunks, key=lambda chunk: chunk[0]):
         x = torch.from_numpy(np.concatenate([mono for _, mono in run]))
-        parts.append((_resampler(rate)(x) if rate != SAMPLE_RATE else x).numpy())
+        parts.append((_transform(rate)(x) if rate != SAMPLE_RATE else x).numpy())
     if not parts or not sum(len(p) for p in parts):
         return None, reason or "audio stream decodes to nothing"
     wave = np.concatenate(parts).astype(np.float32)
@@ -271,16 +266,7 @@ def _decode_audio(container, packets, reason=None, until=None):
     return wave, reason
 
 
-@functools.lru_cache(maxsize=None)
-def _resampler(rate):
-    """`rate` -> SAMPLE_RATE on (n,) float32 tensors: torchaudio's windowed sinc, built once per rate."""
-    import torch
-    import torchaudio
-    return torchaudio.transforms.Resample(rate, SAMPLE_RATE, dtype=torch.float32)
-
-
-# ----------------------------------------------------------------------------------------------------
-# 3. video features: the frozen ResNet-18 up to layer4
+# -------------------------- 3. video features: the frozen ResNet-18 up to layer4 --------------------------
 
 def build_backbone(kind, weights_path, device):
     """torchvision resnet18 children up to layer4 (drops avgpool and fc), eval, frozen, channels_last."""
@@ -325,9 +311,7 @@ class FrameEncoder:
     """uint8 RGB frames -> float16 patch features, one synchronous batch at a time:
 
         enc.batch[:n] = frames   # (batch_size, S, S, 3) uint8 input buffer, filled in place
-        features = enc(n)        # (n, G, G, 512) float16 numpy of its first n frames
-
-    On CUDA the buffer is pinned (a straight DMA upload) and the CNN runs in bf16; exact float32 on the CPU.
+        features = enc(n)        # (n, G, G, 512) float16 numpy of its first n frames (frame_features)
     """
 
     def __init__(self, kind, weights_path, device, size, batch_size):
@@ -336,6 +320,7 @@ class FrameEncoder:
         self.batch_size = batch_size
         self.cuda = self.device.type == "cuda"
         self.net = build_backbone(kind, weights_path, self.device)
+        # pinned on CUDA: a straight DMA upload
         self.host = torch.empty((batch_size, size, size, 3), dtype=torch.uint8, pin_memory=self.cuda)
         self.batch = self.host.numpy()  # a numpy view of the same memory
         self.frames_done, self.wait_s = 0, 0.0  # frames encoded, seconds spent here: the CNN's share of the run
@@ -350,8 +335,7 @@ class FrameEncoder:
         return features
 
 
-# ----------------------------------------------------------------------------------------------------
-# 1 + 2 for one video (in a decode worker process); the CNN runs on batches of many videos' frames in _prepare
+# -------- 1 + 2 for one video, in a decode worker process (the CNN batches many videos in _prepare) ---------
 
 class BadVideo(Exception):
     """A file that cannot give frames; its message is the reason written to prepare_errors.jsonl."""
@@ -368,9 +352,8 @@ def decode_video(job):
         notes = []
         if not path.is_file() or path.stat().st_size == 0:
             raise BadVideo("zero-byte file" if path.is_file() else "file not found")
-        # PyAV reads the packets once: the video's times give its duration, which places the clips, whose audio is
-        # then decoded. The duration a header states can be a bit-rate estimate (MPEG-PS, TS, FLV: a 3 s MPEG-PS
-        # file said 0.05 s); a measured one shorter than the stated one means a truncated file
+        # the packets' duration places the clips, then their audio is decoded. A header's duration can be a bit-rate
+        # estimate (MPEG-PS, TS, FLV: a 3 s MPEG-PS said 0.05 s); a shorter measured one means a truncated file
         with av.open(str(path), metadata_errors="replace") as container:  # not a video: av's error is the reason
             if not container.streams.video:
                 raise BadVideo("no video stream")
@@ -390,8 +373,7 @@ def decode_video(job):
 
         frames, real, _, _, end = sample_frames(path, targets, job["size"])
         if not real.all() and end < duration - 0.5:
-            # the frames stop well before the packets do (undecodable data): plan the clips again on what decodes,
-            # so they hold frames rather than repeats of the last one
+            # the frames stop well before the packets (undecodable data): clips planned again on what decodes
             notes.append((f"video decodes to {end:.2f} s of its {duration:.2f} s (truncated?)",
                           "clips planned on the decodable part"))
             K = max(1, math.ceil(end * FPS - 1e-6))
@@ -421,19 +403,15 @@ def decode_video(job):
 
 def _tokens(tokenizer, title, vocab_size):
     """4. text: (128,) int32 ids and whether there is a title; no title: all padding (no tokenizer: vocab_size - 1)."""
-    if tokenizer is None or not title:
-        pad = tokenizer.pad_id if tokenizer is not None else vocab_size - 1
-        return np.full(MAX_TOKENS, pad, np.int32), False
+    if not title:  # (a title implies a tokenizer: it is trained whenever the listing has titles)
+        return np.full(MAX_TOKENS, tokenizer.pad_id if tokenizer else vocab_size - 1, np.int32), False
     return tokenizer.encode_title(title, max_len=MAX_TOKENS)[0], True
 
 
-# ====================================================================================================
-# main: a dataset folder -> listing -> tokenizer -> shards (decode workers -> CNN -> shard files) -> manifest
+# ========= main: dataset folder -> listing -> tokenizer -> shards (decode, CNN, files) -> manifest ==========
 
 class _Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """main's --help: the module docstring's layout, and every default that is set."""
-
-    def _get_help_string(self, action):
+    def _get_help_string(self, action):  # main's --help: the module docstring's layout, every default that is set
         return action.help if action.default is None else super()._get_help_string(action)
 
 
@@ -445,15 +423,13 @@ def main(argv=None):
     add("--root", required=True, type=Path, help="dataset folder: k700/, ucf101/, hmdb51/ or any folder of videos")
     add("--out", type=Path, help="cache folder (default: ROOT/lava_cache)")
     add("--dataset", default="auto", choices=["auto", "k700", "ucf101", "hmdb51", "folder"], help="layout of --root")
-    add("--sampling", default="auto", choices=["auto", "pretrain", "eval"],
-        help="pretrain: 1 clip, the whole video up to --pretrain-frames; eval: --test-clips windows (auto: pretrain "
-        "for k700)")
+    add("--sampling", default="auto", choices=["auto", "pretrain", "eval"], help="pretrain: 1 clip, the whole video up "
+        "to --pretrain-frames; eval: --test-clips windows (auto: pretrain for k700)")
     add("--pretrain-frames", type=int, default=100, help="10 fps frames kept per pre-training video, the central ones "
         "of a longer video (100: a whole 10 s Kinetics clip)")
-    add("--store", default="auto", choices=["auto", "frames", "features"],
-        help="pretrain sampling: frames (JPEG, SIZE x 8/7 px: pretrain.py crops, flips and runs the CNN, as the paper) "
-        "or features (of the centre crop, once: approximates the paper, no crop or flip; the CPU demo); eval "
-        "sampling: features (auto)")
+    add("--store", default="auto", choices=["auto", "frames", "features"], help="pretrain sampling: frames "
+        "(JPEG, SIZE x 8/7 px: pretrain.py crops, flips and runs the CNN, as the paper) or features (of the centre "
+        "crop, once: approximates the paper, no crop or flip; the CPU demo); eval sampling: features (auto)")
     add("--test-clips", type=int, default=10, help="uniformly spaced 16-frame clips per evaluation video")
     add("--size", type=int, default=224, help="frame side after resize + centre crop (a multiple of 32)")
     add("--backbone", default="imagenet", choices=["imagenet", "random"],
@@ -496,12 +472,10 @@ def _interrupt(signum, frame):
 
 def _prepare(args):
     root, out = args.root, args.out
-    if args.dataset == "auto":
-        args.dataset = detect_layout(root)
-    if args.sampling == "auto":  # Kinetics is the pre-training set; the others are evaluated
-        args.sampling = "pretrain" if args.dataset == "k700" else "eval"
-    if args.store == "auto":
-        args.store = "frames" if args.sampling == "pretrain" else "features"
+    args.dataset = detect_layout(root) if args.dataset == "auto" else args.dataset
+    # auto: Kinetics is the pre-training set, the others are evaluated; pre-training caches store the frames
+    args.sampling = ("pretrain" if args.dataset == "k700" else "eval") if args.sampling == "auto" else args.sampling
+    args.store = ("frames" if args.sampling == "pretrain" else "features") if args.store == "auto" else args.store
     if args.store == "frames" and args.sampling == "eval":
         raise SystemExit(f"prepare.py: --store frames is for pre-training caches; {args.dataset} is evaluated (eval "
                          "sampling, features)")
@@ -576,9 +550,8 @@ def _prepare(args):
     import torch
     from tqdm import tqdm
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    encoder = None  # --store frames: the CNN runs in pretrain.py
-    if args.store == "features":
-        encoder = FrameEncoder(args.backbone, args.backbone_weights, device, args.size, args.batch_size)
+    encoder = (FrameEncoder(args.backbone, args.backbone_weights, device, args.size, args.batch_size)
+               if args.store == "features" else None)  # --store frames: the CNN runs in pretrain.py
     cv2.setNumThreads(1)  # as in the decode workers (_worker_init); with --workers 0 decoding runs here
     job = dict(size=shapes["frame_size"], clips=clips, frames=frames, sampling=args.sampling, store=args.store,
                audio_frames=shapes["audio_frames"])
@@ -611,14 +584,13 @@ def _prepare(args):
         bar.close()
         results.close()  # stops the decode processes now, also when a shard failed
     seconds = time.perf_counter() - t_start
-    if encoder is None:
-        print(f"prepare: {len(jobs)} videos in {seconds:.2f} s; the main process waited {wait_decode:.2f} s for "
-              f"decoding (--workers {args.workers})")
-        return merge()
-    device = torch.cuda.get_device_name(encoder.device) if encoder.cuda else device
-    print(f"prepare: {len(jobs)} videos, {encoder.frames_done:,} frames through the CNN in {seconds:.2f} s "
-          f"({encoder.frames_done / seconds:,.0f} frames/s); the main process waited {wait_decode:.2f} s for decoding "
-          f"(--workers {args.workers}) and {encoder.wait_s:.2f} s for the CNN ({device})")
+    ran, cnn = f"{len(jobs)} videos in {seconds:.2f} s", ""  # --store frames: no CNN here
+    if encoder is not None:
+        ran = (f"{len(jobs)} videos, {encoder.frames_done:,} frames through the CNN in {seconds:.2f} s "
+               f"({encoder.frames_done / seconds:,.0f} frames/s)")
+        device = torch.cuda.get_device_name(encoder.device) if encoder.cuda else device
+        cnn = f" and {encoder.wait_s:.2f} s for the CNN ({device})"
+    print(f"prepare: {ran}; the main process waited {wait_decode:.2f} s for decoding (--workers {args.workers}){cnn}")
     return merge()
 
 
@@ -736,8 +708,7 @@ def _clean_title(raw, where, errors):
     return " ".join(raw.split()) or None
 
 
-# ----------------------------------------------------------------------------------------------------
-# decode worker processes
+# ---------------------------------------- decode worker processes -----------------------------------------
 
 def decode_stream(jobs, workers, timeout=None, fn=decode_video):
     """fn(job) for each job, in job order (shards never depend on which process finished first). workers > 0: that
@@ -752,7 +723,7 @@ def decode_stream(jobs, workers, timeout=None, fn=decode_video):
     if os.path.isdir("/dev/shm") and shutil.disk_usage("/dev/shm").free < 2 * workers * 25e6:
         print("prepare: /dev/shm is short of room for 2 x --workers videos of up to 25 MB: videos that do not fit go "
               "through a pipe, slower (docker run --shm-size 4g, or fewer --workers)", file=sys.stderr)
-    jobs, pending, nxt, solo_until = list(jobs), deque(), 0, 0
+    jobs, pending, nxt, solo_until = list(jobs), [], 0, 0
     ex = _spawn_pool(workers)
     try:
         while nxt < len(jobs) or pending:
@@ -777,7 +748,7 @@ def decode_stream(jobs, workers, timeout=None, fn=decode_video):
                     continue
                 result = dict(ok=False, reason=f"decoding took longer than --video-timeout {timeout} s"
                               if isinstance(e, FutureTimeout) else "the decoder crashed (worker process died)")
-            pending.popleft()
+            pending.pop(0)
             if isinstance(result, dict) and hasattr(result.get("frames"), "numpy"):
                 result["frames"] = result["frames"].numpy()  # a view of the shared memory, no copy
             yield result
@@ -789,8 +760,7 @@ def decode_stream(jobs, workers, timeout=None, fn=decode_video):
 
 
 def _in_shared_memory(fn, job):
-    """Worker side of decode_stream: fn(job), its frames moved into shared memory here, so that a full /dev/shm
-    costs this video the pipe's speed (the numpy array is pickled instead), not the run."""
+    """Worker side of decode_stream: fn(job), its frames moved into shared memory (/dev/shm full: pickled)."""
     result = fn(job)
     if isinstance(result, dict) and isinstance(result.get("frames"), np.ndarray):
         import torch
@@ -825,8 +795,7 @@ def _kill_pool(ex):
         ex.shutdown(wait=True, cancel_futures=True)
 
 
-# ----------------------------------------------------------------------------------------------------
-# shards and the manifest
+# ---------------------------------------- shards and the manifest -----------------------------------------
 
 # the per-shard arrays, one row per video: name -> (dtype, shape after the leading n; names index manifest["shapes"])
 SHARD_ARRAYS = {
@@ -846,11 +815,12 @@ SHARD_ARRAYS = {
 PATCHES, JPEG = "patches", "jpeg"
 
 
-def patch_spec(shapes):
-    """dtype and per-frame shape of patches.npy."""
+def npy_specs(shapes):
+    """A shard's .npy files for manifest["shapes"]: {name: (dtype, shape after the leading n)}."""
+    specs = {key: (dtype, tuple(shapes[d] for d in dims)) for key, (dtype, dims) in SHARD_ARRAYS.items()}
     if shapes.get("store") == "frames":
-        return np.int64, (2,)
-    return np.float16, (shapes["grid"], shapes["grid"], shapes["feature_dim"])
+        return {**specs, PATCHES: (np.int64, (2,)), JPEG: (np.uint8, ())}
+    return {**specs, PATCHES: (np.float16, (shapes["grid"], shapes["grid"], shapes["feature_dim"]))}
 
 
 def shard_name(k):
@@ -874,7 +844,7 @@ class ShardWriter:
         self.patches = open(self.tmp / f"{PATCHES if encoder else JPEG}.npy", "wb")
         self._write_header(0)  # rewritten by finish(), once P is known
         self.num_patches, self.filled, self.rows, self.errors = 0, 0, [], []  # filled: frames in encoder.batch
-        self.spans, self.jpeg_bytes = [], 0  # --store frames
+        self.spans, self.jpeg_bytes = [], 0  # --store frames: (offset, length) of each JPEG in jpeg.npy, its length
 
     def add(self, video, tokens, has_text, result):
         """One decoded video (a decode_video result) into the next row; its frames into the CNN's input buffer."""
@@ -891,8 +861,8 @@ class ShardWriter:
         if self.encoder is None:
             sizes = result["jpeg_sizes"]  # (U,)
             self.spans += zip(self.jpeg_bytes + np.cumsum(sizes) - sizes, sizes)
-            self.jpeg_bytes += len(frames)
             self.num_patches += len(sizes)
+            self.jpeg_bytes += len(frames)
             self.patches.write(frames.tobytes())
             return
         self.num_patches += len(frames)
@@ -911,9 +881,9 @@ class ShardWriter:
     def _write_header(self, n):
         # numpy pads an .npy header so that a first axis of up to 21 digits fits in the same bytes: the header
         # can be rewritten in place at the end, once the file's length is known
-        shape = (n, *patch_spec(self.shapes)[1]) if self.encoder else (n,)
-        descr = "<f2" if self.encoder else "|u1"
-        np.lib.format.write_array_header_1_0(self.patches, dict(descr=descr, fortran_order=False, shape=shape))
+        dtype, dims = npy_specs(self.shapes)[PATCHES] if self.encoder else (np.uint8, ())
+        header = dict(descr=np.dtype(dtype).str, fortran_order=False, shape=(n, *dims))
+        np.lib.format.write_array_header_1_0(self.patches, header)
 
     def finish(self):
         """The last frames through the CNN, every file written and synced, then the atomic rename."""
@@ -955,12 +925,14 @@ def merge_shards(out, listing, args_dict, shapes, tokenizer_name, strict=False):
         print(f"prepare: {len(missing)} of {len(names)} shards not finished yet ({missing[0]} ...): the manifest "
               f"is written once they all exist (run the other shard indices, then --merge)")
         return 1 if strict else 0
-    errors = list(listing["errors"])  # the listing's, then each shard's
-    for nm in names:
-        errors += [json.loads(line) for line in (out / nm / "errors.jsonl").read_text("utf-8").splitlines() if line]
+
+    def cat(file):  # every shard's file, end to end: an .npy's (videos, ...) array, a .jsonl's rows
+        if file.endswith(".npy"):
+            return np.concatenate([np.load(out / nm / file) for nm in names])
+        return [json.loads(line) for nm in names for line in (out / nm / file).read_text("utf-8").splitlines() if line]
+    errors = listing["errors"] + cat("errors.jsonl")  # the listing's, then each shard's
     write_atomic(out / "prepare_errors.jsonl", _jsonl(errors))
-    has_audio = np.concatenate([np.load(out / nm / "has_audio.npy") for nm in names])  # (videos,) bool
-    has_text = np.concatenate([np.load(out / nm / "has_text.npy") for nm in names])
+    has_audio, has_text = cat("has_audio.npy"), cat("has_text.npy")  # (videos,) bool
     if not len(has_audio):  # no manifest, and no empty shards or listing left to block the corrected re-run
         for nm in names:
             shutil.rmtree(out / nm)
@@ -971,10 +943,8 @@ def merge_shards(out, listing, args_dict, shapes, tokenizer_name, strict=False):
     nbytes = sum(f.stat().st_size for nm in names for f in (out / nm).glob("*.npy"))
     # the log-mel's mean and std over the training videos with audio (equal weights: all windows have the same
     # size), which the audio encoder standardises with (AST: dataset statistics); val and test clips stay unseen
-    train = np.concatenate([[json.loads(line)["split"] in ("train", None) for line in
-                             (out / nm / "videos.jsonl").read_text("utf-8").splitlines() if line] for nm in names])
-    moments = np.stack([np.concatenate([np.load(out / nm / f"{k}.npy") for nm in names])[train & has_audio]
-                        for k in ("mel_mean", "mel_square")], axis=1)  # (videos used, 2)
+    train = np.array([v["split"] in ("train", None) for v in cat("videos.jsonl")])
+    moments = np.stack([cat("mel_mean.npy"), cat("mel_square.npy")], axis=1)[train & has_audio]  # (videos used, 2)
     mean, square = moments.mean(axis=0) if len(moments) else (0.0, 1.0)
     audio_stats = dict(mean=float(mean), std=float(math.sqrt(max(square - mean ** 2, 1e-12))), videos=len(moments))
     m = dict(format=CACHE_FORMAT, version=CACHE_VERSION, dataset=args_dict["dataset"], config=args_dict,
@@ -990,8 +960,7 @@ def merge_shards(out, listing, args_dict, shapes, tokenizer_name, strict=False):
     return 0
 
 
-# ----------------------------------------------------------------------------------------------------
-# the reader: FeatureCache (pretrain.py and probe.py import it)
+# --------------------- the reader: FeatureCache (pretrain.py and probe.py import it) ----------------------
 
 class FeatureCache:
     """Read-only view of a finished cache, every shard array memory-mapped (README: Feature cache).
@@ -1031,11 +1000,7 @@ class FeatureCache:
         self.shards, self.videos, self._starts = [], [], []  # _starts: each shard's first video
         for folder in (self.path / name for name in m["shards"]):
             arrays = {}  # (n, *dims) memory maps (patches: (P, *dims)), paged in on access
-            specs = {key: (dtype, tuple(shapes[d] for d in dims)) for key, (dtype, dims) in SHARD_ARRAYS.items()}
-            specs[PATCHES] = patch_spec(shapes)
-            if shapes.get("store") == "frames":
-                specs[JPEG] = (np.uint8, ())
-            for key, (dtype, want) in specs.items():
+            for key, (dtype, want) in npy_specs(shapes).items():
                 file = folder / f"{key}.npy"
                 a = read(file, lambda f: np.load(f, mmap_mode="r"))
                 if a.dtype != dtype or a.shape[1:] != want:
