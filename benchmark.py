@@ -6,6 +6,7 @@
     python benchmark.py prepare-run     # prepare.py end to end on a synthetic UCF-like corpus: frames/s, waits
     python benchmark.py loader     # pretrain DataLoader clips/s and CPU training rate
     python benchmark.py gpu        # on a GPU: paper-size training clips/s, MFU, ratio to gpu_anchor.py
+    python benchmark.py augment    # --store frames on real footage: disk, loader ms, CNN FLOPs, CPU step ratio
 """
 import argparse
 
@@ -177,6 +178,7 @@ def bench_prepare(args):
     import prepare
 
     prepare._worker_init()  # one thread for OpenCV and torch, as in prepare's decode workers
+    args.store = "features"  # the CNN path (frames at --size): the main-process ceiling is measured on it
     files = sorted(p for p in Path(args.media).rglob("*") if p.suffix.lower() in prepare.VIDEO_EXTS)
     print(f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} CPUs, load avg "
           f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}; size {args.size}; best of {args.repeats}; CPU ms per video")
@@ -213,7 +215,8 @@ def _synthetic_video(job):
     targets, index, _ = prepare.clip_plan(job["grid_frames"], job["clips"], job["frames"], job["sampling"])
     return dict(ok=True, frames=np.full((len(targets), job["size"], job["size"], 3), job["seed"] % 251, np.uint8),
                 index=index.astype(np.int32), nreal=np.full(job["clips"], job["frames"], np.int16),
-                mel=np.zeros((job["clips"], prepare.N_MELS, job["audio_frames"]), np.float16), notes=[])
+                mel=np.zeros((job["clips"], prepare.N_MELS, job["audio_frames"]), np.float16), notes=[],
+                mel_moments=np.zeros(2))
 
 
 class _InfinitelyFastEncoder:
@@ -602,6 +605,86 @@ def add_loader_args(p):
     p.set_defaults(run=bench_loader)
 
 
+def bench_augment(args):
+    """Issue 14's design: a --store frames cache of real footage (disk per 10 s clip, the loader's ms per clip on one
+    core), the frozen ResNet-18's FLOPs and CPU time per 16-frame clip beside the paper-size step's, and the cores
+    that decode JPEG windows for one GPU at a given training rate."""
+    import json
+    import shutil
+    import tempfile
+    import time
+    from pathlib import Path
+    import numpy as np
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+    import prepare
+    import pretrain
+    torch.set_num_threads(1)
+    files = sorted(p for p in Path(args.media).iterdir() if p.suffix.lower() in prepare.VIDEO_EXTS)
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, f in enumerate(files):  # a K700 layout of the real files, each a train clip
+            (Path(tmp) / "k700" / "train" / "media").mkdir(parents=True, exist_ok=True)
+            shutil.copy(f, Path(tmp) / "k700" / "train" / "media" / f"clip{i:02d}_000000_000010{f.suffix}")
+        t0 = time.perf_counter()  # one process (--workers 0): decoding, resizing and JPEG encoding on one core
+        prepare.main(["--root", f"{tmp}/k700", "--size", str(args.size), "--backbone", "random", "--workers", "0"])
+        seconds = time.perf_counter() - t0
+        cache = prepare.FeatureCache(f"{tmp}/k700/lava_cache")
+        items = [cache[i] for i in range(len(cache))]
+        frames = sum(len(it["patches"]) for it in items)
+        jpeg = sum(int(it["patches"][:, 1].sum()) for it in items)
+        mel = items[0]["audio"].nbytes
+        print(json.dumps(dict(what="frames_cache", videos=len(items), frames=frames, jpeg_kib_per_frame=round(
+            jpeg / frames / 1024, 1), mb_per_10s_clip=round((100 * jpeg / frames + mel) / 1e6, 2),
+            tb_for_545k_clips=round(545e3 * (100 * jpeg / frames + mel) / 1e12, 2),
+            prepare_core_s_per_100_frames=round(seconds / frames * 100, 3))), flush=True)
+        ds = pretrain.PretrainClips(cache.path, range(len(cache)), seed=0)
+        ds[(0, 0)]
+        t0 = time.perf_counter()
+        for k in range(args.draws):
+            ds[(k % len(cache), k)]
+        loader_ms = (time.perf_counter() - t0) / args.draws * 1e3
+    cnn = prepare.build_backbone("random", None, "cpu")
+    clip = torch.randint(0, 256, (16, args.size, args.size, 3), dtype=torch.uint8)
+    with FlopCounterMode(display=False) as counter:
+        prepare.frame_features(cnn, clip)
+    t0 = time.perf_counter()
+    for _ in range(3):
+        prepare.frame_features(cnn, clip)
+    cnn_ms = (time.perf_counter() - t0) / 3 * 1e3
+    step = _train_rate(_bench_config((1024, 4, 16, 512), grid=args.size // 32), 2, torch.device("cpu"), steps=2,
+                       warmup=1)
+    step_ms = 1e3 / step["clips_per_s"]
+    if torch.cuda.is_available():  # the CNN's clips/s on the GPU (bf16, channels_last), beside `benchmark.py gpu`
+        gpu_cnn = prepare.build_backbone("random", None, "cuda")
+        batch = torch.randint(0, 256, (32 * 16, args.size, args.size, 3), dtype=torch.uint8, device="cuda")
+        for _ in range(3):
+            prepare.frame_features(gpu_cnn, batch)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(10):
+            prepare.frame_features(gpu_cnn, batch)
+        torch.cuda.synchronize()
+        print(json.dumps(dict(what="gpu_cnn", device=torch.cuda.get_device_name(), batch_clips=32,
+                              clips_per_s=round(320 / (time.perf_counter() - t0), 1))), flush=True)
+    print(json.dumps(dict(what="cnn_in_the_step", cnn_gflop_per_clip=round(counter.get_total_flops() / 1e9, 1),
+                          train_gflop_per_clip=step["train_gflop_per_clip"], cpu_cnn_ms_per_clip=round(cnn_ms, 1),
+                          cpu_step_ms_per_clip=round(step_ms, 1), cpu_ratio=round((step_ms + cnn_ms) / step_ms, 3),
+                          loader_ms_per_clip_1_core=round(loader_ms, 2),
+                          cores_per_gpu={r: round(r * loader_ms / 1e3, 1) for r in args.gpu_rates})), flush=True)
+
+
+def add_augment_args(p):
+    """Flags of `python benchmark.py augment`."""
+    from pathlib import Path
+    p.add_argument("--media", default=str(Path(__file__).resolve().parent.parent / "shared" / "data" / "media"),
+                   help="folder of real video files, prepared as Kinetics train clips")
+    p.add_argument("--size", type=int, default=224, help="crop side (frames stored at 8/7 of it)")
+    p.add_argument("--draws", type=int, default=200, help="training samples drawn to time the loader (1 core)")
+    p.add_argument("--gpu-rates", type=lambda s: [float(x) for x in s.split(",")], default=[740.0, 1075.0],
+                   help="training clips/s of one GPU to size the decode cores for")
+    p.set_defaults(run=bench_augment)
+
+
 def bench_gpu(args):
     """Paper-size pretrain step: clips/s and MFU at two batch sizes, eager and compiled, then gpu_anchor.py."""
     import json
@@ -687,6 +770,7 @@ if __name__ == "__main__":
     add_prepare_args(sub.add_parser("prepare", help="prepare's CPU time without the CNN vs PyAV decoding every frame"))
     add_prepare_run_args(sub.add_parser("prepare-run", help="prepare.py end to end on a synthetic corpus: frames/s, waits"))
     add_loader_args(sub.add_parser("loader", help="pretrain DataLoader clips/s and the CPU small-preset training rate"))
+    add_augment_args(sub.add_parser("augment", help="--store frames: disk, loader ms, CNN FLOPs and CPU ratio"))
     add_gpu_args(sub.add_parser("gpu", help="paper-size training clips/s, MFU, ratio to gpu_anchor.py (GPU)"))
     args = parser.parse_args()
     args.run(args)

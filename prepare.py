@@ -304,7 +304,7 @@ def frame_features(net, frames):
 def decode_jpegs(jpeg, spans):
     """A --store frames cache's frames: jpeg (bytes,) uint8, spans (n, 2) (offset, length) -> (n, S, S, 3) RGB."""
     import cv2
-    return np.stack([cv2.imdecode(jpeg[o:o + n], cv2.IMREAD_COLOR)[:, :, ::-1] for o, n in spans])
+    return np.stack([cv2.cvtColor(cv2.imdecode(jpeg[o:o + n], cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB) for o, n in spans])
 
 
 class FrameEncoder:
