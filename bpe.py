@@ -1,16 +1,14 @@
 """bpe.py: the byte-level BPE tokenizer that turns a video's title into the text encoder's input (LAVA Section 3).
 
-    from bpe import BPETokenizer
     tok = BPETokenizer().train(titles, vocab_size=48000)   # the paper's vocabulary size; prepare.py does this
     ids, n = tok.encode_title("a dog catching a frisbee")   # (128,) int32 ids, n of them text + eot
     tok.save("tokenizer.bpe")                               # plus a human-readable tokenizer.vocab
 
-Byte-level BPE as in GPT-2/GPT-4 and minbpe: GPT4_SPLIT_PATTERN pre-splits a title into "words" ("Official
-Trailer 2018" -> "Official" " Trailer" " " "201" "8") that merges never cross; a word starts as its UTF-8 bytes
-(ids 0..255); training merges the most frequent adjacent pair into a new id (256, 257, ...), again and again
-(`train_naive` plainly, `train` fast); encoding applies the merges to each word, earliest learned first.
-Ids: bytes, the M merges, then eot = 256 + M and pad = 257 + M; vocab_size = 256 + M + 2 is the ACTUAL size
-(smaller than asked when the corpus runs out of repeated pairs). Untrained, the tokenizer is plain bytes.
+Byte-level BPE as in GPT-2/GPT-4 and minbpe: GPT4_SPLIT_PATTERN pre-splits a title into "words" that merges never
+cross ("Official Trailer 2018" -> "Official" " Trailer" " " "201" "8"); a word starts as its UTF-8 bytes (ids 0..255);
+training merges the most frequent adjacent pair into a new id (256, 257, ...), again and again; encoding applies the
+merges to each word, earliest learned first. Ids: 256 bytes, M merges, eot = 256 + M, pad = 257 + M; vocab_size =
+258 + M is the ACTUAL size (less than asked when no pair repeats any more). Untrained, the tokenizer is plain bytes.
 """
 import heapq
 import logging
@@ -53,8 +51,6 @@ def merge(ids, pair, idx):
 
 
 class BPETokenizer:
-    """Byte-level BPE: `train_naive` / `train`, `encode`, `decode`, `encode_title`, `save`, `BPETokenizer.load`."""
-
     def __init__(self, pattern=GPT4_SPLIT_PATTERN, merges=()):
         self.pattern, self._split = pattern, regex.compile(pattern).findall
         self._set_merges(merges)
@@ -82,17 +78,15 @@ class BPETokenizer:
         """Learn vocab_size - 258 merges from `texts` (an iterable of str) the plain way; returns self.
 
         minbpe's teaching loop, the definition of training: each step recounts the pairs of every distinct word
-        (weighted by its count) and merges the winner everywhere; `train` gives the same merges, fast. Tie-break:
-        the highest count, then the smallest pair (a, b) in id order, pairs overlapping as in get_stats (so the
-        order of `texts` does not matter). Stops early, logged, when no pair occurs twice (it would memorise).
-
-        Worked example (Wikipedia's): "aaabdaaabac" -> merge (a, a) -> Z: "ZabdZabac"; (Z, a) and
-        (a, b) both count 2, (a, b) = (97, 98) is smaller than (256, 97) -> Y: "ZYdZYac"; (Z, Y) -> X:
-        "XdXac"; no pair repeats, stop: merges [(97, 97), (97, 98), (256, 257)], vocab_size 261.
+        (weighted by its count) and merges the winner everywhere. Tie-break: the highest count, then the smallest pair
+        (a, b), pairs overlapping as in get_stats (so the order of `texts` does not matter). Stops early, logged, when
+        no pair occurs twice (it would memorise). Worked example (Wikipedia's): "aaabdaaabac" -> merge (a, a) -> Z:
+        "ZabdZabac"; (Z, a) and (a, b) both count 2, (a, b) = (97, 98) is smaller than (256, 97) -> Y: "ZYdZYac";
+        (Z, Y) -> X: "XdXac"; no pair repeats, stop: merges [(97, 97), (97, 98), (256, 257)], vocab_size 261.
         """
         num_merges, words, freqs = self._distinct_words(texts, vocab_size)
         merges = []
-        while len(merges) < num_merges:
+        for new in range(256, 256 + num_merges):
             counts = {}
             for word, n in zip(words, freqs):
                 get_stats(word, counts, weight=n)
@@ -100,32 +94,28 @@ class BPETokenizer:
                 break
             pair = min(counts, key=lambda p: (-counts[p], p))  # the highest count, then the smallest pair
             merges.append(pair)
-            words = [merge(word, pair, 255 + len(merges)) for word in words]
+            words = [merge(word, pair, new) for word in words]
         return self._set_merges(merges, asked=vocab_size)
 
     def train(self, texts, vocab_size):
-        """Learn the merges of `train_naive` (same arguments, tie-break and early stop), fast; returns self.
-
-        Pair counts are kept up to date, not recounted: merging (a, b) visits only the words in where[(a, b)] (those
-        holding it, or that once did) and adjusts the neighbouring pairs' counts; the best pair comes from a max-heap.
-        """
+        """Learn the merges of `train_naive` (same arguments, tie-break and early stop), fast; returns self. The pair
+        counts are kept up to date, not recounted: merging (a, b) visits only the words in where[(a, b)] and adjusts
+        the neighbouring pairs' counts; the best pair comes from a max-heap."""
         num_merges, words, freqs = self._distinct_words(texts, vocab_size)
-        counts, where = {}, defaultdict(set)
+        counts, where = {}, defaultdict(set)  # pair -> its count; pair -> the words holding it (or that once did)
         for wi, (word, n) in enumerate(zip(words, freqs)):
             get_stats(word, counts, weight=n)
             for pair in zip(word, word[1:]):
                 where[pair].add(wi)
-        # max-heap of (-count, pair) for counts >= 2; counts only fall, so a current top is the best (ties: smallest)
-        heap = [(-c, pair) for pair, c in counts.items() if c > 1]
-        heapq.heapify(heap)
+        # max-heap of (-count, pair), sorted (= a heap); counts only fall: a current top is the best (ties: smallest)
+        heap = sorted((-c, pair) for pair, c in counts.items() if c > 1)
         merges = []
-        while len(merges) < num_merges:
+        for new in range(256, 256 + num_merges):
             while heap and (c := counts.get(heap[0][1], 0)) != -heap[0][0]:  # a stale top: re-push with its count
                 heapq.heapreplace(heap, (-c, heap[0][1]))
             if not heap or -heap[0][0] < 2:
                 break
             a, b = pair = heapq.heappop(heap)[1]
-            new = 256 + len(merges)
             merges.append(pair)
             born = defaultdict(set)  # pair containing `new` -> words holding it; pushed once its count is final
             for wi in where.pop(pair):
@@ -163,27 +153,24 @@ class BPETokenizer:
         words = [list(word.encode("utf-8", "surrogatepass")) for word in word_counts]
         return vocab_size - 256 - len(BPE_SPECIALS), words, list(word_counts.values())
 
-    def _encode_word(self, word_bytes):
-        """Apply merges to one word by rank: repeatedly merge the adjacent pair learned earliest."""
-        ids, ranks, top = list(word_bytes), self._ranks, self.eot_id  # eot_id: above every merge's id
-        while True:
-            pair, rank = None, top  # the adjacent pair learned earliest, and its id
-            for p in zip(ids, ids[1:]):
-                if (r := ranks.get(p, top)) < rank:
-                    pair, rank = p, r
-            if pair is None:
-                return ids
-            ids = merge(ids, pair, rank)
-
     def encode(self, text):
         """str -> list of ids, never eot/pad (even for "<|endoftext|>"); each pre-split word is cached."""
-        cache = self._cache
+        cache, ranks, top = self._cache, self._ranks, self.eot_id  # eot_id: above every merge's id
         if len(cache) > BPE_CACHE_MAX:
             cache.clear()
         out = []
         for word in self._split(text):
             if word not in cache:
-                cache[word] = self._encode_word(word.encode("utf-8", "surrogatepass"))
+                ids = list(word.encode("utf-8", "surrogatepass"))
+                while True:  # merge by rank until no adjacent pair is a merge
+                    pair, rank = None, top  # the adjacent pair learned earliest, and its id
+                    for p in zip(ids, ids[1:]):
+                        if (r := ranks.get(p, top)) < rank:
+                            pair, rank = p, r
+                    if pair is None:
+                        break
+                    ids = merge(ids, pair, rank)
+                cache[word] = ids
             out.extend(cache[word])
         return out
 
@@ -216,15 +203,12 @@ class BPETokenizer:
             raise ValueError("the split pattern must not hold a literal newline (write it as \\n in the regex)")
         lines = [BPE_FORMAT, f"pattern {self.pattern}", f"special {BPE_SPECIALS[0]} {self.eot_id}",
                  f"special {BPE_SPECIALS[1]} {self.pad_id}", f"merges {len(self.merges)}"]
-        lines += [f"{a} {b}" for a, b in self.merges]
-        write_atomic(path, "\n".join(lines) + "\n")
+        write_atomic(path, "\n".join(lines + [f"{a} {b}" for a, b in self.merges]) + "\n")
 
-        # tokenizer.vocab, for people: "id 'token'" (the repr of its text; part of a character shows as U+FFFD, as
-        # in minbpe), "<- 'a' + 'b'" after a merge's id, the specials by name
+        # tokenizer.vocab: "id 'token'" (repr; part of a character is U+FFFD, as in minbpe) + " <- 'a' + 'b'" if a merge
         shown = [repr(token.decode("utf-8", "replace")) for token in self._vocab[:self.eot_id]] + list(BPE_SPECIALS)
         made_of = [""] * 256 + [f" <- {shown[a]} + {shown[b]}" for a, b in self.merges] + ["", ""]
-        vocab = (f"{i} {token}{parts}\n" for i, (token, parts) in enumerate(zip(shown, made_of)))
-        write_atomic(Path(path).with_suffix(".vocab"), "".join(vocab))
+        write_atomic(Path(path).with_suffix(".vocab"), "".join(f"{i} {s}{made_of[i]}\n" for i, s in enumerate(shown)))
 
     @classmethod
     def load(cls, path):
