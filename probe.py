@@ -1,12 +1,6 @@
 """probe.py: the paper's linear evaluation of frozen LAVA encoders on UCF-101 / HMDB-51 (Section 3), its
 pre-training-epoch series (Figure 3), and the embeddings of any cache (your own videos) with a text search over them.
-
-    python probe.py --dataset ucf101 --all-splits                                   # video and audio+video, 3 splits
-    python probe.py --dataset ucf101 --checkpoint random --config-from runs/demo/ckpt_last.pt --all-splits
-    python probe.py --dataset ucf101 --checkpoints 'runs/demo/epoch_*.pt' --out series.json  # Figure 3, + .png
-    python probe.py --summary runs/demo/probe_*.json                                # one table of several results
-    python probe.py --embed --root myvids --checkpoint runs/x/ckpt_last.pt          # one .npz of all embeddings
-    python probe.py --search "a dog catching a frisbee" --root myvids --checkpoint runs/x/ckpt_last.pt
+Commands: README, Linear evaluation and Your own videos.
 
 The paper's evaluation (Section 3: "a linear classifier on top of the frozen LAVA video encoder using a 1e-4 learning
 rate and a batch size of 32 ... logits are averaged across multiple clips per test set video. Top-1 accuracy is
@@ -104,9 +98,7 @@ class ProbeError(Exception):
     """A problem with the user's input (files, flags, checkpoint): main() prints it without a traceback."""
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# 1. the linear probe: one linear layer on frozen clip embeddings, clip logits averaged per video
-
+# ---- 1. the linear probe: one linear layer on frozen clip embeddings, clip logits averaged per video ----
 
 class LinearProbe(ClassifierMixin, BaseEstimator):
     """A linear layer on standardised frozen features, trained with Adam on the cross-entropy of clip rows.
@@ -256,9 +248,7 @@ def select_hyperparameters(X, y, groups, split_groups=None, epochs_grid=(10, 30,
     return dict(best, n_val_videos=len(np.unique(groups[va])), n_fit_videos=len(np.unique(groups[tr]))), table
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# 2. frozen embeddings: every clip of the cache through the encoders once
-
+# ---- 2. frozen embeddings: every clip of the cache through the encoders once ----
 
 @torch.no_grad()
 def extract_embeddings(model, cache, batch_clips=64, device="cpu"):
@@ -269,9 +259,8 @@ def extract_embeddings(model, cache, batch_clips=64, device="cpu"):
     model.eval()
     cfg, shapes = model.config, cache.manifest["shapes"]
     N, C, T = len(cache), shapes["clips"], cfg.video.frames
-    cnn = None
-    if shapes.get("store") == "frames":
-        cnn = prepare.build_backbone(cache.manifest["backbone"], cache.manifest["config"]["backbone_weights"], device)
+    cnn = (prepare.build_backbone(cache.manifest["backbone"], cache.manifest["config"]["backbone_weights"], device)
+           if shapes.get("store") == "frames" else None)
     encode = lambda fn, x: fn(torch.from_numpy(x).to(device)).float().cpu().numpy()
 
     def clip_video(item, c, s):  # (T, G, G, F) float32 of clip c's frames s .. s + T - 1
@@ -330,9 +319,7 @@ def encode_titles(model, info, titles, batch=256):
                            for i in range(0, len(tokens), batch)])
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# 3. one split: the linear probe on a modality's features
-
+# ---- 3. one split: the linear probe on a modality's features ----
 
 def modality_features(emb, modality, train_idx):
     """(N, C, D) features of a modality setting. video: z_v. audio+video: [z_v, z_a], where a video without audio
@@ -383,9 +370,7 @@ def evaluate_probe(emb, resolved, modality, ids, grid, seed=0, device="cpu", ucf
                 per_class={names[c]: 100 * float(np.mean(pred[y_video == c] == c)) for c in np.unique(y_video)})
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# 4. the run: main -> evaluate_checkpoint -> evaluate_probe -> LinearProbe, for one checkpoint or a series
-
+# ---- 4. the run: main -> evaluate_checkpoint -> evaluate_probe -> LinearProbe, for one checkpoint or a series ----
 
 def main(argv=None):
     args = argv if isinstance(argv, argparse.Namespace) else parse_args(argv)
@@ -518,9 +503,7 @@ def embed(args, cache, model, info, emb):
     print(f"wrote {path}: {len(cache)} videos, {int(has['a'].sum())} with audio, {int(has['t'].sum())} with a title")
 
 
-# ================================================================================================================
-# Machinery: official split files, checkpoints, the embedding files, results tables, the command line
-
+# ==== Machinery: official split files, checkpoints, the embedding files, results tables, the command line ====
 
 def read_ucf101_split(root, split):
     """UCF-101 split `split` (1..3) from `<root>/ucfTrainTestlist/` -> dict(classes, train, test, unused): classes in
