@@ -1,10 +1,6 @@
 """prepare.py: a video dataset folder -> a feature cache that pretrain.py and probe.py read (README: Feature cache).
 
-    python prepare.py --root demo/k700 --backbone random --size 64 --workers 2   # CPU demo: no ImageNet weights
-    python prepare.py --root data/k700 --workers 12 --batch-size 512   # a GPU; ImageNet weights from the hub cache
-    python prepare.py --root data/k700 --list-only   # across jobs: the listing + tokenizer once, the shards, the merge
-    sbatch --array=0-15 --wrap 'python prepare.py --root data/k700 --num-shards 16 --shard-index $SLURM_ARRAY_TASK_ID'
-    python prepare.py --root data/k700 --merge       # the same settings on every call; any re-run resumes
+    python prepare.py --root data/k700 --workers 12   # README: Feature cache (shard jobs, --merge; any re-run resumes)
 
 The inputs of LAVA (Section 3), per video, in the order of this file:
   1. frames at 10 fps (clip_plan, sample_frames): k700 keeps the whole clip (up to --pretrain-frames, 100 = 10 s),
@@ -16,8 +12,7 @@ The inputs of LAVA (Section 3), per video, in the order of this file:
      ResNet-18 on each random crop; evaluation caches (and --store features) store its layer4 features of the
      centre crop, (G, G, 512) per frame (build_backbone, frame_features, FrameEncoder);
   4. text: the title (titles.csv, else the file's `title` tag) as BPE ids (bpe.py, _tokens).
-main() runs them over a dataset; then the machinery: layouts, decode workers, shards (built in a temp folder and
-renamed: a run killed at any point, kill -9 included, resumes to a single run's bytes) and FeatureCache, the reader.
+main() runs them over a dataset; then the machinery: layouts, decode workers, shards and FeatureCache, the reader.
 """
 import argparse
 import contextlib
@@ -308,11 +303,8 @@ def decode_jpegs(jpeg, spans):
 
 
 class FrameEncoder:
-    """uint8 RGB frames -> float16 patch features, one synchronous batch at a time:
-
-        enc.batch[:n] = frames   # (batch_size, S, S, 3) uint8 input buffer, filled in place
-        features = enc(n)        # (n, G, G, 512) float16 numpy of its first n frames (frame_features)
-    """
+    """uint8 RGB frames -> float16 patch features, one synchronous batch at a time: fill enc.batch[:n] (batch_size,
+    S, S, 3) in place, then enc(n) -> (n, G, G, 512) float16 numpy of those n frames (frame_features)."""
 
     def __init__(self, kind, weights_path, device, size, batch_size):
         import torch
@@ -320,18 +312,15 @@ class FrameEncoder:
         self.batch_size = batch_size
         self.cuda = self.device.type == "cuda"
         self.net = build_backbone(kind, weights_path, self.device)
-        # pinned on CUDA: a straight DMA upload
-        self.host = torch.empty((batch_size, size, size, 3), dtype=torch.uint8, pin_memory=self.cuda)
+        self.host = torch.empty((batch_size, size, size, 3), dtype=torch.uint8, pin_memory=self.cuda)  # DMA upload
         self.batch = self.host.numpy()  # a numpy view of the same memory
         self.frames_done, self.wait_s = 0, 0.0  # frames encoded, seconds spent here: the CNN's share of the run
 
     def __call__(self, n):
-        import torch
         t0 = time.perf_counter()
-        y = frame_features(self.net, self.host[:n].to(self.device, non_blocking=True))  # (n, G, G, 512)
-        features = y.to(torch.float16).cpu().numpy()  # .cpu() waits for it
+        features = frame_features(self.net, self.host[:n].to(self.device, non_blocking=True)).half().cpu().numpy()
         self.frames_done += n
-        self.wait_s += time.perf_counter() - t0
+        self.wait_s += time.perf_counter() - t0  # .cpu() waited for the CNN
         return features
 
 
@@ -425,8 +414,7 @@ def main(argv=None):
     add("--dataset", default="auto", choices=["auto", "k700", "ucf101", "hmdb51", "folder"], help="layout of --root")
     add("--sampling", default="auto", choices=["auto", "pretrain", "eval"], help="pretrain: 1 clip, the whole video up "
         "to --pretrain-frames; eval: --test-clips windows (auto: pretrain for k700)")
-    add("--pretrain-frames", type=int, default=100, help="10 fps frames kept per pre-training video, the central ones "
-        "of a longer video (100: a whole 10 s Kinetics clip)")
+    add("--pretrain-frames", type=int, default=100, help="10 fps frames per pre-training video (central; 100: 10 s)")
     add("--store", default="auto", choices=["auto", "frames", "features"], help="pretrain sampling: frames "
         "(JPEG, SIZE x 8/7 px: pretrain.py crops, flips and runs the CNN, as the paper) or features (of the centre "
         "crop, once: approximates the paper, no crop or flip; the CPU demo); eval sampling: features (auto)")
@@ -858,14 +846,13 @@ class ShardWriter:
                                       audio=audio, tokens=tokens, has_audio=mel is not None, has_text=has_text,
                                       mel_mean=result["mel_moments"][0], mel_square=result["mel_moments"][1])))
         frames = result["frames"]  # (U, S, S, 3) uint8, or --store frames: (bytes,) their JPEGs
+        self.num_patches += len(result.get("jpeg_sizes", frames))  # U
         if self.encoder is None:
             sizes = result["jpeg_sizes"]  # (U,)
             self.spans += zip(self.jpeg_bytes + np.cumsum(sizes) - sizes, sizes)
-            self.num_patches += len(sizes)
             self.jpeg_bytes += len(frames)
             self.patches.write(frames.tobytes())
             return
-        self.num_patches += len(frames)
         while len(frames):  # a batch may hold the end of one video and the start of the next
             take = min(len(frames), self.encoder.batch_size - self.filled)
             self.encoder.batch[self.filled:self.filled + take] = frames[:take]
