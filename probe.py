@@ -79,7 +79,6 @@ import prepare
 import pretrain
 from bpe import BPETokenizer, write_atomic
 from model import LAVA, SPACES, LAVAConfig
-from prepare import FeatureCache, _interrupt
 
 PAPER_TABLE1 = {"ucf101": {"video": 81.3, "audio+video": 84.3}, "hmdb51": {"video": 50.1}}  # 3-split mean top-1
 # Table 2, split-1 top-1: (pre-training losses, downstream modality, UCF-101, HMDB-51)
@@ -269,8 +268,7 @@ def extract_embeddings(model, cache, batch_clips=64, device="cpu"):
             return frames.astype(np.float32)
         pixels = prepare.decode_jpegs(item["jpeg"], frames)  # (T, S', S', 3) -> the central (T, S, S, 3)
         o, size = (pixels.shape[1] - 32 * shapes["grid"]) // 2, 32 * shapes["grid"]
-        pixels = torch.from_numpy(np.ascontiguousarray(pixels[:, o:o + size, o:o + size]))
-        return prepare.frame_features(cnn, pixels.to(device)).float().cpu().numpy()
+        return encode(lambda x: prepare.frame_features(cnn, x), np.ascontiguousarray(pixels[:, o:o + size, o:o + size]))
 
     z_v, z_a = np.zeros((N, C, cfg.video.width), np.float32), np.zeros((N, C, cfg.audio.width), np.float32)
     has_audio = np.zeros(N, bool)
@@ -382,7 +380,7 @@ def main(argv=None):
         t0 = time.time()
         root = Path(args.root or args.dataset or ".")  # --embed/--search with --cache need no root
         try:
-            cache = FeatureCache(Path(args.cache) if args.cache else root / "lava_cache")
+            cache = prepare.FeatureCache(Path(args.cache) if args.cache else root / "lava_cache")
         except ValueError as e:  # a damaged cache: prepare.py's one-line message says what to do
             raise ProbeError(str(e)) from None
         if args.embed or args.search:  # any cache, labels and splits or not (README: Your own videos)
@@ -784,5 +782,5 @@ def plot_series(series, out_png, dataset, splits):
 
 
 if __name__ == "__main__":
-    signal.signal(signal.SIGTERM, _interrupt)  # prepare.py's: a scheduler's stop unwinds like Ctrl-C, with its number
+    signal.signal(signal.SIGTERM, prepare._interrupt)  # a scheduler's stop unwinds like Ctrl-C, with its number
     sys.exit(main(ARGS))
