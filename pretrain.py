@@ -1,12 +1,8 @@
 r"""Pre-train LAVA (paper Section 3) on a prepare.py feature cache: one file, CPU or one GPU or torchrun.
 
-    # CPU demo (the Makefile's: small preset on the demo corpus's cache)
-    python pretrain.py --data demo/k700 --model small --device cpu --out runs/demo
-    # one GPU, the paper's run on Kinetics-700: batch 32, Adam lr 1e-5, cosine, 25 epochs, tau 0.07
-    python pretrain.py --data k700 --out runs/lava_k700 --losses av,vt,avt --compile
-    # one node, 8 GPUs (--batch-size is the GLOBAL batch: 256 = 8 GPUs x 32, negatives gathered across GPUs)
+    python pretrain.py --data k700 --out runs/lava_k700 --compile   # one GPU: the paper's run (README: Pre-training)
+    # 8 GPUs, then 2 nodes x 8 (on every node): --batch-size is the GLOBAL batch, negatives gathered across GPUs
     torchrun --standalone --nproc_per_node 8 pretrain.py --data k700 --batch-size 256 --out runs/k700_8gpu --compile
-    # two nodes x 8 GPUs: run on every node (NODE_RANK 0 and 1); the run folder and cache on shared storage
     torchrun --nnodes 2 --node_rank $NODE_RANK --nproc_per_node 8 --rdzv_id lava --rdzv_backend c10d \
         --rdzv_endpoint $MASTER_HOST:29500 pretrain.py --data k700 --batch-size 512 --out runs/lava_k700_16gpu
 
@@ -30,8 +26,8 @@ CLIP_FRAMES = 16      # video frames per training clip (paper: 16 x 224 x 224 at
 AUDIO_FRAMES = 256    # log-mel frames per training clip (paper: [80, 256])
 MEL_PER_FRAME = 10    # 10 ms mel hop at 10 fps video: frame s starts at mel column 10 * s (README: Feature cache)
 
-# ----------------------------------------------------------------------------------------------------------
-# config: presets, every value of which is also a flag of its own (--width ... --epochs) that overrides it
+
+# ---- config: presets, every value of which is also a flag of its own (--width ... --epochs) that overrides it ----
 
 PRESETS = {
     # Section 3 (4 layers, width 1024, batch 32, Adam 1e-5, cosine, 25 epochs); 16 heads, 512-d spaces, no warmup: ours
@@ -90,12 +86,10 @@ def parse_args(argv=None):
     g.add_argument("--temperature", type=float, default=0.07, help="NCE temperature tau (the paper's)")
     g.add_argument("--loss-form", default="symmetric", choices=["symmetric", "paper_eq1"],
                    help="NCE form (losses.nce): symmetric InfoNCE (the authors' code) or Eq. 1 as printed")
-    g.add_argument("--audio-noise", type=float, default=0.1,
-                   help="std of the Gaussian noise on the standardised log-mel (paper: Gaussian noise, no value)")
+    g.add_argument("--audio-noise", type=float, default=0.1, help="Gaussian noise std (standardised log-mel units)")
     g.add_argument("--normalize-centroid", action="store_true", help="re-normalise the centroid (paper: plain mean)")
     g.add_argument("--detach-centroid", action="store_true", help="no gradient through the centroid (paper: one)")
-    g.add_argument("--shuffle-pairs", action="store_true",
-                   help="control: each clip's audio and title from another clip (fixed permutation per epoch)")
+    g.add_argument("--shuffle-pairs", action="store_true", help="control: each clip's audio and title from another")
     g.add_argument("--backbone-weights", help="ImageNet ResNet-18 for a --store frames cache (default: prepare's)")
     g.add_argument("--compile", action="store_true", help="torch.compile the forward (checkpoints: the plain module)")
     g.add_argument("--compile-mode", help="torch.compile mode, e.g. max-autotune-no-cudagraphs (default: torch's)")
@@ -133,7 +127,6 @@ from tqdm import tqdm
 from losses import lava_loss
 from model import LAVA, AudioConfig, LAVAConfig, TextConfig, VideoConfig
 import prepare
-from prepare import FeatureCache
 
 
 def build_config(args, manifest, tokenizer):
@@ -150,9 +143,8 @@ def build_config(args, manifest, tokenizer):
         text=TextConfig(vocab_size=pad_id + 1, max_len=shapes["max_tokens"], pad_id=pad_id, **size),
         embed_dim=args.embed_dim)
 
-# ----------------------------------------------------------------------------------------------------------
-# data: Section 3's training sample, and the order of samples that lets a killed run resume exactly
 
+# ---- data: Section 3's training sample, and the order of samples that lets a killed run resume exactly ----
 
 class PretrainClips(Dataset):
     """Training samples (Section 3); item (i, epoch) -> dict of tensors for the i-th train video, each random draw a
@@ -189,7 +181,7 @@ class PretrainClips(Dataset):
     def __getitem__(self, key):
         i, epoch = key
         rng = np.random.default_rng([self.seed, epoch, i])
-        self.cache = self.cache or FeatureCache(self.cache_path)
+        self.cache = self.cache or prepare.FeatureCache(self.cache_path)
         item = self.cache[self.indices[i]]
         c, s = self.window(item, rng)
         frames = item["window"][c, s:s + CLIP_FRAMES]              # (16,) this video's distinct frames
@@ -289,9 +281,8 @@ def to_device(batch, device, trim_pad_id=None, cnn=None):
     present = {"a": has_a, "v": torch.ones_like(has_a), "t": batch["has_text"].to(device, non_blocking=True)}
     return video, audio, tokens, present
 
-# ----------------------------------------------------------------------------------------------------------
-# the step: Eq. 5's loss, Adam, the cosine schedule (benchmark.py times the same functions)
 
+# ---- the step: Eq. 5's loss, Adam, the cosine schedule (benchmark.py times the same functions) ----
 
 def loss_fn(model, video, audio, tokens, present, autocast, losses, **options):
     """LAVA loss of one batch: encoders under `autocast` (bf16 on CUDA), the NCE terms in float32 (losses.py);
@@ -318,9 +309,8 @@ def make_schedule(warmup_steps, total_steps, lr, min_lr):
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
     return lr_lambda
 
-# ----------------------------------------------------------------------------------------------------------
-# machinery: checkpoints written atomically, the log and its plot
 
+# ---- machinery: checkpoints written atomically, the log and its plot ----
 
 def atomic_save(path, write):
     """write(file), fsync, os.replace: a kill leaves the old file whole, an exception (a second Ctrl-C) no temp file."""
@@ -366,9 +356,8 @@ def plot_losses(log_path, png_path):
     ax.grid(alpha=0.3)
     atomic_save(png_path, lambda f: ax.figure.savefig(f, format="png", dpi=100))
 
-# ----------------------------------------------------------------------------------------------------------
-# main: config, DDP setup, data, model, optimizer, compile, loop
 
+# ---- main: config, DDP setup, data, model, optimizer, compile, loop ----
 
 def main(argv=None):
     # -------------------------------------------------------------------------------- config, DDP setup, device
@@ -423,7 +412,7 @@ def main(argv=None):
 
     # -------------------------------------------------------------------------------- data
     try:
-        cache = FeatureCache(args.cache)
+        cache = prepare.FeatureCache(args.cache)
     except (OSError, ValueError) as e:  # missing (names prepare.py --root ...), unfinished or of another format
         fail(e)
     indices = train_indices(cache)
