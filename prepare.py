@@ -43,7 +43,6 @@ EVAL_FRAMES = 16                          # the model's clip length
 TIME_TOL = 1e-5                           # s; frame timestamps are exact rationals printed as doubles
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 STORED_SCALE = 8 / 7                      # --store frames keeps 256 px for 224 px crops: ImageNet's resize/crop ratio
-JPEG_QUALITY = 90                         # 1-2 MB per 10 s clip at 256 px (BENCHMARKS.md, Pre-training cache)
 _FULL_SCALE = {np.dtype(np.int16): 2 ** 15, np.dtype(np.int32): 2 ** 31, np.dtype(np.uint8): 2 ** 7}  # integer PCM
 VIDEO_EXTS = {".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".mpeg", ".flv", ".3gp", ".ogv", ".wmv"}
 
@@ -282,6 +281,8 @@ def build_backbone(kind, weights_path, device):
             raise SystemExit(f"prepare.py: cannot load ResNet-18 weights from {path} ({' '.join(str(e).split())}): "
                              "pass torchvision's resnet18-f37072fd.pth with --backbone-weights, or --backbone random")
     body = torch.nn.Sequential(*list(net.children())[:-2])  # conv1 .. layer4: (B,3,S,S) -> (B,512,S/32,S/32)
+    body.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255)  # on its device once, for uint8
+    body.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255)    # frames (frame_features)
     body.eval().requires_grad_(False)
     return body.to(device=device, memory_format=torch.channels_last)
 
@@ -290,8 +291,7 @@ def frame_features(net, frames):
     """uint8 RGB frames (N, S, S, 3) on net's device -> layer4 features (N, G, G, 512), G = S / 32, post-ReLU:
     ImageNet's mean/std, channels_last, bf16 on CUDA (exact float32 on the CPU). Also pretrain.py's, per step."""
     import torch
-    mean, std = (torch.tensor(v, device=frames.device).view(1, 3, 1, 1) * 255 for v in (IMAGENET_MEAN, IMAGENET_STD))
-    x = ((frames.permute(0, 3, 1, 2).float() - mean) / std).contiguous(memory_format=torch.channels_last)
+    x = ((frames.permute(0, 3, 1, 2).float() - net.mean) / net.std).contiguous(memory_format=torch.channels_last)
     with torch.no_grad(), torch.autocast(frames.device.type, dtype=torch.bfloat16, enabled=frames.is_cuda):
         return net(x).permute(0, 2, 3, 1)
 
@@ -332,7 +332,8 @@ class BadVideo(Exception):
 
 def decode_video(job):
     """job: {"path", "size", "clips", "frames", "sampling", "audio_frames", "store"} -> result dict; never raises.
-    result: ok, frames uint8 (U, S, S, 3) (store "frames": their JPEGs end to end (bytes,) and jpeg_sizes (U,)),
+    result: ok, frames uint8 (U, S, S, 3): the centre S = size crop of frames at 8/7 size (store "frames": the whole
+    8/7-size frames' JPEGs end to end (bytes,) and jpeg_sizes (U,)),
     index (C, T) into frames, nreal (C,) int16, mel float16 (C, 80, A) or None, mel_moments (2,) (mean, mean
     square of mel, for the cache's audio_stats), notes [(reason, action)]; or ok False and reason."""
     import av
@@ -360,14 +361,15 @@ def decode_video(job):
             until = ((FPS * int(starts.max()) - 47 + job["audio_frames"]) * HOP + N_FFT) / SAMPLE_RATE
             wave, reason = _decode_audio(container, packets, reason, until)
 
-        frames, real, _, _, end = sample_frames(path, targets, job["size"])
+        side = round(job["size"] * STORED_SCALE)  # frames at 8/7 of the CNN's input, as ImageNet's resize 256
+        frames, real, _, _, end = sample_frames(path, targets, side)
         if not real.all() and end < duration - 0.5:
             # the frames stop well before the packets (undecodable data): clips planned again on what decodes
             notes.append((f"video decodes to {end:.2f} s of its {duration:.2f} s (truncated?)",
                           "clips planned on the decodable part"))
             K = max(1, math.ceil(end * FPS - 1e-6))
             targets, index, starts = clip_plan(K, job["clips"], job["frames"], job["sampling"])
-            frames, real, _, _, end = sample_frames(path, targets, job["size"])
+            frames, real, _, _, end = sample_frames(path, targets, side)
         inside = starts[:, None] + np.arange(index.shape[1]) < K  # (C, T) False where clip_plan repeats the last
         nreal = (real[index] & inside).sum(axis=1).astype(np.int16)  # (C,) real frames per clip (a prefix of each)
         if int(real.sum()) <= 1 and len(real) > 1:
@@ -378,14 +380,18 @@ def decode_video(job):
         mel = None if wave is None else log_mel_windows(wave, starts, job["audio_frames"]).astype(np.float16)
         if reason:
             notes.append((reason, "has_audio False" if mel is None else "audio kept up to the error"))
-        moments = [0.0, 0.0] if mel is None else [mel.mean(dtype=np.float64), np.square(mel, dtype=np.float64).mean()]
-        result = dict(ok=True, frames=frames, index=index.astype(np.int32), nreal=nreal, mel=mel, notes=notes,
+        # the log-mel columns pretrain.py's windows can read (starts 0 .. nreal - 16), not the padding beyond them
+        seen = [] if mel is None else [m[:, :10 * (max(int(n), 16) - 16) + 256] for m, n in zip(mel, nreal)]
+        seen = np.concatenate([x.ravel() for x in seen]).astype(np.float64) if seen else np.zeros(0)
+        moments = [seen.mean(), np.square(seen).mean()] if len(seen) else [0.0, 0.0]
+        result = dict(ok=True, index=index.astype(np.int32), nreal=nreal, mel=mel, notes=notes,
                       mel_moments=np.asarray(moments))
-        if job.get("store") == "frames":  # OpenCV encodes BGR
+        if job.get("store") == "frames":  # their JPEGs, q90: 1-2 MB per 10 s clip at 256 px (OpenCV encodes BGR)
             import cv2
-            jpegs = [cv2.imencode(".jpg", f[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])[1] for f in frames]
-            result.update(frames=np.concatenate(jpegs), jpeg_sizes=np.array([len(j) for j in jpegs]))
-        return result
+            jpegs = [cv2.imencode(".jpg", f[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, 90])[1] for f in frames]
+            return dict(result, frames=np.concatenate(jpegs), jpeg_sizes=np.array([len(j) for j in jpegs]))
+        o = (side - job["size"]) // 2  # features: the centre crop through the CNN (ImageNet's evaluation: 224 of 256)
+        return dict(result, frames=np.ascontiguousarray(frames[:, o:o + job["size"], o:o + job["size"]]))
     except Exception as e:  # BadVideo, or anything else a broken file can make a library raise
         return dict(ok=False, reason=str(e) if isinstance(e, BadVideo) else f"{type(e).__name__}: {e}")
 
@@ -419,7 +425,7 @@ def main(argv=None):
         "(JPEG, SIZE x 8/7 px: pretrain.py crops, flips and runs the CNN, as the paper) or features (of the centre "
         "crop, once: approximates the paper, no crop or flip; the CPU demo); eval sampling: features (auto)")
     add("--test-clips", type=int, default=10, help="uniformly spaced 16-frame clips per evaluation video")
-    add("--size", type=int, default=224, help="frame side after resize + centre crop (a multiple of 32)")
+    add("--size", type=int, default=224, help="the CNN's input side (a multiple of 32), cropped from SIZE x 8/7")
     add("--backbone", default="imagenet", choices=["imagenet", "random"],
         help="frozen ResNet-18 weights: ImageNet (paper) or random init under seed 0 (demo, tests)")
     add("--backbone-weights", type=Path, help="torchvision's resnet18-f37072fd.pth (default: the torch hub cache)")
@@ -443,6 +449,7 @@ def main(argv=None):
     if not 0 <= args.shard_index < args.num_shards:
         p.error(f"--shard-index {args.shard_index} must be in [0, --num-shards {args.num_shards})")
     args.out = args.out or args.root / "lava_cache"
+    args.backbone_weights = args.backbone_weights and args.backbone_weights.resolve()  # read again by pretrain, probe
     try:
         return _prepare(args)
     except KeyboardInterrupt as e:  # Ctrl-C (the decode workers ignore it), or SIGTERM (_interrupt)
@@ -465,8 +472,7 @@ def _prepare(args):
     args.sampling = ("pretrain" if args.dataset == "k700" else "eval") if args.sampling == "auto" else args.sampling
     args.store = ("frames" if args.sampling == "pretrain" else "features") if args.store == "auto" else args.store
     if args.store == "frames" and args.sampling == "eval":
-        raise SystemExit(f"prepare.py: --store frames is for pre-training caches; {args.dataset} is evaluated (eval "
-                         "sampling, features)")
+        raise SystemExit("prepare.py: --store frames is for pre-training caches (--sampling pretrain), not eval")
     clips, frames = (1, args.pretrain_frames) if args.sampling == "pretrain" else (args.test_clips, EVAL_FRAMES)
     shapes = _shapes(args, clips, frames)
     args_dict = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
@@ -541,7 +547,7 @@ def _prepare(args):
     encoder = (FrameEncoder(args.backbone, args.backbone_weights, device, args.size, args.batch_size)
                if args.store == "features" else None)  # --store frames: the CNN runs in pretrain.py
     cv2.setNumThreads(1)  # as in the decode workers (_worker_init); with --workers 0 decoding runs here
-    job = dict(size=shapes["frame_size"], clips=clips, frames=frames, sampling=args.sampling, store=args.store,
+    job = dict(size=args.size, clips=clips, frames=frames, sampling=args.sampling, store=args.store,
                audio_frames=shapes["audio_frames"])
     shards = [(k, videos[k * args.shard_size:(k + 1) * args.shard_size]) for k in todo]
     jobs = [dict(job, path=str(root / v["path"])) for _, vs in shards for v in vs]
@@ -583,7 +589,7 @@ def _prepare(args):
 
 
 def _shapes(args, clips, frames):
-    frame_size = round(args.size * STORED_SCALE) if args.store == "frames" else args.size  # stored; crops: size
+    frame_size = round(args.size * STORED_SCALE) if args.store == "frames" else args.size  # stored, cropped
     return dict(clips=clips, frames=frames, grid=args.size // 32, feature_dim=FEATURE_DIM, n_mels=N_MELS,
                 audio_frames=256 + 10 * (frames - 16), max_tokens=MAX_TOKENS, store=args.store, frame_size=frame_size)
 
@@ -928,8 +934,8 @@ def merge_shards(out, listing, args_dict, shapes, tokenizer_name, strict=False):
               "the files and re-run", file=sys.stderr)
         return 1
     nbytes = sum(f.stat().st_size for nm in names for f in (out / nm).glob("*.npy"))
-    # the log-mel's mean and std over the training videos with audio (equal weights: all windows have the same
-    # size), which the audio encoder standardises with (AST: dataset statistics); val and test clips stay unseen
+    # the log-mel's mean and std over the training videos with audio (each video weighs the same), which the audio
+    # encoder standardises with (AST: dataset statistics); val and test clips stay unseen
     train = np.array([v["split"] in ("train", None) for v in cat("videos.jsonl")])
     moments = np.stack([cat("mel_mean.npy"), cat("mel_square.npy")], axis=1)[train & has_audio]  # (videos used, 2)
     mean, square = moments.mean(axis=0) if len(moments) else (0.0, 1.0)

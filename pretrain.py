@@ -12,6 +12,7 @@ larger batch. The same command continues the run in --out (run folder: README, P
 the step in progress (exit 130 / 143). "epoch E, step S": step S is in epoch E, from 1; checkpoints count epochs done.
 """
 import argparse
+import functools
 import json
 import math
 import os
@@ -194,7 +195,7 @@ class PretrainClips(Dataset):
             v = np.ascontiguousarray(pixels[:, y:y + crop, x:x + crop][:, :, ::-1 if rng.random() < 0.5 else 1])
 
         if self.shuffle_pairs:  # draws after the video's: the video of a shuffled run is the paired run's
-            j = np.random.default_rng([self.seed, epoch]).permutation(len(self.indices))[i]
+            j = pair_permutation(self.seed, epoch, len(self.indices))[i]
             item = self.cache[self.indices[j]]
             c, s = self.window(item, rng)
         a0 = MEL_PER_FRAME * s  # prepare.py keeps T >= 16 frames and the 10 (T - 16) + 256 mel columns all starts need
@@ -205,6 +206,11 @@ class PretrainClips(Dataset):
         return dict(video=torch.from_numpy(v), audio=torch.from_numpy(a),
                     tokens=torch.from_numpy(item["tokens"].astype(np.int64)),
                     has_audio=torch.tensor(bool(item["has_audio"])), has_text=torch.tensor(bool(item["has_text"])))
+
+
+@functools.lru_cache(maxsize=2)
+def pair_permutation(seed, epoch, n):  # --shuffle-pairs' partners: once per epoch, a stream of its own (spawn_key)
+    return np.random.default_rng(np.random.SeedSequence([seed, epoch], spawn_key=(1,))).permutation(n)
 
 
 class ResumableSampler(Sampler):

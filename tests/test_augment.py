@@ -93,14 +93,18 @@ def test_a_flipped_clip_gets_the_features_of_the_mirrored_pixels(k700):
 
 def test_audio_stats_come_from_training_clips_and_apply_alike_in_pretrain_and_probe(k700, tmp_path):
     root, cache = k700
-    mels = {s: np.stack([cache[i]["audio"].astype(np.float64) for i, v in enumerate(cache.videos)
-                         if v["split"] == s and cache[i]["has_audio"]]) for s in ("train", "val")}
-    stats = cache.manifest["audio_stats"]
+    # each video's log-mel columns that training windows read: starts 0 .. nreal - 16, 256 columns from 10 x start
+    seen = {s: [cache[i]["audio"][0, :, :10 * (int(cache[i]["frames"][0]) - 16) + 256].astype(np.float64)
+                for i, v in enumerate(cache.videos) if v["split"] == s and cache[i]["has_audio"]]
+            for s in ("train", "val")}
+    assert [m.shape[1] for m in seen["train"]] == [396] * 4  # 30 frames: 10 x 14 + 256 of the 1,096 stored
+    stats = cache.manifest["audio_stats"]  # each video weighs the same
+    mean, square = np.mean([m.mean() for m in seen["train"]]), np.mean([np.square(m).mean() for m in seen["train"]])
     assert stats["videos"] == 4
-    assert stats["mean"] == pytest.approx(mels["train"].mean(), abs=1e-6)
-    assert stats["std"] == pytest.approx(mels["train"].std(), rel=1e-6)
-    everything = np.concatenate([mels["train"].ravel(), mels["val"].ravel()])
-    assert abs(everything.mean() - stats["mean"]) > 0.5  # the loud val clips would have moved them
+    assert stats["mean"] == pytest.approx(mean, abs=1e-6)
+    assert stats["std"] == pytest.approx(np.sqrt(square - mean ** 2), rel=1e-6)
+    everything = np.mean([m.mean() for m in seen["train"] + seen["val"]])
+    assert abs(everything - stats["mean"]) > 0.5  # the loud val clips would have moved them
     # a short run on the frames cache (the CNN in the step), then the model probe.py loads from its checkpoint
     out = tmp_path / "run"
     pretrain.main(["--data", str(root), "--model", "tiny", "--batch-size", "2", "--epochs", "1", "--workers", "0",

@@ -448,7 +448,7 @@ def test_help_shows_the_defaults_without_importing_the_heavy_libraries():
     p = subprocess.run([PY, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     text = " ".join(p.stdout.split())
     assert p.stdout.strip().endswith("[]")  # --help stays fast: torch, cv2 and av are imported only to prepare
-    for default in ("--size SIZE frame side after resize + centre crop (a multiple of 32) (default: 224)",
+    for default in ("--size SIZE the CNN's input side (a multiple of 32), cropped from SIZE x 8/7 (default: 224)",
                     "(default: 48000)", "(default: 10)", "(default: 256)", "cache folder (default: ROOT/lava_cache)"):
         assert default in text, default
     assert "(default: None)" not in text

@@ -130,14 +130,15 @@ def cnn_root(tmp_path_factory):
 
 
 def assert_torchvision_features(cache_dir, root, state=None):
-    """Every clip frame's stored features equal torchvision_features of the frame sample_frames gives for its
-    time (2 evaluation clips of 16 frames over K = 10 x seconds grid frames, placed by clip_plan)."""
+    """Every clip frame's stored features equal torchvision_features of the centre crop of the frame sample_frames
+    gives for its time at 8/7 size, ImageNet's evaluation transform (2 evaluation clips of 16 frames over K = 10 x
+    seconds grid frames, placed by clip_plan)."""
     cache = FeatureCache(cache_dir)
     assert sorted(v["id"] for v in cache.videos) == sorted(CNN_VIDEOS)
     for name, n in CNN_VIDEOS.items():
         item = cache[cache.index(name)]
         targets, index, _ = clip_plan(n, 2, 16, "eval")
-        frames = sample_frames(root / name, targets, 64)[0]             # (U, 64, 64, 3)
+        frames = sample_frames(root / name, targets, 73)[0][:, 4:68, 4:68]  # (U, 64, 64, 3): 64 of 73 = 64 x 8/7
         want = torchvision_features(frames, state)[index]              # (C, T, 2, 2, 512)
         got = item["patches"][item["window"]].astype(np.float32)
         assert got.shape == want.shape == (2, 16, 2, 2, 512) and item["frames"].tolist() == [16, 16]
