@@ -653,7 +653,7 @@ def bench_augment(args):
     cnn_ms = (time.perf_counter() - t0) / 3 * 1e3
     step = _train_rate(_bench_config((1024, 4, 16, 512), grid=args.size // 32), 2, torch.device("cpu"), steps=2,
                        warmup=1)
-    step_ms = 1e3 / step["clips_per_s"]
+    step_ms = step["step_ms"] / step["batch"]  # per clip
     if torch.cuda.is_available():  # the CNN's clips/s on the GPU (bf16, channels_last), beside `benchmark.py gpu`
         gpu_cnn = prepare.build_backbone("random", None, "cuda")
         batch = torch.randint(0, 256, (32 * 16, args.size, args.size, 3), dtype=torch.uint8, device="cuda")
