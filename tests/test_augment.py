@@ -2,8 +2,11 @@
 cache to pretrain.py's step: 16-frame windows anywhere in the clip, a random crop and h-flip of the pixels before
 the frozen CNN, and a log-mel standardised with training-clip statistics that probe.py applies identically."""
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 
 import cv2
 import numpy as np
@@ -136,27 +139,49 @@ def test_audio_stats_come_from_training_clips_and_apply_alike_in_pretrain_and_pr
         np.testing.assert_allclose(emb["z_v"][i, 0], want[0].numpy(), rtol=1e-4, atol=1e-5)
 
 
-def run_steps(cache, out, *extra):
-    pretrain.main(["--cache", str(cache), "--model", "tiny", "--batch-size", "4", "--lr", "1e-2", "--workers", "0",
-                   "--log-every", "1", "--no-progress", "--seed", "1", "--threads", "1", "--out", str(out), *extra])
+COMMON = ["--model", "tiny", "--batch-size", "4", "--lr", "1e-2", "--dropout", "0.1", "--log-every", "1",
+          "--no-progress", "--seed", "1", "--threads", "1"]  # 20 train videos: 5 steps per epoch, 10 in all
+
+
+def read_log(out):
     return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
 
 
-def test_frames_cache_resumes_exactly_and_two_ranks_match_one(tmp_path):
-    cache = write_feature_cache(tmp_path / "cache", n_videos=12, grid=1, store="frames")
-    whole = run_steps(cache, tmp_path / "whole", "--max-steps", "4")
-    run_steps(cache, tmp_path / "parts", "--max-steps", "2")
-    parts = run_steps(cache, tmp_path / "parts", "--max-steps", "4")  # the same command continues the run
-    assert [r["loss"] for r in parts] == [r["loss"] for r in whole]
-    a, b = (torch.load(tmp_path / d / "ckpt_last.pt", weights_only=True)["model"] for d in ("whole", "parts"))
+def test_frames_cache_resumes_bitwise_after_sigkill_and_two_ranks_match_one(tmp_path):
+    cache = write_feature_cache(tmp_path / "cache", n_videos=24, grid=1, store="frames")
+    common = ["--cache", str(cache), *COMMON]
+    pretrain.main([*common, "--workers", "0", "--out", str(tmp_path / "whole")])
+    whole = read_log(tmp_path / "whole")
+    # SIGKILL once a mid-run checkpoint exists (SIGSTOP first, so that it cannot change while it is read), then the
+    # same command continues: the same losses and bitwise the same weights as the uninterrupted run
+    killed = tmp_path / "killed"
+    command = [sys.executable, str(ROOT / "pretrain.py"), *common, "--save-every", "1", "--workers", "2",
+               "--out", str(killed)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    step, deadline = None, time.time() + 120
+    while step is None and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+        if (killed / "ckpt_last.pt").exists():
+            proc.send_signal(signal.SIGSTOP)
+            saved = torch.load(killed / "ckpt_last.pt", weights_only=True)["step"]
+            step = saved if 2 <= saved <= 8 else None
+            proc.send_signal(signal.SIGKILL if step else signal.SIGCONT)
+    proc.kill()
+    proc.wait()
+    assert step is not None, "the run was not caught mid-run"
+    subprocess.run(command, cwd=ROOT, env=env, check=True, capture_output=True)
+    assert [r["loss"] for r in read_log(killed)] == [r["loss"] for r in whole] and len(whole) == 10
+    a, b = (torch.load(tmp_path / d / "ckpt_last.pt", weights_only=True)["model"] for d in ("whole", "killed"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+    # 2 gloo ranks == one process (without dropout: each rank draws its own masks)
+    common += ["--dropout", "0", "--max-steps", "4", "--workers", "0"]
+    pretrain.main([*common, "--out", str(tmp_path / "one")])
     two = tmp_path / "two"
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
-                           str(ROOT / "pretrain.py"), "--cache", str(cache), "--model", "tiny", "--batch-size", "4",
-                           "--lr", "1e-2", "--workers", "0", "--log-every", "1", "--no-progress", "--seed", "1",
-                           "--threads", "1", "--max-steps", "4", "--out", str(two)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+                           str(ROOT / "pretrain.py"), *common, "--out", str(two)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    ranks = [json.loads(line) for line in (two / "log.jsonl").read_text().splitlines()]
-    for ra, rb in zip(whole, ranks):
+    assert len(read_log(two)) == 4
+    for ra, rb in zip(read_log(tmp_path / "one"), read_log(two)):
         assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-4, abs=1e-5), ra["step"]
