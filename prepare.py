@@ -53,8 +53,7 @@ VIDEO_EXTS = {".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".mpeg", 
 def clip_plan(num_frames, clips, frames, sampling):
     """Which 10 fps frames each clip holds, for a video of num_frames (K) frames on the 10 fps grid: (targets (U,)
     sorted unique frame indices to decode, index (clips, frames) into targets, starts (clips,) first grid frame of
-    each clip). clip_plan(30, 3, 16, "eval") -> starts [0, 7, 14]: windows overlap, so U = 30 frames serve 48 slots.
-    """
+    each clip). clip_plan(30, 3, 16, "eval") -> starts [0, 7, 14]: windows overlap, U = 30 frames serve 48 slots."""
     K = max(1, int(num_frames))
     if sampling == "pretrain" or clips == 1 or K <= frames:  # the central frames (a short video: from the first)
         starts = [max(0, (K - frames) // 2)] * clips
@@ -573,6 +572,8 @@ def _prepare(args):
     except BaseException:
         if writer is not None:  # the unfinished shard's temp folder goes (after finish() there is none)
             writer.abort()
+        for tmp in out.glob(f".shard_*.tmp-{os.getpid()}-*"):  # and one whose writer a signal stopped being made
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
     finally:
         bar.close()

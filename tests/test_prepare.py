@@ -565,6 +565,20 @@ def test_shard_write_errors_stop_the_run_and_a_rerun_completes(k700_single, tmp_
     run_prepare("--root", root, "--out", out, "--shard-size", "2", *FAST)
     assert_same_cache(out, single)
 
+    # Ctrl-C while shard 1's writer is being made, its temp folder already there (a signal right after shard 0's
+    # rename, as tests/test_prepare_pins.py sends them): that folder goes too
+    out = tmp_path / "out3"
+    header = prepare.ShardWriter._write_header
+
+    def interrupt_in_shard_1(self, n):
+        if self.final.name == prepare.shard_name(1):
+            raise KeyboardInterrupt
+        header(self, n)
+    monkeypatch.setattr(prepare.ShardWriter, "_write_header", interrupt_in_shard_1)
+    p = run_prepare("--root", root, "--out", out, "--shard-size", "2", *FAST, check=False)
+    assert p.returncode == 130 and [p.name for p in out.glob("shard_*")] == ["shard_00000"]
+    assert list(out.glob(".*tmp*")) == []
+
 
 def test_shard_abort_on_a_full_disk_still_removes_the_temp_folder(tmp_path):
     # abort() runs while an error is leaving prepare: when the disk is full, closing patches.npy (whose buffer
