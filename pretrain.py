@@ -90,7 +90,7 @@ def parse_args(argv=None):
     g.add_argument("--audio-noise", type=float, default=0.1, help="Gaussian noise std (standardised log-mel units)")
     g.add_argument("--normalize-centroid", action="store_true", help="re-normalise the centroid (paper: plain mean)")
     g.add_argument("--detach-centroid", action="store_true", help="no gradient through the centroid (paper: one)")
-    g.add_argument("--shuffle-pairs", action="store_true", help="control: each clip's audio and title from another")
+    g.add_argument("--shuffle-pairs", action="store_true", help="control: audio and title from another clip")
     g.add_argument("--backbone-weights", help="ImageNet ResNet-18 for a --store frames cache (default: prepare's)")
     g.add_argument("--compile", action="store_true", help="torch.compile the forward (checkpoints: the plain module)")
     g.add_argument("--compile-mode", help="torch.compile mode, e.g. max-autotune-no-cudagraphs (default: torch's)")
