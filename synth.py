@@ -466,8 +466,8 @@ def build_parser():
     p.add_argument("--k700-clips", type=int, default=64, help="K700-like train clips (balanced over classes)")
     p.add_argument("--k700-val-clips", type=int, default=16, help="K700-like val clips")
     p.add_argument("--k700-seconds", type=float, default=2.4,
-                   help="mean K700 clip length in seconds (each clip 0.9x-1.1x); >= 2.25 gives every clip "
-                        "prepare's central 2.0 s (20 frames at 10 fps)")
+                   help="mean K700 clip length in seconds (each clip 0.9x-1.1x); >= 2.25 gives every clip at "
+                        "least 20 frames at 10 fps (pretrain.py draws 16-frame windows from the whole clip)")
     p.add_argument("--k700-no-audio", type=float, default=0.15, help="share of K700 clips without an audio stream")
     p.add_argument("--k700-no-title", type=float, default=0.15, help="share of K700 clips without a title row")
     p.add_argument("--title-noise", type=float, default=0.1,
