@@ -287,12 +287,13 @@ def build_backbone(kind, weights_path, device):
 
 
 def frame_features(net, frames):
-    """uint8 RGB frames (N, S, S, 3) on net's device -> layer4 features (N, G, G, 512), G = S / 32, post-ReLU:
-    ImageNet's mean/std, channels_last, bf16 on CUDA (exact float32 on the CPU). Also pretrain.py's, per step."""
+    """uint8 RGB frames (..., S, S, 3) on net's device -> layer4 features (..., G, G, 512), G = S / 32, post-ReLU,
+    in one batch: ImageNet's mean/std, channels_last, bf16 on CUDA (float32 on the CPU). Also pretrain's, probe's."""
     import torch
-    x = ((frames.permute(0, 3, 1, 2).float() - net.mean) / net.std).contiguous(memory_format=torch.channels_last)
+    x = frames.reshape(-1, *frames.shape[-3:]).permute(0, 3, 1, 2).float()                   # (n, 3, S, S)
+    x = ((x - net.mean) / net.std).contiguous(memory_format=torch.channels_last)
     with torch.no_grad(), torch.autocast(frames.device.type, dtype=torch.bfloat16, enabled=frames.is_cuda):
-        return net(x).permute(0, 2, 3, 1)
+        return net(x).permute(0, 2, 3, 1).unflatten(0, frames.shape[:-3])
 
 
 def decode_jpegs(jpeg, spans):
@@ -332,9 +333,9 @@ class BadVideo(Exception):
 def decode_video(job):
     """job: {"path", "size", "clips", "frames", "sampling", "audio_frames", "store"} -> result dict; never raises.
     result: ok, frames uint8 (U, S, S, 3): the centre S = size crop of frames at 8/7 size (store "frames": the whole
-    8/7-size frames' JPEGs end to end (bytes,) and jpeg_sizes (U,)),
-    index (C, T) into frames, nreal (C,) int16, mel float16 (C, 80, A) or None, mel_moments (2,) (mean, mean
-    square of mel, for the cache's audio_stats), notes [(reason, action)]; or ok False and reason."""
+    8/7-size frames' JPEGs end to end (bytes,) and jpeg_sizes (U,)), index (C, T) into frames, nreal (C,) int16, mel
+    float16 (C, 80, A) or None, mel_moments (2,) (mean, mean square of the mel columns training windows read, for
+    audio_stats), notes [(reason, action)]; or ok False and reason."""
     import av
     try:
         path = Path(job["path"])
@@ -801,7 +802,7 @@ SHARD_ARRAYS = {
     "tokens": (np.int32, ("max_tokens",)),
     "has_audio": (np.bool_, ()),
     "has_text": (np.bool_, ()),
-    "mel_mean": (np.float64, ()),              # mean and mean square of the video's log-mel: the audio_stats
+    "mel_mean": (np.float64, ()),              # mean and mean square of the log-mel that training windows read
     "mel_square": (np.float64, ()),
 }
 # and one array of all the shard's videos' distinct frames, video after video: their features (P, G, G, F) float16,

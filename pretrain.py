@@ -279,7 +279,7 @@ def to_device(batch, device, trim_pad_id=None, cnn=None):
         tokens = tokens[:, :min(tokens.shape[1], math.ceil(length / 8) * 8)]
     video = batch["video"].to(device, non_blocking=True)              # (b, 16, G, G, F) or frames (b, 16, S, S, 3)
     if video.dtype == torch.uint8:  # Section 3: the frozen ResNet-18's frame-wise patch features of this crop
-        video = prepare.frame_features(cnn, video.flatten(0, 1)).unflatten(0, video.shape[:2])
+        video = prepare.frame_features(cnn, video)                   # (b, 16, G, G, F)
     video = video.float()
     audio = batch["audio"].to(device, non_blocking=True)              # (b, n_mels, 256)
     tokens = tokens.to(device, non_blocking=True)                     # (b, L') L' <= L
@@ -490,9 +490,8 @@ def main(argv=None):
         log_path.write_text("".join(json.dumps(r) + "\n" for r in read_log(log_path) if r["step"] <= step))
         print(f"{n_params / 1e6:.1f}M parameters | {len(indices)} train videos | {steps_per_epoch} steps/epoch of "
               f"{args.batch_size} clips ({world} rank(s) x {sampler.local_batch}) | {device} | {args.losses} | {out}")
-        print("video: " + (f"random crops + h-flips of the frames, frozen ResNet-18 ({cache.manifest['backbone']}) "
-                           "in the step" if cnn is not None else "cached centre-crop features, no crop or flip "
-                           "(prepare.py --store features: approximates the paper)"))
+        print("video: " + (f"random crops + h-flips, frozen ResNet-18 ({cache.manifest['backbone']}) in the step"
+                           if cnn is not None else "cached features, no crop or flip (approximates the paper)"))
     if ddp:
         dist.barrier()
 

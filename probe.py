@@ -257,18 +257,18 @@ def extract_embeddings(model, cache, batch_clips=64, device="cpu"):
     = 10 x frame). A --store frames cache: the centre crop of the frames through the frozen CNN, as at test time."""
     model.eval()
     cfg, shapes = model.config, cache.manifest["shapes"]
-    N, C, T = len(cache), shapes["clips"], cfg.video.frames
+    N, C, T, S = len(cache), shapes["clips"], cfg.video.frames, 32 * shapes["grid"]
     cnn = (prepare.build_backbone(cache.manifest["backbone"], cache.manifest["config"]["backbone_weights"], device)
            if shapes.get("store") == "frames" else None)
     encode = lambda fn, x: fn(torch.from_numpy(x).to(device)).float().cpu().numpy()
+    encode_video = model.encode_video if cnn is None else lambda x: model.encode_video(prepare.frame_features(cnn, x))
 
-    def clip_video(item, c, s):  # (T, G, G, F) float32 of clip c's frames s .. s + T - 1
+    def clip_video(item, c, s):  # clip c's frames s .. s + T - 1: features (T, G, G, F), or centre crops (T, S, S, 3)
         frames = item["patches"][item["window"][c, s:s + T]]
         if cnn is None:
             return frames.astype(np.float32)
-        pixels = prepare.decode_jpegs(item["jpeg"], frames)  # (T, S', S', 3) -> the central (T, S, S, 3)
-        o, size = (pixels.shape[1] - 32 * shapes["grid"]) // 2, 32 * shapes["grid"]
-        return encode(lambda x: prepare.frame_features(cnn, x), np.ascontiguousarray(pixels[:, o:o + size, o:o + size]))
+        o = (shapes["frame_size"] - S) // 2  # JPEGs at S' = 8/7 S -> centre crops; encode_video runs a batch's at once
+        return prepare.decode_jpegs(item["jpeg"], frames)[:, o:o + S, o:o + S]
 
     z_v, z_a = np.zeros((N, C, cfg.video.width), np.float32), np.zeros((N, C, cfg.audio.width), np.float32)
     has_audio = np.zeros(N, bool)
@@ -279,7 +279,7 @@ def extract_embeddings(model, cache, batch_clips=64, device="cpu"):
         has_audio[rows] = [it["has_audio"] for it in items]
         starts = [np.maximum(0, (np.minimum(it["frames"], shapes["frames"]) - T) // 2) for it in items]  # (C,) each
         video = np.stack([clip_video(it, c, s) for it, st in zip(items, starts) for c, s in enumerate(st)])
-        z_v[rows] = encode(model.encode_video, video).reshape(len(rows), C, -1)  # video: (b C, 16, G, G, F)
+        z_v[rows] = encode(encode_video, video).reshape(len(rows), C, -1)
         if has_audio[rows].any():
             a0 = pretrain.MEL_PER_FRAME  # x frame: the mel columns aligned with each window
             mel = np.stack([it["audio"][c, :, a0 * s:a0 * s + cfg.audio.frames] for it, st in zip(items, starts)
