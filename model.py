@@ -23,42 +23,37 @@ import torch.nn.functional as F
 
 
 @dataclass
-class VideoConfig:
-    feature_dim: int = 512     # ResNet-18 layer4 channels (Section 3: frozen ImageNet ResNet-18 patch features)
-    frames: int = 16           # Section 3: clips of 16 frames at 10 fps
-    grid: int = 7              # 224 / 32: layer4 patch grid of a 224 x 224 frame
+class EncoderConfig:
+    """The transformer of every encoder f_m (Section 3); VideoConfig, AudioConfig and TextConfig add their inputs."""
     width: int = 1024          # Section 3: "hidden size of 1024"
     depth: int = 4             # Section 3: "4 layers"
     heads: int = 16            # paper silent: 64-dim heads, the BERT-large / ViT-L choice at width 1024
     mlp_ratio: float = 4.0     # paper silent: the standard transformer ratio
     dropout: float = 0.0       # paper silent: features are frozen and the data is 480k clips; no dropout
+
+
+@dataclass
+class VideoConfig(EncoderConfig):
+    feature_dim: int = 512     # ResNet-18 layer4 channels (Section 3: frozen ImageNet ResNet-18 patch features)
+    frames: int = 16           # Section 3: clips of 16 frames at 10 fps
+    grid: int = 7              # 224 / 32: layer4 patch grid of a 224 x 224 frame
     center_tokens: bool = False  # kit option (not in the paper): subtract each clip's mean patch token, see notes
 
 
 @dataclass
-class AudioConfig:
+class AudioConfig(EncoderConfig):
     n_mels: int = 80           # Section 3: [80, 256] log-mel spectrograms
     frames: int = 256          # Section 3: 256 mel frames (10 ms hop -> 2.56 s)
-    width: int = 1024          # Section 3
-    depth: int = 4             # Section 3
-    heads: int = 16            # as VideoConfig
-    mlp_ratio: float = 4.0     # as VideoConfig
-    dropout: float = 0.0       # as VideoConfig
     frames_per_token: int = 1  # kit option: 1 = the paper's MLP per mel frame; k > 1: k frames per token (CPU demo)
     mel_mean: float = 0.0      # paper silent: the log-mel is standardised with the mean and std of the training
     mel_std: float = 1.0       # clips' log-mel (prepare.py's audio_stats), as AST does with its dataset's statistics
 
 
 @dataclass
-class TextConfig:
+class TextConfig(EncoderConfig):
     vocab_size: int = 48000    # Section 3: "48k vocab size using BPE"; set to the tokenizer's actual size
     max_len: int = 128         # Section 3: "maximum length of 128"
     pad_id: int = 47999        # prepare.py's BPETokenizer: pad_id = vocab_size - 1
-    width: int = 1024          # Section 3
-    depth: int = 4             # Section 3
-    heads: int = 16            # as VideoConfig
-    mlp_ratio: float = 4.0     # as VideoConfig
-    dropout: float = 0.0       # as VideoConfig
 
 
 @dataclass
@@ -102,9 +97,8 @@ class Attention(nn.Module):
         B, L, D = x.shape
         qkv = self.qkv(x).view(B, L, 3, self.heads, D // self.heads)     # (B, L, 3, H, hd)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)                 # 3 x (B, H, L, hd)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
-                                           dropout_p=self.dropout if self.training else 0.0)  # (B, H, L, hd)
-        return self.proj(y.transpose(1, 2).reshape(B, L, D))
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask, dropout_p=self.dropout if self.training else 0.0)
+        return self.proj(y.transpose(1, 2).reshape(B, L, D))            # y: (B, H, L, hd) -> (B, L, D)
 
 
 class Block(nn.Module):
@@ -132,10 +126,10 @@ class Encoder(nn.Module):
     so the probe's random-init baseline is not handicapped by an untrained CLS query.
     """
 
-    def __init__(self, width, depth, heads, mlp_ratio, dropout):
+    def __init__(self, cfg: EncoderConfig):
         super().__init__()
-        self.blocks = nn.ModuleList([Block(width, heads, mlp_ratio, dropout) for _ in range(depth)])
-        self.ln_f = nn.LayerNorm(width)
+        self.blocks = nn.ModuleList(Block(cfg.width, cfg.heads, cfg.mlp_ratio, cfg.dropout) for _ in range(cfg.depth))
+        self.ln_f = nn.LayerNorm(cfg.width)
 
     def forward(self, x, valid=None):
         # x: (B, L, D) tokens with positions added; valid: None (all tokens real) or bool (B, L)
@@ -178,7 +172,7 @@ class LAVA(nn.Module):
         self.video_pos_t = nn.Parameter(torch.zeros(cv.frames, width))
         self.video_pos_h = nn.Parameter(torch.zeros(cv.grid, width))
         self.video_pos_w = nn.Parameter(torch.zeros(cv.grid, width))
-        self.video_encoder = Encoder(width, cv.depth, cv.heads, cv.mlp_ratio, cv.dropout)
+        self.video_encoder = Encoder(cv)
 
         # audio: (B, 80, A) log-mel -> one token per mel frame (or per k frames) through a 2-layer MLP
         # ("audio features are encoded by an MLP", Section 3); learned positions over time.
@@ -187,12 +181,12 @@ class LAVA(nn.Module):
         self.audio_in = nn.Sequential(nn.Linear(ca.n_mels * ca.frames_per_token, width), nn.GELU(),
                                       nn.Linear(width, width))
         self.audio_pos = nn.Parameter(torch.zeros(ca.frames // ca.frames_per_token, width))
-        self.audio_encoder = Encoder(width, ca.depth, ca.heads, ca.mlp_ratio, ca.dropout)
+        self.audio_encoder = Encoder(ca)
 
         # text: token embeddings + learned positions; padding (pad_id) is masked out of attention and pooling.
         self.token_embedding = nn.Embedding(ct.vocab_size, width)
         self.text_pos = nn.Parameter(torch.zeros(ct.max_len, width))
-        self.text_encoder = Encoder(width, ct.depth, ct.heads, ct.mlp_ratio, ct.dropout)
+        self.text_encoder = Encoder(ct)
 
         # projection heads, one per latent space and shared by its modalities (g_av(z_a), g_av(z_v), ...). Bias-free:
         # the outputs are L2-normalised and compared by dot products; a bias would only add one vector to every output.
