@@ -59,8 +59,7 @@ def nce(x, y, mask=None, temperature=0.07, form="symmetric"):
     valid = torch.ones(len(x), dtype=torch.bool, device=x.device) if mask is None else mask.to(x.device, torch.bool)
     # Scrub missing slots before any arithmetic: masking logits later is not enough, because 0 * NaN = NaN would
     # leak a NaN/inf held in a missing row into the loss or, through the matmul's backward, into the gradients.
-    x = torch.where(valid[:, None], x.to(dtype), 0.0)                      # (B, D)
-    y = torch.where(valid[:, None], y.to(dtype), 0.0)                      # (B, D)
+    x, y = (torch.where(valid[:, None], t.to(dtype), 0.0) for t in (x, y))  # (B, D) each
     n = valid.sum()
 
     # autocast would run the matmul in bf16 again; the loss is tiny next to the encoders, so keep it exact.
@@ -80,8 +79,7 @@ def nce(x, y, mask=None, temperature=0.07, form="symmetric"):
     else:
         # With no valid sample every entry is -inf and the difference would be NaN: use zeros then (finite,
         # weighted by 0 below). Otherwise the -inf entries drop out of both sums exactly.
-        some = n > 0
-        loss = torch.where(some, logits, 0.0).flatten().logsumexp(0) - torch.where(some, diag, 0.0).logsumexp(0)
+        loss = torch.where(n > 0, logits, 0.0).flatten().logsumexp(0) - torch.where(n > 0, diag, 0.0).logsumexp(0)
     # < 2 valid samples: no negative exists. A multiplication (no python branch) keeps the term in the graph with
     # zero gradient, so backward() and DDP still work.
     return loss * (n >= 2).to(dtype)
@@ -153,15 +151,14 @@ class _AllGather(torch.autograd.Function):
     def forward(ctx, x):
         parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
         dist.all_gather(parts, x.contiguous())
-        ctx.rank = dist.get_rank()
-        ctx.rows = x.shape[0]
+        ctx.own = slice(dist.get_rank() * len(x), (dist.get_rank() + 1) * len(x))  # this rank's rows of the output
         return torch.cat(parts, dim=0)
 
     @staticmethod
     def backward(ctx, grad):
         grad = grad.contiguous()
         dist.all_reduce(grad, op=dist.ReduceOp.SUM)
-        return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows]
+        return grad[ctx.own]
 
 
 def gather(emb, present, losses):
@@ -169,9 +166,8 @@ def gather(emb, present, losses):
     features) and the masks. Same B on every rank: global row r * B + i is rank r's sample i in every modality."""
     keys = [(s, m) for s in ("av", "vt", "avt") if s in losses for m in emb[s]]
     flat = _AllGather.apply(torch.cat([emb[s][m] for s, m in keys], dim=1))  # (B, K*d) on each rank -> (N*B, K*d)
-    out = {s: {} for s, _ in keys}
-    for (s, m), part in zip(keys, flat.split([emb[s][m].shape[1] for s, m in keys], dim=1)):
-        out[s][m] = part
+    parts = dict(zip(keys, flat.split([emb[s][m].shape[1] for s, m in keys], dim=1)))  # (s, m) -> (N*B, d)
+    out = {s: {m: parts[s, m] for m in emb[s]} for s in losses}
     mods = sorted(present)
     masks = torch.stack([present[m].to(flat.device, torch.uint8) for m in mods], dim=1)  # (B, M); gloo has no bool
     masks = _AllGather.apply(masks).bool()                                  # (N*B, M), no gradient to carry
