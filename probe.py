@@ -384,7 +384,7 @@ def main(argv=None):
         except ValueError as e:  # a damaged cache: prepare.py's one-line message says what to do
             raise ProbeError(str(e)) from None
         if args.embed or args.search:  # any cache, labels and splits or not (README: Your own videos)
-            model, info = load_model(args, args.checkpoint or str(latest_checkpoint()), cache)
+            model, info = load_model(args, args.checkpoint, cache)
             emb = load_or_extract_embeddings(model, cache, info, args)
             if args.embed:
                 embed(args, cache, model, info, emb)
@@ -399,7 +399,6 @@ def main(argv=None):
         modalities = (args.modalities or ("video,audio+video" if args.dataset == "ucf101" else "video")).split(",")
         if set(modalities) - set(MODALITIES):
             raise ProbeError(f"--modalities: unknown {sorted(set(modalities) - set(MODALITIES))} (video, audio+video)")
-        grid = dict(epochs=args.epochs_grid, weight_decay=args.weight_decay_grid)
         read_split = read_ucf101_split if args.dataset == "ucf101" else read_hmdb51_split
         split_data = {k: read_split(root, k) for k in ([args.split] if args.split else [1, 2, 3])}  # before heavy work
         if args.per_class:  # a misspelt class fails now, not after the run
@@ -407,40 +406,37 @@ def main(argv=None):
         resolved = {k: resolve_split(data, cache, args.allow_partial, k) for k, data in split_data.items()}
         scope = dict(dataset=args.dataset, split_ids=list(resolved), modalities=modalities)
         if not args.checkpoints:
-            args.checkpoint = args.checkpoint or str(latest_checkpoint())
             model, info = load_model(args, args.checkpoint, cache)
+            args.checkpoint = info["checkpoint"]  # the latest run's, if none was given
             name = f"probe_{args.dataset}{'_random' if args.checkpoint == 'random' else ''}.json"
             out = Path(args.out or Path(info["run_dir"]) / name)
             check_scope(out, dict(scope, task="linear-probe", checkpoint=info["checkpoint"]), args.overwrite)
-            result = evaluate_checkpoint(args, model, info, cache, resolved, modalities, grid)
+            result = evaluate_checkpoint(args, model, info, cache, resolved, modalities)
         else:  # Figure 3: every checkpoint of the glob, each with its own weights and embeddings
             paths = sorted(glob.glob(args.checkpoints))
             if not paths:
                 raise ProbeError(f"--checkpoints {args.checkpoints!r} matches no file")
             out = Path(args.out or Path(paths[0]).parent / f"probe_{args.dataset}_series.json")
             check_scope(out, dict(scope, task="checkpoint-series", checkpoints=args.checkpoints), args.overwrite)
-            series = [evaluate_checkpoint(args, *load_model(args, path, cache), cache, resolved, modalities, grid)
+            series = [evaluate_checkpoint(args, *load_model(args, path, cache), cache, resolved, modalities)
                       for path in paths]
-            configs = {json.dumps(r["model_config"], sort_keys=True) for r in series}
-            if len(configs) > 1:
+            if len({json.dumps(r["model_config"], sort_keys=True) for r in series}) > 1:
                 raise ProbeError(f"--checkpoints {args.checkpoints!r}: the checkpoints have different model configs")
-            series = [{k: r[k] for k in ("checkpoint", "checkpoint_sha256", "epoch", "mean", "std", "per_class_mean",
-                                         "splits")} for r in series]
+            keep = ("checkpoint", "checkpoint_sha256", "epoch", "mean", "std", "per_class_mean", "splits")
             result = dict(scope, task="checkpoint-series", checkpoints=args.checkpoints, args=vars(args),
-                          model_config=json.loads(configs.pop()), series=series)
+                          model_config=series[0]["model_config"], series=[{k: r[k] for k in keep} for r in series])
         result["time_s"] = time.time() - t0
         out.parent.mkdir(parents=True, exist_ok=True)  # the JSON (and its .md table or .png plot), each atomically
         as_json = lambda x: x.item() if isinstance(x, np.generic) else str(x)  # numpy scalars as numbers, paths as text
         write_atomic(out, json.dumps(result, indent=2, default=as_json))
-        if not args.checkpoints:
+        if args.checkpoints:
+            plot_series(result["series"], out.with_suffix(".png"), args.dataset, list(resolved))
+            for s in result["series"]:
+                print(f"epoch {s['epoch']}: " + ", ".join(f"{m} {v:.1f}" for m, v in s["mean"].items()))
+        else:
             write_atomic(out.with_suffix(".md"), markdown_table(result, "all" if args.per_class else None))
             print(markdown_table(result, args.per_class))  # --per-class CLASSES: theirs here, every class in the .md
-            print(f"wrote {out} and {out.with_suffix('.md')} ({result['time_s']:.0f} s)")
-            return 0
-        plot_series(series, out.with_suffix(".png"), args.dataset, list(resolved))
-        for s in series:
-            print(f"epoch {s['epoch']}: " + ", ".join(f"{m} {v:.1f}" for m, v in s["mean"].items()))
-        print(f"wrote {out} and {out.with_suffix('.png')}")
+        print(f"wrote {out} and {out.with_suffix('.png' if args.checkpoints else '.md')} ({result['time_s']:.0f} s)")
         return 0
     except (ProbeError, OSError) as e:  # the user's input, a missing file, read-only storage: one line
         print(f"probe.py: error: {e}", file=sys.stderr)
@@ -450,9 +446,10 @@ def main(argv=None):
         return 128 + (e.args[0] if e.args else signal.SIGINT)  # 130, or 143 for SIGTERM, as a shell reports them
 
 
-def evaluate_checkpoint(args, model, info, cache, resolved, modalities, grid):
+def evaluate_checkpoint(args, model, info, cache, resolved, modalities):
     """Every split x modality for one checkpoint (`load_model`) -> the results dict (a linear-probe JSON)."""
     emb = load_or_extract_embeddings(model, cache, info, args)
+    grid = dict(epochs=args.epochs_grid, weight_decay=args.weight_decay_grid)
     rows = []
     for k, (res, n_missing) in resolved.items():
         for m in modalities:
@@ -592,20 +589,18 @@ def resolve_split(split_data, cache, allow_partial, split):
     return out, n_missing
 
 
-def latest_checkpoint(runs="runs"):
-    found = sorted(Path(runs).glob("*/ckpt_last.pt"), key=lambda p: p.stat().st_mtime)
-    if not found:
-        raise ProbeError(f"no {runs}/*/ckpt_last.pt: pass --checkpoint PATH (or 'random' with --config-from)")
-    return found[-1]
-
-
 def load_model(args, checkpoint, cache):
-    """(LAVA in eval mode on args.device, info dict) for a checkpoint path or "random": a fixed random init (seed
-    --seed) of the config of --config-from, else of the latest run. Weights or a config that do not fit: ProbeError."""
+    """(LAVA in eval mode on args.device, info dict) for a checkpoint path (None: the latest run's) or "random": a
+    fixed random init (seed --seed) of the config of --config-from or the latest run. Any misfit: ProbeError."""
     random_init = checkpoint == "random"
     if args.config_from and not random_init:
         raise ProbeError("--config-from gives the config of --checkpoint random; a checkpoint has its own")
-    source = (args.config_from or latest_checkpoint()) if random_init else checkpoint
+    source = args.config_from if random_init else checkpoint
+    if not source:  # the latest run's checkpoint
+        found = sorted(Path("runs").glob("*/ckpt_last.pt"), key=lambda p: p.stat().st_mtime)
+        if not found:
+            raise ProbeError("no runs/*/ckpt_last.pt: pass --checkpoint PATH (or 'random' with --config-from)")
+        source = found[-1]
     try:  # pretrain.py's reader: a missing, truncated or foreign file is a one-line OSError or ValueError
         ckpt = pretrain.load_checkpoint(source)
     except (OSError, ValueError) as e:
@@ -617,14 +612,14 @@ def load_model(args, checkpoint, cache):
         try:
             model.load_state_dict(ckpt["model"], strict=True)
         except RuntimeError as e:
-            raise ProbeError(f"checkpoint {checkpoint}: its weights do not fit its own config ({e})") from None
-        with open(checkpoint, "rb") as f:
+            raise ProbeError(f"checkpoint {source}: its weights do not fit its own config ({e})") from None
+        with open(source, "rb") as f:
             sha = hashlib.file_digest(f, "sha256").hexdigest()
         # epochs of pre-training done: pretrain.py stores the epoch to continue in (0-based) and its batches done
         epoch, sampler = ckpt.get("epoch"), ckpt.get("sampler") or {}
         if epoch is not None and sampler.get("steps_per_epoch"):
             epoch = round(epoch + sampler.get("step_in_epoch", 0) / sampler["steps_per_epoch"], 4)
-        info = dict(checkpoint=str(checkpoint), checkpoint_sha256=sha, config_source="checkpoint",
+        info = dict(checkpoint=str(source), checkpoint_sha256=sha, config_source="checkpoint",
                     embedding_key=sha[:16], epoch=epoch, pretrain_args=ckpt["config"].get("args"),
                     trained_on=(ckpt.get("cache_manifest") or {}).get("backbone"))
     else:
