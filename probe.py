@@ -119,9 +119,9 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         self.random_state = random_state
         self.device = device
 
-    def fit(self, X, y, groups=None):
-        for _ in self._fit_epochs(X, y, groups):
-            pass
+    def fit(self, X, y, groups=None, progress=None):
+        for _ in tqdm(self._fit_epochs(X, y, groups), progress, self.epochs, disable=None if progress else True):
+            pass  # progress: a bar with this label, on a terminal
         return self
 
     def _fit_epochs(self, X, y, groups=None):
@@ -293,11 +293,10 @@ def project(model, z, space, clip_mean=False):
     """Encoder outputs z (..., width) -> L2-normalised g_space(z) (..., embed_dim), the same map as LAVA.forward.
     clip_mean: z (n, C, width) -> (n, embed_dim), the mean of each row's C projections, re-normalised (as CLIP does)."""
     t = torch.from_numpy(np.ascontiguousarray(z, dtype=np.float32)).to(next(model.parameters()).device)
-    g = F.normalize(model.heads[space](t), dim=-1).cpu().numpy()
+    g = F.normalize(model.heads[space](t), dim=-1)
     if clip_mean:
-        g = g.mean(axis=1)
-        g /= np.linalg.norm(g, axis=1, keepdims=True)
-    return g
+        g = F.normalize(g.mean(dim=1), dim=-1)
+    return g.cpu().numpy()
 
 
 @torch.no_grad()
@@ -354,8 +353,7 @@ def evaluate_probe(emb, resolved, modality, ids, grid, seed=0, device="cpu", ucf
                                              random_state=seed, progress=progress, device=device)
         tqdm.write(f"{progress}: refit on {len(tr_idx)} training videos, {best['epochs']} epochs", file=sys.stderr)
         probe = LinearProbe(epochs=best["epochs"], weight_decay=best["weight_decay"], random_state=seed, device=device)
-        for _ in tqdm(probe._fit_epochs(Xtr, ytr, gtr), f"{progress}, refit", best["epochs"], disable=None):
-            pass  # probe.fit(Xtr, ytr, gtr) with a bar on a terminal
+        probe.fit(Xtr, ytr, gtr, progress=f"{progress}, refit")
     finally:
         torch.set_num_threads(threads)
     has = emb["has_audio"].astype(bool)
@@ -478,9 +476,8 @@ def evaluate_checkpoint(args, model, info, cache, resolved, modalities):
 
 
 def embed(args, cache, model, info, emb):
-    """--embed: every video's embeddings in one .npz: z_v, z_a per clip (N, C, W) and per video (clip mean, (N, W)),
-    z_t (N, W) of each title, and g_<space>_<m> (N, E), each latent space's L2-normalised projection of each of its
-    modalities (video, audio: clip mean, re-normalised); 0 where missing. R@k in a space: `g_vt_v @ g_vt_t.T`."""
+    """--embed: every video's embeddings, per clip and per video, and their projections g_<space>_<modality> into
+    each latent space, in one .npz (its keys: README, Your own videos); 0 where a modality is missing."""
     titles = np.array([v.get("title") or "" for v in cache.videos])
     z = dict(v=emb["z_v"], a=emb["z_a"], t=np.zeros((len(cache), model.config.text.width), np.float32))
     has = dict(v=np.ones(len(cache), bool), a=emb["has_audio"].astype(bool), t=titles != "")
@@ -515,15 +512,14 @@ def read_ucf101_split(root, split):
     rows = dict(classes=sorted(classes, key=classes.get), train=[], test=[], unused=[])
     for part, path in zip(("train", "test"), paths[1:]):
         for lineno, line in enumerate(_lines(path), 1):
-            parts = line.split()
-            video_id = parts[0].replace("\\", "/")
+            video_id, *given = line.replace("\\", "/").split()  # given: the label, on training lines
             folder_name = video_id.split("/")[0]
             if folder_name not in classes:
                 raise ProbeError(f"{path}:{lineno}: class folder {folder_name!r} is not in classInd.txt")
             label = classes[folder_name]
-            if len(parts) > 1 and int(parts[1]) - 1 != label:  # a labelled line must agree with its folder
-                raise ProbeError(f"{path}:{lineno}: label {parts[1]} but folder {folder_name!r} is class {label + 1}")
-            if part == "train" and len(parts) < 2:
+            if given and int(given[0]) - 1 != label:  # a labelled line must agree with its folder
+                raise ProbeError(f"{path}:{lineno}: label {given[0]} but folder {folder_name!r} is class {label + 1}")
+            if part == "train" and not given:
                 raise ProbeError(f"{path}:{lineno}: a training line needs '<path> <label>', got {line!r}")
             rows[part].append((video_id, label))
     return rows
