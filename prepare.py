@@ -28,9 +28,11 @@ import sys
 import tempfile
 import time
 import warnings
+from concurrent.futures.process import BrokenProcessPool, ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from bpe import BPETokenizer, write_atomic
 
@@ -81,7 +83,7 @@ def sample_frames(path, targets, size):
     if not cap.isOpened():
         raise BadVideo("OpenCV cannot open it (not a video, no video stream, or unreadable)")
     fps_meta = cap.get(cv2.CAP_PROP_FPS)
-    fps_meta = fps_meta if fps_meta and math.isfinite(fps_meta) and 0 < fps_meta < 1000 else 25.0
+    fps_meta = fps_meta if 0 < fps_meta < 1000 else 25.0  # 0, NaN or inf when the container states none
     times, n = np.asarray(targets, dtype=np.float64) / FPS, len(targets)
     out, real, src = np.empty((n, size, size, 3), np.uint8), np.zeros(n, bool), np.full(n, -1, np.int64)
     i, j, misses = 0, -1, 0            # i: next target to serve; j: number of the frame just grabbed
@@ -310,10 +312,9 @@ class FrameEncoder:
         import torch
         self.device = torch.device(device)
         self.batch_size = batch_size
-        self.cuda = self.device.type == "cuda"
         self.net = build_backbone(kind, weights_path, self.device)
-        self.host = torch.empty((batch_size, size, size, 3), dtype=torch.uint8, pin_memory=self.cuda)  # DMA upload
-        self.batch = self.host.numpy()  # a numpy view of the same memory
+        self.host = torch.empty((batch_size, size, size, 3), dtype=torch.uint8, pin_memory=self.device.type == "cuda")
+        self.batch = self.host.numpy()  # a numpy view of the same memory (pinned on CUDA: the upload is a DMA copy)
         self.frames_done, self.wait_s = 0, 0.0  # frames encoded, seconds spent here: the CNN's share of the run
 
     def __call__(self, n):
@@ -384,8 +385,7 @@ def decode_video(job):
         seen = [] if mel is None else [m[:, :10 * (max(int(n), 16) - 16) + 256] for m, n in zip(mel, nreal)]
         seen = np.concatenate([x.ravel() for x in seen]).astype(np.float64) if seen else np.zeros(0)
         moments = [seen.mean(), np.square(seen).mean()] if len(seen) else [0.0, 0.0]
-        result = dict(ok=True, index=index.astype(np.int32), nreal=nreal, mel=mel, notes=notes,
-                      mel_moments=np.asarray(moments))
+        result = dict(ok=True, index=index.astype(np.int32), nreal=nreal, mel=mel, notes=notes, mel_moments=moments)
         if job.get("store") == "frames":  # their JPEGs, q90: 1-2 MB per 10 s clip at 256 px (OpenCV encodes BGR)
             import cv2
             jpegs = [cv2.imencode(".jpg", f[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, 90])[1] for f in frames]
@@ -529,7 +529,7 @@ def _prepare(args):
         return merge(strict=True)
 
     # 3. this job's shards that are not finished yet; stale temp folders of earlier (killed) runs go
-    mine = [k for k in range(listing["num_shards"]) if k % args.num_shards == args.shard_index]
+    mine = range(args.shard_index, listing["num_shards"], args.num_shards)  # shards k with k % num_shards == index
     for stale in (d for k in mine for d in out.glob(f".{shard_name(k)}.tmp-*")):
         shutil.rmtree(stale, ignore_errors=True)
     todo = [k for k in mine if not (out / shard_name(k)).is_dir()]
@@ -542,7 +542,6 @@ def _prepare(args):
     #    this process waited for decoded videos (more --workers would help, if there are cores) or for the CNN
     import cv2
     import torch
-    from tqdm import tqdm
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     encoder = (FrameEncoder(args.backbone, args.backbone_weights, device, args.size, args.batch_size)
                if args.store == "features" else None)  # --store frames: the CNN runs in pretrain.py
@@ -584,7 +583,7 @@ def _prepare(args):
     if encoder is not None:
         ran = (f"{len(jobs)} videos, {encoder.frames_done:,} frames through the CNN in {seconds:.2f} s "
                f"({encoder.frames_done / seconds:,.0f} frames/s)")
-        device = torch.cuda.get_device_name(encoder.device) if encoder.cuda else device
+        device = torch.cuda.get_device_name(encoder.device) if encoder.device.type == "cuda" else device
         cnn = f" and {encoder.wait_s:.2f} s for the CNN ({device})"
     print(f"prepare: {ran}; the main process waited {wait_decode:.2f} s for decoding (--workers {args.workers}){cnn}")
     return merge()
@@ -646,7 +645,6 @@ def list_videos(root, dataset, out, workers=0):
             keys = (v.get("youtube_id"), v["path"], v["id"], Path(v["path"]).stem)
             v["title"] = next((table[k] for k in keys if k in table), None)
         # a clip with no titles.csv row falls back to its own metadata tag (PyAV opens each file: workers for many)
-        from tqdm import tqdm
         missing = [v for v in videos if v["title"] is None]
         tags = decode_stream([str(root / v["path"]) for v in missing], workers if len(missing) >= 200 else 0,
                              fn=read_metadata_title)
@@ -711,8 +709,6 @@ def decode_stream(jobs, workers, timeout=None, fn=decode_video):
     many spawned processes, at most 2 x workers jobs in flight, the frames handed over as torch tensors in shared
     memory (mapped, not copied). A worker that dies (a decoder crash) or runs past `timeout` seconds breaks the pool:
     it is killed and the jobs in flight run again one at a time, so the failure is pinned on its own file."""
-    from concurrent.futures import TimeoutError as FutureTimeout
-    from concurrent.futures.process import BrokenProcessPool
     if workers <= 0:
         yield from map(fn, jobs)
         return
@@ -735,7 +731,7 @@ def decode_stream(jobs, workers, timeout=None, fn=decode_video):
             i, future = pending[0]
             try:
                 result = future.result(timeout=timeout)
-            except (BrokenProcessPool, FutureTimeout) as e:
+            except (BrokenProcessPool, TimeoutError) as e:  # (concurrent.futures' TimeoutError is the builtin)
                 _kill_pool(ex)
                 ex = _spawn_pool(workers)
                 if len(pending) > 1:  # run everything that was in flight again, one at a time
@@ -743,7 +739,7 @@ def decode_stream(jobs, workers, timeout=None, fn=decode_video):
                     pending.clear()
                     continue
                 result = dict(ok=False, reason=f"decoding took longer than --video-timeout {timeout} s"
-                              if isinstance(e, FutureTimeout) else "the decoder crashed (worker process died)")
+                              if isinstance(e, TimeoutError) else "the decoder crashed (worker process died)")
             pending.pop(0)
             if isinstance(result, dict) and hasattr(result.get("frames"), "numpy"):
                 result["frames"] = result["frames"].numpy()  # a view of the shared memory, no copy
@@ -768,7 +764,6 @@ def _in_shared_memory(fn, job):
 def _spawn_pool(workers):
     """Decode processes, spawned: forking a process that holds torch/OpenMP thread pools can deadlock the child."""
     import torch.multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
     return ProcessPoolExecutor(workers, mp_context=torch.multiprocessing.get_context("spawn"), initializer=_worker_init)
 
 
@@ -958,17 +953,14 @@ def merge_shards(out, listing, args_dict, shapes, tokenizer_name, strict=False):
 # --------------------- the reader: FeatureCache (pretrain.py and probe.py import it) ----------------------
 
 class FeatureCache:
-    """Read-only view of a finished cache, every shard array memory-mapped (README: Feature cache).
-
+    """Read-only view of a finished cache, every shard array memory-mapped (README: Feature cache, "Reading it"):
         cache[i] -> dict(patches=(U,G,G,F) float16, window=(C,T) int32, frames=(C,) int16,
-                         audio=(C,80,A) float16, tokens=(128,) int32, has_audio=bool, has_text=bool)
+                         audio=(C,80,A) float16, tokens=(128,) int32, has_audio=bool, has_text=bool, jpeg)
         item["patches"][item["window"][c]] -> (T,G,G,F): reads only clip c's frames from the memory map
         a --store frames cache: patches (U, 2) JPEG spans, and item["jpeg"] the shard's bytes: decode_jpegs
         cache.videos[i] -> {"id", "path", "label", "split", "title"};  cache.index(video_id) -> i
-
-    Files, shapes, dtypes and patch indices are checked, so a truncated, hand-edited or mixed-up cache fails here in
-    one line naming the file (FileNotFoundError: no finished cache; ValueError: damaged, or another format).
-    """
+    Files, shapes, dtypes and patch indices are checked: a truncated, hand-edited or mixed-up cache fails here in one
+    line naming the file (FileNotFoundError: no finished cache; ValueError: damaged, or another format)."""
 
     def __init__(self, path):
         self.path = Path(path)
