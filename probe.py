@@ -21,7 +21,6 @@ from pathlib import Path
 
 
 def parse_args(argv=None):
-    """The command line, stdlib only: --help and flag errors answer before torch is imported."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", choices=["ucf101", "hmdb51"], help="downstream dataset (for a linear probe)")
     p.add_argument("--root", help="dataset folder (split lists), or your videos' folder (default: ucf101/ or hmdb51/)")
@@ -159,12 +158,19 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
             yield epoch
 
     def _logits(self, X, groups=None):
-        # X (n, d) -> float64 logits (n, K), or (g, K) averaged per group; a row's logits never depend on the other rows
+        # X (n, d) -> float64 logits (n, K), or (g, K) averaged per group in first-appearance order (the paper's
+        # "logits are averaged across multiple clips per test set video"); a row's logits never depend on the other rows
         check_is_fitted(self)
         X = validate_data(self, X, reset=False, dtype=[np.float64, np.float32])
         chunks = (np.asarray(X[i:i + LOGIT_ROWS], dtype=np.float64) for i in range(0, X.shape[0], LOGIT_ROWS))
         logits = np.concatenate([(c - self.mean_) / self.scale_ @ self.coef_.T + self.intercept_ for c in chunks])
-        return logits if groups is None else group_mean(logits, groups)[1]
+        if groups is None:
+            return logits
+        check_consistent_length(logits, groups)
+        keys, codes = first_appearance(groups)
+        sums = np.zeros((len(keys), logits.shape[1]))
+        np.add.at(sums, codes, logits)
+        return sums / np.bincount(codes)[:, None]
 
     def decision_function(self, X, groups=None):
         """Logits (n, K) (or (n_videos, K) with groups); for 2 classes the margin logit_1 - logit_0, shape (n,)."""
@@ -190,16 +196,6 @@ def first_appearance(groups):
     uniq, first, inverse = np.unique(column_or_1d(groups), return_index=True, return_inverse=True)
     order = np.argsort(first)                     # positions in uniq, in order of first appearance
     return uniq[order], np.argsort(order)[inverse.reshape(-1)]
-
-
-def group_mean(values, groups):
-    """values (n, K) rows averaged within each group -> (keys (g,), means (g, K)), groups in first-appearance order.
-    This is the paper's "logits are averaged across multiple clips per test set video"."""
-    check_consistent_length(values, groups)
-    keys, codes = first_appearance(groups)
-    sums = np.zeros((len(keys), values.shape[1]))
-    np.add.at(sums, codes, values)
-    return keys, sums / np.bincount(codes)[:, None]
 
 
 def group_labels(y, groups):
@@ -319,10 +315,9 @@ def encode_titles(model, info, titles, batch=256):
 # ---- 3. one split: the linear probe on a modality's features ----
 
 def modality_features(emb, modality, train_idx):
-    """(N, C, D) features of a modality setting. video: z_v. audio+video: [z_v, z_a], where a video without audio
-    (about half of real UCF-101) gets the mean z_a of this split's training videos with audio. That is the training
-    mean, so after the probe's standardisation the imputed part is exactly 0 and the audio half adds nothing to that
-    video's logits, instead of the encoder's output for silence (arbitrary, confidently non-neutral) or -mean/std."""
+    """(N, C, D) features. video: z_v. audio+video: [z_v, z_a], where a video without audio (about half of real
+    UCF-101) gets the mean z_a of the split's training videos with audio: 0 after the probe's standardisation, adding
+    nothing to the logits, unlike the encoder's output for silence (arbitrary, confidently non-neutral) or -mean/std."""
     if modality == "video":
         return emb["z_v"]
     if modality != "audio+video":
