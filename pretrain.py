@@ -7,9 +7,8 @@ r"""Pre-train LAVA (paper Section 3) on a prepare.py feature cache: one file, CP
         --rdzv_endpoint $MASTER_HOST:29500 pretrain.py --data k700 --batch-size 512 --out runs/lava_k700_16gpu
 
 Reads only the cache, never videos; augmentation is a function of (seed, epoch, sample index), so a stopped run
-continues to the same weights (bitwise on the CPU). No gradient accumulation: with in-batch negatives it is not a
-larger batch. The same command continues the run in --out (run folder: README, Pre-training); Ctrl-C or SIGTERM saves
-the step in progress (exit 130 / 143). "epoch E, step S": step S is in epoch E, from 1; checkpoints count epochs done.
+continues to the same weights (bitwise on the CPU): the same command continues the run in --out, Ctrl-C or SIGTERM
+saves the step in progress (exit 130 / 143). No gradient accumulation: with in-batch negatives it is not a larger batch.
 """
 import argparse
 import functools
@@ -154,8 +153,7 @@ class PretrainClips(Dataset):
     video  (16, S, S, 3) uint8     --store frames: a random S x S crop (S = 32 x grid) of the larger frames, h-flipped
                                    with p = 0.5 (the paper's augmentations, on pixels: the frozen CNN runs in the step)
       or   (16, G, G, F) float16   --store features: centre-crop features, no crop or flip (approximates the paper)
-    audio  (n_mels, 256) float32   log-mel columns [10 s, 10 s + 256), the same frames', + noise of audio_noise x the
-                                   cache's log-mel std (sigma in the model's standardised units)
+    audio  (n_mels, 256) float32   log-mel columns [10 s, 10 s + 256) + noise of std audio_noise in standardised units
     tokens (L,) int64              BPE title tokens (all pad when there is no title)
     has_audio, has_text  bool      presence, for the loss masks
     shuffle_pairs: audio and title come from another video (a permutation fixed per epoch): the control run.
@@ -200,11 +198,9 @@ class PretrainClips(Dataset):
             c, s = self.window(item, rng)
         a0 = MEL_PER_FRAME * s  # prepare.py keeps T >= 16 frames and the 10 (T - 16) + 256 mel columns all starts need
         a = item["audio"][c, :, a0:a0 + AUDIO_FRAMES].astype(np.float32)  # (n_mels, 256)
-        if item["has_audio"] and self.audio_noise > 0:  # absent audio stays zeros (it is masked out anyway)
-            std = self.cache.manifest["audio_stats"]["std"]
-            a += self.audio_noise * std * rng.standard_normal(a.shape, dtype=np.float32)  # the last draw
-        return dict(video=torch.from_numpy(v), audio=torch.from_numpy(a),
-                    tokens=torch.from_numpy(item["tokens"].astype(np.int64)),
+        if item["has_audio"] and self.audio_noise > 0:  # the last draw; absent audio stays zeros (masked out anyway)
+            a += self.audio_noise * self.cache.manifest["audio_stats"]["std"] * rng.standard_normal(a.shape, np.float32)
+        return dict(video=torch.from_numpy(v), audio=torch.from_numpy(a), tokens=torch.tensor(item["tokens"]).long(),
                     has_audio=torch.tensor(bool(item["has_audio"])), has_text=torch.tensor(bool(item["has_text"])))
 
 
@@ -261,38 +257,32 @@ def ignore_signals(worker_id):  # DataLoader workers leave Ctrl-C and SIGTERM (s
 
 
 def make_loader(dataset, sampler, workers, device, seed):
-    return DataLoader(
-        dataset, batch_size=sampler.local_batch, sampler=sampler, drop_last=True, num_workers=workers,
-        pin_memory=device.type == "cuda", persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
-        # worker seeds from here, not the global RNG (the model's stream stays the same on resume; samples use none)
-        generator=torch.Generator().manual_seed(seed), worker_init_fn=ignore_signals)
+    # worker seeds from `generator`, not the global RNG (the model's stream stays the same on resume; samples use none)
+    return DataLoader(dataset, batch_size=sampler.local_batch, sampler=sampler, drop_last=True, num_workers=workers,
+                      pin_memory=device.type == "cuda", persistent_workers=workers > 0, worker_init_fn=ignore_signals,
+                      prefetch_factor=4 if workers > 0 else None, generator=torch.Generator().manual_seed(seed))
 
 
 def to_device(batch, device, trim_pad_id=None, cnn=None):
     """A collated batch on `device` (non-blocking), video f16 -> f32; uint8 frames through the frozen `cnn` first.
     trim_pad_id (the CPU's): drop the token columns that are padding in every title (up to a multiple of 8; masked
     anyway: same embeddings); CUDA keeps fixed shapes."""
-    tokens = batch["tokens"]                                         # (b, L) int64
     if trim_pad_id is not None:
-        used = (tokens != trim_pad_id).any(dim=0).nonzero()
+        used = (batch["tokens"] != trim_pad_id).any(dim=0).nonzero()  # batch["tokens"]: (b, L) int64
         length = int(used.max()) + 1 if len(used) else 1
-        tokens = tokens[:, :min(tokens.shape[1], math.ceil(length / 8) * 8)]
-    video = batch["video"].to(device, non_blocking=True)              # (b, 16, G, G, F) or frames (b, 16, S, S, 3)
+        batch = dict(batch, tokens=batch["tokens"][:, :math.ceil(length / 8) * 8])  # (b, L'), L' <= L
+    b = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    video = b["video"]                                                # (b, 16, G, G, F) or frames (b, 16, S, S, 3)
     if video.dtype == torch.uint8:  # Section 3: the frozen ResNet-18's frame-wise patch features of this crop
         video = prepare.frame_features(cnn, video)                   # (b, 16, G, G, F)
-    video = video.float()
-    audio = batch["audio"].to(device, non_blocking=True)              # (b, n_mels, 256)
-    tokens = tokens.to(device, non_blocking=True)                     # (b, L') L' <= L
-    has_a = batch["has_audio"].to(device, non_blocking=True)
-    present = {"a": has_a, "v": torch.ones_like(has_a), "t": batch["has_text"].to(device, non_blocking=True)}
-    return video, audio, tokens, present
+    present = {"a": b["has_audio"], "v": torch.ones_like(b["has_audio"]), "t": b["has_text"]}
+    return video.float(), b["audio"], b["tokens"], present           # audio: (b, n_mels, 256)
 
 
 # ---- the step: Eq. 5's loss, Adam, the cosine schedule (benchmark.py times the same functions) ----
 
 def loss_fn(model, video, audio, tokens, present, autocast, losses, **options):
-    """LAVA loss of one batch: encoders under `autocast` (bf16 on CUDA), the NCE terms in float32 (losses.py);
-    `options`: lava_loss's temperature, form, normalize_centroid, detach_centroid."""
+    """LAVA loss of one batch: encoders under `autocast` (bf16 on CUDA), the NCE terms in float32 (losses.lava_loss)."""
     with autocast:
         emb = model(video, audio, tokens, spaces=losses)  # {space: {modality: (b, embed_dim)}}
     return lava_loss(emb, present, losses=losses, **options)
@@ -345,16 +335,12 @@ def load_checkpoint(path):
     return ckpt
 
 
-def read_log(path):
-    return [json.loads(line) for line in Path(path).read_text().splitlines()] if Path(path).exists() else []
-
-
 def plot_losses(log_path, png_path):
     from matplotlib.figure import Figure  # no pyplot: no GUI backend, nothing to close
-    recs = read_log(log_path)
+    recs = [json.loads(line) for line in Path(log_path).read_text().splitlines()]  # main writes a line first
     ax = Figure(figsize=(7, 4), layout="tight").subplots()
     for k in ("loss", "av", "vt", "avt"):
-        if recs and k in recs[0]:
+        if k in recs[0]:
             ax.plot([r["epoch_progress"] for r in recs], [r[k] for r in recs], label="total" if k == "loss" else k,
                     lw=2 if k == "loss" else 1)
     ax.set(xlabel="epoch", ylabel="NCE loss", title=f"pre-training loss ({Path(log_path).parent.name})")
@@ -487,7 +473,8 @@ def main(argv=None):
         if cache.tokenizer is not None:  # what probe.py --embed and --search encode titles and queries with
             (out / "tokenizer.bpe").write_bytes((Path(args.cache) / cache.manifest["tokenizer"]).read_bytes())
         # a continued run forgets the log lines the stopped run wrote after its checkpoint
-        log_path.write_text("".join(json.dumps(r) + "\n" for r in read_log(log_path) if r["step"] <= step))
+        lines = log_path.read_text().splitlines() if log_path.exists() else []
+        log_path.write_text("".join(f"{line}\n" for line in lines if json.loads(line)["step"] <= step))
         print(f"{n_params / 1e6:.1f}M parameters | {len(indices)} train videos | {steps_per_epoch} steps/epoch of "
               f"{args.batch_size} clips ({world} rank(s) x {sampler.local_batch}) | {device} | {args.losses} | {out}")
         print("video: " + (f"random crops + h-flips, frozen ResNet-18 ({cache.manifest['backbone']}) in the step"
