@@ -343,8 +343,7 @@ def decode_video(job):
         notes = []
         if not path.is_file() or path.stat().st_size == 0:
             raise BadVideo("zero-byte file" if path.is_file() else "file not found")
-        # the packets' duration places the clips, then their audio is decoded. A header's duration can be a bit-rate
-        # estimate (MPEG-PS, TS, FLV: a 3 s MPEG-PS said 0.05 s); a shorter measured one means a truncated file
+        # the clips are placed on the packets' duration (a header's can be a bit-rate estimate: MPEG-PS, TS, FLV)
         with av.open(str(path), metadata_errors="replace") as container:  # not a video: av's error is the reason
             if not container.streams.video:
                 raise BadVideo("no video stream")
@@ -800,9 +799,8 @@ SHARD_ARRAYS = {
     "mel_mean": (np.float64, ()),              # mean and mean square of the log-mel that training windows read
     "mel_square": (np.float64, ()),
 }
-# and one array of all the shard's videos' distinct frames, video after video: their features (P, G, G, F) float16,
-# or (--store frames) where each frame's JPEG lies in jpeg.npy, (P, 2) int64 (offset, length). Evaluation windows
-# overlap (10 x 16 frames of a 7 s video are 70 distinct frames), so each frame is stored once.
+# and patches.npy: the shard's videos' distinct frames (windows overlap: each is stored once), video after video, as
+# features (P, G, G, F) float16, or (--store frames) where each JPEG lies in jpeg.npy: (P, 2) int64 (offset, length)
 PATCHES, JPEG = "patches", "jpeg"
 
 
