@@ -102,7 +102,7 @@ class BPETokenizer:
         counts are kept up to date, not recounted: merging (a, b) visits only the words in where[(a, b)] and adjusts
         the neighbouring pairs' counts; the best pair comes from a max-heap."""
         num_merges, words, freqs = self._distinct_words(texts, vocab_size)
-        counts, where = {}, defaultdict(set)  # pair -> its count; pair -> the words holding it (or that once did)
+        counts, where = defaultdict(int), defaultdict(set)  # pair -> its count, -> the words holding it (or once did)
         for wi, (word, n) in enumerate(zip(words, freqs)):
             get_stats(word, counts, weight=n)
             for pair in zip(word, word[1:]):
@@ -126,15 +126,13 @@ class BPETokenizer:
                         # ... p [a b] q ... -> ... p new q ...: (p, a) and (b, q) go, (p, new) and (new, q) come;
                         # exact for overlaps too ("aaaa": the 2nd match takes back the (new, a) the 1st one added)
                         if i > 0:
-                            pn = (w[i - 1], new)
                             counts[w[i - 1], a] -= n
-                            counts[pn] = counts.get(pn, 0) + n
-                            born[pn].add(wi)
+                            counts[w[i - 1], new] += n
+                            born[w[i - 1], new].add(wi)
                         if i + 2 < len(w):
-                            nq = (new, w[i + 2])
                             counts[b, w[i + 2]] -= n
-                            counts[nq] = counts.get(nq, 0) + n
-                            born[nq].add(wi)
+                            counts[new, w[i + 2]] += n
+                            born[new, w[i + 2]].add(wi)
                         w[i:i + 2] = [new]
                     i += 1
             where.update(born)  # (a, b) itself is gone from every word: its count is 0 and stays 0
