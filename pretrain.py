@@ -265,8 +265,7 @@ def make_loader(dataset, sampler, workers, device, seed):
 
 def to_device(batch, device, trim_pad_id=None, cnn=None):
     """A collated batch on `device` (non-blocking), video f16 -> f32; uint8 frames through the frozen `cnn` first.
-    trim_pad_id (the CPU's): drop the token columns that are padding in every title (up to a multiple of 8; masked
-    anyway: same embeddings); CUDA keeps fixed shapes."""
+    trim_pad_id (CPU; CUDA keeps fixed shapes): drop token columns that pad every title (masked: same embeddings)."""
     if trim_pad_id is not None:
         used = (batch["tokens"] != trim_pad_id).any(dim=0).nonzero()  # batch["tokens"]: (b, L) int64
         length = int(used.max()) + 1 if len(used) else 1
@@ -387,8 +386,7 @@ def main(argv=None):
         args.out = str(Path(args.resume).parent) if explicit else f"runs/lava_{stamp[0]}"
     out = Path(args.out)
     last, log_path = out / "ckpt_last.pt", out / "log.jsonl"
-    # --resume PATH, or the run in --out: the same command continues it, with other settings only when asked
-    ckpt_path = Path(args.resume) if explicit else last
+    ckpt_path = Path(args.resume) if explicit else last  # --resume PATH, or --out's run: the same command continues it
     try:
         ckpt = load_checkpoint(ckpt_path) if explicit or (last.exists() and not args.restart) else None
     except (OSError, ValueError) as e:
