@@ -314,7 +314,7 @@ def _bench_prepare_cnn(args, distinct=4):
         got = enc(args.cnn_batch).astype(np.float32)
         with torch.no_grad(), torch.autocast(enc.device.type, dtype=torch.bfloat16, enabled=cuda):
             x = torch.from_numpy(frames).to(enc.device).permute(0, 3, 1, 2).float()
-            x = ((x - enc.mean) / enc.std).contiguous(memory_format=torch.channels_last)
+            x = ((x - enc.net.mean) / enc.net.std).contiguous(memory_format=torch.channels_last)
             want = enc.net(x).permute(0, 2, 3, 1).float().cpu().numpy()
         worst, scale = max(worst, float(np.abs(got - want).max())), max(scale, float(np.abs(want).max()))
     if not worst <= 0.02 * scale:
