@@ -338,10 +338,9 @@ def plot_losses(log_path, png_path):
     from matplotlib.figure import Figure  # no pyplot: no GUI backend, nothing to close
     recs = [json.loads(line) for line in Path(log_path).read_text().splitlines()]  # main writes a line first
     ax = Figure(figsize=(7, 4), layout="tight").subplots()
-    for k in ("loss", "av", "vt", "avt"):
-        if k in recs[0]:
-            ax.plot([r["epoch_progress"] for r in recs], [r[k] for r in recs], label="total" if k == "loss" else k,
-                    lw=2 if k == "loss" else 1)
+    x = [r["epoch_progress"] for r in recs]
+    for k in [k for k in ("loss", "av", "vt", "avt") if k in recs[0]]:
+        ax.plot(x, [r[k] for r in recs], label="total" if k == "loss" else k, lw=2 if k == "loss" else 1)
     ax.set(xlabel="epoch", ylabel="NCE loss", title=f"pre-training loss ({Path(log_path).parent.name})")
     ax.legend()
     ax.grid(alpha=0.3)
