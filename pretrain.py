@@ -483,8 +483,7 @@ def main(argv=None):
     bar = tqdm(total=last_step * args.batch_size, initial=step * args.batch_size, unit="clip", unit_scale=True,
                dynamic_ncols=True, mininterval=1.0, disable=not master or args.no_progress)
     window, t_window = [], time.perf_counter()  # per-step [total, *terms] losses since the last log line (no sync)
-    # Ctrl-C / SIGTERM: the step in progress ends, saved as a --save-every one is (so continuing is exact); torchrun's
-    # ranks would stop at different steps and hang in the gather, so they stop at once, as after a second Ctrl-C
+    # Ctrl-C / SIGTERM: the step in progress ends and is saved; torchrun's ranks stop at once, or the gather would hang
     signals = []
 
     def on_signal(signum, frame):
