@@ -393,6 +393,8 @@ def main(argv=None):
     if explicit and last.exists() and ckpt_path.resolve().parent != out.resolve() and not args.restart:
         fail(f"{out} holds another run than {ckpt_path}'s: --restart replaces it, or use another --out")
     theirs = ckpt["config"]["args"] if ckpt is not None and args.resume is None else {}  # {}: nothing to compare
+    # a flag newer than the run (its checkpoint lacks it) ran as that flag's default, which keeps the old behaviour
+    theirs = {**vars(parse_args([])), **theirs} if theirs else {}
     diff = [f"--{k.replace('_', '-')} {theirs.get(k)} (now {v})" for k, v in sorted(vars(args).items())
             if theirs and k not in RUN_ONLY and theirs.get(k) != v]
     if diff:

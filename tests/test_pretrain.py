@@ -456,6 +456,13 @@ def test_a_run_in_out_continues_or_refuses_and_restart_replaces_it(feature_cache
     assert "lr 1.0e-03" in capsys.readouterr().out
     pretrain.main(common + ["--epochs", "1"])   # the same settings: continued (finished: nothing to do)
     assert f"continuing {out} from epoch 1, step 1 of 1\n" in capsys.readouterr().out
+    # a run of an older kit, before --shuffle-pairs and --detach-centroid: it ran as their defaults do
+    ckpt = torch.load(out / "ckpt_last.pt", weights_only=True)
+    for newer in ("shuffle_pairs", "detach_centroid"):
+        del ckpt["config"]["args"][newer]
+    torch.save(ckpt, out / "ckpt_last.pt")
+    pretrain.main(common + ["--epochs", "1"])
+    assert f"continuing {out} from epoch 1, step 1 of 1\n" in capsys.readouterr().out
 
     def refused(*flags):
         with pytest.raises(SystemExit) as stop:
@@ -464,6 +471,7 @@ def test_a_run_in_out_continues_or_refuses_and_restart_replaces_it(feature_cache
         assert stop.value.code == 2 and err.count("\n") == 1 and err.startswith("pretrain: "), err
         return err
 
+    assert "--shuffle-pairs False (now True)" in refused("--epochs", "1", "--shuffle-pairs")
     err = refused("--epochs", "3", "--lr", "2e-3")   # other settings: refused, nothing touched
     assert "--epochs 1 (now 3), --lr 0.001 (now 0.002)" in err and "--resume auto" in err and "--restart" in err
     assert torch.load(out / "ckpt_last.pt", weights_only=True)["step"] == 1
