@@ -102,7 +102,7 @@ class BPETokenizer:
         counts are kept up to date, not recounted: merging (a, b) visits only the words in where[(a, b)] and adjusts
         the neighbouring pairs' counts; the best pair comes from a max-heap."""
         num_merges, words, freqs = self._distinct_words(texts, vocab_size)
-        counts, where = defaultdict(int), defaultdict(set)  # pair -> its count, -> the words holding it (or once did)
+        counts, where = defaultdict(int), defaultdict(set)  # pair -> count; pair -> the words holding it (or once did)
         for wi, (word, n) in enumerate(zip(words, freqs)):
             get_stats(word, counts, weight=n)
             for pair in zip(word, word[1:]):

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 # configs (defaults = the paper, Section 3, unless a comment says the paper is silent) ------------------------------
 
 
-@dataclass
+@dataclass(kw_only=True)  # keywords only: a positional value would land in another field
 class EncoderConfig:
     """The transformer of every encoder f_m (Section 3); VideoConfig, AudioConfig and TextConfig add their inputs."""
     width: int = 1024          # Section 3: "hidden size of 1024"
@@ -32,7 +32,7 @@ class EncoderConfig:
     dropout: float = 0.0       # paper silent: features are frozen and the data is 480k clips; no dropout
 
 
-@dataclass
+@dataclass(kw_only=True)
 class VideoConfig(EncoderConfig):
     feature_dim: int = 512     # ResNet-18 layer4 channels (Section 3: frozen ImageNet ResNet-18 patch features)
     frames: int = 16           # Section 3: clips of 16 frames at 10 fps
@@ -40,7 +40,7 @@ class VideoConfig(EncoderConfig):
     center_tokens: bool = False  # kit option (not in the paper): subtract each clip's mean patch token, see notes
 
 
-@dataclass
+@dataclass(kw_only=True)
 class AudioConfig(EncoderConfig):
     n_mels: int = 80           # Section 3: [80, 256] log-mel spectrograms
     frames: int = 256          # Section 3: 256 mel frames (10 ms hop -> 2.56 s)
@@ -49,14 +49,14 @@ class AudioConfig(EncoderConfig):
     mel_std: float = 1.0       # clips' log-mel (prepare.py's audio_stats), as AST does with its dataset's statistics
 
 
-@dataclass
+@dataclass(kw_only=True)
 class TextConfig(EncoderConfig):
     vocab_size: int = 48000    # Section 3: "48k vocab size using BPE"; set to the tokenizer's actual size
     max_len: int = 128         # Section 3: "maximum length of 128"
     pad_id: int = 47999        # prepare.py's BPETokenizer: pad_id = vocab_size - 1
 
 
-@dataclass
+@dataclass(kw_only=True)
 class LAVAConfig:
     video: VideoConfig = field(default_factory=VideoConfig)
     audio: AudioConfig = field(default_factory=AudioConfig)

@@ -730,7 +730,7 @@ def decode_stream(jobs, workers, timeout=None, fn=decode_video):
             i, future = pending[0]
             try:
                 result = future.result(timeout=timeout)
-            except (BrokenProcessPool, TimeoutError) as e:  # (concurrent.futures' TimeoutError is the builtin)
+            except (BrokenProcessPool, TimeoutError) as e:  # (since Python 3.11 concurrent.futures' is the builtin)
                 _kill_pool(ex)
                 ex = _spawn_pool(workers)
                 if len(pending) > 1:  # run everything that was in flight again, one at a time

@@ -153,7 +153,8 @@ class PretrainClips(Dataset):
     video  (16, S, S, 3) uint8     --store frames: a random S x S crop (S = 32 x grid) of the larger frames, h-flipped
                                    with p = 0.5 (the paper's augmentations, on pixels: the frozen CNN runs in the step)
       or   (16, G, G, F) float16   --store features: centre-crop features, no crop or flip (approximates the paper)
-    audio  (n_mels, 256) float32   log-mel columns [10 s, 10 s + 256) + noise of std audio_noise in standardised units
+    audio  (n_mels, 256) float32   the same frames' log-mel columns [10 s, 10 s + 256) + noise (std audio_noise in
+                                   standardised units)
     tokens (L,) int64              BPE title tokens (all pad when there is no title)
     has_audio, has_text  bool      presence, for the loss masks
     shuffle_pairs: audio and title come from another video (a permutation fixed per epoch): the control run.
@@ -200,7 +201,8 @@ class PretrainClips(Dataset):
         a = item["audio"][c, :, a0:a0 + AUDIO_FRAMES].astype(np.float32)  # (n_mels, 256)
         if item["has_audio"] and self.audio_noise > 0:  # the last draw; absent audio stays zeros (masked out anyway)
             a += self.audio_noise * self.cache.manifest["audio_stats"]["std"] * rng.standard_normal(a.shape, np.float32)
-        return dict(video=torch.from_numpy(v), audio=torch.from_numpy(a), tokens=torch.tensor(item["tokens"]).long(),
+        return dict(video=torch.from_numpy(v), audio=torch.from_numpy(a),
+                    tokens=torch.from_numpy(item["tokens"].astype(np.int64)),
                     has_audio=torch.tensor(bool(item["has_audio"])), has_text=torch.tensor(bool(item["has_text"])))
 
 
@@ -270,12 +272,12 @@ def to_device(batch, device, trim_pad_id=None, cnn=None):
         used = (batch["tokens"] != trim_pad_id).any(dim=0).nonzero()  # batch["tokens"]: (b, L) int64
         length = int(used.max()) + 1 if len(used) else 1
         batch = dict(batch, tokens=batch["tokens"][:, :math.ceil(length / 8) * 8])  # (b, L'), L' <= L
-    b = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-    video = b["video"]                                                # (b, 16, G, G, F) or frames (b, 16, S, S, 3)
+    moved = {k: v.to(device, non_blocking=True) for k, v in batch.items()}  # PretrainClips' five tensors
+    video = moved["video"]                                            # (b, 16, G, G, F) or frames (b, 16, S, S, 3)
     if video.dtype == torch.uint8:  # Section 3: the frozen ResNet-18's frame-wise patch features of this crop
         video = prepare.frame_features(cnn, video)                   # (b, 16, G, G, F)
-    present = {"a": b["has_audio"], "v": torch.ones_like(b["has_audio"]), "t": b["has_text"]}
-    return video.float(), b["audio"], b["tokens"], present           # audio: (b, n_mels, 256)
+    present = {"a": moved["has_audio"], "v": torch.ones_like(moved["has_audio"]), "t": moved["has_text"]}
+    return video.float(), moved["audio"], moved["tokens"], present   # audio: (b, n_mels, 256)
 
 
 # ---- the step: Eq. 5's loss, Adam, the cosine schedule (benchmark.py times the same functions) ----
@@ -385,7 +387,8 @@ def main(argv=None):
         args.out = str(Path(args.resume).parent) if explicit else f"runs/lava_{stamp[0]}"
     out = Path(args.out)
     last, log_path = out / "ckpt_last.pt", out / "log.jsonl"
-    ckpt_path = Path(args.resume) if explicit else last  # --resume PATH, or --out's run: the same command continues it
+    # --resume PATH, or the run in --out: the same command continues it, with other settings only when asked
+    ckpt_path = Path(args.resume) if explicit else last
     try:
         ckpt = load_checkpoint(ckpt_path) if explicit or (last.exists() and not args.restart) else None
     except (OSError, ValueError) as e:
@@ -485,7 +488,8 @@ def main(argv=None):
     bar = tqdm(total=last_step * args.batch_size, initial=step * args.batch_size, unit="clip", unit_scale=True,
                dynamic_ncols=True, mininterval=1.0, disable=not master or args.no_progress)
     window, t_window = [], time.perf_counter()  # per-step [total, *terms] losses since the last log line (no sync)
-    # Ctrl-C / SIGTERM: the step in progress ends and is saved; torchrun's ranks stop at once, or the gather would hang
+    # Ctrl-C / SIGTERM: the step in progress ends and is saved (continuing is exact); torchrun's ranks may see the
+    # signal at different steps and would hang in the gather, so they stop at once, as after a second Ctrl-C
     signals = []
 
     def on_signal(signum, frame):

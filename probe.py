@@ -119,8 +119,10 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         self.device = device
 
     def fit(self, X, y, groups=None, progress=None):
-        for _ in tqdm(self._fit_epochs(X, y, groups), progress, self.epochs, disable=None if progress else True):
-            pass  # progress: a bar with this label, on a terminal
+        """progress: a label for a progress bar on a terminal (None: no bar)."""
+        epochs = self._fit_epochs(X, y, groups)
+        for _ in tqdm(epochs, desc=progress, total=self.epochs, disable=True if progress is None else None):
+            pass
         return self
 
     def _fit_epochs(self, X, y, groups=None):

@@ -16,7 +16,7 @@ def test_prepare_cnn_check_and_rates_on_cpu(capsys):
     rec = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert rec["what"] == "prepare_cnn" and rec["batch"] == 4 and rec["size"] == 64
     assert rec["frame_encoder_fps"] > 0 and rec["plain_bf16_fps"] > 0
-    assert 0 < rec["check_max_abs_diff"] <= 0.02 * rec["check_feature_max"]
+    assert 0 <= rec["check_max_abs_diff"] <= 0.02 * rec["check_feature_max"]
 
 
 def test_gpu_step_benchmark_runs_on_cpu():

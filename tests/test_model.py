@@ -39,6 +39,8 @@ def test_paper_defaults_and_config_round_trip():
         assert LAVAConfig.from_dict(d) == c
     with pytest.raises(TypeError):
         LAVAConfig.from_dict({"video": {"widht": 8}})
+    with pytest.raises(TypeError):  # keywords only: VideoConfig(512, 16, 7) must not set width, depth, heads
+        VideoConfig(512, 16, 7)
 
 
 def test_output_shapes_and_unit_norms():
