@@ -497,9 +497,11 @@ def _prepare(args):
     # 1. the listing, frozen at the first run so every re-run and every shard job sees the same shards
     if (out / "listing.json").is_file():
         listing = json.loads((out / "listing.json").read_text(encoding="utf-8"))
-        print(f"prepare: {len(listing['videos'])} videos from {out / 'listing.json'} (delete it to re-scan {root})")
+        print(f"prepare: {len(listing['videos'])} videos from {out / 'listing.json'} (delete it to re-scan {root}; "
+              "finished shards must match the new listing)")
     else:
         videos, errors = list_videos(root, args.dataset, out, args.workers)
+        _check_finished_shards(out, root, videos, args.shard_size)
         listing = dict(dataset=args.dataset, videos=videos, errors=errors,
                        num_shards=math.ceil(len(videos) / args.shard_size))
         write_atomic(out / "listing.json", json.dumps(listing, ensure_ascii=False) + "\n")
@@ -586,6 +588,22 @@ def _prepare(args):
         cnn = f" and {encoder.wait_s:.2f} s for the CNN ({device})"
     print(f"prepare: {ran}; the main process waited {wait_decode:.2f} s for decoding (--workers {args.workers}){cnn}")
     return merge()
+
+
+def _check_finished_shards(out, root, videos, shard_size):
+    """A re-scan (listing.json deleted) keeps the finished shards only if each was built from exactly its slice of
+    the new listing: the paths of its videos.jsonl rows and of the files it skipped (errors.jsonl)."""
+    for folder in sorted(out.glob("shard_*")):
+        k = int(folder.name.removeprefix("shard_"))
+        rows = [json.loads(line) for f in ("videos.jsonl", "errors.jsonl")
+                for line in (folder / f).read_text("utf-8").splitlines() if line]
+        built = {r["path"] for r in rows if r.get("action", "skipped") == "skipped"}  # (videos.jsonl: no action)
+        want = {v["path"] for v in videos[k * shard_size:(k + 1) * shard_size]}
+        if built != want:
+            path = min(want - built or built - want)
+            raise SystemExit(f"prepare.py: the videos under {root} changed since the shards in {out} were built (e.g. "
+                             f"{path} {'added to' if path in want else 'removed from'} {folder.name}); use a new "
+                             f"--out, or delete {out}, to rebuild")
 
 
 def _shapes(args, clips, frames):

@@ -861,3 +861,33 @@ def test_titles_csv_header_with_byte_order_mark(tmp_path):
     assert prepare.read_titles_csv(path, errors) == {"abcdefghijk": "a, quoted"} and errors == []
     path.write_bytes(b"youtube_id,name\nabcdefghijk,x\n")
     assert prepare.read_titles_csv(path, errors) == {} and "no `title` column" in errors[0]["reason"]
+
+
+def test_a_rescan_that_changes_a_finished_shard_is_refused(tmp_path):
+    """listing.json deleted to re-scan ROOT: the finished shards are kept only if each holds exactly its slice of the
+    new listing (its videos and its skipped files); a video added or removed is refused in one line, nothing written."""
+    root, out = tmp_path / "mine", tmp_path / "mine" / "lava_cache"
+    root.mkdir()
+    write_video(root / "a.mp4", 8, rate=10)
+    write_video(root / "b.mp4", 8, rate=10)
+    (root / "bad.mp4").write_bytes(os.urandom(3000))  # skipped: in the shard's errors.jsonl, not its videos.jsonl
+    run_prepare("--root", root, "--test-clips", "1", *FAST)
+    (out / "listing.json").unlink()
+    p = run_prepare("--root", root, "--test-clips", "1", *FAST)  # the same videos: the shard is kept
+    assert "1 finished shard(s) kept, 0 to go" in p.stdout and FeatureCache(out).manifest["listed_videos"] == 3
+    write_video(root / "new_video.mp4", 8, rate=10)
+    p = run_prepare("--root", root, "--test-clips", "1", *FAST)
+    assert f"3 videos from {out / 'listing.json'} (delete it to re-scan {root}; finished shards must " in p.stdout
+    before = {f: f.read_bytes() for f in out.rglob("*") if f.is_file() and f.name != "listing.json"}
+    for change in ("added", "removed"):
+        if change == "removed":
+            (root / "new_video.mp4").unlink()
+            (root / "b.mp4").unlink()
+        (out / "listing.json").unlink(missing_ok=True)
+        p = run_prepare("--root", root, "--test-clips", "1", *FAST, check=False)
+        path = "new_video.mp4 added to" if change == "added" else "b.mp4 removed from"
+        assert p.returncode == 1 and p.stderr == (
+            f"prepare.py: the videos under {root} changed since the shards in {out} were built (e.g. {path} "
+            f"shard_00000); use a new --out, or delete {out}, to rebuild"), p.stderr
+        assert not (out / "listing.json").exists()
+        assert {f: f.read_bytes() for f in out.rglob("*") if f.is_file()} == before
