@@ -658,9 +658,16 @@ def list_videos(root, dataset, out, workers=0):
                          "layout; README: Laying out real data)")
     if dataset in ("k700", "folder"):  # UCF-101 and HMDB-51 ship no titles
         table = read_titles_csv(root / "titles.csv", errors) if (root / "titles.csv").is_file() else {}
+        known = set()  # every key that names a video
         for v in videos:
             keys = (v.get("youtube_id"), v["path"], v["id"], Path(v["path"]).stem)
+            known.update(keys)
             v["title"] = next((table[k] for k in keys if k in table), None)
+        unknown = [k for k in table if k not in known]
+        if unknown:
+            errors.append(dict(path=str(root / "titles.csv"), reason=f"{len(unknown)} of {len(table)} rows match no "
+                               f"video (e.g. key {unknown[0]!r}); a key is a video's youtube_id (k700), its path under "
+                               f"{root}, its id or its file name without extension", action="rows ignored"))
         # a clip with no titles.csv row falls back to its own metadata tag (PyAV opens each file: workers for many)
         missing = [v for v in videos if v["title"] is None]
         tags = decode_stream([str(root / v["path"]) for v in missing], workers if len(missing) >= 200 else 0,
@@ -678,7 +685,8 @@ def list_videos(root, dataset, out, workers=0):
 
 
 def read_titles_csv(path, errors):
-    """titles.csv -> {key: title}; key column `youtube_id`, `path` or `id`, then `title`; csv-quoted."""
+    """titles.csv -> {key: title}; key column `youtube_id`, `path` or `id`, then `title`; csv-quoted. A path key
+    may start with ./ or be absolute under the csv's folder (ROOT): the key is then the path under ROOT."""
     # surrogateescape: a row's bad bytes degrade that title (_clean_title reports it), not the whole file
     with open(path, encoding="utf-8", errors="surrogateescape", newline="") as f:
         rows = list(csv.reader(f))
@@ -687,14 +695,17 @@ def read_titles_csv(path, errors):
         errors.append(dict(path=str(path), reason="titles.csv has no `title` column", action="file ignored"))
         return {}
     key, title = next((header.index(k) for k in ("youtube_id", "path", "id") if k in header), 0), header.index("title")
-    titles = {}
+    titles, root = {}, os.path.abspath(path.parent)
     for lineno, row in enumerate(rows[1:], start=2):
         if len(row) <= max(key, title):
             continue
-        if row[key].strip() in titles:
-            errors.append(dict(path=f"{path}:{lineno}", reason=f"duplicate title row (key {row[key].strip()!r})",
+        k = row[key].strip().removeprefix("./")  # a path under ROOT may be written ./x.mp4 or /abs/ROOT/x.mp4
+        if os.path.isabs(k) and os.path.abspath(k).startswith(root + os.sep):
+            k = Path(os.path.relpath(k, root)).as_posix()
+        if k in titles:
+            errors.append(dict(path=f"{path}:{lineno}", reason=f"duplicate title row (key {k!r})",
                                action="first row kept"))
-        titles.setdefault(row[key].strip(), _clean_title(row[title], f"{path}:{lineno}", errors))
+        titles.setdefault(k, _clean_title(row[title], f"{path}:{lineno}", errors))
     return titles
 
 

@@ -853,6 +853,24 @@ def test_ucf_eval_run_end_to_end(tmp_path):
     assert np.load(root / "lava_cache" / "shard_00000" / "patches.npy", mmap_mode="r").shape == (40, 2, 2, 512)
 
 
+def test_titles_csv_path_keys_and_rows_that_match_no_video(tmp_path, monkeypatch):
+    """A path key written ./x.mp4 or as an absolute path under ROOT (a relative --root too) is the path under ROOT;
+    the rows that match no video are counted in one prepare_errors row with an example key and the accepted keys."""
+    monkeypatch.chdir(tmp_path)
+    root = Path("mine")
+    (root / "sub").mkdir(parents=True)
+    for name in ("chaplin.mp4", "sub/fire2.mp4", "plain.mp4"):
+        write_video(root / name, 3, rate=10)
+    (root / "titles.csv").write_text(f"path,title\n./chaplin.mp4,the kid\n{tmp_path}/mine/sub/fire2.mp4,fire at night\n"
+                                     "./gone.mp4,lost\n/elsewhere/plain.mp4,lost too\n")
+    videos, errors = prepare.list_videos(root, "folder", root / "lava_cache")
+    assert {v["id"]: v["title"] for v in videos} == {"chaplin.mp4": "the kid", "plain.mp4": None,
+                                                     "sub/fire2.mp4": "fire at night"}
+    assert errors == [dict(path="mine/titles.csv", reason="2 of 4 rows match no video (e.g. key 'gone.mp4'); a key is "
+                           "a video's youtube_id (k700), its path under mine, its id or its file name without "
+                           "extension", action="rows ignored")]
+
+
 def test_titles_csv_header_with_byte_order_mark(tmp_path):
     # spreadsheet exports start with a UTF-8 BOM; the header must still be found whatever the column order
     path = tmp_path / "titles.csv"
