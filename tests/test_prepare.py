@@ -417,6 +417,17 @@ def test_a_failed_first_run_never_blocks_the_corrected_one(k700_single, tmp_path
     assert_same_cache(out, single)
 
 
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks a machine without CUDA")
+def test_device_cuda_without_cuda_stops_in_one_line_before_writing(tmp_path):
+    root = tmp_path / "mine"
+    root.mkdir()
+    write_video(root / "a.mp4", 3, rate=10)
+    p = run_prepare("--root", root, "--device", "cuda", *FAST, check=False)
+    assert p.returncode == 1 and p.stderr == ("prepare.py: --device cuda: no CUDA device here "
+                                              "(torch.cuda.is_available() is False); use --device cpu or auto")
+    assert not (root / "lava_cache").exists()
+
+
 def test_a_run_with_no_usable_video_fails_in_one_line(tmp_path):
     """...and leaves nothing that blocks the corrected re-run: with a good video added, the same command makes the
     cache, and a re-run with other settings is not refused for the failed run's empty shard."""
