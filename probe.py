@@ -380,6 +380,10 @@ def main(argv=None):
             raise ProbeError(str(e)) from None
         if args.embed or args.search:  # any cache, labels and splits or not (README: Your own videos)
             model, info = load_model(args, args.checkpoint, cache)
+            losses = (info["pretrain_args"] or {}).get("losses", "vt")  # random weights (no args): allowed
+            if args.search and "vt" not in losses.split(","):  # before the embeddings: a g_vt head never trained
+                raise ProbeError(f"--search ranks in the g_vt space: this run was pre-trained with --losses {losses}, "
+                                 "without it; use a run with vt")
             emb = load_or_extract_embeddings(model, cache, info, args)
             if args.embed:
                 embed(args, cache, model, info, emb)

@@ -136,6 +136,26 @@ def test_search_prints_the_cosines_sorted(myvids, capsys):
         (ckpt.parent / "tok.bak").rename(ckpt.parent / "tokenizer.bpe")
 
 
+@pytest.mark.parametrize("losses, titled", [("av", False), ("av,avt", True)])
+def test_search_needs_a_run_pre_trained_with_vt(myvids, tmp_path, capsys, losses, titled):
+    """A run without vt (no titles: no tokenizer.bpe; or titles but no vt loss) has an untrained g_vt head: refused
+    before any embedding is computed. Its random init (--checkpoint random --config-from) stays a baseline."""
+    vids, ckpt, model, cache = myvids
+    state = torch.load(ckpt, weights_only=True)
+    state["config"]["args"]["losses"] = losses
+    other = tmp_path / "runs" / "y" / "ckpt_last.pt"
+    other.parent.mkdir(parents=True)
+    torch.save(state, other)
+    if titled:
+        shutil.copy(ckpt.parent / "tokenizer.bpe", other.parent)
+    search = ["--search", "fire", "--root", str(vids), "--device", "cpu"]
+    assert probe.main(search + ["--checkpoint", str(other)]) == 2
+    assert capsys.readouterr().err == ("probe.py: error: --search ranks in the g_vt space: this run was pre-trained "
+                                       f"with --losses {losses}, without it; use a run with vt\n")
+    if titled:
+        assert probe.main(search + ["--checkpoint", "random", "--config-from", str(other)]) == 0
+
+
 def test_a_results_file_of_another_scope_is_not_replaced(tmp_path, capsys):
     root = make_ucf_root(tmp_path / "ucf101")
     ckpt = make_checkpoint(tmp_path / "runs/x/ckpt_last.pt", root / "lava_cache")
