@@ -48,6 +48,10 @@ def parse_args(argv=None):
     p.add_argument("--recompute", action="store_true", help="ignore the stored embeddings (<cache>/embeddings/)")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N (default %(default)s)")
     args = p.parse_args(argv)
+    if args.search is not None and not args.search.strip():  # before the checks below, where "" reads as not given
+        p.error("--search: an empty query; give the words to search for")
+    if args.top < 1:
+        p.error(f"--top: the number of videos --search prints, at least 1 (got {args.top})")
     if not (args.summary or args.embed or args.search or args.dataset):
         p.error("--dataset is required (except with --embed, --search or --summary)")
     if (args.embed or args.search) and not (args.root or args.cache):
@@ -55,8 +59,10 @@ def parse_args(argv=None):
     try:  # the grids as tuples here, so that a typo is a usage line, not a traceback
         args.epochs_grid = tuple(int(x) for x in args.epochs_grid.split(","))
         args.weight_decay_grid = tuple(float(x) for x in args.weight_decay_grid.split(","))
+        if min(args.epochs_grid) < 1 or min(args.weight_decay_grid) < 0:
+            raise ValueError
     except ValueError:
-        p.error("--epochs-grid takes comma-separated integers, --weight-decay-grid comma-separated numbers")
+        p.error("--epochs-grid takes comma-separated integers >= 1, --weight-decay-grid comma-separated numbers >= 0")
     return args
 
 
@@ -372,6 +378,8 @@ def main(argv=None):
         if args.summary:
             print(summary_table(args.summary, args.per_class) + "\n\n" + "\n".join(str(Path(s)) for s in args.summary))
             return 0
+        if args.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ProbeError(f"--device {args.device}: no CUDA device here; use --device cpu or auto")
         t0 = time.time()
         root = Path(args.root or args.dataset or ".")  # --embed/--search with --cache need no root
         try:

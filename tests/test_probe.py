@@ -643,10 +643,23 @@ def test_a_damaged_cache_is_one_line(tmp_path, capsys):
     assert err.count("\n") == 1 and str(patches) in err and "Traceback" not in err, err
 
 
-def test_a_bad_grid_is_a_usage_line(capsys):
-    with pytest.raises(SystemExit) as stop:
-        probe.main(["--dataset", "ucf101", "--epochs-grid", "10,x"])
-    assert stop.value.code == 2 and "--epochs-grid takes comma-separated integers" in capsys.readouterr().err
+@pytest.mark.parametrize("flags, message", [
+    (["--search", "", "--cache", "c"], "--search: an empty query; give the words to search for"),
+    (["--search", "fire", "--cache", "c", "--top", "0"], "--top: the number of videos --search prints, at least 1"),
+    (["--search", "fire", "--cache", "c", "--top=-2"], "--top: the number of videos --search prints, at least 1"),
+    *[(["--dataset", "ucf101", flag], "--epochs-grid takes comma-separated integers >= 1, --weight-decay-grid "
+       "comma-separated numbers >= 0") for flag in ("--epochs-grid=10,x", "--epochs-grid=0,10", "--epochs-grid=-5",
+                                                    "--weight-decay-grid=0,-1e-3")],
+    pytest.param(["--dataset", "ucf101", "--device", "cuda"], "--device cuda: no CUDA device here; use --device cpu "
+                 "or auto", marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is here"))])
+def test_a_bad_flag_is_one_line(flags, message, capsys):
+    try:  # a usage line (argparse) or probe.py's own error line, never a traceback later
+        code = probe.main(flags)
+    except SystemExit as stop:
+        code = stop.code
+    err = capsys.readouterr().err
+    assert code == 2 and f"error: {message}" in err.splitlines()[-1], err
+    assert "Traceback" not in err
 
 
 class ShownBar(tqdm):
