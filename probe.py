@@ -382,6 +382,8 @@ def main(argv=None):
             raise ProbeError(f"--device {args.device}: no CUDA device here; use --device cpu or auto")
         t0 = time.time()
         root = Path(args.root or args.dataset or ".")  # --embed/--search with --cache need no root
+        if (args.embed or args.search) and not args.cache and (root / "manifest.json").is_file():
+            args.cache = str(root)  # --root named the cache folder itself: any cache will do for these two
         try:
             cache = prepare.FeatureCache(Path(args.cache) if args.cache else root / "lava_cache")
         except ValueError as e:  # a damaged cache: prepare.py's one-line message says what to do
@@ -606,6 +608,8 @@ def load_model(args, checkpoint, cache):
         if not found:
             raise ProbeError("no runs/*/ckpt_last.pt: pass --checkpoint PATH (or 'random' with --config-from)")
         source = found[-1]
+        print(f"{'config of' if random_init else 'checkpoint'}: {source} (the latest runs/*/ckpt_last.pt)",
+              file=sys.stderr)
     try:  # pretrain.py's reader: a missing, truncated or foreign file is a one-line OSError or ValueError
         ckpt = pretrain.load_checkpoint(source)
     except (OSError, ValueError) as e:

@@ -156,6 +156,19 @@ def test_search_needs_a_run_pre_trained_with_vt(myvids, tmp_path, capsys, losses
         assert probe.main(search + ["--checkpoint", "random", "--config-from", str(other)]) == 0
 
 
+def test_embed_names_the_latest_run_it_takes_and_a_root_may_be_the_cache(myvids, tmp_path, capsys, monkeypatch):
+    vids, ckpt, model, cache = myvids
+    monkeypatch.chdir(ckpt.parents[2])  # runs/x/ckpt_last.pt, the only run
+    embed = ["--embed", "--device", "cpu", "--out", str(tmp_path / "e.npz")]
+    assert probe.main(embed + ["--root", str(vids)]) == 0
+    assert "checkpoint: runs/x/ckpt_last.pt (the latest runs/*/ckpt_last.pt)\n" in capsys.readouterr().err
+    assert probe.main(embed + ["--root", str(vids), "--checkpoint", str(ckpt)]) == 0
+    assert "the latest runs" not in capsys.readouterr().err
+    # --root given the cache folder itself: that cache, not <root>/lava_cache
+    assert probe.main(embed + ["--root", str(vids / "lava_cache"), "--checkpoint", str(ckpt)]) == 0
+    assert f"wrote {tmp_path / 'e.npz'}: 2 videos" in capsys.readouterr().out
+
+
 def test_a_results_file_of_another_scope_is_not_replaced(tmp_path, capsys):
     root = make_ucf_root(tmp_path / "ucf101")
     ckpt = make_checkpoint(tmp_path / "runs/x/ckpt_last.pt", root / "lava_cache")
