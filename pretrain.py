@@ -59,7 +59,8 @@ def parse_args(argv=None):
     g = p.add_argument_group("data and run folder")
     g.add_argument("--data", default="k700", help="dataset folder, Kinetics-700 or your own videos (prepare.py --root)")
     g.add_argument("--cache", help="feature cache written by prepare.py (default: DATA/lava_cache)")
-    g.add_argument("--out", help="run folder; a run there is continued (default: runs/lava_<time>, --resume's folder)")
+    g.add_argument("--out", help="run folder; a run there is continued (default: --resume's folder, else "
+                   "runs/lava_<cache name>_<model>_<losses>, e.g. runs/lava_k700_paper_av+vt+avt)")
     g.add_argument("--resume", help="checkpoint to continue with these flags; auto: OUT/ckpt_last.pt (default: none)")
     g.add_argument("--restart", action="store_true", help="replace the run in --out (start over or from --resume PATH)")
     g.add_argument("--workers", type=int, help="DataLoader processes per rank, 0: none (default: half its cores, <= 8)")
@@ -380,11 +381,10 @@ def main(argv=None):
 
     # -------------------------------------------------------------------------------- run folder: continue or refuse
     explicit = args.resume not in (None, "auto")
-    if args.out is None:
-        stamp = [time.strftime("%Y%m%d-%H%M%S")]
-        if ddp:  # every rank must name the same folder
-            dist.broadcast_object_list(stamp, src=0)
-        args.out = str(Path(args.resume).parent) if explicit else f"runs/lava_{stamp[0]}"
+    if args.out is None:  # named by the settings, not the time: the same command (every rank) continues the run
+        cache = Path(args.cache).resolve()
+        name = f"{cache.parent.name if cache.name == 'lava_cache' else cache.name}_{args.model}"
+        args.out = str(Path(args.resume).parent) if explicit else f"runs/lava_{name}_{args.losses.replace(',', '+')}"
     out = Path(args.out)
     last, log_path = out / "ckpt_last.pt", out / "log.jsonl"
     # --resume PATH, or the run in --out: the same command continues it, with other settings only when asked
