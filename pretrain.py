@@ -106,7 +106,8 @@ def parse_args(argv=None):
     if not names or set(names) - {"av", "vt", "avt"}:
         p.error(f"--losses: expected a comma list of av, vt, avt, got {args.losses!r}")
     args.losses = ",".join(s for s in ("av", "vt", "avt") if s in names)  # canonical order
-    args.cache = args.cache or str(Path(args.data) / "lava_cache")
+    data = Path(args.data)  # DATA itself may be the cache (it holds the manifest)
+    args.cache = args.cache or str(data if (data / "manifest.json").is_file() else data / "lava_cache")
     return args
 
 

@@ -512,7 +512,7 @@ def test_a_run_in_out_continues_or_refuses_and_restart_replaces_it(feature_cache
 def test_without_out_the_same_command_continues_in_a_folder_named_by_the_settings(tmp_path, one_thread, capsys,
                                                                                   monkeypatch):
     """The default --out is runs/lava_<cache name>_<model>_<losses>, not a time: a stopped run (here a --max-steps
-    trial) is continued by the same command."""
+    trial) is continued by the same command; --data naming the cache folder itself is the same cache."""
     write_feature_cache(tmp_path / "k700" / "lava_cache")
     monkeypatch.chdir(tmp_path)
     command = ["--data", "k700", "--model", "tiny", "--losses", "avt,av", "--workers", "0", "--no-progress",
@@ -522,6 +522,8 @@ def test_without_out_the_same_command_continues_in_a_folder_named_by_the_setting
     out = Path("runs/lava_k700_tiny_av+avt")
     assert f"continuing {out} from epoch 1, step 1 of 2\n" in capsys.readouterr().out
     assert os.listdir("runs") == [out.name] and [r["step"] for r in read_log(out)] == [1, 2]
+    pretrain.main(["--data", "k700/lava_cache"] + command[2:])
+    assert f"continuing {out} from epoch 2, step 2 of 2\n" in capsys.readouterr().out
 
 
 def test_cache_kinds_folder_trains_on_all_probe_caches_and_missing_ones_refused(tmp_path, one_thread, capsys):
