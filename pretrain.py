@@ -338,6 +338,14 @@ def load_checkpoint(path):
     return ckpt
 
 
+def flat(config):
+    """A config's nested dict in one level: {"text": {"pad_id": 266}, "embed_dim": 512} -> {"text.pad_id": 266, ...}."""
+    out = {}
+    for k, v in config.items():
+        out.update({f"{k}.{j}": w for j, w in v.items()} if isinstance(v, dict) else {k: v})
+    return out
+
+
 def plot_losses(log_path, png_path):
     from matplotlib.figure import Figure  # no pyplot: no GUI backend, nothing to close
     recs = [json.loads(line) for line in Path(log_path).read_text().splitlines()]  # main writes a line first
@@ -440,7 +448,10 @@ def main(argv=None):
     if ckpt is not None:
         s = ckpt["sampler"]
         if ckpt["config"]["model"] != config.to_dict():
-            fail(f"{ckpt_path} holds another model than these flags and cache make: pass its --model and size flags")
+            was, now = flat(ckpt["config"]["model"]), flat(config.to_dict())
+            changed = [f"{k} {was.get(k)} (now {now.get(k)})" for k in sorted(was | now) if was.get(k) != now.get(k)]
+            fail(f"{ckpt_path} holds another model than these flags and cache make: {', '.join(changed[:4])}"
+                 f"{', ...' if len(changed) > 4 else ''}; pass its --model and size flags, or its --data/--cache")
         if (s["seed"], s["global_batch"], s["n"]) != (args.seed, args.batch_size, len(indices)):
             fail(f"{ckpt_path} needs --seed {s['seed']}, --batch-size {s['global_batch']} and {s['n']} cache videos")
         for key, obj in (("model", raw_model), ("optimizer", optimizer), ("scheduler", scheduler)):

@@ -496,6 +496,17 @@ def test_a_run_in_out_continues_or_refuses_and_restart_replaces_it(feature_cache
     assert f"continuing {out} from epoch 3, step 3 of 5\n" in capsys.readouterr().out
     assert [r["step"] for r in read_log(out)] == [4, 5]                           # other's run, from its step 3
 
+    # a checkpoint trained on another cache (other audio statistics) or with other sizes: the differences named
+    other_cache = shutil.copytree(feature_cache, tmp_path / "other_cache")
+    manifest = json.loads((other_cache / "manifest.json").read_text())
+    manifest["audio_stats"].update(mean=-5.5, std=4.0)
+    (other_cache / "manifest.json").write_text(json.dumps(manifest))
+    err = refused("--epochs", "5", "--cache", str(other_cache), "--resume", str(out / "ckpt_last.pt"))
+    assert "audio.mel_mean 0.0 (now -5.5), audio.mel_std 1.0 (now 4.0); pass its --model and size flags, or its " \
+           "--data/--cache" in err, err
+    err = refused("--epochs", "5", "--width", "64", "--heads", "4", "--resume", str(out / "ckpt_last.pt"))
+    assert "audio.heads 2 (now 4), audio.width 32 (now 64), text.heads 2 (now 4), text.width 32 (now 64), ...;" in err
+
     # --resume on a missing file, a truncated checkpoint, a text file named .pt; a run folder with a corrupt one
     (tmp_path / "half.pt").write_bytes((out / "ckpt_last.pt").read_bytes()[:5000])
     (tmp_path / "notes.pt").write_text("not a checkpoint")
