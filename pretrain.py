@@ -478,7 +478,8 @@ def main(argv=None):
         out.mkdir(parents=True, exist_ok=True)
         if args.restart and last.exists():
             print(f"--restart: replacing the run in {out}")
-            for old in [last, log_path, *out.glob("epoch_*.pt"), out / "loss.png"]:
+            for old in [last, log_path, *out.glob("epoch_*.pt"), out / "loss.png", *out.glob("probe_*.json"),
+                        *out.glob("probe_*.md"), *out.glob("probe_*.png")]:  # probe.py's results of the old run
                 old.unlink(missing_ok=True)
         n_params = sum(p.numel() for p in raw_model.parameters())
         (out / "config.json").write_text(json.dumps(dict(

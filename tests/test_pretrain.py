@@ -475,9 +475,13 @@ def test_a_run_in_out_continues_or_refuses_and_restart_replaces_it(feature_cache
     err = refused("--epochs", "3", "--lr", "2e-3")   # other settings: refused, nothing touched
     assert "--epochs 1 (now 3), --lr 0.001 (now 0.002)" in err and "--resume auto" in err and "--restart" in err
     assert torch.load(out / "ckpt_last.pt", weights_only=True)["step"] == 1
+    probed = ["probe_ucf101.json", "probe_ucf101.md", "probe_hmdb51_random.json", "probe_ucf101_series.png"]
+    for name in probed + ["notes.md"]:  # probe.py's results of the old run, and a file of the user's
+        (out / name).write_text("{}")
     pretrain.main(common + ["--epochs", "3", "--restart", "--max-steps", "2"])  # starts over: the old run's files go
     assert f"--restart: replacing the run in {out}\n" in capsys.readouterr().out
     assert not (out / "epoch_001.pt").exists() and [r["step"] for r in read_log(out)] == [1, 2]
+    assert not [name for name in probed if (out / name).exists()] and (out / "notes.md").is_file()
     pretrain.main(common + ["--epochs", "3"])  # the full run after a --max-steps trial: the same run, continued
     assert f"continuing {out} from epoch 2, step 2 of 3\n" in capsys.readouterr().out
     assert [r["step"] for r in read_log(out)] == [1, 2, 3]
