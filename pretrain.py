@@ -106,6 +106,15 @@ def parse_args(argv=None):
     if not names or set(names) - {"av", "vt", "avt"}:
         p.error(f"--losses: expected a comma list of av, vt, avt, got {args.losses!r}")
     args.losses = ",".join(s for s in ("av", "vt", "avt") if s in names)  # canonical order
+    for low, flags in ((1, "batch_size epochs width depth heads embed_dim audio_frames_per_token log_every max_steps"),
+                       (0, "workers threads seed warmup_steps save_every")):  # --max-steps 0: an error, not "all"
+        for name in flags.split():
+            if getattr(args, name) is not None and getattr(args, name) < low:
+                p.error(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
+    if args.width % args.heads:
+        p.error(f"--width {args.width} must divide by --heads {args.heads}")
+    if AUDIO_FRAMES % args.audio_frames_per_token:
+        p.error(f"--audio-frames-per-token {args.audio_frames_per_token} must divide the {AUDIO_FRAMES} audio frames")
     data = Path(args.data)  # DATA itself may be the cache (it holds the manifest)
     args.cache = args.cache or str(data if (data / "manifest.json").is_file() else data / "lava_cache")
     return args
@@ -370,7 +379,12 @@ def main(argv=None):
     ddp = world > 1
     master = rank == 0
     args.device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    device = torch.device(args.device)
+    try:  # a misspelt device, or a GPU torch cannot see: one line
+        device = torch.device(args.device)
+        if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+            raise RuntimeError(f"torch sees {torch.cuda.device_count()} CUDA GPU(s) here")
+    except RuntimeError as e:
+        fail(f"--device {args.device}: {e}; use --device cpu or auto")
     if device.type == "cuda":
         # torchrun: one GPU per rank; otherwise the given one (set_device needs an index, torch 2.11)
         device = torch.device("cuda", local_rank if ddp else device.index or 0)

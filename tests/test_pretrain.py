@@ -541,6 +541,27 @@ def test_without_out_the_same_command_continues_in_a_folder_named_by_the_setting
     assert f"continuing {out} from epoch 2, step 2 of 2\n" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+    (["--batch-size", "-2"], "--batch-size must be >= 1, got -2"),
+    (["--epochs", "0"], "--epochs must be >= 1, got 0"),
+    (["--max-steps", "0"], "--max-steps must be >= 1, got 0"),       # an error, not "no limit"
+    (["--log-every", "0"], "--log-every must be >= 1, got 0"),
+    (["--workers", "-1"], "--workers must be >= 0, got -1"),
+    (["--seed", "-1"], "--seed must be >= 0, got -1"),
+    (["--model", "tiny", "--heads", "5"], "--width 32 must divide by --heads 5"),
+    (["--audio-frames-per-token", "3"], "--audio-frames-per-token 3 must divide the 256 audio frames"),
+    (["--device", "cuda"], "pretrain: --device cuda: torch sees 0 CUDA GPU(s) here; use --device cpu or auto"),
+    (["--device", "gpu"], "device type at start of device string: gpu; use --device cpu or auto"),
+])
+def test_bad_flags_end_in_one_line(flags, message, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)  # as on a machine without CUDA
+    with pytest.raises(SystemExit) as stop:
+        pretrain.main(flags)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and message in err.splitlines()[-1] and "Traceback" not in err, err
+
+
 def test_cache_kinds_folder_trains_on_all_probe_caches_and_missing_ones_refused(tmp_path, one_thread, capsys):
     folder = write_feature_cache(tmp_path / "myvids" / "lava_cache", dataset="folder")  # split None: your own videos
     pretrain.main(["--data", str(tmp_path / "myvids"), "--model", "tiny", "--out", str(tmp_path / "run"),
