@@ -597,18 +597,20 @@ def _prepare(args):
 
 def _check_finished_shards(out, root, videos, shard_size):
     """A re-scan (listing.json deleted) keeps the finished shards only if each was built from exactly its slice of
-    the new listing: the paths of its videos.jsonl rows and of the files it skipped (errors.jsonl)."""
+    the new listing: the paths of its videos.jsonl rows and of the files it skipped (errors.jsonl), and the titles
+    of its rows (a changed title would change the retrained tokenizer, and with it the token ids in every shard)."""
     for folder in sorted(out.glob("shard_*")):
         k = int(folder.name.removeprefix("shard_"))
         rows = [json.loads(line) for f in ("videos.jsonl", "errors.jsonl")
                 for line in (folder / f).read_text("utf-8").splitlines() if line]
         built = {r["path"] for r in rows if r.get("action", "skipped") == "skipped"}  # (videos.jsonl: no action)
-        want = {v["path"] for v in videos[k * shard_size:(k + 1) * shard_size]}
-        if built != want:
-            path = min(want - built or built - want)
+        want = {v["path"]: v["title"] for v in videos[k * shard_size:(k + 1) * shard_size]}
+        retitled = [r["path"] for r in rows if "action" not in r and want.get(r["path"], r["title"]) != r["title"]]
+        if built != set(want) or retitled:
+            path = min(set(want) - built or built - set(want) or retitled)
+            change = "added to" if path not in built else "removed from" if path not in want else "retitled in"
             raise SystemExit(f"prepare.py: the videos under {root} changed since the shards in {out} were built (e.g. "
-                             f"{path} {'added to' if path in want else 'removed from'} {folder.name}); use a new "
-                             f"--out, or delete {out}, to rebuild")
+                             f"{path} {change} {folder.name}); use a new --out, or delete {out}, to rebuild")
 
 
 def _shapes(args, clips, frames):

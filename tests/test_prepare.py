@@ -920,3 +920,7 @@ def test_a_rescan_that_changes_a_finished_shard_is_refused(tmp_path):
             f"shard_00000); use a new --out, or delete {out}, to rebuild"), p.stderr
         assert not (out / "listing.json").exists()
         assert {f: f.read_bytes() for f in out.rglob("*") if f.is_file()} == before
+    (root / "b.mp4").write_bytes(b"")  # back in the listing (skipped again): only a new title differs now
+    (root / "titles.csv").write_text("path,title\na.mp4,a new title\n")
+    assert "a.mp4 retitled in shard_00000" in run_prepare("--root", root, "--test-clips", "1", *FAST, check=False).stderr
+    assert {f: f.read_bytes() for f in out.rglob("*") if f.is_file()} == before
