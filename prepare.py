@@ -702,10 +702,15 @@ def read_titles_csv(path, errors):
         errors.append(dict(path=str(path), reason="titles.csv has no `title` column", action="file ignored"))
         return {}
     key, title = next((header.index(k) for k in ("youtube_id", "path", "id") if k in header), 0), header.index("title")
-    titles, root = {}, os.path.abspath(path.parent)
+    titles, root, short = {}, os.path.abspath(path.parent), []
     for lineno, row in enumerate(rows[1:], start=2):
         if len(row) <= max(key, title):
+            if any(cell.strip() for cell in row):  # blank lines carry nothing
+                short.append(lineno)
             continue
+        if "\n" in row[title]:  # legal in a quoted field, but usually a quote left open, swallowing the rows after it
+            errors.append(dict(path=f"{path}:{lineno}", reason="the title spans several lines (a quote left open?)",
+                               action="kept, lines joined"))
         k = row[key].strip().removeprefix("./")  # a path under ROOT may be written ./x.mp4 or /abs/ROOT/x.mp4
         if os.path.isabs(k) and os.path.abspath(k).startswith(root + os.sep):
             k = Path(os.path.relpath(k, root)).as_posix()
@@ -713,6 +718,9 @@ def read_titles_csv(path, errors):
             errors.append(dict(path=f"{path}:{lineno}", reason=f"duplicate title row (key {k!r})",
                                action="first row kept"))
         titles.setdefault(k, _clean_title(row[title], f"{path}:{lineno}", errors))
+    if short:
+        errors.append(dict(path=str(path), reason=f"rows without both a {header[key]} and a title: {len(short)} (e.g. "
+                           f"line {short[0]})", action="rows ignored"))
     return titles
 
 

@@ -890,6 +890,14 @@ def test_titles_csv_header_with_byte_order_mark(tmp_path):
     assert prepare.read_titles_csv(path, errors) == {"abcdefghijk": "a, quoted"} and errors == []
     path.write_bytes(b"youtube_id,name\nabcdefghijk,x\n")
     assert prepare.read_titles_csv(path, errors) == {} and "no `title` column" in errors[0]["reason"]
+    # a row without its title column, then a quote left open that swallows the rest: counted, not silently lost
+    path.write_text('youtube_id,title\nabcdefghijk,one\n\nshortrow\nlmnopqrstuv,"open quote\nzzzzzzzzzzz,lost\n')
+    errors = []
+    assert prepare.read_titles_csv(path, errors) == {"abcdefghijk": "one", "lmnopqrstuv": "open quote zzzzzzzzzzz,lost"}
+    assert errors == [dict(path=f"{path}:5", reason="the title spans several lines (a quote left open?)",
+                           action="kept, lines joined"),
+                      dict(path=str(path), reason="rows without both a youtube_id and a title: 1 (e.g. line 4)",
+                           action="rows ignored")]
 
 
 def test_a_rescan_that_changes_a_finished_shard_is_refused(tmp_path):
