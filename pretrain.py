@@ -421,6 +421,8 @@ def main(argv=None):
     theirs = ckpt["config"]["args"] if ckpt is not None and args.resume is None else {}  # {}: nothing to compare
     # a flag newer than the run (its checkpoint lacks it) ran as that flag's default, which keeps the old behaviour
     theirs = {**vars(parse_args([])), **theirs} if theirs else {}
+    if theirs and Path(theirs["cache"]).resolve() == Path(args.cache).resolve():
+        theirs["cache"] = args.cache  # the same cache reached by another path (relative, a symlink)
     diff = [f"--{k.replace('_', '-')} {theirs.get(k)} (now {v})" for k, v in sorted(vars(args).items())
             if theirs and k not in RUN_ONLY and theirs.get(k) != v]
     if diff:

@@ -472,6 +472,9 @@ def test_a_run_in_out_continues_or_refuses_and_restart_replaces_it(feature_cache
         return err
 
     assert "--shuffle-pairs False (now True)" in refused("--epochs", "1", "--shuffle-pairs")
+    (tmp_path / "link").symlink_to(feature_cache)  # the same cache by another path: the same run
+    pretrain.main(common + ["--epochs", "1", "--cache", str(tmp_path / "link")])
+    assert f"continuing {out} from epoch 1, step 1 of 1\n" in capsys.readouterr().out
     err = refused("--epochs", "3", "--lr", "2e-3")   # other settings: refused, nothing touched
     assert "--epochs 1 (now 3), --lr 0.001 (now 0.002)" in err and "--resume auto" in err and "--restart" in err
     assert torch.load(out / "ckpt_last.pt", weights_only=True)["step"] == 1
