@@ -477,11 +477,14 @@ def _prepare(args):
     args_dict = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     if args.backbone == "imagenet" and not (args.list_only or args.merge):
         build_backbone("imagenet", args.backbone_weights, "cpu")  # missing weights stop the run before --out is touched
-    if args.device.startswith("cuda") and args.store == "features" and not (args.list_only or args.merge):
-        import torch  # as missing weights, a missing GPU stops the run before --out is touched
-        if not torch.cuda.is_available():
-            raise SystemExit(f"prepare.py: --device {args.device}: no CUDA device here (torch.cuda.is_available() is "
-                             "False); use --device cpu or auto")
+    if args.device != "auto" and args.store == "features" and not (args.list_only or args.merge):
+        import torch  # as missing weights, a misspelt device or a missing GPU stops the run before --out is touched
+        try:
+            device = torch.device(args.device)
+            if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+                raise RuntimeError(f"torch sees {torch.cuda.device_count()} CUDA GPU(s) here")
+        except RuntimeError as e:
+            raise SystemExit(f"prepare.py: --device {args.device}: {e}; use --device cpu or auto") from None
 
     # 0. the settings that decide the bytes (clips and frames, not the flags: --test-clips does not matter to a
     #    pre-training cache) are locked once a shard is finished under them; before that a run with other settings

@@ -418,14 +418,15 @@ def test_a_failed_first_run_never_blocks_the_corrected_one(k700_single, tmp_path
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks a machine without CUDA")
-def test_device_cuda_without_cuda_stops_in_one_line_before_writing(tmp_path):
+def test_a_device_torch_cannot_use_stops_in_one_line_before_writing(tmp_path):
     root = tmp_path / "mine"
     root.mkdir()
     write_video(root / "a.mp4", 3, rate=10)
-    p = run_prepare("--root", root, "--device", "cuda", *FAST, check=False)
-    assert p.returncode == 1 and p.stderr == ("prepare.py: --device cuda: no CUDA device here "
-                                              "(torch.cuda.is_available() is False); use --device cpu or auto")
-    assert not (root / "lava_cache").exists()
+    for device, why in (("cuda", "torch sees 0 CUDA GPU(s) here"), ("gpu", "Expected one of")):
+        p = run_prepare("--root", root, "--device", device, *FAST, check=False)
+        assert p.returncode == 1 and p.stderr.startswith(f"prepare.py: --device {device}: {why}"), p.stderr
+        assert p.stderr.endswith("; use --device cpu or auto") and "\n" not in p.stderr
+        assert not (root / "lava_cache").exists()
 
 
 def test_a_run_with_no_usable_video_fails_in_one_line(tmp_path):
