@@ -427,10 +427,9 @@ def main(argv=None):
                 raise ProbeError(f"--checkpoints {args.checkpoints!r} matches no file")
             out = Path(args.out or Path(paths[0]).parent / f"probe_{args.dataset}_series.json")
             check_scope(out, dict(scope, task="checkpoint-series", checkpoints=args.checkpoints), args.overwrite)
+            check_series(args.checkpoints, paths)  # every file read and compared before hours of probing
             series = [evaluate_checkpoint(args, *load_model(args, path, cache), cache, resolved, modalities)
                       for path in paths]
-            if len({json.dumps(r["model_config"], sort_keys=True) for r in series}) > 1:
-                raise ProbeError(f"--checkpoints {args.checkpoints!r}: the checkpoints have different model configs")
             keep = ("checkpoint", "checkpoint_sha256", "epoch", "mean", "std", "per_class_mean", "splits")
             result = dict(scope, task="checkpoint-series", checkpoints=args.checkpoints, args=vars(args),
                           model_config=series[0]["model_config"], series=[{k: r[k] for k in keep} for r in series])
@@ -453,6 +452,21 @@ def main(argv=None):
     except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (see the end of the file): every file written is whole
         print("probe: interrupted; the same command continues (stored embeddings are reused)", file=sys.stderr)
         return 128 + (e.args[0] if e.args else signal.SIGINT)  # 130, or 143 for SIGTERM, as a shell reports them
+
+
+def check_series(pattern, paths):
+    """--checkpoints: a ProbeError naming the first file of `paths` that is not a readable checkpoint, or the first
+    whose model config differs from the first's (a series compares one model over pre-training)."""
+    configs = {}
+    for path in paths:
+        try:
+            configs[path] = pretrain.flat(pretrain.load_checkpoint(path)["config"]["model"])
+        except (OSError, ValueError) as e:
+            raise ProbeError(f"--checkpoints {pattern!r}: {e}") from None
+        differ = [k for k in configs[path] if configs[path][k] != configs[paths[0]].get(k)]
+        if differ:
+            raise ProbeError(f"--checkpoints {pattern!r}: {path} has another model config than {paths[0]} "
+                             f"({', '.join(differ)})")
 
 
 def evaluate_checkpoint(args, model, info, cache, resolved, modalities):

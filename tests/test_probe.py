@@ -573,6 +573,25 @@ def test_cli_hmdb51_video_only_and_checkpoint_series(tmp_path, capsys):
     assert f"skipped {out}, not a linear-probe result" in err and text.count("| hmdb51 |") == 1
 
 
+def test_a_series_is_checked_whole_before_any_probe(tmp_path, capsys):
+    """--checkpoints: an unreadable match or a checkpoint of another config is one line naming it and the glob,
+    before any checkpoint is probed (no embeddings, no results)."""
+    root = make_hmdb_root(tmp_path / "hmdb51")
+    for e, width in ((1, 32), (2, 16), (3, 32)):
+        make_checkpoint(tmp_path / f"runs/x/epoch_{e:03d}.pt", root / "lava_cache", epoch=e, width=width)
+    (tmp_path / "runs/x/config.json").write_text("{}")
+    base = ["--dataset", "hmdb51", "--root", str(root), "--split", "1", "--out", str(tmp_path / "s.json")] + FAST
+    for pattern, message in (
+            ("*", f"{tmp_path / 'runs/x/config.json'} is not a readable checkpoint"),
+            ("epoch_*.pt", f"{tmp_path / 'runs/x/epoch_002.pt'} has another model config than "
+                           f"{tmp_path / 'runs/x/epoch_001.pt'} (video.width, audio.width, text.width)")):
+        glob = str(tmp_path / "runs/x" / pattern)
+        assert probe.main(base + ["--checkpoints", glob]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith(f"probe.py: error: --checkpoints {glob!r}: {message}"), err
+    assert not (root / "lava_cache/embeddings").exists() and not (tmp_path / "s.json").exists()
+
+
 def test_videos_missing_from_the_cache_error_or_loud_warning(tmp_path, capsys):
     root = make_ucf_root(tmp_path / "ucf101", extra_test=["class_0/video_9999.avi", "class_1/video_9998.avi"])
     ckpt = make_checkpoint(tmp_path / "runs/x/ckpt_last.pt", root / "lava_cache")
