@@ -45,6 +45,7 @@ def parse_args(argv=None):
     p.add_argument("--epochs-grid", default="10,30,100,300", help="probe epochs to choose from (default %(default)s)")
     p.add_argument("--weight-decay-grid", default="0,1e-3", help="weight decays to choose from (default %(default)s)")
     p.add_argument("--batch-clips", type=int, default=64, help="clips per encoder batch (default %(default)s)")
+    p.add_argument("--backbone-weights", help="ImageNet ResNet-18 for a --store frames cache (default: prepare's)")
     p.add_argument("--recompute", action="store_true", help="ignore the stored embeddings (<cache>/embeddings/)")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N (default %(default)s)")
     args = p.parse_args(argv)
@@ -254,16 +255,21 @@ def select_hyperparameters(X, y, groups, split_groups=None, epochs_grid=(10, 30,
 # ---- 2. frozen embeddings: every clip of the cache through the encoders once ----
 
 @torch.no_grad()
-def extract_embeddings(model, cache, batch_clips=64, device="cpu"):
+def extract_embeddings(model, cache, batch_clips=64, device="cpu", backbone_weights=None):
     """The frozen encoders (eval mode) over every clip of the cache -> dict(z_v (N, C, W), z_a (N, C, W), has_audio
     (N,)), z_a 0 where has_audio is False. Window: the central T = cfg.video.frames real frames of each stored clip
     (all 16 of a UCF/HMDB clip, the central 16 of a Kinetics clip) and the mel frames aligned with them (mel offset
-    = 10 x frame). A --store frames cache: the centre crop of the frames through the frozen CNN, as at test time."""
+    = 10 x frame). A --store frames cache: the centre crop of the frames through the frozen CNN, as at test time
+    (backbone_weights: its ImageNet weights file, default the one prepare.py used)."""
     model.eval()
     cfg, shapes = model.config, cache.manifest["shapes"]
     N, C, T, S = len(cache), shapes["clips"], cfg.video.frames, 32 * shapes["grid"]
-    cnn = (prepare.build_backbone(cache.manifest["backbone"], cache.manifest["config"]["backbone_weights"], device)
-           if shapes.get("store") == "frames" else None)
+    cnn, weights = None, backbone_weights or cache.manifest["config"]["backbone_weights"]
+    if shapes.get("store") == "frames":
+        try:
+            cnn = prepare.build_backbone(cache.manifest["backbone"], weights, device)
+        except SystemExit as e:  # prepare's one line (e.g. weights moved: "pass --backbone-weights PATH"), as probe's
+            raise ProbeError(str(e).removeprefix("prepare.py: ")) from None
     encode = lambda fn, x: fn(torch.from_numpy(x).to(device)).float().cpu().numpy()
     encode_video = model.encode_video if cnn is None else lambda x: model.encode_video(prepare.frame_features(cnn, x))
 
@@ -682,7 +688,8 @@ def load_or_extract_embeddings(model, cache, info, args):
             return dict(stored, path=str(path))
         print(f"embeddings: {path} is stale (cache changed); recomputing", file=sys.stderr)
     t0 = time.time()
-    emb = dict(extract_embeddings(model, cache, args.batch_clips, args.device), ids=ids, manifest_sha=manifest_sha)
+    emb = dict(extract_embeddings(model, cache, args.batch_clips, args.device, args.backbone_weights), ids=ids,
+               manifest_sha=manifest_sha)
     save_npz(path, emb)
     print(f"embeddings: {len(cache)} videos in {time.time() - t0:.1f} s -> {path}", file=sys.stderr)
     return dict(emb, path=str(path))

@@ -19,6 +19,7 @@ import probe
 from bpe import BPETokenizer
 from model import LAVA
 from prepare import FeatureCache
+from conftest import write_feature_cache
 from test_probe import FAST, make_checkpoint, make_ucf_root
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -167,6 +168,33 @@ def test_embed_names_the_latest_run_it_takes_and_a_root_may_be_the_cache(myvids,
     # --root given the cache folder itself: that cache, not <root>/lava_cache
     assert probe.main(embed + ["--root", str(vids / "lava_cache"), "--checkpoint", str(ckpt)]) == 0
     assert f"wrote {tmp_path / 'e.npz'}: 2 videos" in capsys.readouterr().out
+
+
+def test_a_frames_cache_finds_moved_imagenet_weights_with_backbone_weights(tmp_path, capsys):
+    """A --store frames cache runs its frames through prepare's ImageNet ResNet-18 at embedding time: a weights file
+    moved since prepare.py is one line naming --backbone-weights, and found with it."""
+    import torchvision
+
+    cache = write_feature_cache(tmp_path / "cache", n_videos=4, dataset="folder", clips=1, frames=16, grid=1,
+                                store="frames")
+    weights = tmp_path / "resnet18-f37072fd.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), weights)
+    manifest = json.loads((cache / "manifest.json").read_text())
+    manifest["backbone"] = manifest["config"]["backbone"] = "imagenet"  # as prepare.py --backbone imagenet writes it
+    manifest["config"]["backbone_weights"] = str(weights)
+    (cache / "manifest.json").write_text(json.dumps(manifest))
+    moved = weights.rename(tmp_path / "moved.pth")
+    ckpt = make_checkpoint(tmp_path / "runs/x/ckpt_last.pt", cache, grid=1)
+    embed = ["--embed", "--cache", str(cache), "--checkpoint", str(ckpt), "--device", "cpu", "--out",
+             str(tmp_path / "e.npz")]
+    with pytest.warns(UserWarning, match="pre-trained on 'random' backbone features"):
+        assert probe.main(embed) == 2
+        err = capsys.readouterr().err
+        assert err.splitlines()[-1].startswith(f"probe.py: error: ImageNet ResNet-18 weights not found at {weights}: "
+                                               "pass --backbone-weights PATH"), err
+        assert "Traceback" not in err and not (tmp_path / "e.npz").exists()
+        assert probe.main(embed + ["--backbone-weights", str(moved)]) == 0
+    assert f"wrote {tmp_path / 'e.npz'}: 4 videos" in capsys.readouterr().out
 
 
 def test_a_results_file_of_another_scope_is_not_replaced(tmp_path, capsys):
