@@ -774,8 +774,12 @@ def summary_table(paths, per_class=None):
     configs = {}
     tables = []  # --per-class: one table per result, after the summary
     for path in paths:
-        r = json.loads(Path(path).read_text())
-        if r.get("task") != "linear-probe":  # `--summary runs/X/probe_*.json` also matches probe_<ds>_series.json
+        try:
+            r = json.loads(Path(path).read_text())
+        except ValueError:  # `--summary runs/X/probe_ucf101*` also matches the .md tables (and a .jsonl, a .png)
+            print(f"--summary: skipped {path}, not a JSON file", file=sys.stderr)
+            continue
+        if not isinstance(r, dict) or r.get("task") != "linear-probe":  # a probe_<ds>_series.json too
             print(f"--summary: skipped {path}, not a linear-probe result (a series: see its .png)", file=sys.stderr)
             continue
         configs.setdefault(r["dataset"], set()).add(json.dumps(r.get("model_config"), sort_keys=True))

@@ -571,6 +571,12 @@ def test_cli_hmdb51_video_only_and_checkpoint_series(tmp_path, capsys):
     assert probe.main(["--summary", str(out), str(tmp_path / "alone_1.json")]) == 0
     text, err = capsys.readouterr()
     assert f"skipped {out}, not a linear-probe result" in err and text.count("| hmdb51 |") == 1
+    # ... and a glob that matches the .md tables, or a .jsonl: skipped with a note each, not a traceback
+    (tmp_path / "log.jsonl").write_text('{"a": 1}\n{"a": 2}\n')
+    md = [str(tmp_path / "alone_1.md"), str(tmp_path / "log.jsonl")]
+    assert probe.main(["--summary", str(tmp_path / "alone_1.json"), *md]) == 0
+    text, err = capsys.readouterr()
+    assert err.splitlines() == [f"--summary: skipped {f}, not a JSON file" for f in md] and text.count("| hmdb51 |") == 1
 
 
 def test_a_series_is_checked_whole_before_any_probe(tmp_path, capsys):
