@@ -696,22 +696,31 @@ def load_or_extract_embeddings(model, cache, info, args):
 
 
 def markdown_table(result, per_class=None):
-    """Markdown laid out like the paper's Table 1 (3-split mean), paper rows beside ours, then every split."""
+    """Markdown laid out like the paper's Table 1, paper rows beside ours, then every split. The paper rows: Table 1
+    (3-split mean, all three losses), or Table 2 (split 1, per loss set) for a run of split 1 only or of other losses
+    (the paper's row of its loss set, or all of Table 2 if there is none)."""
     ds = result["dataset"]
     mean, std = result["mean"], result["std"]
     random_init = result["checkpoint"] == "random"
     ours = "random init" if random_init else f"`{result['checkpoint']}`"
-    losses = (result.get("pretrain_args") or {}).get("losses")
-    mods = "none" if random_init else "+".join(x.strip().upper() for x in losses.split(",")) if losses else "?"
+    losses = [x.strip() for x in ((result.get("pretrain_args") or {}).get("losses") or "").split(",")]
+    mods = "none" if random_init else "+".join(x.upper() for x in ("av", "vt", "avt") if x in losses) or "?"
     data = "-" if random_init else (result.get("pretrain_args") or {}).get("data", "?")
     cols = lambda cell: f"{cell} | -" if ds == "ucf101" else f"- | {cell}"     # the UCF | HMDB columns
+    table2 = result["split_ids"] == [1] or (not random_init and mods != "AV+VT+AVT")
     lines = [f"# Linear probe: {DATASET_NAMES.get(ds, ds)}, {ours}", "",
-             f"Table 1 layout: top-1 (%): ours mean +- std over splits {result['split_ids']}, paper 3-split mean", "",
+             f"Table 1 layout: top-1 (%): ours mean +- std over splits {result['split_ids']}, paper "
+             + ("Table 2 (split 1)" if table2 else "3-split mean"), "",
              "| Method | Pre-train data | Mod. | UCF | HMDB |", "| --- | --- | --- | --- | --- |"]
-    lines += [f"| LAVA* ({'video only' if m == 'video' else m}), paper | K700 (0.1) | AVT | "
-              f"{PAPER_TABLE1['ucf101'].get(m, '-')} | {PAPER_TABLE1['hmdb51'].get(m, '-')} |" for m in MODALITIES]
-    lines += [f"| LAVA ({m}), this kit: {ours} | {data} | {mods} | {cols(f'{mean[m]:.1f} +- {std[m]:.1f}')} |"
-              for m in result["modalities"] if m in mean]
+    name = lambda m: "video only" if m == "video" else m
+    if table2:
+        lines += [f"| LAVA* ({name(m)}), paper Table 2, split 1 | K700 (0.1) | {loss} | {ucf} | {hmdb or '-'} |"
+                  for loss, m, ucf, hmdb in [t for t in PAPER_TABLE2 if t[0] == mods] or PAPER_TABLE2]
+    else:
+        lines += [f"| LAVA* ({name(m)}), paper | K700 (0.1) | AVT | {PAPER_TABLE1['ucf101'].get(m, '-')} | "
+                  f"{PAPER_TABLE1['hmdb51'].get(m, '-')} |" for m in MODALITIES]
+    lines += [f"| LAVA ({m}), this kit: {ours}{partial_note(result, m)} | {data} | {mods} | "
+              f"{cols(f'{mean[m]:.1f} +- {std[m]:.1f}')} |" for m in result["modalities"] if m in mean]
     lines += ["", "| split | modality | top-1 | train videos | test videos | epochs | weight decay | val top-1 |",
               "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     lines += [f"| {r['split']} | {r['modalities']} | {r['top1']:.1f} | {r['n_train']} | {r['n_test']} | "
@@ -721,6 +730,17 @@ def markdown_table(result, per_class=None):
     lines += ["", f"Videos without audio: {ma['videos_without_audio']} of {ma['videos_in_cache']} in the cache"
               + (f"; {ma['treatment']}." if "audio+video" in result["modalities"] else " (video-only probe: unused).")]
     return "\n".join(lines) + "\n" + (f"\n{per_class_table(result, per_class)}" if per_class else "")
+
+
+def partial_note(result, modality):
+    """' (partial: 16 of 16 training, 8 of 10 test videos)', summed over the splits of `modality`, for a result
+    evaluated with --allow-partial on videos missing from the cache; '' for a whole one."""
+    rows = [r for r in result["splits"] if r["modalities"] == modality]
+    n = {part: sum(r[f"n_{part}"] for r in rows) for part in ("train", "test")}
+    listed = {part: n[part] + sum((r.get("missing_videos") or {}).get(part, 0) for r in rows) for part in n}
+    if n == listed:
+        return ""
+    return f" (partial: {n['train']} of {listed['train']} training, {n['test']} of {listed['test']} test videos)"
 
 
 def wanted_classes(wanted, classes):
@@ -770,7 +790,7 @@ def save_npz(path, arrays):
 
 def summary_table(paths, per_class=None):
     """One Markdown table of several results JSONs (dataset, checkpoint, modality, mean +- std)."""
-    lines = ["| dataset | checkpoint | modality | top-1 mean +- std | splits | paper |", "|" + " --- |" * 6]
+    lines = ["| dataset | checkpoint | modality | top-1 mean +- std | splits | paper (Table 1) |", "|" + " --- |" * 6]
     configs = {}
     tables = []  # --per-class: one table per result, after the summary
     for path in paths:
@@ -783,7 +803,8 @@ def summary_table(paths, per_class=None):
             print(f"--summary: skipped {path}, not a linear-probe result (a series: see its .png)", file=sys.stderr)
             continue
         configs.setdefault(r["dataset"], set()).add(json.dumps(r.get("model_config"), sort_keys=True))
-        lines += [f"| {r['dataset']} | {r['checkpoint']} | {m} | {r['mean'][m]:.1f} +- {r['std'][m]:.1f} | "
+        lines += [f"| {r['dataset']} | {r['checkpoint']} | {m} | {r['mean'][m]:.1f} +- {r['std'][m]:.1f}"
+                  f"{partial_note(r, m)} | "
                   f"{len({s['split'] for s in r['splits'] if s['modalities'] == m})} | "
                   f"{PAPER_TABLE1.get(r['dataset'], {}).get(m, '-')} |" for m in r["mean"]]
         tables += [f"\n{path}:\n{per_class_table(r, per_class)}"] if per_class else []

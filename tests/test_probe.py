@@ -576,7 +576,8 @@ def test_cli_hmdb51_video_only_and_checkpoint_series(tmp_path, capsys):
     md = [str(tmp_path / "alone_1.md"), str(tmp_path / "log.jsonl")]
     assert probe.main(["--summary", str(tmp_path / "alone_1.json"), *md]) == 0
     text, err = capsys.readouterr()
-    assert err.splitlines() == [f"--summary: skipped {f}, not a JSON file" for f in md] and text.count("| hmdb51 |") == 1
+    assert err.splitlines() == [f"--summary: skipped {f}, not a JSON file" for f in md]
+    assert text.count("| hmdb51 |") == 1
 
 
 def test_a_series_is_checked_whole_before_any_probe(tmp_path, capsys):
@@ -612,6 +613,21 @@ def test_videos_missing_from_the_cache_error_or_loud_warning(tmp_path, capsys):
     res = json.loads((tmp_path / "o.json").read_text())
     assert res["partial"] and res["splits"][0]["missing_videos"] == {"train": 0, "test": 2}
     assert res["splits"][0]["n_test"] == 8
+    # the tables say it is partial; split 1 only: beside the paper's split-1 row of its losses (Table 2)
+    note = "(partial: 16 of 16 training, 8 of 10 test videos)"
+    md = (tmp_path / "o.md").read_text()
+    assert f"| LAVA (video), this kit: `{ckpt}` {note} | " in md and "81.3" not in md
+    assert "| LAVA* (video only), paper Table 2, split 1 | K700 (0.1) | AV+VT+AVT | 81.1 | 51.8 |" in md
+    capsys.readouterr()
+    assert probe.main(["--summary", str(tmp_path / "o.json")]) == 0
+    assert f" +- 0.0 {note} | 1 |" in capsys.readouterr().out
+    # other losses, 3 splits: Table 2's rows of that loss set (listed in any order), or all of Table 2 if none
+    md = probe.markdown_table(dict(res, split_ids=[1, 2, 3], pretrain_args=dict(losses="vt,av")))
+    assert "| LAVA* (video only), paper Table 2, split 1 | K700 (0.1) | AV+VT | 74.91 | 49.4 |" in md
+    assert "| LAVA* (audio+video), paper Table 2, split 1 | K700 (0.1) | AV+VT | 79.36 | - |" in md
+    assert md.count("paper Table 2, split 1 |") == 2 and "81.3" not in md
+    assert probe.markdown_table(dict(res, split_ids=[1, 2, 3], pretrain_args=dict(losses="vt"))).count(
+        "paper Table 2, split 1 |") == len(probe.PAPER_TABLE2)
 
 
 def test_checkpoint_of_another_config_is_a_clear_error(tmp_path, capsys):
