@@ -372,7 +372,8 @@ def evaluate_probe(emb, resolved, modality, ids, grid, seed=0, device="cpu", ucf
                 n_test_clips=len(Xte), hyperparameters=dict(epochs=best["epochs"], weight_decay=best["weight_decay"]),
                 validation_top1=best["val_top1"], validation_videos=best["n_val_videos"], validation=table,
                 missing_audio=dict(train=int((~has[tr_idx]).sum()), test=int((~has[te_idx]).sum())),
-                per_class={names[c]: 100 * float(np.mean(pred[y_video == c] == c)) for c in np.unique(y_video)})
+                per_class={name: 100 * float(np.mean(pred[y_video == c] == c)) if (y_video == c).any() else None
+                           for c, name in enumerate(names)})  # None: no test video of the class (--allow-partial)
 
 
 # ---- 4. the run: main -> evaluate_checkpoint -> evaluate_probe -> LinearProbe, for one checkpoint or a series ----
@@ -491,14 +492,15 @@ def evaluate_checkpoint(args, model, info, cache, resolved, modalities):
     mean = {m: float(np.mean(v)) for m, v in top1.items()}
     std = {m: float(np.std(v, ddof=1)) if len(v) > 1 else 0.0 for m, v in top1.items()}  # sample std over splits
     per_class = {m: [r["per_class"] for r in rows if r["modalities"] == m] for m in modalities}  # a dict per split
+    scored = {m: {c: [p[c] for p in ps if p.get(c) is not None] for c in sorted(set().union(*ps))}
+              for m, ps in per_class.items()}  # the splits with test videos of the class
     return dict(
         task="linear-probe", dataset=args.dataset, cache=str(cache.path), checkpoint=info["checkpoint"],
         checkpoint_sha256=info["checkpoint_sha256"], epoch=info["epoch"], config_source=info["config_source"],
         args=vars(args), model_config=info["model_config"], pretrain_args=info["pretrain_args"],
         cache_manifest=cache.manifest, embeddings=emb["path"], split_ids=list(resolved), modalities=modalities,
         splits=rows, mean=mean, std=std, partial=any(sum(n.values()) for _, n in resolved.values()),
-        per_class_mean={m: {c: float(np.mean([p[c] for p in ps if c in p])) for c in sorted(set().union(*ps))}
-                        for m, ps in per_class.items()},
+        per_class_mean={m: {c: float(np.mean(v)) if v else None for c, v in sc.items()} for m, sc in scored.items()},
         hyperparameter_grid=dict(grid, lr=LinearProbe().lr, batch_size=LinearProbe().batch_size, standardize=True,
                                  val_fraction=0.2, val_groups={"ucf101": "UCF gXX groups"}.get(args.dataset, "videos")),
         missing_audio=dict(videos_in_cache=len(cache), videos_without_audio=len(cache) - int(emb["has_audio"].sum()),
@@ -756,12 +758,19 @@ def per_class_table(result, wanted="all"):
     `wanted`, then their mean beside the overall top-1 (paper: its 5 classes absent from Kinetics 79.9, all 81.3)."""
     if "per_class_mean" not in result:
         raise ProbeError(f"{result['checkpoint']}: a result without per-class top-1 (probe.py before --per-class)")
-    pcm = result["per_class_mean"]                                                 # {modality: {class: top-1 %}}
-    names = sorted(wanted_classes(wanted, pcm[result["modalities"][0]]), key=pcm[result["modalities"][0]].get)
+    pcm = result["per_class_mean"]                          # {modality: {class: top-1 %, None: no test video}}
+    first = pcm[result["modalities"][0]]
+    names = sorted(wanted_classes(wanted, first), key=lambda c: (first[c] is None, first[c] or 0))  # "-" last
+    scored = [c for c in names if first[c] is not None]
     lines = ["| class | " + " | ".join(pcm) + " |", "|" + " --- |" * (len(pcm) + 1)]
-    lines += [f"| {c} | " + " | ".join(f"{pcm[m][c]:.1f}" for m in pcm) + " |" for c in names]
-    lines += ["", f"mean of these {len(names)} classes: " + ", ".join(
-        f"{m} {np.mean([pcm[m][c] for c in names]):.1f} (overall top-1 {result['mean'][m]:.1f})" for m in pcm)]
+    lines += [f"| {c} | " + " | ".join("-" if pcm[m][c] is None else f"{pcm[m][c]:.1f}" for m in pcm) + " |"
+              for c in names]
+    lines.append("")
+    if scored:
+        lines.append(f"mean of these {len(scored)} classes: " + ", ".join(
+            f"{m} {np.mean([pcm[m][c] for c in scored]):.1f} (overall top-1 {result['mean'][m]:.1f})" for m in pcm))
+    if len(scored) < len(names):
+        lines.append("-: no test video of the class in the cache (--allow-partial)")
     return "\n".join(lines) + "\n"
 
 

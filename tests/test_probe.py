@@ -542,6 +542,30 @@ def test_per_class_after_a_run_and_with_summary(tmp_path, capsys):
     assert len(probe.wanted_classes(five, probe.read_ucf101_split(DATA / "ucf101", 1)["classes"])) == 5
 
 
+def test_per_class_of_a_class_without_test_videos_is_a_dash(tmp_path, capsys):
+    """--allow-partial: a class of the split lists none of whose test videos is in the cache gets '-' in the
+    per-class tables (after the run and with --summary), not an 'unknown classes' error after the run."""
+    root = make_ucf_root(tmp_path / "ucf101", extra_test=["class_4/video_9999.avi"])
+    with open(root / "ucfTrainTestlist/classInd.txt", "a") as f:
+        f.write(f"{N_CLASSES + 1} class_4\r\n")  # listed, but no video of it in the cache
+    ckpt = make_checkpoint(tmp_path / "runs/x/ckpt_last.pt", root / "lava_cache")
+    out = tmp_path / "p.json"
+    with pytest.warns(UserWarning, match="--allow-partial"):
+        assert probe.main(["--dataset", "ucf101", "--root", str(root), "--checkpoint", str(ckpt), "--split", "1",
+                           "--modalities", "video", "--allow-partial", "--per-class", "class_4,class_0", "--out",
+                           str(out)] + FAST) == 0
+    res = json.loads(out.read_text())
+    assert res["splits"][0]["per_class"]["class_4"] is None and res["per_class_mean"]["video"]["class_4"] is None
+    c0 = f"{res['per_class_mean']['video']['class_0']:.1f}"
+    printed = capsys.readouterr().out
+    assert probe.main(["--summary", str(out), "--per-class", "class_4,class_0"]) == 0
+    for text in (printed, capsys.readouterr().out):  # the classes asked for: class_4 after the scored one
+        assert f"| class_0 | {c0} |\n| class_4 | - |\n\nmean of these 1 classes: video {c0} " in text
+        assert "\n-: no test video of the class in the cache (--allow-partial)\n" in text
+    md = out.with_suffix(".md").read_text()  # every class
+    assert "| class_4 | - |\n\nmean of these 4 classes: video " in md and "-: no test video of the class" in md
+
+
 def test_cli_hmdb51_video_only_and_checkpoint_series(tmp_path, capsys):
     root = make_hmdb_root(tmp_path / "hmdb51")
     for e in (1, 2):
