@@ -842,4 +842,5 @@ def plot_series(series, out_png, dataset, splits):
 
 if __name__ == "__main__":
     signal.signal(signal.SIGTERM, prepare._interrupt)  # a scheduler's stop unwinds like Ctrl-C, with its number
+    warnings.formatwarning = lambda message, *_: f"probe.py: warning: {message}\n"  # not file:line and source line
     sys.exit(main(ARGS))

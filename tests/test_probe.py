@@ -654,6 +654,17 @@ def test_videos_missing_from_the_cache_error_or_loud_warning(tmp_path, capsys):
         "paper Table 2, split 1 |") == len(probe.PAPER_TABLE2)
 
 
+def test_a_warning_is_one_line_from_the_command_line(tmp_path):
+    root = make_ucf_root(tmp_path / "ucf101", extra_test=["class_0/video_9999.avi"])
+    run = subprocess.run([sys.executable, "probe.py", "--dataset", "ucf101", "--root", str(root), "--split", "1",
+                          "--allow-partial", "--checkpoint", str(tmp_path / "no.pt")], cwd=ROOT, capture_output=True,
+                         text=True)
+    assert run.returncode == 2 and run.stderr.splitlines() == [
+        f"probe.py: warning: --allow-partial: split 1: 0 of 16 training and 1 of 9 test videos named in the official "
+        f"lists are not in the cache {root / 'lava_cache'} (e.g. ['class_0/video_9999.avi']); evaluating on the rest",
+        f"probe.py: error: --checkpoint: checkpoint {tmp_path / 'no.pt'} not found"], run.stderr
+
+
 def test_checkpoint_of_another_config_is_a_clear_error(tmp_path, capsys):
     root = make_ucf_root(tmp_path / "ucf101")
     wrong_grid = make_checkpoint(tmp_path / "runs/a/ckpt_last.pt", root / "lava_cache", grid=7)
