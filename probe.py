@@ -55,6 +55,8 @@ def parse_args(argv=None):
         p.error(f"--top: the number of videos --search prints, at least 1 (got {args.top})")
     if not (args.summary or args.embed or args.search or args.dataset):
         p.error("--dataset is required (except with --embed, --search or --summary)")
+    if args.per_class and args.checkpoints:
+        p.error("--per-class prints after a run of one --checkpoint, or with --summary; not with --checkpoints")
     if (args.embed or args.search) and not (args.root or args.cache):
         p.error("--embed and --search need --root (your videos' folder) or --cache")
     try:  # the grids as tuples here, so that a typo is a usage line, not a traceback
@@ -412,6 +414,9 @@ def main(argv=None):
                     title = cache.videos[i].get("title")
                     print(f"{rank:4d}  {scores[i]:7.4f}  {cache.videos[i]['path']}" + (f"  ({title})" if title else ""))
             return 0
+        if cache.manifest.get("dataset") in ("k700", "ucf101", "hmdb51") and cache.manifest["dataset"] != args.dataset:
+            raise ProbeError(f"--dataset {args.dataset}: the cache {cache.path} holds {cache.manifest['dataset']} "
+                             f"videos; pass the {DATASET_NAMES[args.dataset]} cache (--cache, or --root)")
         modalities = (args.modalities or ("video,audio+video" if args.dataset == "ucf101" else "video")).split(",")
         if set(modalities) - set(MODALITIES):
             raise ProbeError(f"--modalities: unknown {sorted(set(modalities) - set(MODALITIES))} (video, audio+video)")
@@ -447,7 +452,8 @@ def main(argv=None):
         if args.checkpoints:
             plot_series(result["series"], out.with_suffix(".png"), args.dataset, list(resolved))
             for s in result["series"]:
-                print(f"epoch {s['epoch']}: " + ", ".join(f"{m} {v:.1f}" for m, v in s["mean"].items()))
+                epoch = "?" if s["epoch"] is None else f"{s['epoch']:g}"  # 1, not 1.0; 2.5 mid-epoch
+                print(f"epoch {epoch}: " + ", ".join(f"{m} {v:.1f}" for m, v in s["mean"].items()))
         else:
             write_atomic(out.with_suffix(".md"), markdown_table(result, "all" if args.per_class else None))
             print(markdown_table(result, args.per_class))  # --per-class CLASSES: theirs here, every class in the .md

@@ -573,6 +573,8 @@ def test_cli_hmdb51_video_only_and_checkpoint_series(tmp_path, capsys):
     out = tmp_path / "h.json"
     assert probe.main(["--dataset", "hmdb51", "--root", str(root), "--split", "2", "--checkpoints",
                        str(tmp_path / "runs/x/epoch_*.pt"), "--out", str(out)] + FAST) == 0
+    printed = capsys.readouterr().out
+    assert "epoch 1: video " in printed and "epoch 2: video " in printed and "1.0" not in printed
     res = json.loads(out.read_text())
     assert [s["epoch"] for s in res["series"]] == [1, 2] and all(set(s["mean"]) == {"video"} for s in res["series"])
     assert res["series"][0]["splits"][0]["n_train"] == 16 and out.with_suffix(".png").stat().st_size > 1000
@@ -637,6 +639,13 @@ def test_videos_missing_from_the_cache_error_or_loud_warning(tmp_path, capsys):
     res = json.loads((tmp_path / "o.json").read_text())
     assert res["partial"] and res["splits"][0]["missing_videos"] == {"train": 0, "test": 2}
     assert res["splits"][0]["n_test"] == 8
+    # a cache of another known dataset: one line naming it, not "0 of 16 training videos ... --allow-partial"
+    manifest = json.loads((root / "lava_cache/manifest.json").read_text())
+    (root / "lava_cache/manifest.json").write_text(json.dumps(dict(manifest, dataset="hmdb51")))
+    capsys.readouterr()
+    assert probe.main(args) == 2
+    assert capsys.readouterr().err == (f"probe.py: error: --dataset ucf101: the cache {root / 'lava_cache'} holds "
+                                       "hmdb51 videos; pass the UCF-101 cache (--cache, or --root)\n")
     # the tables say it is partial; split 1 only: beside the paper's split-1 row of its losses (Table 2)
     note = "(partial: 16 of 16 training, 8 of 10 test videos)"
     md = (tmp_path / "o.md").read_text()
@@ -723,6 +732,8 @@ def test_a_damaged_cache_is_one_line(tmp_path, capsys):
     (["--search", "", "--cache", "c"], "--search: an empty query; give the words to search for"),
     (["--search", "fire", "--cache", "c", "--top", "0"], "--top: the number of videos --search prints, at least 1"),
     (["--search", "fire", "--cache", "c", "--top=-2"], "--top: the number of videos --search prints, at least 1"),
+    (["--dataset", "ucf101", "--checkpoints", "runs/x/*.pt", "--per-class"], "--per-class prints after a run of "
+     "one --checkpoint, or with --summary; not with --checkpoints"),
     *[(["--dataset", "ucf101", flag], "--epochs-grid takes comma-separated integers >= 1, --weight-decay-grid "
        "comma-separated numbers >= 0") for flag in ("--epochs-grid=10,x", "--epochs-grid=0,10", "--epochs-grid=-5",
                                                     "--weight-decay-grid=0,-1e-3")],
