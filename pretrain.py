@@ -333,12 +333,13 @@ def atomic_save(path, write):
         tmp.unlink(missing_ok=True)
 
 
-def load_checkpoint(path):
-    """A checkpoint of main's (probe.py reads them with it) on the CPU; a bad file: a one-line OSError or ValueError."""
+def load_checkpoint(path, mmap=False):
+    """A checkpoint of main's (probe.py reads them with it) on the CPU; a bad file: a one-line OSError or ValueError.
+    mmap: tensors stay on disk until read (probe.py checks a whole --checkpoints series' configs this way)."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"checkpoint {path} not found" + (" (a directory)" if Path(path).is_dir() else ""))
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # a truncated zip, a text file, a pickle of classes weights_only refuses
         raise ValueError(f"{path} is not a readable checkpoint: truncated or corrupt ({type(e).__name__})") from None
     config = ckpt.get("config") if isinstance(ckpt, dict) else None  # probe.py builds its model from config["model"]

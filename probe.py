@@ -473,7 +473,7 @@ def check_series(pattern, paths):
     configs = {}
     for path in paths:
         try:
-            configs[path] = pretrain.flat(pretrain.load_checkpoint(path)["config"]["model"])
+            configs[path] = pretrain.flat(pretrain.load_checkpoint(path, mmap=True)["config"]["model"])
         except (OSError, ValueError) as e:
             raise ProbeError(f"--checkpoints {pattern!r}: {e}") from None
         differ = [k for k in configs[path] if configs[path][k] != configs[paths[0]].get(k)]
