@@ -517,6 +517,11 @@ def evaluate_checkpoint(args, model, info, cache, resolved, modalities):
 def embed(args, cache, model, info, emb):
     """--embed: every video's embeddings, per clip and per video, and their projections g_<space>_<modality> into
     each latent space, in one .npz (its keys: README, Your own videos); 0 where a modality is missing."""
+    untrained = [s for s in SPACES if s not in (info["pretrain_args"] or {}).get("losses", "av,vt,avt").split(",")]
+    if untrained:  # a Table 2 ablation run: those heads are still their random init
+        heads = ", ".join(f"g_{s}_*" for s in untrained)
+        warnings.warn(f"--embed: the run was pre-trained without {', '.join(untrained)}: its {heads} arrays come from "
+                      "untrained projection heads")
     titles = np.array([v.get("title") or "" for v in cache.videos])
     z = dict(v=emb["z_v"], a=emb["z_a"], t=np.zeros((len(cache), model.config.text.width), np.float32))
     has = dict(v=np.ones(len(cache), bool), a=emb["has_audio"].astype(bool), t=titles != "")

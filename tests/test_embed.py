@@ -155,6 +155,8 @@ def test_search_needs_a_run_pre_trained_with_vt(myvids, tmp_path, capsys, losses
                                        f"with --losses {losses}, without it; use a run with vt\n")
     if titled:
         assert probe.main(search + ["--checkpoint", "random", "--config-from", str(other)]) == 0
+        with pytest.warns(UserWarning, match=r"--embed: the run was pre-trained without vt: its g_vt_\* arrays come"):
+            assert probe.main(["--embed", "--root", str(vids), "--checkpoint", str(other), "--device", "cpu"]) == 0
 
 
 def test_embed_names_the_latest_run_it_takes_and_a_root_may_be_the_cache(myvids, tmp_path, capsys, monkeypatch):
