@@ -395,6 +395,14 @@ def decode_video(job):
         return dict(ok=False, reason=str(e) if isinstance(e, BadVideo) else f"{type(e).__name__}: {e}")
 
 
+def train_tokenizer(videos, vocab_size):
+    """4. text: BPE trained on the train-split titles only (val titles stay unseen; a layout without splits uses them
+    all), or None without titles; deterministic, so shard jobs that each train it agree."""
+    titles = [v["title"] for v in videos if v["title"]]
+    train = [v["title"] for v in videos if v["title"] and v["split"] in ("train", None)] or titles
+    return BPETokenizer().train(train, vocab_size) if titles else None
+
+
 def _tokens(tokenizer, title, vocab_size):
     """4. text: (128,) int32 ids and whether there is a title; no title: all padding (no tokenizer: vocab_size - 1)."""
     if not title:  # (a title implies a tokenizer: it is trained whenever the listing has titles)
@@ -464,6 +472,21 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt(signum)
 
 
+def torch_device(name):
+    """--device (auto: cuda if present) -> torch.device; a misspelt name or a GPU torch does not see: a one-line
+    ValueError (prepare.py, pretrain.py and probe.py all check their --device with it)."""
+    import torch
+    name = ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:  # "Expected one of cpu, cuda, ... device type at start of device string: gpu"
+        raise ValueError(f"--device {name}: {e}; use --device cpu or auto") from None
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: torch sees {torch.cuda.device_count()} CUDA GPU(s) here; use --device cpu "
+                         "or auto")
+    return device
+
+
 def _prepare(args):
     root, out = args.root, args.out
     args.dataset = detect_layout(root) if args.dataset == "auto" else args.dataset
@@ -477,14 +500,11 @@ def _prepare(args):
     args_dict = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     if args.backbone == "imagenet" and not (args.list_only or args.merge):
         build_backbone("imagenet", args.backbone_weights, "cpu")  # missing weights stop the run before --out is touched
-    if args.device != "auto" and args.store == "features" and not (args.list_only or args.merge):
-        import torch  # as missing weights, a misspelt device or a missing GPU stops the run before --out is touched
-        try:
-            device = torch.device(args.device)
-            if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-                raise RuntimeError(f"torch sees {torch.cuda.device_count()} CUDA GPU(s) here")
-        except RuntimeError as e:
-            raise SystemExit(f"prepare.py: --device {args.device}: {e}; use --device cpu or auto") from None
+    if args.store == "features" and not (args.list_only or args.merge):
+        try:  # as missing weights, a misspelt device or a missing GPU stops the run before --out is touched
+            args.device = str(torch_device(args.device))
+        except ValueError as e:
+            raise SystemExit(f"prepare.py: {e}") from None
 
     # 0. the settings that decide the bytes (clips and frames, not the flags: --test-clips does not matter to a
     #    pre-training cache) are locked once a shard is finished under them; before that a run with other settings
@@ -510,6 +530,12 @@ def _prepare(args):
     else:
         videos, errors = list_videos(root, args.dataset, out, args.workers)
         _check_finished_shards(out, root, videos, args.shard_size)
+        if any(out.glob("shard_*")) and (out / "tokenizer.bpe").is_file():  # any title of the listing trains it
+            new = train_tokenizer(videos, args.vocab_size)
+            if new is None or new.merges != BPETokenizer.load(out / "tokenizer.bpe").merges:
+                raise SystemExit(f"prepare.py: the titles under {root} changed since the shards in {out} were built "
+                                 "(a retrained tokenizer would change their token ids); use a new --out, or delete "
+                                 f"{out}, to rebuild")
         listing = dict(dataset=args.dataset, videos=videos, errors=errors,
                        num_shards=math.ceil(len(videos) / args.shard_size))
         write_atomic(out / "listing.json", json.dumps(listing, ensure_ascii=False) + "\n")
@@ -519,17 +545,14 @@ def _prepare(args):
             (out / name).unlink(missing_ok=True)
     videos = listing["videos"]
 
-    # 2. the tokenizer, before any shard (shards store token ids), on train-split titles only (val titles stay
-    #    unseen; a layout without splits uses them all); deterministic, so shard jobs that each train it agree
-    titles = [v["title"] for v in videos if v["title"]]
-    tok_name = "tokenizer.bpe" if titles else None
-    tokenizer = BPETokenizer.load(out / tok_name) if titles and (out / tok_name).is_file() else None
-    if titles and tokenizer is None:
-        titles = [v["title"] for v in videos if v["title"] and v["split"] in ("train", None)] or titles
+    # 2. the tokenizer, before any shard (shards store token ids)
+    tok_name = "tokenizer.bpe" if any(v["title"] for v in videos) else None
+    tokenizer = BPETokenizer.load(out / tok_name) if tok_name and (out / tok_name).is_file() else None
+    if tok_name and tokenizer is None:
         t0 = time.time()
-        tokenizer = BPETokenizer().train(titles, args.vocab_size)
+        tokenizer = train_tokenizer(videos, args.vocab_size)
         tokenizer.save(out / tok_name)  # .bpe then .vocab, each written atomically
-        print(f"prepare: BPE tokenizer, vocab {tokenizer.vocab_size}, {len(titles)} titles, {time.time() - t0:.1f} s")
+        print(f"prepare: BPE tokenizer, vocab {tokenizer.vocab_size}, {time.time() - t0:.1f} s")
     if args.list_only:
         print(f"prepare: listing and tokenizer in {out}; now run the shard jobs")
         return 0
@@ -551,7 +574,7 @@ def _prepare(args):
     #    this process waited for decoded videos (more --workers would help, if there are cores) or for the CNN
     import cv2
     import torch
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = str(torch_device(args.device))
     encoder = (FrameEncoder(args.backbone, args.backbone_weights, device, args.size, args.batch_size)
                if args.store == "features" else None)  # --store frames: the CNN runs in pretrain.py
     cv2.setNumThreads(1)  # as in the decode workers (_worker_init); with --workers 0 decoding runs here
@@ -602,7 +625,7 @@ def _check_finished_shards(out, root, videos, shard_size):
     """A re-scan (listing.json deleted) keeps the finished shards only if each was built from exactly its slice of
     the new listing: the paths of its videos.jsonl rows and of the files it skipped (errors.jsonl), and the titles
     of its rows (a changed title would change the retrained tokenizer, and with it the token ids in every shard)."""
-    for folder in sorted(out.glob("shard_*")):
+    for folder in sorted(out.glob("shard_" + "[0-9]" * 5)):
         k = int(folder.name.removeprefix("shard_"))
         rows = [json.loads(line) for f in ("videos.jsonl", "errors.jsonl")
                 for line in (folder / f).read_text("utf-8").splitlines() if line]
@@ -699,14 +722,17 @@ def read_titles_csv(path, errors):
     may start with ./ or be absolute under the csv's folder (ROOT): the key is then the path under ROOT."""
     # surrogateescape: a row's bad bytes degrade that title (_clean_title reports it), not the whole file
     with open(path, encoding="utf-8", errors="surrogateescape", newline="") as f:
-        rows = list(csv.reader(f))
-    header = [h.strip().lstrip("\ufeff").lower() for h in (rows or [[]])[0]]  # a BOM from spreadsheet exports
+        reader, rows, end = csv.reader(f), [], 0
+        for row in reader:  # (first physical line, cells): a quoted title may span lines
+            rows.append((end + 1, row))
+            end = reader.line_num
+    header = [h.strip().lstrip("\ufeff").lower() for h in (rows or [(1, [])])[0][1]]  # a BOM from spreadsheets
     if "title" not in header:
         errors.append(dict(path=str(path), reason="titles.csv has no `title` column", action="file ignored"))
         return {}
     key, title = next((header.index(k) for k in ("youtube_id", "path", "id") if k in header), 0), header.index("title")
-    titles, root, short = {}, os.path.abspath(path.parent), []
-    for lineno, row in enumerate(rows[1:], start=2):
+    titles, root, short = {}, os.path.realpath(path.parent), []
+    for lineno, row in rows[1:]:
         if len(row) <= max(key, title):
             if any(cell.strip() for cell in row):  # blank lines carry nothing
                 short.append(lineno)
@@ -715,8 +741,8 @@ def read_titles_csv(path, errors):
             errors.append(dict(path=f"{path}:{lineno}", reason="the title spans several lines (a quote left open?)",
                                action="kept, lines joined"))
         k = row[key].strip().removeprefix("./")  # a path under ROOT may be written ./x.mp4 or /abs/ROOT/x.mp4
-        if os.path.isabs(k) and os.path.abspath(k).startswith(root + os.sep):
-            k = Path(os.path.relpath(k, root)).as_posix()
+        if os.path.isabs(k) and os.path.realpath(k).startswith(root + os.sep):  # (symlinks resolved on both sides)
+            k = Path(os.path.relpath(os.path.realpath(k), root)).as_posix()
         if k in titles:
             errors.append(dict(path=f"{path}:{lineno}", reason=f"duplicate title row (key {k!r})",
                                action="first row kept"))

@@ -58,9 +58,10 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     g = p.add_argument_group("data and run folder")
     g.add_argument("--data", default="k700", help="dataset folder, Kinetics-700 or your own videos (prepare.py --root)")
-    g.add_argument("--cache", help="feature cache written by prepare.py (default: DATA/lava_cache)")
+    g.add_argument("--cache", help="cache written by prepare.py (default: DATA/lava_cache, or DATA if it is one)")
     g.add_argument("--out", help="run folder; a run there is continued (default: --resume's folder, else "
-                   "runs/lava_<cache name>_<model>_<losses>, e.g. runs/lava_k700_paper_av+vt+avt)")
+                   "runs/lava_<cache name>_<model>_<losses>: the cache folder's name, or its parent's for "
+                   "lava_cache, e.g. runs/lava_k700_paper_av+vt+avt)")
     g.add_argument("--resume", help="checkpoint to continue with these flags; auto: OUT/ckpt_last.pt (default: none)")
     g.add_argument("--restart", action="store_true", help="replace the run in --out (start over or from --resume PATH)")
     g.add_argument("--workers", type=int, help="DataLoader processes per rank, 0: none (default: half its cores, <= 8)")
@@ -112,11 +113,12 @@ def parse_args(argv=None):
             if getattr(args, name) is not None and getattr(args, name) < low:
                 p.error(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
     if args.width % args.heads:
-        p.error(f"--width {args.width} must divide by --heads {args.heads}")
+        p.error(f"--width {args.width} must be divisible by --heads {args.heads}")
     if AUDIO_FRAMES % args.audio_frames_per_token:
         p.error(f"--audio-frames-per-token {args.audio_frames_per_token} must divide the {AUDIO_FRAMES} audio frames")
-    data = Path(args.data)  # DATA itself may be the cache (it holds the manifest)
-    args.cache = args.cache or str(data if (data / "manifest.json").is_file() else data / "lava_cache")
+    data = Path(args.data)  # DATA itself may be the cache (finished, or prepare's first files in it)
+    is_cache = any(os.path.isfile(data / f) for f in ("manifest.json", "prepare_config.json"))
+    args.cache = args.cache or str(data if is_cache else data / "lava_cache")
     return args
 
 
@@ -379,13 +381,11 @@ def main(argv=None):
     rank, world, local_rank = (int(os.getenv(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
     ddp = world > 1
     master = rank == 0
-    args.device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     try:  # a misspelt device, or a GPU torch cannot see: one line
-        device = torch.device(args.device)
-        if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-            raise RuntimeError(f"torch sees {torch.cuda.device_count()} CUDA GPU(s) here")
-    except RuntimeError as e:
-        fail(f"--device {args.device}: {e}; use --device cpu or auto")
+        device = prepare.torch_device(args.device)
+    except ValueError as e:
+        fail(e)
+    args.device = str(device)
     if device.type == "cuda":
         # torchrun: one GPU per rank; otherwise the given one (set_device needs an index, torch 2.11)
         device = torch.device("cuda", local_rank if ddp else device.index or 0)
@@ -406,7 +406,7 @@ def main(argv=None):
     # -------------------------------------------------------------------------------- run folder: continue or refuse
     explicit = args.resume not in (None, "auto")
     if args.out is None:  # named by the settings, not the time: the same command (every rank) continues the run
-        cache = Path(args.cache).resolve()
+        cache = Path(os.path.abspath(args.cache))  # not resolve(): a lava_cache symlink keeps its folder's name
         name = f"{cache.parent.name if cache.name == 'lava_cache' else cache.name}_{args.model}"
         args.out = str(Path(args.resume).parent) if explicit else f"runs/lava_{name}_{args.losses.replace(',', '+')}"
     out = Path(args.out)

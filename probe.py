@@ -23,7 +23,8 @@ from pathlib import Path
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", choices=["ucf101", "hmdb51"], help="downstream dataset (for a linear probe)")
-    p.add_argument("--root", help="dataset folder (split lists), or your videos' folder (default: ucf101/ or hmdb51/)")
+    p.add_argument("--root", help="dataset folder (split lists), or your videos' folder or, with --embed/--search, "
+                   "their cache (default: ucf101/ or hmdb51/)")
     p.add_argument("--cache", help="feature cache written by prepare.py (default: <root>/lava_cache)")
     p.add_argument("--checkpoint", help="pretrain.py checkpoint or 'random' (default: the latest runs/*/ckpt_last.pt)")
     p.add_argument("--config-from", metavar="CKPT", help="config of --checkpoint random (default: latest run's)")
@@ -382,16 +383,18 @@ def evaluate_probe(emb, resolved, modality, ids, grid, seed=0, device="cpu", ucf
 
 def main(argv=None):
     args = argv if isinstance(argv, argparse.Namespace) else parse_args(argv)
-    args.device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     try:
         if args.summary:
             print(summary_table(args.summary, args.per_class) + "\n\n" + "\n".join(str(Path(s)) for s in args.summary))
             return 0
-        if args.device.startswith("cuda") and not torch.cuda.is_available():
-            raise ProbeError(f"--device {args.device}: no CUDA device here; use --device cpu or auto")
+        try:  # a misspelt device, or a GPU torch cannot see: one line
+            args.device = str(prepare.torch_device(args.device))
+        except ValueError as e:
+            raise ProbeError(str(e)) from None
         t0 = time.time()
         root = Path(args.root or args.dataset or ".")  # --embed/--search with --cache need no root
-        if (args.embed or args.search) and not args.cache and (root / "manifest.json").is_file():
+        is_cache = any(os.path.isfile(root / f) for f in ("manifest.json", "prepare_config.json"))
+        if (args.embed or args.search) and not args.cache and is_cache:
             args.cache = str(root)  # --root named the cache folder itself: any cache will do for these two
         try:
             cache = prepare.FeatureCache(Path(args.cache) if args.cache else root / "lava_cache")
@@ -476,7 +479,8 @@ def check_series(pattern, paths):
             configs[path] = pretrain.flat(pretrain.load_checkpoint(path, mmap=True)["config"]["model"])
         except (OSError, ValueError) as e:
             raise ProbeError(f"--checkpoints {pattern!r}: {e}") from None
-        differ = [k for k in configs[path] if configs[path][k] != configs[paths[0]].get(k)]
+        first = configs[paths[0]]
+        differ = [k for k in sorted(configs[path].keys() | first.keys()) if configs[path].get(k) != first.get(k)]
         if differ:
             raise ProbeError(f"--checkpoints {pattern!r}: {path} has another model config than {paths[0]} "
                              f"({', '.join(differ)})")

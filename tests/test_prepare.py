@@ -878,6 +878,9 @@ def test_titles_csv_path_keys_and_rows_that_match_no_video(tmp_path, monkeypatch
     videos, errors = prepare.list_videos(root, "folder", root / "lava_cache")
     assert {v["id"]: v["title"] for v in videos} == {"chaplin.mp4": "the kid", "plain.mp4": None,
                                                      "sub/fire2.mp4": "fire at night"}
+    (tmp_path / "link").symlink_to(tmp_path / "mine")  # --root through a symlink, keys written with the real path
+    assert {v["id"]: v["title"] for v in prepare.list_videos(Path("link"), "folder", Path("link/lava_cache"))[0]}[
+        "sub/fire2.mp4"] == "fire at night"
     assert errors == [dict(path="mine/titles.csv", reason="2 of 4 rows match no video (e.g. key 'gone.mp4'); a key is "
                            "a video's youtube_id (k700), its path under mine, its id or its file name without "
                            "extension", action="rows ignored")]
@@ -899,6 +902,34 @@ def test_titles_csv_header_with_byte_order_mark(tmp_path):
                            action="kept, lines joined"),
                       dict(path=str(path), reason="rows without both a youtube_id and a title: 1 (e.g. line 4)",
                            action="rows ignored")]
+    # notes name physical lines, also after a title quoted over two lines (csv rows and file lines differ)
+    path.write_text('youtube_id,title\nabcdefghijk,"two\nlines"\nshortrow\nabcdefghijk,again\n')
+    errors = []
+    assert prepare.read_titles_csv(path, errors) == {"abcdefghijk": "two lines"}
+    assert [e["path"] for e in errors] == [f"{path}:2", f"{path}:5", str(path)] and "line 4" in errors[2]["reason"]
+
+
+def test_a_rescan_that_would_retrain_another_tokenizer_is_refused(tmp_path):
+    """Finished shards hold token ids: a titled video added where no finished shard looks (after them) would retrain
+    the tokenizer, and with it the meaning of those ids, so that re-scan is refused too. A stray shard_* folder that is
+    not a shard (a backup) is not taken for one."""
+    root, out = tmp_path / "mine", tmp_path / "mine" / "lava_cache"
+    root.mkdir()
+    rows = "path,title\na.mp4,a dog on a bike\nb.mp4,a cat on a mat\n"
+    for name in ("a.mp4", "b.mp4"):
+        write_video(root / name, 8, rate=10)
+    (root / "titles.csv").write_text(rows)
+    run_prepare("--root", root, "--test-clips", "1", "--shard-size", "2", *FAST)
+    (out / "shard_00000.bak").mkdir()
+    write_video(root / "c.mp4", 8, rate=10)
+    (root / "titles.csv").write_text(rows + "c.mp4,zzzz zzzz zzzz\n")  # shard_00001's: shard_00000 is unchanged
+    (out / "listing.json").unlink()
+    before = {f: f.read_bytes() for f in out.rglob("*") if f.is_file()}
+    p = run_prepare("--root", root, "--test-clips", "1", "--shard-size", "2", *FAST, check=False)
+    assert p.returncode == 1 and p.stderr == (
+        f"prepare.py: the titles under {root} changed since the shards in {out} were built (a retrained tokenizer "
+        f"would change their token ids); use a new --out, or delete {out}, to rebuild"), p.stderr
+    assert {f: f.read_bytes() for f in out.rglob("*") if f.is_file()} == before
 
 
 def test_a_rescan_that_changes_a_finished_shard_is_refused(tmp_path):

@@ -531,7 +531,9 @@ def test_without_out_the_same_command_continues_in_a_folder_named_by_the_setting
                                                                                   monkeypatch):
     """The default --out is runs/lava_<cache name>_<model>_<losses>, not a time: a stopped run (here a --max-steps
     trial) is continued by the same command; --data naming the cache folder itself is the same cache."""
-    write_feature_cache(tmp_path / "k700" / "lava_cache")
+    write_feature_cache(tmp_path / "scratch" / "abc123")  # k700/lava_cache a symlink to the cache on other storage:
+    (tmp_path / "k700").mkdir()                           # the run is still named after k700
+    (tmp_path / "k700" / "lava_cache").symlink_to(tmp_path / "scratch" / "abc123")
     monkeypatch.chdir(tmp_path)
     command = ["--data", "k700", "--model", "tiny", "--losses", "avt,av", "--workers", "0", "--no-progress",
                "--threads", "1"]
@@ -542,6 +544,11 @@ def test_without_out_the_same_command_continues_in_a_folder_named_by_the_setting
     assert os.listdir("runs") == [out.name] and [r["step"] for r in read_log(out)] == [1, 2]
     pretrain.main(["--data", "k700/lava_cache"] + command[2:])
     assert f"continuing {out} from epoch 2, step 2 of 2\n" in capsys.readouterr().out
+    (tmp_path / "unfinished" / "shard_00000").mkdir(parents=True)  # --data naming a cache prepare has not finished
+    (tmp_path / "unfinished" / "prepare_config.json").write_text("{}")
+    with pytest.raises(SystemExit):
+        pretrain.main(["--data", "unfinished"] + command[2:])
+    assert "unfinished/manifest.json not found: the run did not finish" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -552,7 +559,7 @@ def test_without_out_the_same_command_continues_in_a_folder_named_by_the_setting
     (["--log-every", "0"], "--log-every must be >= 1, got 0"),
     (["--workers", "-1"], "--workers must be >= 0, got -1"),
     (["--seed", "-1"], "--seed must be >= 0, got -1"),
-    (["--model", "tiny", "--heads", "5"], "--width 32 must divide by --heads 5"),
+    (["--model", "tiny", "--heads", "5"], "--width 32 must be divisible by --heads 5"),
     (["--audio-frames-per-token", "3"], "--audio-frames-per-token 3 must divide the 256 audio frames"),
     (["--device", "cuda"], "pretrain: --device cuda: torch sees 0 CUDA GPU(s) here; use --device cpu or auto"),
     (["--device", "gpu"], "device type at start of device string: gpu; use --device cpu or auto"),

@@ -617,12 +617,17 @@ def test_a_series_is_checked_whole_before_any_probe(tmp_path, capsys):
     for pattern, message in (
             ("*", f"{tmp_path / 'runs/x/config.json'} is not a readable checkpoint"),
             ("epoch_*.pt", f"{tmp_path / 'runs/x/epoch_002.pt'} has another model config than "
-                           f"{tmp_path / 'runs/x/epoch_001.pt'} (video.width, audio.width, text.width)")):
+                           f"{tmp_path / 'runs/x/epoch_001.pt'} (audio.width, text.width, video.width)")):
         glob = str(tmp_path / "runs/x" / pattern)
         assert probe.main(base + ["--checkpoints", glob]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and err.startswith(f"probe.py: error: --checkpoints {glob!r}: {message}"), err
     assert not (root / "lava_cache/embeddings").exists() and not (tmp_path / "s.json").exists()
+    later = torch.load(tmp_path / "runs/x/epoch_003.pt", weights_only=True)  # a config key the first file has and
+    del later["config"]["model"]["video"]["center_tokens"]                   # a later one lacks: differs too
+    torch.save(later, tmp_path / "runs/x/epoch_003.pt")
+    with pytest.raises(probe.ProbeError, match=r"epoch_003.pt has another model config than .*\(video.center_tokens\)"):
+        probe.check_series("glob", [tmp_path / "runs/x/epoch_001.pt", tmp_path / "runs/x/epoch_003.pt"])
 
 
 def test_videos_missing_from_the_cache_error_or_loud_warning(tmp_path, capsys):
@@ -737,8 +742,9 @@ def test_a_damaged_cache_is_one_line(tmp_path, capsys):
     *[(["--dataset", "ucf101", flag], "--epochs-grid takes comma-separated integers >= 1, --weight-decay-grid "
        "comma-separated numbers >= 0") for flag in ("--epochs-grid=10,x", "--epochs-grid=0,10", "--epochs-grid=-5",
                                                     "--weight-decay-grid=0,-1e-3")],
-    pytest.param(["--dataset", "ucf101", "--device", "cuda"], "--device cuda: no CUDA device here; use --device cpu "
-                 "or auto", marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is here"))])
+    pytest.param(["--dataset", "ucf101", "--device", "cuda"], "--device cuda: torch sees 0 CUDA GPU(s) here; use "
+                 "--device cpu or auto", marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here")),
+    (["--dataset", "ucf101", "--device", "gpu"], "--device gpu: Expected one of")])
 def test_a_bad_flag_is_one_line(flags, message, capsys):
     try:  # a usage line (argparse) or probe.py's own error line, never a traceback later
         code = probe.main(flags)
