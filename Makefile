@@ -50,7 +50,7 @@ bench-gpu: $(STAMP)
 	$(PY) benchmark.py gpu $(if $(ANCHOR),--anchor $(ANCHOR))
 	$(PY) benchmark.py prepare --cnn $(if $(MEDIA),--media $(MEDIA))
 	$(PY) benchmark.py prepare-run --workers 8,15
-	$(PY) benchmark.py augment
+	$(PY) benchmark.py augment $(if $(MEDIA),--media $(MEDIA))
 
 clean:
 	rm -rf $(DEMO) $(RUN) $(RUN)_shuffled

@@ -408,7 +408,7 @@ def add_prepare_run_args(p):
     """Flags of `python benchmark.py prepare-run`."""
     import os
     p.add_argument("--workers", default=str(max(1, min(16, (os.cpu_count() or 1) - 1))),
-                   help="comma-separated prepare --workers values, one run each (default: prepare's default)")
+                   help="comma-separated prepare --workers values, one run each (default: the cores minus 1, at most 16)")
     p.add_argument("--size", type=int, default=224, help="prepare --size (64 for a quick CPU run)")
     p.add_argument("--batch-size", type=int, default=256, help="prepare --batch-size")
     p.add_argument("--device", default="auto", help="prepare --device")

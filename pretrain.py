@@ -2,7 +2,7 @@ r"""Pre-train LAVA (paper Section 3) on a prepare.py feature cache: one file, CP
 
     python pretrain.py --data k700 --out runs/lava_k700 --compile   # one GPU: the paper's run (README: Pre-training)
     # 8 GPUs, then 2 nodes x 8 (on every node): --batch-size is the GLOBAL batch, negatives gathered across GPUs
-    torchrun --standalone --nproc_per_node 8 pretrain.py --data k700 --batch-size 256 --out runs/k700_8gpu --compile
+    torchrun --standalone --nproc_per_node 8 pretrain.py --data k700 --batch-size 256 --out runs/lava_k700_8gpu
     torchrun --nnodes 2 --node_rank $NODE_RANK --nproc_per_node 8 --rdzv_id lava --rdzv_backend c10d \
         --rdzv_endpoint $MASTER_HOST:29500 pretrain.py --data k700 --batch-size 512 --out runs/lava_k700_16gpu
 

@@ -33,7 +33,8 @@ def parse_args(argv=None):
     group.add_argument("--split", type=int, choices=[1, 2, 3], help="evaluate one official split")
     group.add_argument("--all-splits", action="store_true", help="evaluate splits 1, 2, 3 (the default)")
     p.add_argument("--modalities", help="comma list of video, audio+video (default: both for ucf101, video for hmdb51)")
-    p.add_argument("--checkpoints", metavar="GLOB", help="probe each checkpoint of GLOB, plot (Figure 3) <out>.png")
+    p.add_argument("--checkpoints", metavar="GLOB", help="probe each checkpoint of GLOB, plot (Figure 3) <out>.png "
+                   "(default <out>: their folder's probe_<dataset>_series.json)")
     p.add_argument("--summary", nargs="+", metavar="FILE", help="print one table of these results JSONs and exit")
     p.add_argument("--per-class", nargs="?", const="all", metavar="CLASSES", help="top-1 (mean over splits) of each "
                    "class, or of CLASSES (comma list), after a run of one checkpoint or with --summary")
