@@ -264,7 +264,8 @@ def _decode_audio(container, packets, reason=None, until=None):
 # -------------------------- 3. video features: the frozen ResNet-18 up to layer4 --------------------------
 
 def build_backbone(kind, weights_path, device):
-    """torchvision resnet18 children up to layer4 (drops avgpool and fc), eval, frozen, channels_last."""
+    """torchvision resnet18 children up to layer4 (drops avgpool and fc), eval, frozen, channels_last. ImageNet
+    weights missing or unreadable: a one-line ValueError, which prepare, pretrain and probe each print as theirs."""
     import torch
     import torchvision
     with torch.random.fork_rng(devices=[]):  # seed 0: every --backbone random cache sees the same backbone
@@ -274,13 +275,13 @@ def build_backbone(kind, weights_path, device):
         url, hub = torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url, Path(torch.hub.get_dir()) / "checkpoints"
         path = Path(weights_path) if weights_path else hub / Path(url).name
         if not path.is_file():
-            raise SystemExit(f"prepare.py: ImageNet ResNet-18 weights not found at {path}: pass --backbone-weights "
-                             f"PATH ({url}; README: ImageNet weights) or --backbone random (a demo)")
+            raise ValueError(f"ImageNet ResNet-18 weights not found at {path}: pass --backbone-weights PATH ({url}; "
+                             "README: ImageNet weights)")
         try:
             net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         except Exception as e:
-            raise SystemExit(f"prepare.py: cannot load ResNet-18 weights from {path} ({' '.join(str(e).split())}): "
-                             "pass torchvision's resnet18-f37072fd.pth with --backbone-weights, or --backbone random")
+            raise ValueError(f"cannot load ResNet-18 weights from {path} ({' '.join(str(e).split())}): pass "
+                             "torchvision's resnet18-f37072fd.pth with --backbone-weights") from None
     body = torch.nn.Sequential(*list(net.children())[:-2])  # conv1 .. layer4: (B,3,S,S) -> (B,512,S/32,S/32)
     body.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255)  # on its device once, for uint8
     body.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255)    # frames (frame_features)
@@ -498,11 +499,15 @@ def _prepare(args):
     clips, frames = (1, args.pretrain_frames) if args.sampling == "pretrain" else (args.test_clips, EVAL_FRAMES)
     shapes = _shapes(args, clips, frames)
     args_dict = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    # missing weights, a misspelt device or a missing GPU stop the run before --out is touched
     if args.backbone == "imagenet" and not (args.list_only or args.merge):
-        build_backbone("imagenet", args.backbone_weights, "cpu")  # missing weights stop the run before --out is touched
+        try:
+            build_backbone("imagenet", args.backbone_weights, "cpu")
+        except ValueError as e:
+            raise SystemExit(f"prepare.py: {e}, or --backbone random (a demo)") from None
     if args.store == "features" and not (args.list_only or args.merge):
-        try:  # as missing weights, a misspelt device or a missing GPU stops the run before --out is touched
-            args.device = str(torch_device(args.device))
+        try:
+            args.device = str(torch_device(args.device))  # resolved once: the CNN below runs on it
         except ValueError as e:
             raise SystemExit(f"prepare.py: {e}") from None
 
@@ -574,7 +579,7 @@ def _prepare(args):
     #    this process waited for decoded videos (more --workers would help, if there are cores) or for the CNN
     import cv2
     import torch
-    device = str(torch_device(args.device))
+    device = args.device  # resolved above for --store features, the only store that runs the CNN here
     encoder = (FrameEncoder(args.backbone, args.backbone_weights, device, args.size, args.batch_size)
                if args.store == "features" else None)  # --store frames: the CNN runs in pretrain.py
     cv2.setNumThreads(1)  # as in the decode workers (_worker_init); with --workers 0 decoding runs here

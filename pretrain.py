@@ -459,7 +459,10 @@ def main(argv=None):
     cnn = None  # a --store frames cache: the frozen ResNet-18 runs in the step, on each batch's random crops
     if cache.manifest["shapes"].get("store") == "frames":
         prep = cache.manifest["config"]
-        cnn = prepare.build_backbone(prep["backbone"], args.backbone_weights or prep["backbone_weights"], device)
+        try:
+            cnn = prepare.build_backbone(prep["backbone"], args.backbone_weights or prep["backbone_weights"], device)
+        except ValueError as e:  # the ImageNet weights prepare.py used have moved: --backbone-weights
+            fail(e)
         cnn = torch.compile(cnn, mode=args.compile_mode) if args.compile else cnn
     step, last_saved = 0, None  # optimizer steps done (the epoch and its batches done: divmod(step, steps_per_epoch))
     if ckpt is not None:

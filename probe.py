@@ -272,8 +272,8 @@ def extract_embeddings(model, cache, batch_clips=64, device="cpu", backbone_weig
     if shapes.get("store") == "frames":
         try:
             cnn = prepare.build_backbone(cache.manifest["backbone"], weights, device)
-        except SystemExit as e:  # prepare's one line (e.g. weights moved: "pass --backbone-weights PATH"), as probe's
-            raise ProbeError(str(e).removeprefix("prepare.py: ")) from None
+        except ValueError as e:  # the weights moved since prepare.py: "pass --backbone-weights PATH"
+            raise ProbeError(str(e)) from None
     encode = lambda fn, x: fn(torch.from_numpy(x).to(device)).float().cpu().numpy()
     encode_video = model.encode_video if cnn is None else lambda x: model.encode_video(prepare.frame_features(cnn, x))
 

@@ -185,3 +185,19 @@ def test_frames_cache_resumes_bitwise_after_sigkill_and_two_ranks_match_one(tmp_
     assert len(read_log(two)) == 4
     for ra, rb in zip(read_log(tmp_path / "one"), read_log(two)):
         assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-4, abs=1e-5), ra["step"]
+
+
+def test_frames_cache_whose_imagenet_weights_moved_is_one_pretrain_line(tmp_path, capsys):
+    """The ImageNet weights prepare.py used have moved: pretrain says so in its own one line, naming --backbone-weights
+    (not prepare's message, nor prepare's --backbone random)."""
+    cache = write_feature_cache(tmp_path / "cache", n_videos=24, grid=1, store="frames")
+    manifest = json.loads((cache / "manifest.json").read_text())
+    manifest["backbone"] = manifest["config"]["backbone"] = "imagenet"  # as prepare.py --backbone imagenet writes it
+    manifest["config"]["backbone_weights"] = str(tmp_path / "moved.pth")
+    (cache / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(SystemExit) as stop:
+        pretrain.main(["--cache", str(cache), *COMMON, "--workers", "0", "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.count("\n") == 1 and "--backbone random" not in err, err
+    assert err.startswith(f"pretrain: ImageNet ResNet-18 weights not found at {tmp_path / 'moved.pth'}: pass "
+                          "--backbone-weights PATH"), err
