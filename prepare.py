@@ -534,10 +534,12 @@ def _prepare(args):
               "finished shards must match the new listing)")
     else:
         videos, errors = list_videos(root, args.dataset, out, args.workers)
-        _check_finished_shards(out, root, videos, args.shard_size)
-        if any(out.glob("shard_*")) and (out / "tokenizer.bpe").is_file():  # any title of the listing trains it
+        finished = any(out.glob("shard_*"))
+        if finished:  # the shards hold token ids: the tokenizer of the new listing's titles must be the one they used
+            _check_finished_shards(out, root, videos, args.shard_size)
             new = train_tokenizer(videos, args.vocab_size)
-            if new is None or new.merges != BPETokenizer.load(out / "tokenizer.bpe").merges:
+            old = BPETokenizer.load(out / "tokenizer.bpe") if (out / "tokenizer.bpe").is_file() else None
+            if (new is None) != (old is None) or (new is not None and new.merges != old.merges):
                 raise SystemExit(f"prepare.py: the titles under {root} changed since the shards in {out} were built "
                                  "(a retrained tokenizer would change their token ids); use a new --out, or delete "
                                  f"{out}, to rebuild")
@@ -546,8 +548,9 @@ def _prepare(args):
         write_atomic(out / "listing.json", json.dumps(listing, ensure_ascii=False) + "\n")
         notes = f" ({len(errors)} listing notes)" if errors else ""
         print(f"prepare: {len(videos)} {args.dataset} videos under {root}{notes}")
-        for name in ("tokenizer.bpe", "tokenizer.vocab"):  # trained on the listing's titles: trained again below
-            (out / name).unlink(missing_ok=True)
+        if not finished:  # trained on the listing's titles: trained again below (with shards: checked equal, kept)
+            for name in ("tokenizer.bpe", "tokenizer.vocab"):
+                (out / name).unlink(missing_ok=True)
     videos = listing["videos"]
 
     # 2. the tokenizer, before any shard (shards store token ids)

@@ -930,6 +930,16 @@ def test_a_rescan_that_would_retrain_another_tokenizer_is_refused(tmp_path):
         f"prepare.py: the titles under {root} changed since the shards in {out} were built (a retrained tokenizer "
         f"would change their token ids); use a new --out, or delete {out}, to rebuild"), p.stderr
     assert {f: f.read_bytes() for f in out.rglob("*") if f.is_file()} == before
+    # shards built with no title at all (no tokenizer: all padding), then a titled video after them: refused too
+    (root / "titles.csv").unlink()
+    (root / "c.mp4").unlink()
+    shutil.rmtree(out)
+    run_prepare("--root", root, "--test-clips", "1", "--shard-size", "2", *FAST)
+    write_video(root / "c.mp4", 8, rate=10)
+    (root / "titles.csv").write_text("path,title\nc.mp4,zzzz zzzz zzzz\n")
+    (out / "listing.json").unlink()
+    p = run_prepare("--root", root, "--test-clips", "1", "--shard-size", "2", *FAST, check=False)
+    assert p.returncode == 1 and "the titles under" in p.stderr and not (out / "listing.json").exists(), p.stderr
 
 
 def test_a_rescan_that_changes_a_finished_shard_is_refused(tmp_path):
