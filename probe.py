@@ -403,10 +403,9 @@ def main(argv=None):
             raise ProbeError(str(e)) from None
         if args.embed or args.search:  # any cache, labels and splits or not (README: Your own videos)
             model, info = load_model(args, args.checkpoint, cache)
-            losses = (info["pretrain_args"] or {}).get("losses", "vt")  # random weights (no args): allowed
-            if args.search and "vt" not in losses.split(","):  # before the embeddings: a g_vt head never trained
-                raise ProbeError(f"--search ranks in the g_vt space: this run was pre-trained with --losses {losses}, "
-                                 "without it; use a run with vt")
+            if args.search and "vt" not in info["trained_spaces"]:  # before the embeddings: an untrained g_vt head
+                raise ProbeError("--search ranks in the g_vt space: this run was pre-trained with --losses "
+                                 f"{','.join(info['trained_spaces'])}, without it; use a run with vt")
             emb = load_or_extract_embeddings(model, cache, info, args)
             if args.embed:
                 embed(args, cache, model, info, emb)
@@ -522,7 +521,7 @@ def evaluate_checkpoint(args, model, info, cache, resolved, modalities):
 def embed(args, cache, model, info, emb):
     """--embed: every video's embeddings, per clip and per video, and their projections g_<space>_<modality> into
     each latent space, in one .npz (its keys: README, Your own videos); 0 where a modality is missing."""
-    untrained = [s for s in SPACES if s not in (info["pretrain_args"] or {}).get("losses", "av,vt,avt").split(",")]
+    untrained = [s for s in SPACES if s not in info["trained_spaces"]]
     if untrained:  # a Table 2 ablation run: those heads are still their random init
         heads = ", ".join(f"g_{s}_*" for s in untrained)
         warnings.warn(f"--embed: the run was pre-trained without {', '.join(untrained)}: its {heads} arrays come from "
@@ -676,7 +675,9 @@ def load_model(args, checkpoint, cache):
             h.update(name.encode() + tensor.detach().cpu().contiguous().numpy().tobytes())
         info = dict(checkpoint="random", checkpoint_sha256=None, config_source=f"config of {source}",
                     embedding_key="random-" + h.hexdigest()[:16], epoch=0, pretrain_args=None, trained_on=None)
-    info.update(model_config=config.to_dict(), run_dir=Path(source).parent)
+    # the latent spaces whose heads the run trained (its --losses); random weights make no such claim: all
+    losses = (info["pretrain_args"] or {}).get("losses") or ",".join(SPACES)
+    info.update(model_config=config.to_dict(), run_dir=Path(source).parent, trained_spaces=losses.split(","))
     v, a, s = config.video, config.audio, cache.manifest["shapes"]
     problems = [message for bad, message in (
         (v.feature_dim != s["feature_dim"], f"video feature_dim {v.feature_dim} vs cache {s['feature_dim']}"),
