@@ -116,10 +116,15 @@ def parse_args(argv=None):
         p.error(f"--width {args.width} must be divisible by --heads {args.heads}")
     if AUDIO_FRAMES % args.audio_frames_per_token:
         p.error(f"--audio-frames-per-token {args.audio_frames_per_token} must divide the {AUDIO_FRAMES} audio frames")
-    data = Path(args.data)  # DATA itself may be the cache (finished, or prepare's first files in it)
-    is_cache = any(os.path.isfile(data / f) for f in ("manifest.json", "prepare_config.json"))
-    args.cache = args.cache or str(data if is_cache else data / "lava_cache")
+    args.cache = args.cache or str(cache_of(args.data))
     return args
+
+
+def cache_of(folder):
+    """A dataset folder's cache, FOLDER/lava_cache, or FOLDER itself when it is one (finished, or with prepare.py's
+    first files in it); probe.py's --embed/--search --root too."""
+    is_cache = any(os.path.isfile(Path(folder) / f) for f in ("manifest.json", "prepare_config.json"))
+    return Path(folder) if is_cache else Path(folder) / "lava_cache"
 
 
 def fail(message):  # a user's error: one line on stderr and exit 2, argparse's code for bad input (no traceback)

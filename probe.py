@@ -394,11 +394,10 @@ def main(argv=None):
             raise ProbeError(str(e)) from None
         t0 = time.time()
         root = Path(args.root or args.dataset or ".")  # --embed/--search with --cache need no root
-        is_cache = any(os.path.isfile(root / f) for f in ("manifest.json", "prepare_config.json"))
-        if (args.embed or args.search) and not args.cache and is_cache:
-            args.cache = str(root)  # --root named the cache folder itself: any cache will do for these two
+        # --embed/--search take any cache, --root's own folder too; a probe: ROOT/lava_cache (ROOT: the split lists)
+        default_cache = pretrain.cache_of(root) if args.embed or args.search else root / "lava_cache"
         try:
-            cache = prepare.FeatureCache(Path(args.cache) if args.cache else root / "lava_cache")
+            cache = prepare.FeatureCache(args.cache or default_cache)
         except ValueError as e:  # a damaged cache: prepare.py's one-line message says what to do
             raise ProbeError(str(e)) from None
         if args.embed or args.search:  # any cache, labels and splits or not (README: Your own videos)
